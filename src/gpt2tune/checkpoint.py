@@ -1,0 +1,168 @@
+"""Read and write model folders in the layout of OpenAI's GPT-2 release.
+
+A model folder holds `hparams.json`, `encoder.json`, `vocab.bpe`, a `checkpoint` state file and
+a TF1 name-based checkpoint (`model.ckpt.index`, `model.ckpt.data-00000-of-00001`; the graph
+file `model.ckpt.meta` is never needed). Reading uses `tf.train.load_checkpoint`, which needs no
+TF1 graph; writing uses `tf.raw_ops.SaveV2` with OpenAI's tensor names, so
+`tf.compat.v1.train.Saver().restore(sess, tf.train.latest_checkpoint(folder))` reads it back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from gpt2tune.encoder import load_encoder
+from gpt2tune.errors import Gpt2tuneError
+from gpt2tune.model import GPT2, check_hparams, variable_shapes
+
+CKPT_PREFIX = "model.ckpt"
+MODEL_FILES = ("hparams.json", "encoder.json", "vocab.bpe", "checkpoint")
+
+
+def load_hparams(folder: str | os.PathLike) -> dict[str, int]:
+    path = Path(folder) / "hparams.json"
+    if not path.is_file():
+        raise Gpt2tuneError(f"{path} is missing: a GPT-2 model folder needs hparams.json")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise Gpt2tuneError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise Gpt2tuneError(f"{path} must hold a JSON object with {', '.join(MODEL_FILES)}")
+    return check_hparams(raw, source=str(path))
+
+
+def checkpoint_prefix(folder: str | os.PathLike) -> Path:
+    """The checkpoint named by the folder's `checkpoint` state file (`model.ckpt` if absent).
+
+    Trainers often write absolute paths into the state file; when such a path no longer
+    exists (the folder was moved or copied), the same file name inside the folder is used.
+    """
+    folder = Path(folder)
+    state = folder / "checkpoint"
+    name = CKPT_PREFIX
+    if state.is_file():
+        m = re.search(r'^model_checkpoint_path:\s*"(.*)"', state.read_text("utf-8", "replace"), re.M)
+        if not m:
+            raise Gpt2tuneError(f"{state} has no model_checkpoint_path line; is it a TF checkpoint state?")
+        name = m.group(1)
+    prefix = Path(name) if Path(name).is_absolute() else folder / name
+    if not Path(f"{prefix}.index").is_file() and Path(f"{folder / prefix.name}.index").is_file():
+        prefix = folder / prefix.name
+    return prefix
+
+
+def _read_weights(prefix: Path, hparams: dict[str, int]) -> dict[str, np.ndarray]:
+    index = Path(f"{prefix}.index")
+    data = Path(f"{prefix}.data-00000-of-00001")
+    for f in (index, data):
+        if not f.is_file():
+            raise Gpt2tuneError(f"{f} is missing: the checkpoint needs both .index and .data files")
+    try:
+        reader = tf.train.load_checkpoint(str(prefix))
+        shapes = reader.get_variable_to_shape_map()
+    except (tf.errors.OpError, ValueError) as e:
+        raise Gpt2tuneError(f"{index} is not a readable TF checkpoint index ({_first_line(e)})") from None
+    weights = {}
+    for name, shape in variable_shapes(hparams).items():
+        if name not in shapes:
+            raise Gpt2tuneError(
+                f"{prefix}: tensor {name} is missing; hparams.json ({hparams}) does not match "
+                "this checkpoint, or it is not a GPT-2 checkpoint"
+            )
+        if tuple(shapes[name]) != shape:
+            raise Gpt2tuneError(
+                f"{prefix}: tensor {name} has shape {list(shapes[name])} but hparams.json "
+                f"implies {list(shape)}"
+            )
+        try:
+            weights[name] = reader.get_tensor(name)
+        except (tf.errors.OpError, ValueError) as e:
+            raise Gpt2tuneError(
+                f"{data} is truncated or corrupt: reading {name} failed ({_first_line(e)}); "
+                "download or copy the model again"
+            ) from None
+    return weights
+
+
+def _first_line(e: Exception) -> str:
+    text = getattr(e, "message", None) or str(e)
+    return text.strip().splitlines()[0] if text.strip() else type(e).__name__
+
+
+def load_model(folder: str | os.PathLike) -> GPT2:
+    """Load an OpenAI-format model folder (the official releases load unchanged)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise Gpt2tuneError(f"model folder {folder} does not exist")
+    if not any((folder / f).exists() for f in (*MODEL_FILES, f"{CKPT_PREFIX}.index")):
+        raise Gpt2tuneError(
+            f"{folder} is not a GPT-2 model folder: it has none of {', '.join(MODEL_FILES)}"
+        )
+    hparams = load_hparams(folder)
+    encoder = load_encoder(folder)
+    weights = _read_weights(checkpoint_prefix(folder), hparams)
+    return GPT2(hparams, weights, encoder)
+
+
+def save_model(model: GPT2, folder: str | os.PathLike) -> Path:
+    """Write `model` to `folder` in OpenAI's layout, replacing any previous content atomically.
+
+    Everything is written into a hidden sibling folder first and swapped in by rename, so an
+    interrupted save leaves either the old folder or the new one, never a half-written one.
+    """
+    if model.encoder is None:
+        raise Gpt2tuneError(
+            "this model has no encoder, so encoder.json/vocab.bpe cannot be written; "
+            "create it with init_model(..., encoder_dir=...)"
+        )
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        names = list(model.params)
+        tf.raw_ops.SaveV2(
+            prefix=str(tmp / CKPT_PREFIX),
+            tensor_names=names,
+            shape_and_slices=[""] * len(names),
+            tensors=[model.params[n] for n in names],
+        )
+        (tmp / "checkpoint").write_text(
+            f'model_checkpoint_path: "{CKPT_PREFIX}"\nall_model_checkpoint_paths: "{CKPT_PREFIX}"\n'
+        )
+        (tmp / "hparams.json").write_text(json.dumps(model.hparams, indent=2) + "\n")
+        for name, raw in model.encoder.files.items():
+            (tmp / name).write_bytes(raw)
+        for f in tmp.iterdir():
+            _fsync(f)
+        _swap_in(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _swap_in(new: Path, folder: Path) -> None:
+    if not folder.exists():
+        os.rename(new, folder)
+        return
+    old = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
+    os.rename(folder, old)
+    os.rename(new, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+

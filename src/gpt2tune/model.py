@@ -1,0 +1,243 @@
+"""GPT-2 as published, in TensorFlow 2: small pure functions over a dict of named weights.
+
+Names and shapes are exactly those of OpenAI's checkpoint (`model/h0/attn/c_attn/w`, ...), so
+weights move between this module and the official release without any renaming. The forward
+pass optionally takes and returns a key/value cache ("past") laid out as in OpenAI's
+`src/model.py`: `[batch, n_layer, 2, n_head, seq, head_dim]`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from gpt2tune.errors import Gpt2tuneError
+
+HPARAM_KEYS = ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer")
+
+
+def check_hparams(hparams: Mapping[str, Any], source: str = "hparams") -> dict[str, int]:
+    """Return the five GPT-2 hyperparameters as ints, or raise naming what is wrong."""
+    missing = [k for k in HPARAM_KEYS if k not in hparams]
+    if missing:
+        raise Gpt2tuneError(f"{source}: missing {', '.join(missing)} (GPT-2 needs {HPARAM_KEYS})")
+    out = {}
+    for k in HPARAM_KEYS:
+        v = hparams[k]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise Gpt2tuneError(f"{source}: {k} = {v!r}: must be a positive integer")
+        out[k] = v
+    if out["n_embd"] % out["n_head"]:
+        raise Gpt2tuneError(
+            f"{source}: n_embd = {out['n_embd']} is not divisible by n_head = {out['n_head']}"
+        )
+    return out
+
+
+def variable_shapes(hparams: Mapping[str, int]) -> dict[str, tuple[int, ...]]:
+    """OpenAI's tensor names and shapes for these hyperparameters, in checkpoint order."""
+    e = hparams["n_embd"]
+    shapes = {"model/wte": (hparams["n_vocab"], e), "model/wpe": (hparams["n_ctx"], e)}
+    for i in range(hparams["n_layer"]):
+        p = f"model/h{i}/"
+        shapes.update({
+            p + "ln_1/g": (e,), p + "ln_1/b": (e,),
+            p + "attn/c_attn/w": (1, e, 3 * e), p + "attn/c_attn/b": (3 * e,),
+            p + "attn/c_proj/w": (1, e, e), p + "attn/c_proj/b": (e,),
+            p + "ln_2/g": (e,), p + "ln_2/b": (e,),
+            p + "mlp/c_fc/w": (1, e, 4 * e), p + "mlp/c_fc/b": (4 * e,),
+            p + "mlp/c_proj/w": (1, 4 * e, e), p + "mlp/c_proj/b": (e,),
+        })  # fmt: skip
+    shapes["model/ln_f/g"] = (e,)
+    shapes["model/ln_f/b"] = (e,)
+    return shapes
+
+
+# --- the forward pass: pure functions of (weights, inputs) -------------------------------
+
+
+def gelu(x: tf.Tensor) -> tf.Tensor:
+    # The tanh approximation GPT-2 was trained with (not the exact erf form).
+    return 0.5 * x * (1 + tf.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * tf.pow(x, 3))))
+
+
+def norm(x: tf.Tensor, g: tf.Tensor, b: tf.Tensor, epsilon: float = 1e-5) -> tf.Tensor:
+    u = tf.reduce_mean(x, axis=-1, keepdims=True)
+    s = tf.reduce_mean(tf.square(x - u), axis=-1, keepdims=True)
+    return (x - u) * tf.math.rsqrt(s + epsilon) * g + b
+
+
+def conv1d(x: tf.Tensor, w: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
+    # OpenAI stores dense layers as 1x1 convolutions: w is [1, nx, nf].
+    *start, nx = tf.unstack(tf.shape(x))
+    y = tf.matmul(tf.reshape(x, [-1, nx]), w[0]) + b
+    return tf.reshape(y, start + [tf.shape(w)[-1]])
+
+
+def split_heads(x: tf.Tensor, n_head: int) -> tf.Tensor:
+    """[batch, seq, n_embd] -> [batch, head, seq, head_dim]"""
+    b, t = tf.shape(x)[0], tf.shape(x)[1]
+    return tf.transpose(tf.reshape(x, [b, t, n_head, x.shape[-1] // n_head]), [0, 2, 1, 3])
+
+
+def merge_heads(x: tf.Tensor) -> tf.Tensor:
+    """[batch, head, seq, head_dim] -> [batch, seq, n_embd]"""
+    x = tf.transpose(x, [0, 2, 1, 3])
+    b, t = tf.shape(x)[0], tf.shape(x)[1]
+    return tf.reshape(x, [b, t, x.shape[-2] * x.shape[-1]])
+
+
+def attention_mask(nd: tf.Tensor, ns: tf.Tensor) -> tf.Tensor:
+    """1 where query i (of the last nd positions) may attend to key j (of ns), else 0."""
+    i = tf.range(nd)[:, None]
+    j = tf.range(ns)
+    return tf.cast(i >= j - ns + nd, tf.float32)
+
+
+def attn(x: tf.Tensor, p: Mapping[str, tf.Tensor], n_head: int, past: tf.Tensor | None):
+    c = conv1d(x, p["attn/c_attn/w"], p["attn/c_attn/b"])
+    q, k, v = (split_heads(t, n_head) for t in tf.split(c, 3, axis=2))
+    present = tf.stack([k, v], axis=1)  # [batch, 2, head, seq, head_dim]
+    if past is not None:
+        pk, pv = tf.unstack(past, axis=1)
+        k = tf.concat([pk, k], axis=-2)
+        v = tf.concat([pv, v], axis=-2)
+    w = tf.matmul(q, k, transpose_b=True) * tf.math.rsqrt(tf.cast(tf.shape(v)[-1], tf.float32))
+    m = attention_mask(tf.shape(w)[2], tf.shape(w)[3])
+    w = tf.nn.softmax(w * m - 1e10 * (1 - m), axis=-1)
+    a = merge_heads(tf.matmul(w, v))
+    return conv1d(a, p["attn/c_proj/w"], p["attn/c_proj/b"]), present
+
+
+def mlp(x: tf.Tensor, p: Mapping[str, tf.Tensor]) -> tf.Tensor:
+    h = gelu(conv1d(x, p["mlp/c_fc/w"], p["mlp/c_fc/b"]))
+    return conv1d(h, p["mlp/c_proj/w"], p["mlp/c_proj/b"])
+
+
+def block(x: tf.Tensor, p: Mapping[str, tf.Tensor], n_head: int, past: tf.Tensor | None):
+    a, present = attn(norm(x, p["ln_1/g"], p["ln_1/b"]), p, n_head, past)
+    x = x + a
+    x = x + mlp(norm(x, p["ln_2/g"], p["ln_2/b"]), p)
+    return x, present
+
+
+def forward(
+    params: Mapping[str, tf.Tensor],
+    hparams: Mapping[str, int],
+    tokens: tf.Tensor,
+    past: tf.Tensor | None = None,
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """tokens [batch, seq] int32 -> (logits [batch, seq, n_vocab], present).
+
+    `past` holds keys/values of earlier positions, `[batch, n_layer, 2, n_head, past_len,
+    head_dim]`; `present` holds those of `tokens` alone, so the next call's past is
+    `concat([past, present], axis=-2)`. Positions continue from past_len.
+    """
+    past_len = 0 if past is None else tf.shape(past)[-2]
+    t = tf.shape(tokens)[1]
+    h = tf.gather(params["model/wte"], tokens) + tf.gather(
+        params["model/wpe"], tf.range(past_len, past_len + t)
+    )[None]
+    pasts = [None] * hparams["n_layer"] if past is None else tf.unstack(past, axis=1)
+    presents = []
+    for i, layer_past in enumerate(pasts):
+        prefix = f"model/h{i}/"
+        p = {k[len(prefix) :]: v for k, v in params.items() if k.startswith(prefix)}
+        h, present = block(h, p, hparams["n_head"], layer_past)
+        presents.append(present)
+    h = norm(h, params["model/ln_f/g"], params["model/ln_f/b"])
+    # Output embedding is tied to the input embedding, as in the paper.
+    logits = tf.matmul(tf.reshape(h, [-1, hparams["n_embd"]]), params["model/wte"], transpose_b=True)
+    logits = tf.reshape(logits, [tf.shape(tokens)[0], t, hparams["n_vocab"]])
+    return logits, tf.stack(presents, axis=1)
+
+
+# --- the model object -------------------------------------------------------------------
+
+
+class GPT2(tf.Module):
+    """GPT-2 weights (tf.Variables under OpenAI's names), hyperparameters and BPE encoder."""
+
+    def __init__(self, hparams: Mapping[str, Any], weights: Mapping[str, Any], encoder=None):
+        super().__init__(name="gpt2")
+        self.hparams = check_hparams(hparams)
+        if encoder is not None and encoder.n_vocab > self.hparams["n_vocab"]:
+            raise Gpt2tuneError(
+                f"the encoder has {encoder.n_vocab} tokens but hparams n_vocab is "
+                f"{self.hparams['n_vocab']}: use the encoder.json that belongs to this model"
+            )
+        self.encoder = encoder
+        self.params: dict[str, tf.Variable] = {}
+        for name, shape in variable_shapes(self.hparams).items():
+            if name not in weights:
+                raise Gpt2tuneError(f"weights: tensor {name} is missing")
+            value = np.asarray(weights[name], dtype=np.float32)
+            if value.shape != shape:
+                raise Gpt2tuneError(
+                    f"tensor {name} has shape {list(value.shape)} but hparams need {list(shape)}"
+                )
+            self.params[name] = tf.Variable(value, name=name)
+        self._logits_fn = tf.function(
+            lambda tokens: forward(self.params, self.hparams, tokens)[0],
+            input_signature=[tf.TensorSpec([None, None], tf.int32)],
+        )
+
+    def _tokens(self, tokens, past_len: int = 0) -> tf.Tensor:
+        tokens = tf.convert_to_tensor(tokens, dtype=tf.int32)
+        if tokens.shape.rank != 2:
+            raise Gpt2tuneError(f"tokens must be [batch, seq], got shape {tokens.shape.as_list()}")
+        if past_len + tokens.shape[1] > self.hparams["n_ctx"]:
+            raise Gpt2tuneError(
+                f"{past_len + tokens.shape[1]} positions exceed the model's context of "
+                f"{self.hparams['n_ctx']} tokens"
+            )
+        return tokens
+
+    def __call__(self, tokens) -> tf.Tensor:
+        """int32 tokens [batch, seq] -> float32 logits [batch, seq, n_vocab] (compiled once)."""
+        return self._logits_fn(self._tokens(tokens))
+
+    def forward(self, tokens, past: tf.Tensor | None = None) -> tuple[tf.Tensor, tf.Tensor]:
+        """Like __call__ but with a key/value cache: returns (logits, present); see `forward`."""
+        past_len = 0 if past is None else int(past.shape[-2])
+        return forward(self.params, self.hparams, self._tokens(tokens, past_len), past)
+
+    def weights_numpy(self) -> dict[str, np.ndarray]:
+        return {k: v.numpy() for k, v in self.params.items()}
+
+    def save(self, folder) -> None:
+        """Write an OpenAI-format model folder (atomically); see `gpt2tune.checkpoint`."""
+        from gpt2tune.checkpoint import save_model
+
+        save_model(self, folder)
+
+
+def init_model(hparams: Mapping[str, Any], encoder_dir=None, seed: int = 0) -> GPT2:
+    """A randomly initialised GPT-2, initialised as in OpenAI's model.py.
+
+    Dense weights and wte ~ N(0, 0.02), wpe ~ N(0, 0.01), biases 0, LayerNorm gains 1.
+    `encoder_dir` (a folder with encoder.json and vocab.bpe) gives the model its tokenizer,
+    which `save` needs.
+    """
+    hp = check_hparams(hparams)
+    rng = np.random.default_rng(seed)
+    weights = {}
+    for name, shape in variable_shapes(hp).items():
+        leaf = name.rsplit("/", 1)[-1]
+        if leaf == "g":
+            weights[name] = np.ones(shape, np.float32)
+        elif leaf == "b":
+            weights[name] = np.zeros(shape, np.float32)
+        else:
+            std = 0.01 if name == "model/wpe" else 0.02
+            weights[name] = rng.normal(0.0, std, size=shape).astype(np.float32)
+    encoder = None
+    if encoder_dir is not None:
+        from gpt2tune.encoder import load_encoder
+
+        encoder = load_encoder(encoder_dir)
+    return GPT2(hp, weights, encoder)

@@ -1,0 +1,220 @@
+"""Text generation with the key/value cache: temperature, top-k and nucleus (top-p) sampling.
+
+The whole decoding loop runs inside one `tf.function` (a `tf.while_loop`, as in OpenAI's
+`sample.py`), traced once per model: prompts, lengths and sampling settings are tensors, so
+new values never retrace. Randomness is stateless and derived from `seed`, so the same seed
+gives the same text. When a generation needs more than the model's context, decoding
+continues from the last `n_ctx // 2` tokens (a sliding window moved in half-context strides).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from gpt2tune.errors import Gpt2tuneError
+from gpt2tune.model import GPT2, forward
+
+NEG_INF = -1e10
+
+
+def _top_k(logits: tf.Tensor, k: tf.Tensor) -> tf.Tensor:
+    def mask():
+        kth = tf.math.top_k(logits, k=tf.minimum(k, tf.shape(logits)[-1])).values[:, -1:]
+        return tf.where(logits < kth, NEG_INF, logits)
+
+    return tf.cond(k > 0, mask, lambda: logits)
+
+
+def _top_p(logits: tf.Tensor, p: tf.Tensor) -> tf.Tensor:
+    """Keep the smallest set of most likely tokens whose probability reaches p."""
+
+    def mask():
+        sorted_logits = tf.sort(logits, direction="DESCENDING", axis=-1)
+        probs = tf.nn.softmax(sorted_logits, axis=-1)
+        # A token is kept if the mass before it is still below p (so the first always is).
+        before = tf.cumsum(probs, axis=-1, exclusive=True)
+        kept = tf.where(before < p, sorted_logits, tf.reduce_max(logits, -1, keepdims=True))
+        cutoff = tf.reduce_min(kept, axis=-1, keepdims=True)
+        return tf.where(logits < cutoff, NEG_INF, logits)
+
+    return tf.cond(p > 0, mask, lambda: logits)
+
+
+def _choose(logits, temperature, top_k, top_p, seed):
+    """Next token ids [batch] from last-position logits [batch, n_vocab]."""
+
+    def sample():
+        filtered = _top_p(_top_k(logits / temperature, top_k), top_p)
+        return tf.random.stateless_categorical(filtered, 1, seed, dtype=tf.int32)[:, 0]
+
+    # temperature 0 means greedy; dividing by it would give inf/NaN logits.
+    return tf.cond(
+        temperature > 0, sample, lambda: tf.argmax(logits, axis=-1, output_type=tf.int32)
+    )
+
+
+def _build_sampler(model: GPT2) -> tf.types.experimental.GenericFunction:
+    hp = model.hparams
+
+    @tf.function(
+        input_signature=[
+            tf.TensorSpec([None, None], tf.int32),  # context [batch, seq]
+            tf.TensorSpec([], tf.int32),  # steps
+            tf.TensorSpec([], tf.float32),  # temperature
+            tf.TensorSpec([], tf.int32),  # top_k
+            tf.TensorSpec([], tf.float32),  # top_p
+            tf.TensorSpec([2], tf.int64),  # seed
+            tf.TensorSpec([], tf.int32),  # stop token (-1 = none)
+        ]
+    )
+    def sample_segment(context, steps, temperature, top_k, top_p, seed, stop_token):
+        logits, past = forward(model.params, hp, context)
+        batch = tf.shape(context)[0]
+
+        def pick(logits, i):
+            s = tf.random.experimental.stateless_fold_in(seed, tf.cast(i, tf.int64))
+            return _choose(logits[:, -1], temperature, top_k, top_p, s)
+
+        token = pick(logits, 0)
+        done = tf.equal(token, stop_token)
+        out = tf.TensorArray(tf.int32, size=0, dynamic_size=True).write(0, token)
+
+        def cond(i, past, token, done, out):
+            return (i < steps) & ~tf.reduce_all(done)
+
+        def body(i, past, token, done, out):
+            logits, present = forward(model.params, hp, token[:, None], past)
+            # Finished samples keep emitting the stop token while the others go on.
+            new = tf.where(done, stop_token, pick(logits, i))
+            past = tf.concat([past, present], axis=-2)
+            return i + 1, past, new, done | tf.equal(new, stop_token), out.write(i, new)
+
+        past_shape = past.shape.as_list()
+        past_shape[-2] = None  # the cache grows by one position per step
+        invariants = (
+            tf.TensorShape([]),
+            tf.TensorShape(past_shape),
+            tf.TensorShape([None]),
+            tf.TensorShape([None]),
+            tf.TensorShape(None),
+        )
+        *_, out = tf.while_loop(
+            cond, body, (tf.constant(1), past, token, done, out), shape_invariants=invariants
+        )
+        return tf.transpose(out.stack())  # [batch, generated]
+
+    return sample_segment
+
+
+def _sampler(model: GPT2):
+    # One compiled sampler per model, made on first use and reused for every call.
+    if getattr(model, "_sampler", None) is None:
+        model._sampler = _build_sampler(model)
+    return model._sampler
+
+
+def generate_tokens(
+    model: GPT2,
+    context: Sequence[int] | np.ndarray | None,
+    length: int,
+    nsamples: int = 1,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 0.0,
+    seed: int | None = None,
+    stop_at_endoftext: bool = False,
+) -> np.ndarray:
+    """Sample `length` new tokens after `context` for `nsamples` samples in one batch.
+
+    `context` None or empty means unconditional (start from <|endoftext|>). Returns int32
+    `[nsamples, length]`; with `stop_at_endoftext`, a sample that emits <|endoftext|> is
+    padded with it to `length`.
+    """
+    n_ctx = model.hparams["n_ctx"]
+    eot = _eot(model)
+    ctx = [eot] if context is None or len(context) == 0 else [int(t) for t in context]
+    if len(ctx) > n_ctx:
+        raise Gpt2tuneError(
+            f"the prompt is {len(ctx)} tokens but the model's context is {n_ctx} tokens; "
+            "shorten the prompt"
+        )
+    _check_sampling(length, nsamples, temperature, top_k, top_p)
+    seed = int(np.random.SeedSequence().entropy % 2**31) if seed is None else int(seed)
+    fn = _sampler(model)
+    tokens = np.tile(np.asarray(ctx, np.int32), (nsamples, 1))
+    new = np.zeros((nsamples, 0), np.int32)
+    segment = 0
+    while new.shape[1] < length:
+        window = tokens if tokens.shape[1] < n_ctx else tokens[:, -max(1, n_ctx // 2) :]
+        steps = min(length - new.shape[1], n_ctx - window.shape[1])
+        if steps < 1:
+            raise Gpt2tuneError(f"a model with a context of {n_ctx} token(s) cannot slide its window")
+        out = fn(
+            tf.constant(window),
+            tf.constant(steps),
+            tf.constant(temperature, tf.float32),
+            tf.constant(top_k),
+            tf.constant(top_p, tf.float32),
+            tf.constant([seed, segment], tf.int64),
+            tf.constant(eot if stop_at_endoftext else -1),
+        ).numpy()
+        new = np.concatenate([new, out], axis=1)
+        tokens = np.concatenate([tokens, out], axis=1)
+        segment += 1
+        if stop_at_endoftext and (new == eot).any(axis=1).all():
+            break
+    new = new[:, :length]
+    if stop_at_endoftext:
+        # A later window does not know which samples stopped in an earlier one: pad here.
+        stopped = np.cumsum(new == eot, axis=1) > 0
+        new = np.where(stopped, eot, new)
+        new = np.pad(new, ((0, 0), (0, length - new.shape[1])), constant_values=eot)
+    return new
+
+
+def generate(
+    model: GPT2,
+    prompt: str | None = None,
+    length: int = 100,
+    nsamples: int = 1,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 0.0,
+    seed: int | None = None,
+    stop_at_endoftext: bool = False,
+) -> list[str]:
+    """Complete `prompt` (None or "" = unconditional); returns the completions only."""
+    if model.encoder is None:
+        raise Gpt2tuneError("this model has no encoder; load it with gpt2tune.load_model(folder)")
+    context = model.encoder.encode(prompt) if prompt else None
+    ids = generate_tokens(
+        model, context, length, nsamples, temperature, top_k, top_p, seed, stop_at_endoftext
+    )
+    texts = []
+    for row in ids:
+        row = row.tolist()
+        if stop_at_endoftext and _eot(model) in row:
+            row = row[: row.index(_eot(model))]
+        texts.append(model.encoder.decode(row))
+    return texts
+
+
+def _eot(model: GPT2) -> int:
+    # Without an encoder, the official convention: <|endoftext|> is the last token.
+    return model.encoder.eot_token if model.encoder is not None else model.hparams["n_vocab"] - 1
+
+
+def _check_sampling(length, nsamples, temperature, top_k, top_p) -> None:
+    checks = [
+        ("length", length, isinstance(length, int) and length >= 1, "an integer >= 1"),
+        ("nsamples", nsamples, isinstance(nsamples, int) and nsamples >= 1, "an integer >= 1"),
+        ("temperature", temperature, temperature >= 0, ">= 0 (0 = greedy)"),
+        ("top_k", top_k, isinstance(top_k, int) and top_k >= 0, "an integer >= 0 (0 = off)"),
+        ("top_p", top_p, 0 <= top_p <= 1, "in [0, 1] (0 = off)"),
+    ]
+    for name, value, ok, allowed in checks:
+        if not ok:
+            raise Gpt2tuneError(f"{name} = {value!r}: must be {allowed}")

@@ -1,0 +1,372 @@
+"""params.yaml: the repo's file loads to the documented defaults, every key is commented, and
+each kind of mistake gives one line naming the key and what is allowed."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gpt2tune.errors import Gpt2tuneError
+from gpt2tune.params import (
+    RULES,
+    SECTIONS,
+    DataParams,
+    MlflowParams,
+    ModelParams,
+    Params,
+    SampleParams,
+    TrainParams,
+    load_params,
+    validate_params,
+)
+
+REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+
+KANT = (
+    "Human reason, in one sphere of its cognition, is called upon to consider questions, "
+    "which it cannot decline, as they are presented by its own nature, but which it cannot "
+    "answer, as they transcend every faculty of the mind."
+)
+
+DEFAULTS = Params(
+    model=ModelParams(
+        name="124M", base_url="https://openaipublic.blob.core.windows.net/gpt-2/models"
+    ),
+    data=DataParams(path="data/dset.txt", encoding="utf-8", val_fraction=0.05),
+    train=TrainParams(
+        steps=1000,
+        batch_size=1,
+        learning_rate=2e-5,
+        seed=0,
+        n_ctx=1024,
+        sample_every=100,
+        sample_length=100,
+        save_every=1000,
+        val_every=100,
+        val_batches=8,
+        accumulate_gradients=1,
+    ),
+    sample=SampleParams(
+        nsamples=2, length=200, temperature=0.8, top_k=40, top_p=0.0, seed=0, prompts=(KANT,)
+    ),
+    mlflow=MlflowParams(tracking_uri="sqlite:///mlflow.db", experiment="gpt2tune"),
+)
+
+
+@pytest.fixture
+def raw() -> dict:
+    """A fresh, mutable copy of the repo's params.yaml as plain YAML data."""
+    return copy.deepcopy(yaml.safe_load(REPO_PARAMS.read_text(encoding="utf-8")))
+
+
+def error_of(fn, *args) -> str:
+    with pytest.raises(Gpt2tuneError) as info:
+        fn(*args)
+    msg = str(info.value)
+    assert "\n" not in msg, msg
+    return msg
+
+
+def test_repo_params_load_to_documented_defaults():
+    params = load_params(REPO_PARAMS)
+    assert params == DEFAULTS
+    assert isinstance(params.train.learning_rate, float)
+    assert isinstance(params.sample.prompts, tuple)
+
+
+def test_rules_cover_exactly_the_dataclass_fields():
+    declared = {
+        f"{section}.{f.name}" for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)
+    }
+    assert set(RULES) == declared
+
+
+def _key_lines(node: yaml.Node, prefix: str = ""):
+    """(dotted key, key node, value node) for every mapping key, depth first."""
+    for key_node, value_node in node.value:
+        name = prefix + key_node.value
+        yield name, key_node, value_node
+        if isinstance(value_node, yaml.MappingNode):
+            yield from _key_lines(value_node, name + ".")
+
+
+def comment_problems(text: str) -> list[str]:
+    """Keys of a params file without exactly one short comment (inline or on the line above)."""
+    lines = text.splitlines()
+    problems = []
+    for name, key, value in _key_lines(yaml.compose(text)):
+        row = key.start_mark.line
+        # Whatever follows the key's value on its own line (or follows the colon for a section).
+        one_line_value = value.start_mark.line == row == value.end_mark.line
+        if one_line_value and not isinstance(value, yaml.MappingNode):
+            rest = lines[row][value.end_mark.column :].strip()
+        else:
+            rest = lines[row][key.end_mark.column :].lstrip()[1:].strip()
+        above = lines[row - 1].strip() if row > 0 else ""
+        comments = [c for c in (rest, above) if c.startswith("#")]
+        if len(comments) != 1:
+            problems.append(f"{name}: {len(comments)} comments")
+        elif len(comments[0]) > 100:
+            problems.append(f"{name}: comment longer than 100 characters")
+    return problems
+
+
+def test_every_key_has_exactly_one_short_comment():
+    text = REPO_PARAMS.read_text(encoding="utf-8")
+    assert comment_problems(text) == []
+    keys = {name for name, _, _ in _key_lines(yaml.compose(text))}
+    assert set(RULES) | set(SECTIONS) == keys
+
+
+def test_comment_check_catches_missing_and_doubled_comments():
+    text = "a:  # section\n  b: 1\n  # about c\n  c: 2  # and again\n  d: [1, 2]  # fine\n"
+    assert comment_problems(text) == ["a.b: 0 comments", "a.c: 2 comments"]
+
+
+def test_flat_has_one_entry_per_key():
+    flat = DEFAULTS.flat()
+    assert list(flat) == list(RULES)
+    assert flat["train.steps"] == 1000
+    assert flat["sample.prompts"] == f'["{KANT}"]'
+    assert all(isinstance(v, (int, float, str)) for v in flat.values())
+
+
+def test_int_is_accepted_where_a_float_is_expected(raw):
+    raw["train"]["learning_rate"] = 1
+    raw["sample"]["top_p"] = 1
+    params = validate_params(raw)
+    assert params.train.learning_rate == 1.0 and isinstance(params.train.learning_rate, float)
+    assert isinstance(params.sample.top_p, float)
+
+
+def test_empty_prompts_and_zero_switches_are_allowed(raw):
+    raw["sample"]["prompts"] = []
+    raw["train"]["sample_every"] = 0
+    raw["data"]["val_fraction"] = 0
+    raw["mlflow"]["tracking_uri"] = ""
+    params = validate_params(raw)
+    assert params.sample.prompts == ()
+
+
+def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
+    # Plain PyYAML reads 2e-5 as a string; DVC (YAML 1.2) reads a float. We side with DVC.
+    path = tmp_path / "params.yaml"
+    text = REPO_PARAMS.read_text(encoding="utf-8")
+    assert "learning_rate: 0.00002" in text
+    path.write_text(text.replace("learning_rate: 0.00002", "learning_rate: 2e-5"), encoding="utf-8")
+    assert load_params(path).train.learning_rate == 2e-5
+
+
+# Edits to the parsed params; section None means the top level.
+def _set(section: str | None, key: str, value):
+    return lambda raw: (raw[section] if section else raw).__setitem__(key, value)
+
+
+def _rename(section: str | None, old: str, new: str):
+    def edit(raw: dict) -> None:
+        body = raw[section] if section else raw
+        body[new] = body.pop(old)
+
+    return edit
+
+
+def _drop(section: str | None, key: str):
+    return lambda raw: (raw[section] if section else raw).pop(key)
+
+
+def _move(src: str, dst: str, key: str):
+    return lambda raw: raw[dst].__setitem__(key, raw[src].pop(key))
+
+
+# (edit to the repo's params, exact message) for every kind of mistake the issue lists.
+BAD = {
+    "negative steps": (
+        _set("train", "steps", -5),
+        "params.yaml: train.steps = -5: must be an integer >= 1",
+    ),
+    "steps as string": (
+        _set("train", "steps", "1000"),
+        'params.yaml: train.steps = "1000": must be an integer >= 1 (got text)',
+    ),
+    "steps as bool": (
+        _set("train", "steps", True),
+        "params.yaml: train.steps = true: must be an integer >= 1 (got true/false)",
+    ),
+    "steps as float": (
+        _set("train", "steps", 10.0),
+        "params.yaml: train.steps = 10.0: must be an integer >= 1 (got a number)",
+    ),
+    "top_p above 1": (
+        _set("sample", "top_p", 1.5),
+        "params.yaml: sample.top_p = 1.5: must be a number in [0, 1] (0 = off)",
+    ),
+    "negative length": (
+        _set("sample", "length", -1),
+        "params.yaml: sample.length = -1: must be an integer >= 1",
+    ),
+    "negative temperature": (
+        _set("sample", "temperature", -1),
+        "params.yaml: sample.temperature = -1: must be a number >= 0 (0 = greedy)",
+    ),
+    "val_fraction too big": (
+        _set("data", "val_fraction", 0.6),
+        "params.yaml: data.val_fraction = 0.6: must be a number in [0, 0.5)",
+    ),
+    "learning rate not finite": (
+        _set("train", "learning_rate", float("inf")),
+        "params.yaml: train.learning_rate = Infinity: must be a number > 0 (got a number)",
+    ),
+    "seed too big for numpy": (
+        _set("train", "seed", 2**32),
+        "params.yaml: train.seed = 4294967296: must be an integer in 0..4294967295",
+    ),
+    "misspelled key": (
+        _rename("train", "steps", "stpes"),
+        "params.yaml: train.stpes: unknown key; did you mean train.steps?",
+    ),
+    "key in the wrong section": (
+        _move("sample", "train", "temperature"),
+        "params.yaml: train.temperature: unknown key; did you mean sample.temperature?",
+    ),
+    "unknown key, nothing close": (
+        _set("mlflow", "zzz", 1),
+        "params.yaml: mlflow.zzz: unknown key; valid: tracking_uri, experiment",
+    ),
+    "missing key": (
+        _drop("train", "batch_size"),
+        "params.yaml: train.batch_size: missing; must be an integer >= 1",
+    ),
+    "missing section": (
+        _drop(None, "mlflow"),
+        "params.yaml: mlflow: missing section (with keys tracking_uri, experiment)",
+    ),
+    "unknown section": (
+        _rename(None, "sample", "sampel"),
+        "params.yaml: sampel: unknown section; did you mean sample?",
+    ),
+    "section not a mapping": (
+        _set(None, "data", "data/dset.txt"),
+        'params.yaml: data = "data/dset.txt": must be a mapping with keys path, encoding, '
+        "val_fraction (got text)",
+    ),
+    "prompts not a list": (
+        _set("sample", "prompts", "hello"),
+        'params.yaml: sample.prompts = "hello": must be a list (may be empty) of non-empty '
+        "strings (got text)",
+    ),
+    "prompts with a non-string": (
+        _set("sample", "prompts", ["hello", 3]),
+        'params.yaml: sample.prompts = ["hello", 3]: must be a list (may be empty) of non-empty '
+        "strings (got a list)",
+    ),
+    "empty prompt": (
+        _set("sample", "prompts", [""]),
+        'params.yaml: sample.prompts = [""]: must be a list (may be empty) of non-empty strings',
+    ),
+    "model name climbing out": (
+        _set("model", "name", "../x"),
+        'params.yaml: model.name = "../x": must be a release folder name such as 124M, 355M, '
+        "774M or 1558M (letters, digits, '.', '_', '-'; no '/' or '..')",
+    ),
+    "model name with a slash": (
+        _set("model", "name", "a/b"),
+        'params.yaml: model.name = "a/b": must be a release folder name such as 124M, 355M, '
+        "774M or 1558M (letters, digits, '.', '_', '-'; no '/' or '..')",
+    ),
+    "model name as number": (
+        _set("model", "name", 124),
+        "params.yaml: model.name = 124: must be a release folder name such as 124M, 355M, "
+        "774M or 1558M (letters, digits, '.', '_', '-'; no '/' or '..') (got an integer)",
+    ),
+    "base_url with another scheme": (
+        _set("model", "base_url", "ftp://example.com/models"),
+        'params.yaml: model.base_url = "ftp://example.com/models": must be an http:// or '
+        "https:// URL or a local folder",
+    ),
+    "unknown encoding": (
+        _set("data", "encoding", "utf-9"),
+        'params.yaml: data.encoding = "utf-9": must be a text codec Python knows, such as '
+        "utf-8 or latin-1",
+    ),
+    "bytes-only codec": (
+        _set("data", "encoding", "base64"),
+        'params.yaml: data.encoding = "base64": must be a text codec Python knows, such as '
+        "utf-8 or latin-1",
+    ),
+    "empty experiment": (
+        _set("mlflow", "experiment", ""),
+        'params.yaml: mlflow.experiment = "": must be a non-empty string',
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_values_give_one_line_naming_key_and_allowed(raw, case):
+    edit, expected = BAD[case]
+    edit(raw)
+    assert error_of(validate_params, raw) == expected
+
+
+def test_long_values_are_cut_short(raw):
+    raw["sample"]["prompts"] = "x" * 500
+    msg = error_of(validate_params, raw)
+    assert len(msg) < 200 and "..." in msg
+
+
+@pytest.mark.parametrize(
+    ("raw_value", "expected"),
+    [
+        (None, "params.yaml: file is empty; expected sections model, data, train, sample, mlflow"),
+        (
+            ["model"],
+            "params.yaml: top level must be a mapping of sections "
+            "(model, data, train, sample, mlflow), got a list",
+        ),
+    ],
+)
+def test_top_level_must_be_a_mapping(raw_value, expected):
+    assert error_of(validate_params, raw_value) == expected
+
+
+def test_source_names_the_file(raw):
+    raw["train"]["steps"] = 0
+    assert error_of(validate_params, raw, "conf/p.yaml").startswith("conf/p.yaml: train.steps = 0")
+
+
+def test_missing_file(tmp_path):
+    path = tmp_path / "params.yaml"
+    msg = error_of(load_params, path)
+    assert msg.startswith(f"{path}: file not found")
+
+
+def test_invalid_yaml_names_line_and_column(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("model:\n  name: 124M\n    base_url: x\n")
+    assert error_of(load_params, path) == (
+        f"{path}:3:13: invalid YAML: mapping values are not allowed here"
+    )
+
+
+def test_control_character_names_line_and_column(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("model:\n  name: 1\x0124M\n")
+    assert error_of(load_params, path).startswith(f"{path}:2:10: invalid YAML: unacceptable")
+
+
+def test_duplicate_key_is_an_error(tmp_path):
+    path = tmp_path / "params.yaml"
+    text = REPO_PARAMS.read_text(encoding="utf-8")
+    assert "  steps: 1000" in text
+    path.write_text(text.replace("  steps: 1000", "  steps: 1000\n  steps: 5"), encoding="utf-8")
+    msg = error_of(load_params, path)
+    assert msg.startswith(f"{path}:") and "duplicate key 'steps'" in msg
+
+
+def test_non_utf8_file(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_bytes(b"model: \xff\n")
+    assert error_of(load_params, path) == f"{path}: not UTF-8 text (byte 7)"

@@ -1,0 +1,107 @@
+"""Generation: cached sampling agrees with a plain argmax loop, is seeded, compiles once."""
+
+import numpy as np
+import pytest
+
+from gpt2tune import Gpt2tuneError, generate_tokens
+from gpt2tune.model import GPT2, variable_shapes
+
+HP = {"n_vocab": 50, "n_ctx": 24, "n_embd": 32, "n_head": 2, "n_layer": 2}
+
+
+@pytest.fixture(scope="module")
+def model():
+    rng = np.random.default_rng(0)
+    # Large weights give peaked distributions, so greedy and sampled paths differ visibly.
+    w = {n: rng.normal(1.0 if n.endswith("/g") else 0.0, 0.5, s).astype(np.float32)
+         for n, s in variable_shapes(HP).items()}  # fmt: skip
+    return GPT2(HP, w)
+
+
+def argmax_loop(model, context, length):
+    """Greedy decoding with no cache: a full forward pass for every new token."""
+    tokens = list(context)
+    for _ in range(length):
+        window = tokens[-HP["n_ctx"] :] if len(tokens) < HP["n_ctx"] else tokens[-HP["n_ctx"] // 2 :]
+        logits = model(np.array([window], np.int32)).numpy()
+        tokens.append(int(logits[0, -1].argmax()))
+    return tokens[len(context) :]
+
+
+def test_greedy_equals_no_cache_argmax_loop(model):
+    ctx = [3, 14, 15, 9, 2]
+    ids = generate_tokens(model, ctx, length=15, nsamples=2, top_k=1, seed=1)
+    assert ids.shape == (2, 15) and ids.dtype == np.int32
+    expected = argmax_loop(model, ctx, 15)
+    assert ids[0].tolist() == expected and ids[1].tolist() == expected
+    greedy = generate_tokens(model, ctx, length=15, temperature=0.0)
+    assert greedy[0].tolist() == expected
+
+
+def test_sliding_window_beyond_context(model):
+    ctx = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+    ids = generate_tokens(model, ctx, length=40, top_k=1)  # 10 + 40 > n_ctx = 24
+    assert ids.shape == (1, 40)
+    tokens = list(ctx)
+    expected = []
+    while len(expected) < 40:  # reference: half-context strides, like the sampler documents
+        window = tokens if len(tokens) < HP["n_ctx"] else tokens[-HP["n_ctx"] // 2 :]
+        tokens = list(window)
+        while len(tokens) < HP["n_ctx"] and len(expected) < 40:
+            tok = int(model(np.array([tokens], np.int32)).numpy()[0, -1].argmax())
+            tokens.append(tok)
+            expected.append(tok)
+    assert ids[0].tolist() == expected
+
+
+def test_same_seed_same_tokens_and_no_retracing(model):
+    a = generate_tokens(model, [1, 2, 3], length=12, nsamples=3, temperature=1.0, seed=7)
+    b = generate_tokens(model, [1, 2, 3], length=12, nsamples=3, temperature=1.0, seed=7)
+    c = generate_tokens(model, [1, 2, 3], length=12, nsamples=3, temperature=1.0, seed=8)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    assert len({tuple(r) for r in a}) > 1  # samples in a batch differ from each other
+    # Other prompts, lengths, batch sizes and settings reuse the one compiled function.
+    generate_tokens(model, [4, 5, 6, 7, 8, 9], length=5, nsamples=1, top_k=5, top_p=0.9, seed=1)
+    generate_tokens(model, None, length=30, nsamples=2, temperature=0.5, seed=2)
+    assert model._sampler.experimental_get_tracing_count() == 1
+
+
+def test_top_k_and_top_p_restrict_choices(model):
+    ctx = [5, 6, 7]
+    logits = model(np.array([ctx], np.int32)).numpy()[0, -1]
+    order = np.argsort(-logits)
+    firsts = generate_tokens(model, ctx, length=1, nsamples=64, top_k=3, seed=3)[:, 0]
+    assert set(firsts.tolist()) <= set(order[:3].tolist())
+    assert len(set(firsts.tolist())) > 1
+    p = np.exp(logits - logits.max())
+    p /= p.sum()
+    nucleus = order[: int(np.searchsorted(np.cumsum(p[order]), 0.5)) + 1]
+    firsts = generate_tokens(model, ctx, length=1, nsamples=64, top_p=0.5, seed=3)[:, 0]
+    assert set(firsts.tolist()) <= set(nucleus.tolist())
+
+
+def test_stop_at_endoftext_pads_with_it(model):
+    eot = HP["n_vocab"] - 1
+    ids = generate_tokens(model, [1], length=30, nsamples=16, temperature=3.0, seed=0,
+                          stop_at_endoftext=True)  # fmt: skip
+    stopped = [r for r in ids.tolist() if eot in r]
+    assert stopped, "hot sampling should hit <|endoftext|> in some of 16 samples"
+    for r in stopped:
+        assert all(t == eot for t in r[r.index(eot) :])
+
+
+def test_prompt_longer_than_context(model):
+    with pytest.raises(Gpt2tuneError, match="prompt is 25 tokens but the model's context is 24"):
+        generate_tokens(model, list(range(25)), length=1)
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [({"top_p": 1.5}, "top_p"), ({"temperature": -1.0}, "temperature"), ({"length": 0}, "length"),
+     ({"top_k": -2}, "top_k"), ({"nsamples": 0}, "nsamples")],
+)  # fmt: skip
+def test_bad_settings(model, kw, match):
+    args = {"length": 3} | kw
+    with pytest.raises(Gpt2tuneError, match=match):
+        generate_tokens(model, [1], **args)
