@@ -43,21 +43,20 @@ def load_hparams(folder: str | os.PathLike) -> dict[str, int]:
 def checkpoint_prefix(folder: str | os.PathLike) -> Path:
     """The checkpoint named by the folder's `checkpoint` state file (`model.ckpt` if absent).
 
-    Trainers often write absolute paths into the state file; when such a path no longer
-    exists (the folder was moved or copied), the same file name inside the folder is used.
+    Only the file name is used: trainers often write absolute paths into the state file,
+    and a model folder that was moved or copied must still read its own files, never those
+    of the place it came from.
     """
     folder = Path(folder)
     state = folder / "checkpoint"
     name = CKPT_PREFIX
     if state.is_file():
-        m = re.search(r'^model_checkpoint_path:\s*"(.*)"', state.read_text("utf-8", "replace"), re.M)
+        text = state.read_text("utf-8", "replace")
+        m = re.search(r'^model_checkpoint_path:\s*"(.*)"', text, re.M)
         if not m:
             raise Gpt2tuneError(f"{state} has no model_checkpoint_path line; is it a TF checkpoint state?")
         name = m.group(1)
-    prefix = Path(name) if Path(name).is_absolute() else folder / name
-    if not Path(f"{prefix}.index").is_file() and Path(f"{folder / prefix.name}.index").is_file():
-        prefix = folder / prefix.name
-    return prefix
+    return folder / Path(name).name
 
 
 def _read_weights(prefix: Path, hparams: dict[str, int]) -> dict[str, np.ndarray]:
@@ -69,7 +68,7 @@ def _read_weights(prefix: Path, hparams: dict[str, int]) -> dict[str, np.ndarray
     try:
         reader = tf.train.load_checkpoint(str(prefix))
         shapes = reader.get_variable_to_shape_map()
-    except (tf.errors.OpError, ValueError) as e:
+    except (tf.errors.OpError, ValueError, IndexError) as e:
         raise Gpt2tuneError(f"{index} is not a readable TF checkpoint index ({_first_line(e)})") from None
     weights = {}
     for name, shape in variable_shapes(hparams).items():
@@ -85,7 +84,7 @@ def _read_weights(prefix: Path, hparams: dict[str, int]) -> dict[str, np.ndarray
             )
         try:
             weights[name] = reader.get_tensor(name)
-        except (tf.errors.OpError, ValueError) as e:
+        except (tf.errors.OpError, ValueError, IndexError) as e:  # IndexError: short file
             raise Gpt2tuneError(
                 f"{data} is truncated or corrupt: reading {name} failed ({_first_line(e)}); "
                 "download or copy the model again"

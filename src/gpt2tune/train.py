@@ -1,0 +1,354 @@
+"""Fine-tuning: Adam on random windows of the encoded corpus, with checkpoints you can resume.
+
+The loop follows N. Shepperd's `train.py` that the notebooks used: constant learning rate,
+Adam (beta1 0.9, beta2 0.999, eps 1e-8, as TF1's AdamOptimizer), random contiguous windows,
+samples and a validation loss every few steps. Differences, and why:
+
+- One `tf.distribute` code path: the default strategy on a CPU or one GPU, MirroredStrategy
+  over all GPUs when there are several; gradients are averaged across replicas.
+- A run folder (`checkpoint/run1`) holds the latest weights under OpenAI's names plus Adam's
+  slots (`<name>/Adam`, `<name>/Adam_1`, like TF1), `train_state.json` and the loss history.
+  A rerun with the same settings continues from it (e.g. after Ctrl-C, or with more steps);
+  a rerun with different settings starts from the base model again.
+- The windows of step s are drawn from a generator seeded with (seed, s), so a resumed run
+  sees exactly the batches an uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+from tqdm import tqdm
+
+from gpt2tune.checkpoint import checkpoint_prefix
+from gpt2tune.dataset import eval_windows, random_windows, window_length
+from gpt2tune.errors import Gpt2tuneError
+from gpt2tune.model import GPT2, forward
+from gpt2tune.params import TrainParams
+
+STATE_FILE = "train_state.json"
+HISTORY_FILE = "history.json"
+
+
+def make_strategy() -> tf.distribute.Strategy:
+    """MirroredStrategy across GPUs when there are several, else the default strategy."""
+    gpus = tf.config.list_logical_devices("GPU")
+    if len(gpus) > 1:
+        return tf.distribute.MirroredStrategy([d.name for d in gpus])
+    return tf.distribute.get_strategy()
+
+
+class Adam:
+    """TF1 AdamOptimizer's update, with slots named as TF1 names them."""
+
+    def __init__(self, params: dict[str, tf.Variable], learning_rate: float):
+        self.lr, self.beta1, self.beta2, self.eps = learning_rate, 0.9, 0.999, 1e-8
+        self.params = params
+        zeros = {n: np.zeros(v.shape, np.float32) for n, v in params.items()}
+        self.m = {n: tf.Variable(z, trainable=False, name=f"{n}/Adam") for n, z in zeros.items()}
+        self.v = {n: tf.Variable(z, trainable=False, name=f"{n}/Adam_1") for n, z in zeros.items()}
+        self.t = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
+
+    def apply(self, grads: dict[str, tf.Tensor]) -> None:
+        t = tf.cast(self.t.assign_add(1), tf.float32)
+        lr_t = self.lr * tf.sqrt(1 - self.beta2**t) / (1 - self.beta1**t)
+        for n, var in self.params.items():
+            g = grads[n]
+            m = self.m[n].assign(self.beta1 * self.m[n] + (1 - self.beta1) * g)
+            v = self.v[n].assign(self.beta2 * self.v[n] + (1 - self.beta2) * tf.square(g))
+            var.assign_sub(lr_t * m / (tf.sqrt(v) + self.eps))
+
+    def slots(self) -> dict[str, tf.Variable]:
+        out = {f"{n}/Adam": s for n, s in self.m.items()}
+        out.update({f"{n}/Adam_1": s for n, s in self.v.items()})
+        out["global_step"] = self.t
+        return out
+
+
+def lm_loss(params, hparams, windows: tf.Tensor) -> tf.Tensor:
+    """Mean next-token cross-entropy over windows [batch, len] (inputs w[:, :-1])."""
+    logits, _ = forward(params, hparams, windows[:, :-1])
+    return tf.reduce_mean(
+        tf.nn.sparse_softmax_cross_entropy_with_logits(labels=windows[:, 1:], logits=logits)
+    )
+
+
+class Trainer:
+    """Compiled train and eval steps for one model, optimizer and distribution strategy."""
+
+    def __init__(self, model: GPT2, cfg: TrainParams, strategy: tf.distribute.Strategy):
+        self.model, self.cfg, self.strategy = model, cfg, strategy
+        self.replicas = strategy.num_replicas_in_sync
+        if cfg.batch_size % self.replicas:
+            raise Gpt2tuneError(
+                f"params.yaml: train.batch_size = {cfg.batch_size}: must be a multiple of the "
+                f"{self.replicas} GPUs in use"
+            )
+        with strategy.scope():
+            self.opt = Adam(model.params, cfg.learning_rate)
+        self.train_step = tf.function(
+            self._train_step, input_signature=[tf.TensorSpec([None, None, None], tf.int32)]
+        )
+        self.eval_step = tf.function(
+            self._eval_step, input_signature=[tf.TensorSpec([None, None], tf.int32)]
+        )
+
+    def _shard(self, windows: tf.Tensor):
+        n = self.replicas
+        return self.strategy.experimental_distribute_values_from_function(
+            lambda ctx: windows[ctx.replica_id_in_sync_group :: n]
+        )
+
+    def _replica_grads(self, windows):
+        params = self.model.params
+        with tf.GradientTape() as tape:
+            loss = lm_loss(params, self.model.hparams, windows)
+        grads = tape.gradient(loss, list(params.values()))
+        return loss, [tf.convert_to_tensor(g) for g in grads]
+
+    def _train_step(self, windows: tf.Tensor) -> tf.Tensor:
+        """windows [accumulate, batch, len]: one optimizer step, returns the mean loss."""
+        mean = tf.distribute.ReduceOp.MEAN
+        names = list(self.model.params)
+        total_loss, total = 0.0, [tf.zeros_like(v) for v in self.model.params.values()]
+        for a in range(self.cfg.accumulate_gradients):
+            loss, grads = self.strategy.run(self._replica_grads, args=(self._shard(windows[a]),))
+            total_loss += self.strategy.reduce(mean, loss, axis=None)
+            total = [t + self.strategy.reduce(mean, g, axis=None) for t, g in zip(total, grads)]
+        k = float(self.cfg.accumulate_gradients)
+        self.opt.apply({n: g / k for n, g in zip(names, total)})
+        return total_loss / k
+
+    def _eval_step(self, windows: tf.Tensor) -> tf.Tensor:
+        return lm_loss(self.model.params, self.model.hparams, windows)
+
+    def eval_loss(self, windows: np.ndarray) -> float:
+        """Mean loss over windows [k, len], evaluated batch_size at a time."""
+        b = self.cfg.batch_size
+        losses = [
+            float(self.eval_step(tf.constant(windows[i : i + b]))) * len(windows[i : i + b])
+            for i in range(0, len(windows), b)
+        ]
+        return sum(losses) / len(windows)
+
+
+# --- the run folder: latest weights + Adam slots + state, written so a crash loses nothing --
+
+
+def fingerprint(cfg: TrainParams, base: str, data_stats: dict) -> str:
+    """What must be equal for a saved run to be continued rather than restarted.
+
+    Step counts and logging intervals are left out: raising `train.steps` continues a
+    finished run, and changing how often it logs does not change the weights.
+    """
+    keys = ("batch_size", "learning_rate", "seed", "n_ctx", "accumulate_gradients")
+    blob = json.dumps(
+        {"train": {k: asdict(cfg)[k] for k in keys}, "base": base, "data": data_stats},
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_state(run_dir: Path, trainer: Trainer, step: int, history: dict, extra: dict) -> None:
+    """Write weights + slots as `model-{step}`, then point `checkpoint` and the state at it."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tensors = dict(trainer.model.params)
+    tensors.update(trainer.opt.slots())
+    prefix = f"model-{step}"
+    tf.raw_ops.SaveV2(
+        prefix=str(run_dir / prefix),
+        tensor_names=list(tensors),
+        shape_and_slices=[""] * len(tensors),
+        tensors=[tf.convert_to_tensor(v) for v in tensors.values()],
+    )
+    _write_atomic(run_dir / HISTORY_FILE, json.dumps(history))
+    _write_atomic(
+        run_dir / "checkpoint",
+        f'model_checkpoint_path: "{prefix}"\nall_model_checkpoint_paths: "{prefix}"\n',
+    )
+    _write_atomic(run_dir / STATE_FILE, json.dumps({"step": step, **extra}, indent=2))
+    for old in run_dir.glob("model-*"):  # only the newest checkpoint is kept
+        if not old.name.startswith(prefix + "."):
+            old.unlink()
+
+
+def load_state(run_dir: Path) -> dict | None:
+    try:
+        return json.loads((run_dir / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def restore(run_dir: Path, trainer: Trainer) -> dict:
+    """Load weights and Adam slots saved by `save_state`; returns the loss history."""
+    reader = tf.train.load_checkpoint(str(checkpoint_prefix(run_dir)))
+    tensors = dict(trainer.model.params)
+    tensors.update(trainer.opt.slots())
+    for name, var in tensors.items():
+        var.assign(reader.get_tensor(name))
+    return json.loads((run_dir / HISTORY_FILE).read_text())
+
+
+# --- the loop -------------------------------------------------------------------------------
+
+
+def fit(
+    model: GPT2,
+    train_tokens: np.ndarray,
+    val_tokens: np.ndarray,
+    cfg: TrainParams,
+    run_dir: str | os.PathLike,
+    *,
+    strategy: tf.distribute.Strategy | None = None,
+    run_fingerprint: str = "",
+    log_metrics: Callable[[dict, int], None] = lambda metrics, step: None,
+    log_sample: Callable[[str, int], None] = lambda text, step: None,
+    state_extra: dict | None = None,
+    progress: bool | None = None,
+) -> dict:
+    """Train `model` in place for `cfg.steps` optimizer steps; returns the summary metrics.
+
+    Resumes from `run_dir` when it holds a run with the same `run_fingerprint` that stopped
+    before `cfg.steps`. `log_metrics({"loss": ...}, step)` is called every step and with
+    `val_loss` every `cfg.val_every` steps; `log_sample(text, step)` every `cfg.sample_every`.
+    """
+    run_dir = Path(run_dir)
+    strategy = strategy or tf.distribute.get_strategy()
+    n_ctx = cfg.n_ctx
+    if n_ctx > model.hparams["n_ctx"]:
+        raise Gpt2tuneError(
+            f"params.yaml: train.n_ctx = {n_ctx}: must be <= the model's n_ctx "
+            f"({model.hparams['n_ctx']})"
+        )
+    window_length(len(train_tokens), n_ctx)  # fails clearly on a corpus of < 2 tokens
+    trainer = Trainer(model, cfg, strategy)
+    val = eval_windows(val_tokens, n_ctx, cfg.val_batches) if len(val_tokens) >= 2 else None
+
+    history: dict[str, list] = {"loss": [], "val_loss": []}
+    start = 0
+    state = load_state(run_dir)
+    if state and state.get("fingerprint") == run_fingerprint and state["step"] < cfg.steps:
+        history = restore(run_dir, trainer)
+        start = state["step"]
+        print(f"resuming from step {start} in {run_dir}")
+    elif state:
+        print(f"starting over: {run_dir} holds a run with other settings or more steps")
+    extra = dict(state_extra or {}, fingerprint=run_fingerprint)
+
+    def validate(step: int) -> None:
+        if val is not None:
+            v = trainer.eval_loss(val)
+            history["val_loss"].append([step, v])
+            log_metrics({"val_loss": v}, step)
+
+    def sample(step: int) -> None:
+        # Shepperd's training samples: temperature 1, top_k 40, from <|endoftext|>.
+        from gpt2tune.sample import generate
+
+        text = generate(model, None, cfg.sample_length, top_k=40, seed=cfg.seed + step)[0]
+        log_sample(text, step)
+
+    if start == 0:
+        validate(0)
+    tokens_per_step = (
+        cfg.accumulate_gradients * cfg.batch_size * (window_length(len(train_tokens), n_ctx) - 1)
+    )
+    timed_tokens, timed_seconds = 0, 0.0
+    bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=_quiet(progress))
+    with _stop_on_ctrl_c() as stop:
+        for step in range(start + 1, cfg.steps + 1):
+            rng = np.random.default_rng([cfg.seed, step])
+            windows = random_windows(
+                train_tokens, n_ctx, cfg.batch_size * cfg.accumulate_gradients, rng
+            ).reshape(cfg.accumulate_gradients, cfg.batch_size, -1)
+            t0 = time.perf_counter()
+            loss = float(trainer.train_step(tf.constant(windows)))
+            dt = time.perf_counter() - t0
+            if step > start + 1:  # the first step includes tracing and compilation
+                timed_tokens += tokens_per_step
+                timed_seconds += dt
+            if not math.isfinite(loss):
+                raise Gpt2tuneError(
+                    f"loss became {loss} at step {step}; lower train.learning_rate "
+                    f"(now {cfg.learning_rate})"
+                )
+            history["loss"].append([step, loss])
+            log_metrics({"loss": loss, "tokens_per_s": tokens_per_step / dt}, step)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}")
+            if stop.requested:
+                save_state(run_dir, trainer, step, history, extra)
+                bar.close()
+                print(f"\nstopped: step {step} saved in {run_dir}; run again to continue")
+                raise KeyboardInterrupt
+            if cfg.val_every and step % cfg.val_every == 0 and step != cfg.steps:
+                validate(step)
+            if cfg.sample_every and step % cfg.sample_every == 0:
+                sample(step)
+            if cfg.save_every and step % cfg.save_every == 0 and step != cfg.steps:
+                save_state(run_dir, trainer, step, history, extra)
+    bar.close()
+    validate(cfg.steps)
+    save_state(run_dir, trainer, cfg.steps, history, extra)
+    return summary(history, cfg.steps, timed_tokens / timed_seconds if timed_seconds else 0.0)
+
+
+def _quiet(progress: bool | None) -> bool | None:
+    return None if progress is None else not progress  # tqdm: None = only on a terminal
+
+
+class _stop_on_ctrl_c:
+    """Turn the first Ctrl-C into a request to stop after the current step (a second one
+    interrupts at once), so the step in flight is finished and saved, not lost."""
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        self.requested = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def _handler(self, signum, frame):
+        import signal
+
+        self.requested = True
+        signal.signal(signal.SIGINT, self._previous)
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
+def history_upto(history: dict, step: int) -> dict:
+    return {k: [e for e in v if e[0] <= step] for k, v in history.items()}
+
+
+def summary(history: dict, steps: int, tokens_per_s: float) -> dict:
+    """DVC metrics: final train loss (mean of the last 10 steps), validation loss, perplexity."""
+    last = [loss for _, loss in history["loss"][-10:]]
+    out = {"steps": steps, "loss": float(np.mean(last)) if last else None, "tokens_per_s": tokens_per_s}
+    if history["val_loss"]:
+        v = history["val_loss"][-1][1]
+        out.update(val_loss=v, val_perplexity=math.exp(min(v, 700)))
+    return out
