@@ -6,6 +6,10 @@ from __future__ import annotations
 import collections
 import json
 import os
+import shutil
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -122,3 +126,68 @@ def tiny_vocab_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("tiny_vocab")
     build_tiny_vocab(d)
     return d
+
+
+# Runs in a subprocess because tf.compat.v1 graph mode must not leak into the eager tests.
+# It builds the variables the way OpenAI's model.py does (tf.compat.v1.get_variable under
+# variable scopes) and either saves given values with Saver.save (writing .index, .data,
+# .meta and the `checkpoint` state file, as the official release has them), or restores with
+# Saver.restore(sess, tf.train.latest_checkpoint(folder)) and dumps what it read.
+TF1_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    import tensorflow as tf
+    tf.compat.v1.disable_eager_execution()
+    mode, folder, npz = sys.argv[1:4]
+    shapes = json.loads(sys.argv[4])
+    variables = {}
+    for name, shape in shapes.items():
+        scope, leaf = name.rsplit("/", 1)
+        with tf.compat.v1.variable_scope(scope, reuse=tf.compat.v1.AUTO_REUSE):
+            variables[name] = tf.compat.v1.get_variable(leaf, shape, tf.float32)
+    assert sorted(v.op.name for v in variables.values()) == sorted(shapes)
+    saver = tf.compat.v1.train.Saver()
+    with tf.compat.v1.Session() as sess:
+        if mode == "save":
+            values = np.load(npz)
+            for name, var in variables.items():
+                var.load(values[name], sess)
+            saver.save(sess, folder + "/model.ckpt")
+        else:
+            saver.restore(sess, tf.train.latest_checkpoint(folder))
+            np.savez(npz, **{n: sess.run(v) for n, v in variables.items()})
+    """
+)
+
+
+def run_tf1(mode: str, folder: Path, npz: Path, hp: dict) -> None:
+    from gpt2tune.model import variable_shapes
+
+    shapes = {k: list(v) for k, v in variable_shapes(hp).items()}
+    proc = subprocess.run(
+        [sys.executable, "-c", TF1_SCRIPT, mode, str(folder), str(npz), json.dumps(shapes)],
+        capture_output=True,
+        text=True,
+        env={"TF_CPP_MIN_LOG_LEVEL": "2", "PATH": "/usr/bin:/bin"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def write_official_style_model(folder: Path, hp: dict, vocab_dir: Path, seed: int = 0) -> dict:
+    """A GPT-2 folder made the way OpenAI's release was: random weights (OpenAI's init)
+    saved by a TF1 Saver, plus hparams.json, encoder.json and vocab.bpe. Returns the weights."""
+    import numpy as np
+
+    from gpt2tune.model import init_model
+
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = init_model(hp, seed=seed).weights_numpy()
+    npz = folder.parent / f".{folder.name}-weights.npz"
+    np.savez(npz, **weights)
+    run_tf1("save", folder, npz, hp)
+    npz.unlink()
+    (folder / "hparams.json").write_text(json.dumps(hp, indent=2))
+    for f in ("encoder.json", "vocab.bpe"):
+        shutil.copy(vocab_dir / f, folder / f)
+    return weights

@@ -2,9 +2,6 @@
 
 import json
 import shutil
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -13,50 +10,9 @@ import gpt2tune
 from gpt2tune import Gpt2tuneError
 from gpt2tune.model import variable_shapes
 
+from conftest import run_tf1
+
 HP = {"n_vocab": 0, "n_ctx": 16, "n_embd": 32, "n_head": 2, "n_layer": 2}
-
-# Runs in a subprocess because tf.compat.v1 graph mode must not leak into the eager tests.
-# It builds the variables the way OpenAI's model.py does (tf.compat.v1.get_variable under
-# variable scopes) and either saves given values with Saver.save, or restores with
-# Saver.restore(sess, tf.train.latest_checkpoint(folder)) and dumps what it read.
-TF1_SCRIPT = textwrap.dedent(
-    """
-    import json, sys
-    import numpy as np
-    import tensorflow as tf
-    tf.compat.v1.disable_eager_execution()
-    mode, folder, npz = sys.argv[1:4]
-    shapes = json.loads(sys.argv[4])
-    variables = {}
-    for name, shape in shapes.items():
-        scope, leaf = name.rsplit("/", 1)
-        with tf.compat.v1.variable_scope(scope, reuse=tf.compat.v1.AUTO_REUSE):
-            variables[name] = tf.compat.v1.get_variable(leaf, shape, tf.float32)
-    assert sorted(v.op.name for v in variables.values()) == sorted(shapes)
-    saver = tf.compat.v1.train.Saver()
-    with tf.compat.v1.Session() as sess:
-        if mode == "save":
-            values = np.load(npz)
-            for name, var in variables.items():
-                var.load(values[name], sess)
-            saver.save(sess, folder + "/model.ckpt")
-        else:
-            saver.restore(sess, tf.train.latest_checkpoint(folder))
-            np.savez(npz, **{n: sess.run(v) for n, v in variables.items()})
-    """
-)
-
-
-def run_tf1(mode, folder, npz, hp):
-    shapes = {k: list(v) for k, v in variable_shapes(hp).items()}
-    proc = subprocess.run(
-        [sys.executable, "-c", TF1_SCRIPT, mode, str(folder), str(npz), json.dumps(shapes)],
-        capture_output=True,
-        text=True,
-        env={"TF_CPP_MIN_LOG_LEVEL": "2", "PATH": "/usr/bin:/bin"},
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-
 
 @pytest.fixture(scope="module")
 def hp(tiny_vocab_dir):

@@ -5,6 +5,7 @@ tiktoken set up the way tiktoken loads GPT-2, and a port of OpenAI's reference e
 from __future__ import annotations
 
 import json
+import pickle
 import random
 from pathlib import Path
 
@@ -34,7 +35,8 @@ TRICKY = [
     "controls \x1c\x1d\x1e\x1f\x0b\x0c\x85 and spaces \xa0\u1680\u2000\u2028\u2029\u202f\u3000.",
     "I'm, you're, he'll, she'd, we've, it's, don't, 'S 'LL ''''s",
     "emoji \U0001f600\U0001f44d\U0001f3fd",
-    "family \U0001f468\u200d\U0001f469\u200d\U0001f467\u200d\U0001f466 rainbow \U0001f3f3\ufe0f\u200d\U0001f308",
+    "family \U0001f468\u200d\U0001f469\u200d\U0001f467\u200d\U0001f466",
+    "rainbow flag \U0001f3f3\ufe0f\u200d\U0001f308 and a man\u200d",
     "flags \U0001f1e9\U0001f1ea\U0001f1ef\U0001f1f5\U0001f1fa\U0001f1f8",
     "日本語のテキスト、中文字符。한국어",
     "combining e\u0301 n\u0303 a\u0308\u0301\u0323 Z\u0324\u0354\u0367\u0311\u0313",
@@ -65,7 +67,7 @@ class Reference:
         self.decoder = {v: k for k, v in self.encoder.items()}
         bpe_data = (folder / "vocab.bpe").read_text(encoding="utf-8")
         bpe_merges = [tuple(s.split()) for s in bpe_data.split("\n")[1:-1]]
-        self.bpe_ranks = dict(zip(bpe_merges, range(len(bpe_merges))))
+        self.bpe_ranks = dict(zip(bpe_merges, range(len(bpe_merges)), strict=True))
         self.byte_encoder = bytes_to_unicode()
         self.byte_decoder = {v: k for k, v in self.byte_encoder.items()}
         self.cache: dict[str, str] = {}
@@ -75,7 +77,7 @@ class Reference:
         if token in self.cache:
             return self.cache[token]
         word = tuple(token)
-        pairs = set(zip(word, word[1:]))
+        pairs = set(zip(word, word[1:], strict=False))
         if not pairs:
             return token
         while True:
@@ -102,7 +104,7 @@ class Reference:
             word = tuple(new_word)
             if len(word) == 1:
                 break
-            pairs = set(zip(word, word[1:]))
+            pairs = set(zip(word, word[1:], strict=False))
         self.cache[token] = " ".join(word)
         return self.cache[token]
 
@@ -168,7 +170,9 @@ def write_vocab(folder: Path, merges: list[tuple[str, str]], seed: int | None = 
     if seed is not None:
         random.Random(seed).shuffle(ids)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "encoder.json").write_text(json.dumps(dict(zip(tokens, ids))), encoding="utf-8")
+    (folder / "encoder.json").write_text(
+        json.dumps(dict(zip(tokens, ids, strict=True))), encoding="utf-8"
+    )
     lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in merges]
     (folder / "vocab.bpe").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return folder
@@ -275,6 +279,16 @@ def test_two_merges_making_the_same_token_fall_back_to_python(tmp_path):
         assert enc.encode(s) == ref.encode(s), s
 
 
+def test_new_unicode_letters_split_like_the_regex_module(tmp_path):
+    # Merges across the letter/digit boundary show where the pre-tokenizer splits: "ð" is how
+    # GPT-2 spells byte 0xF0, the first byte of U+10940 and of U+11DE0.
+    folder = write_vocab(tmp_path, [("x", "ð"), ("2", "ð")])
+    enc, ref = load_encoder(folder), Reference(folder)
+    assert enc.encode("x\U00010940")[0] == enc.encode("2\U00011de0")[0] - 1 == 256
+    for s in NEW_UNICODE + TRICKY:
+        assert enc.encode(s) == ref.encode(s), s
+
+
 def test_ids_in_another_order_than_the_merges(tiny_vocab_dir, tmp_path):
     merges = [
         tuple(line.split())
@@ -349,6 +363,15 @@ def test_files_are_kept_byte_identical(official, official_vocab_dir):
         assert enc.files[name] == (official_vocab_dir / name).read_bytes()
     again = Encoder.from_files(enc.files["encoder.json"], enc.files["vocab.bpe"])
     assert again.encode("Hello world") == [15496, 995]
+
+
+def test_encoder_pickles_for_worker_processes(official, tmp_path):
+    fallback = load_encoder(write_vocab(tmp_path, [("ab", "a"), ("a", "b")]))
+    for enc in (official[0], fallback):
+        fallback.encode("abab")  # fill the BPE cache
+        copy = pickle.loads(pickle.dumps(enc))
+        assert copy.encode("abab Hello") == enc.encode("abab Hello")
+        assert copy.files == enc.files
 
 
 # ---------------------------------------------------------------- errors

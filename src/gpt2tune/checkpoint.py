@@ -112,6 +112,19 @@ def load_model(folder: str | os.PathLike) -> GPT2:
     return GPT2(hparams, weights, encoder)
 
 
+def assemble(base: str | os.PathLike, run_dir: str | os.PathLike, out: str | os.PathLike) -> GPT2:
+    """The trained weights from `run_dir` beside the base model's hparams and tokenizer files.
+
+    This is the notebooks' "copy the checkpoint into a model folder" step: the result is an
+    ordinary OpenAI-format folder. Adam's slots in the training checkpoint are left behind.
+    """
+    hparams = load_hparams(base)
+    weights = _read_weights(checkpoint_prefix(run_dir), hparams)
+    model = GPT2(hparams, weights, load_encoder(base))
+    save_model(model, out)
+    return model
+
+
 def save_model(model: GPT2, folder: str | os.PathLike) -> Path:
     """Write `model` to `folder` in OpenAI's layout, replacing any previous content atomically.
 

@@ -218,3 +218,64 @@ def _check_sampling(length, nsamples, temperature, top_k, top_p) -> None:
     for name, value, ok, allowed in checks:
         if not ok:
             raise Gpt2tuneError(f"{name} = {value!r}: must be {allowed}")
+
+
+# --- the sample stage and the interactive prompt -----------------------------------------
+
+
+def sample_records(model: GPT2, cfg) -> list[dict]:
+    """`cfg.nsamples` unconditional samples, then as many completions of each prompt.
+
+    `cfg` is the `sample` section of params.yaml (`gpt2tune.params.SampleParams`).
+    """
+    records = []
+    for prompt in (None, *cfg.prompts):
+        texts = generate(
+            model, prompt, cfg.length, cfg.nsamples, cfg.temperature, cfg.top_k, cfg.top_p,
+            cfg.seed, stop_at_endoftext=prompt is None,
+        )  # fmt: skip
+        records += [{"prompt": prompt, "index": i, "text": t} for i, t in enumerate(texts)]
+    return records
+
+
+def records_markdown(records: list[dict], cfg) -> str:
+    head = (
+        f"# Samples\n\nlength {cfg.length}, temperature {cfg.temperature}, top_k {cfg.top_k}, "
+        f"top_p {cfg.top_p}, seed {cfg.seed}\n"
+    )
+    parts = [head]
+    for r in records:
+        title = "Unconditional" if r["prompt"] is None else f"Prompt: {r['prompt']}"
+        body = r["text"] if r["prompt"] is None else f"**{r['prompt']}**{r['text']}"
+        parts.append(f"## {title} — sample {r['index'] + 1}\n\n{body}\n")
+    return "\n".join(parts)
+
+
+def interactive(model: GPT2, cfg, read=input, write=print) -> None:
+    """The notebooks' interactive completion: type a context, get completions, again.
+
+    Ctrl-D (end of input) or Ctrl-C leaves cleanly. An empty line samples unconditionally.
+    """
+    write("Type a context and press Enter (Ctrl-D or Ctrl-C to quit).")
+    seed = cfg.seed
+    while True:
+        try:
+            prompt = read("Model prompt >>> ")
+        except (EOFError, KeyboardInterrupt):
+            write("")
+            return
+        try:
+            texts = generate(
+                model, prompt, cfg.length, cfg.nsamples, cfg.temperature, cfg.top_k, cfg.top_p,
+                seed, stop_at_endoftext=not prompt,
+            )  # fmt: skip
+        except KeyboardInterrupt:
+            write("")
+            return
+        except Gpt2tuneError as e:
+            write(f"error: {e}")
+            continue
+        seed += 1  # the same context twice gives new completions
+        for i, text in enumerate(texts, 1):
+            write(f"{'=' * 40} SAMPLE {i} {'=' * 40}\n{text}")
+        write("=" * 90)

@@ -194,6 +194,14 @@ def load_state(run_dir: Path) -> dict | None:
         return None
 
 
+def resumable_state(run_dir: Path, run_fingerprint: str, steps: int) -> dict | None:
+    """The saved state if it is this run's and stopped short of `steps`, else None."""
+    state = load_state(Path(run_dir))
+    if state and state.get("fingerprint") == run_fingerprint and state["step"] < steps:
+        return state
+    return None
+
+
 def restore(run_dir: Path, trainer: Trainer) -> dict:
     """Load weights and Adam slots saved by `save_state`; returns the loss history."""
     reader = tf.train.load_checkpoint(str(checkpoint_prefix(run_dir)))
@@ -220,8 +228,8 @@ def fit(
     log_sample: Callable[[str, int], None] = lambda text, step: None,
     state_extra: dict | None = None,
     progress: bool | None = None,
-) -> dict:
-    """Train `model` in place for `cfg.steps` optimizer steps; returns the summary metrics.
+) -> tuple[dict, dict]:
+    """Train `model` in place for `cfg.steps` steps; returns (summary metrics, loss history).
 
     Resumes from `run_dir` when it holds a run with the same `run_fingerprint` that stopped
     before `cfg.steps`. `log_metrics({"loss": ...}, step)` is called every step and with
@@ -241,12 +249,12 @@ def fit(
 
     history: dict[str, list] = {"loss": [], "val_loss": []}
     start = 0
-    state = load_state(run_dir)
-    if state and state.get("fingerprint") == run_fingerprint and state["step"] < cfg.steps:
+    resumed = resumable_state(run_dir, run_fingerprint, cfg.steps)
+    if resumed:
         history = restore(run_dir, trainer)
-        start = state["step"]
+        start = resumed["step"]
         print(f"resuming from step {start} in {run_dir}")
-    elif state:
+    elif load_state(run_dir):
         print(f"starting over: {run_dir} holds a run with other settings or more steps")
     extra = dict(state_extra or {}, fingerprint=run_fingerprint)
 
@@ -305,7 +313,8 @@ def fit(
     bar.close()
     validate(cfg.steps)
     save_state(run_dir, trainer, cfg.steps, history, extra)
-    return summary(history, cfg.steps, timed_tokens / timed_seconds if timed_seconds else 0.0)
+    tokens_per_s = timed_tokens / timed_seconds if timed_seconds else 0.0
+    return summary(history, cfg.steps, tokens_per_s), history
 
 
 def _quiet(progress: bool | None) -> bool | None:
@@ -347,8 +356,18 @@ def history_upto(history: dict, step: int) -> dict:
 def summary(history: dict, steps: int, tokens_per_s: float) -> dict:
     """DVC metrics: final train loss (mean of the last 10 steps), validation loss, perplexity."""
     last = [loss for _, loss in history["loss"][-10:]]
-    out = {"steps": steps, "loss": float(np.mean(last)) if last else None, "tokens_per_s": tokens_per_s}
+    out = {"steps": steps, "loss": float(np.mean(last)) if last else None}
+    out["tokens_per_s"] = tokens_per_s
     if history["val_loss"]:
         v = history["val_loss"][-1][1]
         out.update(val_loss=v, val_perplexity=math.exp(min(v, 700)))
     return out
+
+
+def write_plots(history: dict, folder: str | os.PathLike) -> None:
+    """Per-step train and validation loss as TSV files for `dvc plots`."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for key in ("loss", "val_loss"):
+        rows = [f"step\t{key}"] + [f"{s}\t{v:.6f}" for s, v in history[key]]
+        _write_atomic(folder / f"{key}.tsv", "\n".join(rows) + "\n")

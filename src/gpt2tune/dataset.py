@@ -1,0 +1,505 @@
+"""Training text -> token arrays: the ``encode`` pipeline step, and batches for training.
+
+``encode_corpus(path_spec, encoder, "data/encoded")`` reads ``data.path`` (one text file, every
+file under a folder, or a glob), encodes it with GPT-2's tokenizer and writes
+
+* ``train.npy`` and ``val.npy``: 1-D token arrays (uint16 when the vocabulary fits, else int32),
+  meant to be opened with ``np.load(..., mmap_mode="r")`` (:func:`load_tokens`) so that a corpus
+  larger than memory costs nothing to open;
+* ``stats.json``: documents, characters, bytes, tokens, train/val tokens, n_vocab, dtype and the
+  source files (relative to the working directory).
+
+Documents
+---------
+Each file is one document; documents are joined with ``<|endoftext|>`` (the token GPT-2 saw
+between documents). A literal ``<|endoftext|>`` inside a file also becomes that one token, so a
+single file of documents already separated that way keeps its separators. Folders are read
+recursively in sorted order (by path components), skipping hidden files and folders (names that
+start with "."); a glob's matches are sorted the same way and only files are kept. Empty files
+add no document. A UTF-8 byte-order mark at the start of a file is dropped.
+
+Validation split
+----------------
+Taking the last ``val_fraction`` of the text would be a bad validation set: a Gutenberg book
+ends in ~18 KB of licence boilerplate, and a folder's last file is not like the others. Instead
+the token stream is cut into blocks of ``min(1024, max(2, n_tokens // 100))`` tokens (1 token
+for corpora under 4 tokens, so there are always ~100 or more blocks to choose from), and
+``k = round(val_fraction * n_blocks)`` blocks, evenly spaced through the stream (the middle of
+each of k equal stretches), go to ``val.npy``; the rest, in order, to ``train.npy``. So val is
+a sample of the whole text, its share of tokens is within about a block of ``val_fraction``,
+and the split depends only on the token count (deterministic). With ``val_fraction > 0`` and
+at least 2 tokens both splits are non-empty (k is clamped to 1..n_blocks-1); with
+``val_fraction == 0``, ``val.npy`` is empty and ``train.npy`` is the whole stream. Windows
+drawn from either array may span the seam where a block was taken out, as they may span a
+document boundary; that costs a token or two of context at a seam and nothing else.
+
+Large inputs
+------------
+Nothing holds the whole corpus in memory. Each file is read and decoded in pieces (an
+incremental decoder, so a character split between reads is fine) and encoded in pieces of
+about ``chunk_chars`` characters, cut only where GPT-2's pre-tokenizer gives the same tokens
+whether or not the text is cut (see :func:`_last_safe_cut`); tokens stream to a temporary file
+and are then copied into the two ``.npy`` files. Every output goes to a temporary file in
+``out_dir`` first and is renamed over the old one with ``os.replace``, so an error or Ctrl-C
+part-way leaves the previous outputs as they were. A tqdm bar (bytes read) shows for inputs of
+8 MiB or more when stderr is a terminal.
+
+Training batches
+----------------
+:func:`random_windows` draws random contiguous windows of ``n_ctx + 1`` tokens (inputs
+``w[:, :-1]``, targets ``w[:, 1:]``); :func:`eval_windows` gives evenly spaced, non-overlapping
+where possible, deterministic windows for the validation loss. A corpus shorter than
+``n_ctx + 1`` tokens gives windows of the whole corpus (:func:`window_length`).
+"""
+
+from __future__ import annotations
+
+import codecs
+import glob
+import json
+import math
+import os
+import re
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import regex
+from tqdm import tqdm
+
+from gpt2tune.errors import Gpt2tuneError
+
+EOT = "<|endoftext|>"
+SPLITS = ("train", "val")
+VAL_BLOCK_TOKENS = 1024  # largest validation block; smaller for corpora under ~100 blocks
+PROGRESS_MIN_BYTES = 8 << 20  # smaller inputs encode in a second or two: no bar
+_COPY_TOKENS = 1 << 22  # tokens per copy from the temporary stream into train/val.npy
+
+_GLOB_CHARS = re.compile(r"[*?[]")
+
+# Where text may be cut without changing GPT-2's tokens (the reasoning is in _last_safe_cut).
+# `regex`, not `re`: \s, \S and \p{L} must mean what they mean in GPT-2's pattern.
+_SAFE_CUT = regex.compile(r"\n(?=\S)|(?<=\S) (?=\p{L})")
+
+
+# --------------------------------------------------------------------------- finding the text
+
+
+def _sort_key(path: Path) -> tuple[str, ...]:
+    return path.parts  # "a/z.txt" before "a-b.txt": a folder's files stay together
+
+
+def find_documents(path_spec: str) -> list[Path]:
+    """The files ``data.path`` names: the file itself, every non-hidden file under a folder
+    (recursively), or a glob's file matches; sorted. Gpt2tuneError if that is no file."""
+    where = f"data.path = {path_spec!r}"
+    if not path_spec.strip():
+        raise Gpt2tuneError(
+            f"{where}: empty; set data.path in params.yaml to a file, folder or glob"
+        )
+    path = Path(path_spec)
+    if path.is_dir():
+        return _folder_files(path, where)
+    if path.exists():
+        if not path.is_file():
+            raise Gpt2tuneError(
+                f"{where}: not a regular file or folder; point data.path at your text"
+            )
+        return [path]
+    if _GLOB_CHARS.search(path_spec):
+        matches = [Path(m) for m in glob.glob(path_spec, recursive=True)]
+        files = [m for m in matches if m.is_file()]
+        if not files:
+            what = "only folders" if matches else "nothing"
+            raise Gpt2tuneError(
+                f"{where}: taken as a glob, it matches {what} (relative to {os.getcwd()}); "
+                "fix the pattern or set data.path to your text file or folder"
+            )
+        return sorted(files, key=_sort_key)
+    raise Gpt2tuneError(
+        f"{where}: taken as a file or folder path, it does not exist (relative to "
+        f"{os.getcwd()}); put your training text there or set data.path in params.yaml"
+    )
+
+
+def _folder_files(folder: Path, where: str) -> list[Path]:
+    def fail(e: OSError) -> None:
+        raise Gpt2tuneError(f"{where}: cannot list {e.filename}: {e.strerror or e}")
+
+    files = []
+    for root, dirs, names in os.walk(folder, onerror=fail):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in names:
+            path = Path(root, name)
+            if not name.startswith(".") and path.is_file():
+                files.append(path)
+    if not files:
+        raise Gpt2tuneError(
+            f"{where}: taken as a folder, it holds no files (hidden ones are skipped); "
+            "put your text files in it or set data.path to a file or glob"
+        )
+    return sorted(files, key=lambda f: _sort_key(f.relative_to(folder)))
+
+
+def _display(path: Path) -> str:
+    """`path` relative to the working directory, with "/" separators."""
+    try:
+        return Path(os.path.relpath(path)).as_posix()
+    except ValueError:  # another drive on Windows
+        return Path(path).absolute().as_posix()
+
+
+# --------------------------------------------------------------------------- reading and cutting
+
+
+def _read_text(
+    path: Path, encoding: str, read_size: int, on_bytes: Callable[[int], object]
+) -> Iterator[str]:
+    """The decoded text of `path`, in pieces; Gpt2tuneError naming the byte offset of bad input."""
+    name = _display(path)
+    is_utf8 = codecs.lookup(encoding).name == "utf-8"
+    decoder = codecs.getincrementaldecoder(encoding)("strict")
+    fed, first = 0, True
+    try:
+        fh = open(path, "rb")
+    except OSError as e:
+        raise Gpt2tuneError(f"{name}: cannot read: {e.strerror or e}") from None
+    with fh:
+        while True:
+            try:
+                raw = fh.read(read_size)
+            except OSError as e:
+                raise Gpt2tuneError(f"{name}: cannot read: {e.strerror or e}") from None
+            final = not raw
+            held = _held_bytes(decoder)
+            try:
+                text = decoder.decode(raw, final)
+            except UnicodeDecodeError as e:
+                # e.start counts from the start of (bytes the decoder held back) + raw.
+                offset = fed - held + e.start
+                bad = bytes(e.object[e.start : min(e.end, e.start + 8)])
+                raise Gpt2tuneError(
+                    f"{name}: not valid {encoding}: {bad!r} at byte offset {offset} ({e.reason}); "
+                    f"set data.encoding in params.yaml to the file's codec (e.g. cp1252 or "
+                    f"latin-1) or convert the file to {encoding}"
+                ) from None
+            fed += len(raw)
+            on_bytes(len(raw))
+            if first and text:
+                first = False
+                if is_utf8 and text[0] == "\ufeff":
+                    text = text[1:]
+            if text:
+                yield text
+            if final:
+                return
+
+
+def _held_bytes(decoder: codecs.IncrementalDecoder) -> int:
+    """How many bytes fed so far the decoder still holds (an unfinished character)."""
+    try:
+        state = decoder.getstate()[0]
+    except Exception:  # a codec without getstate: offsets may be a few bytes late
+        return 0
+    return len(state) if isinstance(state, (bytes, bytearray)) else 0
+
+
+def _last_safe_cut(text: str) -> int | None:
+    """The last index p in 1..len(text)-1 where encoding text[:p] and text[p:] separately gives
+    exactly the tokens of encoding text, or None if there is none (yet).
+
+    GPT-2's pattern is ``'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|
+    \\s+(?!\\S)|\\s+``. A cut is safe where no match crosses it and no match before it looks
+    past it; only ``\\s+(?!\\S)`` looks ahead, and it sees the end of the text differently
+    from a letter. Two kinds of place qualify:
+
+    * before a "\\n" that a non-space character X follows. In the whole text a whitespace run
+      W ending in that "\\n" splits as W[:-1] (``\\s+(?!\\S)`` backs off from X) and "\\n"
+      alone; cut before the "\\n", the first part ends in W[:-1], matched whole at the end, and
+      the second starts with "\\n" then X, as before. (Cutting right *after* the "\\n", before
+      X, would not do: "a\\n\\n" at the end of a piece becomes the single token "\\n\\n" where
+      "a\\n\\nb" gives "\\n", "\\n".) X must not start ``<|endoftext|>``, which ends a
+      segment like the end of the text does.
+    * before a space that follows a non-space and precedes a letter: the space starts
+      `` ?\\p{L}+``, and the token before ends at the non-space either way. This keeps pieces
+      small in text without line breaks.
+
+    Neither kind falls inside ``<|endoftext|>``, and the last 14 characters are not searched,
+    so whether a "<" starts that literal is always known.
+    """
+    n = len(text)
+    limit = n - len(EOT) - 1  # room to see a whole <|endoftext|> after a cut
+    window = 1 << 12
+    while True:
+        start = max(0, n - window)
+        best = None
+        for m in _SAFE_CUT.finditer(text, start):
+            p = m.start()
+            if p > limit:
+                break
+            if p > 0 and not text.startswith(EOT, p + 1):
+                best = p
+        if best is not None or start == 0:
+            return best
+        window *= 4
+
+
+def _chunks(pieces: Iterable[str], chunk_chars: int) -> Iterator[str]:
+    """`pieces` re-cut into strings of about chunk_chars or more, cut only at safe points;
+    joined they are the same text, and each encodes on its own as it would in the whole."""
+    pending = ""
+    for piece in pieces:
+        pending += piece
+        if len(pending) >= chunk_chars:
+            cut = _last_safe_cut(pending)
+            if cut is not None:
+                yield pending[:cut]
+                pending = pending[cut:]
+    if pending:
+        yield pending
+
+
+# --------------------------------------------------------------------------- the split
+
+
+def split_plan(n_tokens: int, val_fraction: float) -> tuple[int, list[int]]:
+    """(block size, sorted indices of the blocks that go to validation) for a stream of
+    n_tokens tokens; see the module docstring."""
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if n_tokens < 4:
+        block = 1
+    else:
+        block = min(VAL_BLOCK_TOKENS, max(2, n_tokens // 100))
+    n_blocks = math.ceil(n_tokens / block)
+    if val_fraction == 0 or n_blocks < 2:
+        return block, []
+    k = min(max(math.floor(val_fraction * n_blocks + 0.5), 1), n_blocks - 1)
+    # The middle block of each of k equal stretches: spaced >= 1 apart, never past the end.
+    return block, [(2 * j + 1) * n_blocks // (2 * k) for j in range(k)]
+
+
+# --------------------------------------------------------------------------- encode_corpus
+
+
+def _dtype(n_vocab: int) -> np.dtype:
+    return np.dtype("<u2") if n_vocab <= 1 << 16 else np.dtype("<i4")
+
+
+def _temp(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def _write_npy(path: Path, source: np.ndarray, ranges: list[tuple[int, int]], dtype) -> None:
+    """A 1-D .npy of source[a:b] for each (a, b) in ranges, written without loading it all."""
+    n = sum(b - a for a, b in ranges)
+    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (n,)}
+    with open(path, "wb") as fh:
+        np.lib.format.write_array_header_1_0(fh, header)
+        for a, b in ranges:
+            for s in range(a, b, _COPY_TOKENS):
+                np.ascontiguousarray(source[s : min(b, s + _COPY_TOKENS)]).tofile(fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _write_json(path: Path, data: dict) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=2, ensure_ascii=False)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _check_outside(files: list[Path], out_dir: Path, path_spec: str) -> None:
+    out = out_dir.resolve()
+    for f in files:
+        if out in f.resolve().parents:
+            raise Gpt2tuneError(
+                f"data.path = {path_spec!r} takes in {_display(f)}, which is inside the "
+                f"output folder {_display(out_dir)}; keep the training text elsewhere "
+                "(e.g. data/raw/) and point data.path there"
+            )
+
+
+def encode_corpus(
+    path_spec: str,
+    encoder,
+    out_dir: str | os.PathLike = "data/encoded",
+    *,
+    encoding: str = "utf-8",
+    val_fraction: float = 0.05,
+    progress: bool | None = None,
+    chunk_chars: int = 1 << 20,
+) -> dict:
+    """Encode the text of ``path_spec`` into out_dir/train.npy, val.npy and stats.json, and
+    return the stats. ``progress``: True/False force the bar on/off; None shows it for large
+    inputs on a terminal. ``chunk_chars``: characters encoded at a time (memory, not result).
+    """
+    if chunk_chars < 1:
+        raise ValueError(f"chunk_chars must be >= 1, got {chunk_chars}")
+    split_plan(0, val_fraction)  # checks val_fraction before any work
+    try:
+        codecs.lookup(encoding)
+    except LookupError:
+        raise Gpt2tuneError(
+            f"data.encoding = {encoding!r}: not a codec Python knows; use e.g. utf-8 or latin-1"
+        ) from None
+    files = find_documents(path_spec)
+    out = Path(out_dir)
+    _check_outside(files, out, path_spec)
+    sizes = []
+    for f in files:
+        try:
+            sizes.append(f.stat().st_size)
+        except OSError as e:
+            raise Gpt2tuneError(f"{_display(f)}: cannot read: {e.strerror or e}") from None
+    total_bytes = sum(sizes)
+    if total_bytes == 0:
+        if len(files) == 1:
+            raise Gpt2tuneError(
+                f"{_display(files[0])} is empty; put your training text in it or set data.path "
+                "in params.yaml to another file"
+            )
+        raise Gpt2tuneError(
+            f"data.path = {path_spec!r}: all {len(files)} files are empty (e.g. "
+            f"{_display(files[0])}); add training text"
+        )
+
+    dtype = _dtype(encoder.n_vocab)
+    out.mkdir(parents=True, exist_ok=True)
+    finals = {name: out / name for name in ("train.npy", "val.npy", "stats.json")}
+    stream = out / f".tokens.{os.getpid()}.tmp"
+    temps = [stream] + [_temp(p) for p in finals.values()]
+    if progress is None:
+        disable = None if total_bytes >= PROGRESS_MIN_BYTES else True
+    else:
+        disable = not progress
+    bar = tqdm(
+        total=total_bytes, desc="encode", unit="B", unit_scale=True, unit_divisor=1024,
+        disable=disable,
+    )  # fmt: skip
+    try:
+        with bar, open(stream, "wb") as sink:
+            documents = characters = n_tokens = 0
+            eot = np.array([encoder.eot_token], dtype)
+            for path in files:
+                started = False
+                text = _read_text(path, encoding, chunk_chars, bar.update)
+                for piece in _chunks(text, chunk_chars):
+                    characters += len(piece)
+                    ids = np.array(encoder.encode(piece, allow_endoftext=True), dtype)
+                    if not started:
+                        started = True
+                        documents += 1
+                        if n_tokens:
+                            eot.tofile(sink)
+                            n_tokens += 1
+                    ids.tofile(sink)
+                    n_tokens += len(ids)
+        if n_tokens == 0:  # files of only a BOM
+            raise Gpt2tuneError(f"data.path = {path_spec!r}: no text in {len(files)} file(s)")
+
+        block, val_blocks = split_plan(n_tokens, val_fraction)
+        val_ranges = [(i * block, min(n_tokens, (i + 1) * block)) for i in val_blocks]
+        train_ranges, at = [], 0
+        for a, b in val_ranges + [(n_tokens, n_tokens)]:
+            if a > at:
+                train_ranges.append((at, a))
+            at = b
+        tokens = np.memmap(stream, dtype=dtype, mode="r", shape=(n_tokens,))
+        try:
+            _write_npy(_temp(finals["train.npy"]), tokens, train_ranges, dtype)
+            _write_npy(_temp(finals["val.npy"]), tokens, val_ranges, dtype)
+        finally:
+            del tokens
+        n_val = sum(b - a for a, b in val_ranges)
+        stats = {
+            "documents": documents,
+            "characters": characters,
+            "bytes": total_bytes,
+            "tokens": n_tokens,
+            "train_tokens": n_tokens - n_val,
+            "val_tokens": n_val,
+            "val_block_tokens": block,
+            "val_blocks": len(val_blocks),
+            "n_vocab": encoder.n_vocab,
+            "dtype": dtype.name,
+            "encoding": encoding,
+            "files": [_display(f) for f in files],
+        }
+        _write_json(_temp(finals["stats.json"]), stats)
+        for final in finals.values():
+            os.replace(_temp(final), final)
+    finally:
+        for t in temps:
+            t.unlink(missing_ok=True)
+    return stats
+
+
+# --------------------------------------------------------------------------- training side
+
+
+def load_tokens(out_dir: str | os.PathLike, split: str) -> np.ndarray:
+    """The token array of `split` ("train" or "val") in out_dir, memory-mapped read-only."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    path = Path(out_dir) / f"{split}.npy"
+    try:
+        tokens = np.load(path, mmap_mode="r")
+    except FileNotFoundError:
+        raise Gpt2tuneError(
+            f"{_display(path)} not found; run `dvc repro encode` to encode data.path first"
+        ) from None
+    except (ValueError, OSError, EOFError) as e:
+        raise Gpt2tuneError(
+            f"{_display(path)} is not a readable token array ({e}); run `dvc repro encode` again"
+        ) from None
+    if tokens.ndim != 1 or tokens.dtype.kind not in "iu":
+        raise Gpt2tuneError(
+            f"{_display(path)} holds a {tokens.dtype} array of shape {tokens.shape}, not 1-D "
+            "token ids; run `dvc repro encode` again"
+        )
+    return tokens
+
+
+def window_length(n_tokens: int, n_ctx: int) -> int:
+    """Tokens per window, counting the shifted target: n_ctx + 1, or the whole stream if it is
+    shorter. Gpt2tuneError if there are fewer than 2 tokens (no input-target pair)."""
+    if n_ctx < 1:
+        raise ValueError(f"n_ctx must be >= 1, got {n_ctx}")
+    if n_tokens < 2:
+        raise Gpt2tuneError(
+            f"the training text is only {n_tokens} token(s) long; training needs at least 2 "
+            "(an input and the token after it): add text to data.path and run `dvc repro encode`"
+        )
+    return min(n_ctx + 1, n_tokens)
+
+
+def random_windows(
+    tokens: np.ndarray, n_ctx: int, batch_size: int, rng: np.random.Generator
+) -> np.ndarray:
+    """int32 [batch_size, window_length] random contiguous windows of `tokens`
+    (inputs ``w[:, :-1]``, targets ``w[:, 1:]``); the same rng state gives the same batch."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    length = window_length(len(tokens), n_ctx)
+    starts = rng.integers(0, len(tokens) - length + 1, size=batch_size)
+    return np.asarray(tokens[starts[:, None] + np.arange(length)], dtype=np.int32)
+
+
+def eval_windows(tokens: np.ndarray, n_ctx: int, count: int) -> np.ndarray:
+    """int32 [k, window_length] windows evenly spaced through `tokens`, first at 0 and last at
+    the end, k = min(count, how many fit without overlapping) and at least 1; always the same.
+    k is 0 (shape [0, len(tokens)]) when there are fewer than 2 tokens, e.g. an empty val.npy:
+    then there is nothing to validate on."""
+    if count < 1:
+        raise ValueError(f"count must be >= 1, got {count}")
+    n = len(tokens)
+    if n < 2:
+        return np.zeros((0, n), np.int32)
+    length = window_length(n, n_ctx)
+    k = min(count, max(1, n // length))
+    span = n - length  # last possible start
+    starts = np.array([0] if k == 1 else [j * span // (k - 1) for j in range(k)])
+    return np.asarray(tokens[starts[:, None] + np.arange(length)], dtype=np.int32)

@@ -1,0 +1,29 @@
+"""DVC stage assemble: models/finetuned = trained weights + the base model's tokenizer files.
+
+The result is an ordinary OpenAI-format model folder (what the notebooks built by hand),
+also logged as the `model/` artifact of the training's MLflow run.
+"""
+
+import sys
+
+from gpt2tune.errors import run_stage
+
+OUT = "models/finetuned"
+
+
+def main() -> None:
+    from gpt2tune.params import load_params
+
+    p = load_params("params.yaml")
+
+    from gpt2tune import tracking
+    from gpt2tune.checkpoint import assemble
+
+    assemble(f"models/{p.model.name}", "checkpoint/run1", OUT)
+    with tracking.reopen_run(p.mlflow):
+        tracking.log_folder(OUT, "model")
+    print(f"assembled {OUT}")
+
+
+if __name__ == "__main__":
+    sys.exit(run_stage(main))

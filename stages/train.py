@@ -1,0 +1,49 @@
+"""DVC stage train: fine-tune models/<name> on data/encoded, tracked in one MLflow run.
+
+Writes checkpoint/run1/ (resumable: rerun to continue an interrupted training), the DVC
+metrics metrics/train.json, the plot data metrics/loss.tsv and metrics/val_loss.tsv, and the
+MLflow run id in metrics/mlflow_run.json for the assemble and sample stages.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+from gpt2tune.errors import run_stage
+
+RUN_DIR = Path("checkpoint/run1")
+
+
+def main() -> None:
+    from gpt2tune.params import load_params
+
+    p = load_params("params.yaml")
+
+    from gpt2tune import checkpoint, dataset, tracking, train
+
+    train_tokens = dataset.load_tokens("data/encoded", "train")
+    val_tokens = dataset.load_tokens("data/encoded", "val")
+    stats = json.loads(Path("data/encoded/stats.json").read_text())
+    strategy = train.make_strategy()
+    with strategy.scope():  # variables live on every GPU when there are several
+        model = checkpoint.load_model(f"models/{p.model.name}")
+    fp = train.fingerprint(p.train, p.model.name, stats)
+    resumed = train.resumable_state(RUN_DIR, fp, p.train.steps)
+    with tracking.training_run(p.mlflow, p.flat(), resumed and resumed.get("mlflow_run_id")) as run:
+        metrics, history = train.fit(
+            model, train_tokens, val_tokens, p.train, RUN_DIR,
+            strategy=strategy,
+            run_fingerprint=fp,
+            log_metrics=tracking.log_metrics,
+            log_sample=lambda text, step: tracking.log_text(text, f"samples/train/step_{step:06d}.txt"),
+            state_extra={"mlflow_run_id": run.info.run_id},
+        )  # fmt: skip
+        final = {k: v for k, v in metrics.items() if k in ("val_perplexity",) and v is not None}
+        tracking.log_metrics(final, p.train.steps)
+    train.write_plots(history, "metrics")
+    Path("metrics/train.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    print(json.dumps(metrics))
+
+
+if __name__ == "__main__":
+    sys.exit(run_stage(main))
