@@ -46,8 +46,18 @@ def main() -> None:
     best = min(times)
     tps = args.length * args.batch / best
     print(f"first call (with compile): {first:.2f} s; best of {args.repeat}: {best:.3f} s")
-    print(json.dumps({**hp, "prompt": args.prompt, "length": args.length, "batch": args.batch,
-                      "first_call_s": round(first, 3), "tokens_per_s": round(tps, 2)}))
+    print(
+        json.dumps(
+            {
+                **hp,
+                "prompt": args.prompt,
+                "length": args.length,
+                "batch": args.batch,
+                "first_call_s": round(first, 3),
+                "tokens_per_s": round(tps, 2),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

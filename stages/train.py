@@ -29,17 +29,22 @@ def main() -> None:
         model = checkpoint.load_model(f"models/{p.model.name}")
     fp = train.fingerprint(p.train, p.model.name, stats)
     resumed = train.resumable_state(RUN_DIR, fp, p.train.steps)
-    with tracking.training_run(p.mlflow, p.flat(), resumed and resumed.get("mlflow_run_id")) as run:
+    run_id = resumed.get("mlflow_run_id") if resumed else None
+
+    def log_sample(text: str, step: int) -> None:
+        tracking.log_text(text, f"samples/train/step_{step:06d}.txt")
+
+    with tracking.training_run(p.mlflow, p.flat(), run_id) as run:
         metrics, history = train.fit(
             model, train_tokens, val_tokens, p.train, RUN_DIR,
             strategy=strategy,
             run_fingerprint=fp,
             log_metrics=tracking.log_metrics,
-            log_sample=lambda text, step: tracking.log_text(text, f"samples/train/step_{step:06d}.txt"),
+            log_sample=log_sample,
             state_extra={"mlflow_run_id": run.info.run_id},
         )  # fmt: skip
-        final = {k: v for k, v in metrics.items() if k in ("val_perplexity",) and v is not None}
-        tracking.log_metrics(final, p.train.steps)
+        if "val_perplexity" in metrics:
+            tracking.log_metrics({"val_perplexity": metrics["val_perplexity"]}, p.train.steps)
     train.write_plots(history, "metrics")
     Path("metrics/train.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(json.dumps(metrics))

@@ -46,7 +46,7 @@ def kant_path() -> Path:
 
 
 def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable-unicode table, written out independently of the library."""
+    """GPT-2's reversible byte -> printable-unicode table, written independently of the library."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
     bs += list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
@@ -56,7 +56,7 @@ def bytes_to_unicode() -> dict[int, str]:
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    return dict(zip(bs, [chr(c) for c in cs]))
+    return dict(zip(bs, [chr(c) for c in cs], strict=True))
 
 
 TINY_CORPUS = (
@@ -76,7 +76,9 @@ def build_tiny_vocab(folder: Path, n_merges: int = 120, corpus: str = TINY_CORPU
     import regex
 
     b2u = bytes_to_unicode()
-    pat = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
+    pat = regex.compile(
+        r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+    )
     words = collections.Counter(
         tuple(b2u[b] for b in w.encode("utf-8")) for w in pat.findall(corpus)
     )
@@ -85,7 +87,7 @@ def build_tiny_vocab(folder: Path, n_merges: int = 120, corpus: str = TINY_CORPU
     for _ in range(n_merges):
         pairs: collections.Counter = collections.Counter()
         for w, c in words.items():
-            for a, b in zip(w, w[1:]):
+            for a, b in zip(w[:-1], w[1:], strict=True):
                 pairs[(a, b)] += c
         if not pairs:
             break

@@ -5,14 +5,14 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import run_tf1
 
 import gpt2tune
 from gpt2tune import Gpt2tuneError
 from gpt2tune.model import variable_shapes
 
-from conftest import run_tf1
-
 HP = {"n_vocab": 0, "n_ctx": 16, "n_embd": 32, "n_head": 2, "n_layer": 2}
+
 
 @pytest.fixture(scope="module")
 def hp(tiny_vocab_dir):
@@ -119,7 +119,14 @@ def test_not_a_model_folder(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "name", ["hparams.json", "encoder.json", "vocab.bpe", "model.ckpt.index", "model.ckpt.data-00000-of-00001"]
+    "name",
+    [
+        "hparams.json",
+        "encoder.json",
+        "vocab.bpe",
+        "model.ckpt.index",
+        "model.ckpt.data-00000-of-00001",
+    ],
 )
 def test_missing_file_is_named(broken, name):
     (broken / name).unlink()
@@ -129,7 +136,9 @@ def test_missing_file_is_named(broken, name):
 
 def test_hparams_disagreeing_with_a_tensor(broken, hp):
     (broken / "hparams.json").write_text(json.dumps(dict(hp, n_ctx=20)))
-    with pytest.raises(Gpt2tuneError, match=r"model/wpe has shape \[16, 32\] but hparams.json implies \[20, 32\]"):
+    with pytest.raises(
+        Gpt2tuneError, match=r"model/wpe has shape \[16, 32\] but hparams.json implies \[20, 32\]"
+    ):
         gpt2tune.load_model(broken)
 
 

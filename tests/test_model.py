@@ -28,7 +28,7 @@ def np_gpt2(w: dict, hp: dict, tokens: np.ndarray) -> np.ndarray:
         t = len(seq)
         x = w["model/wte"][seq] + w["model/wpe"][:t]
         for i in range(hp["n_layer"]):
-            p = lambda n: w[f"model/h{i}/{n}"]  # noqa: E731
+            p = lambda n, i=i: w[f"model/h{i}/{n}"]  # noqa: E731
             h = ln(x, p("ln_1/g"), p("ln_1/b"))
             qkv = h @ p("attn/c_attn/w")[0] + p("attn/c_attn/b")
             q, k, v = np.split(qkv, 3, axis=-1)
@@ -126,7 +126,9 @@ def test_bad_hparams(bad, match):
 def test_wrong_weight_shape_names_tensor():
     w = random_weights(HP)
     w["model/h1/ln_2/b"] = np.zeros(65, np.float32)
-    with pytest.raises(Gpt2tuneError, match=r"model/h1/ln_2/b has shape \[65\] but hparams need \[64\]"):
+    with pytest.raises(
+        Gpt2tuneError, match=r"model/h1/ln_2/b has shape \[65\] but hparams need \[64\]"
+    ):
         GPT2(HP, w)
 
 

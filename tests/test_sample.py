@@ -22,7 +22,9 @@ def argmax_loop(model, context, length):
     """Greedy decoding with no cache: a full forward pass for every new token."""
     tokens = list(context)
     for _ in range(length):
-        window = tokens[-HP["n_ctx"] :] if len(tokens) < HP["n_ctx"] else tokens[-HP["n_ctx"] // 2 :]
+        window = (
+            tokens[-HP["n_ctx"] :] if len(tokens) < HP["n_ctx"] else tokens[-HP["n_ctx"] // 2 :]
+        )
         logits = model(np.array([window], np.int32)).numpy()
         tokens.append(int(logits[0, -1].argmax()))
     return tokens[len(context) :]

@@ -54,7 +54,9 @@ def checkpoint_prefix(folder: str | os.PathLike) -> Path:
         text = state.read_text("utf-8", "replace")
         m = re.search(r'^model_checkpoint_path:\s*"(.*)"', text, re.M)
         if not m:
-            raise Gpt2tuneError(f"{state} has no model_checkpoint_path line; is it a TF checkpoint state?")
+            raise Gpt2tuneError(
+                f"{state} has no model_checkpoint_path line; is it a TF checkpoint state?"
+            )
         name = m.group(1)
     return folder / Path(name).name
 
@@ -69,7 +71,9 @@ def _read_weights(prefix: Path, hparams: dict[str, int]) -> dict[str, np.ndarray
         reader = tf.train.load_checkpoint(str(prefix))
         shapes = reader.get_variable_to_shape_map()
     except (tf.errors.OpError, ValueError, IndexError) as e:
-        raise Gpt2tuneError(f"{index} is not a readable TF checkpoint index ({_first_line(e)})") from None
+        raise Gpt2tuneError(
+            f"{index} is not a readable TF checkpoint index ({_first_line(e)})"
+        ) from None
     weights = {}
     for name, shape in variable_shapes(hparams).items():
         if name not in shapes:
@@ -176,5 +180,3 @@ def _swap_in(new: Path, folder: Path) -> None:
     os.rename(folder, old)
     os.rename(new, folder)
     shutil.rmtree(old, ignore_errors=True)
-
-

@@ -139,9 +139,10 @@ def forward(
     """
     past_len = 0 if past is None else tf.shape(past)[-2]
     t = tf.shape(tokens)[1]
-    h = tf.gather(params["model/wte"], tokens) + tf.gather(
-        params["model/wpe"], tf.range(past_len, past_len + t)
-    )[None]
+    h = (
+        tf.gather(params["model/wte"], tokens)
+        + tf.gather(params["model/wpe"], tf.range(past_len, past_len + t))[None]
+    )
     pasts = [None] * hparams["n_layer"] if past is None else tf.unstack(past, axis=1)
     presents = []
     for i, layer_past in enumerate(pasts):
@@ -151,7 +152,9 @@ def forward(
         presents.append(present)
     h = norm(h, params["model/ln_f/g"], params["model/ln_f/b"])
     # Output embedding is tied to the input embedding, as in the paper.
-    logits = tf.matmul(tf.reshape(h, [-1, hparams["n_embd"]]), params["model/wte"], transpose_b=True)
+    logits = tf.matmul(
+        tf.reshape(h, [-1, hparams["n_embd"]]), params["model/wte"], transpose_b=True
+    )
     logits = tf.reshape(logits, [tf.shape(tokens)[0], t, hparams["n_vocab"]])
     return logits, tf.stack(presents, axis=1)
 

@@ -72,7 +72,6 @@ def _build_sampler(model: GPT2) -> tf.types.experimental.GenericFunction:
     )
     def sample_segment(context, steps, temperature, top_k, top_p, seed, stop_token):
         logits, past = forward(model.params, hp, context)
-        batch = tf.shape(context)[0]
 
         def pick(logits, i):
             s = tf.random.experimental.stateless_fold_in(seed, tf.cast(i, tf.int64))
@@ -151,7 +150,9 @@ def generate_tokens(
         window = tokens if tokens.shape[1] < n_ctx else tokens[:, -max(1, n_ctx // 2) :]
         steps = min(length - new.shape[1], n_ctx - window.shape[1])
         if steps < 1:
-            raise Gpt2tuneError(f"a model with a context of {n_ctx} token(s) cannot slide its window")
+            raise Gpt2tuneError(
+                f"a model with a context of {n_ctx} token(s) cannot slide its window"
+            )
         out = fn(
             tf.constant(window),
             tf.constant(steps),

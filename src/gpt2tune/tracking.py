@@ -125,7 +125,9 @@ def reopen_run(cfg: MlflowParams, run_file: Path = RUN_FILE):
     try:
         info = json.loads(Path(run_file).read_text())
     except (OSError, ValueError):
-        raise Gpt2tuneError(f"{run_file} is missing or unreadable: run `dvc repro train` first") from None
+        raise Gpt2tuneError(
+            f"{run_file} is missing or unreadable: run `dvc repro train` first"
+        ) from None
     _connect(cfg)
     try:
         mlflow.get_run(info["run_id"])
