@@ -191,5 +191,5 @@ def write_official_style_model(folder: Path, hp: dict, vocab_dir: Path, seed: in
     npz.unlink()
     (folder / "hparams.json").write_text(json.dumps(hp, indent=2))
     for f in ("encoder.json", "vocab.bpe"):
-        shutil.copy(vocab_dir / f, folder / f)
+        shutil.copyfile(vocab_dir / f, folder / f)
     return weights

@@ -289,7 +289,7 @@ def test_two_token_corpus_splits_one_and_one(tmp_path, official):
 
 
 def test_naive_cut_after_newline_would_change_tokens(official):
-    # Why _last_safe_cut cuts *before* the "\n": "\n\n" at a piece's end is one token.
+    # Why _safe_cut cuts *before* the "\n": "\n\n" at a piece's end is one token.
     text = "a\n\nb"
     assert official.encode("a\n\n") + official.encode("b") != official.encode(text)
 
@@ -347,7 +347,7 @@ def test_bad_utf8_names_file_offset_and_bytes(tmp_path, tiny, chunk):
 
 def test_other_encodings(tmp_path, tiny):
     f = write(tmp_path / "latin.txt", "raison, Vernunft für".encode("latin-1"))
-    assert "offset 17" in error_of(encode_corpus, str(f), tiny, tmp_path / "out")
+    assert "offset 18" in error_of(encode_corpus, str(f), tiny, tmp_path / "out")
     encode_corpus(str(f), tiny, tmp_path / "out", encoding="latin-1", val_fraction=0)
     assert tiny.decode(load_tokens(tmp_path / "out", "train")) == "raison, Vernunft für"
     write(f, b"ab\x81")  # undefined in cp1252

@@ -38,7 +38,7 @@ Large inputs
 Nothing holds the whole corpus in memory. Each file is read and decoded in pieces (an
 incremental decoder, so a character split between reads is fine) and encoded in pieces of
 about ``chunk_chars`` characters, cut only where GPT-2's pre-tokenizer gives the same tokens
-whether or not the text is cut (see :func:`_last_safe_cut`); tokens stream to a temporary file
+whether or not the text is cut (see :func:`_safe_cut`); tokens stream to a temporary file
 and are then copied into the two ``.npy`` files. Every output goes to a temporary file in
 ``out_dir`` first and is renamed over the old one with ``os.replace``, so an error or Ctrl-C
 part-way leaves the previous outputs as they were. A tqdm bar (bytes read) shows for inputs of
@@ -77,7 +77,7 @@ _COPY_TOKENS = 1 << 22  # tokens per copy from the temporary stream into train/v
 
 _GLOB_CHARS = re.compile(r"[*?[]")
 
-# Where text may be cut without changing GPT-2's tokens (the reasoning is in _last_safe_cut).
+# Where text may be cut without changing GPT-2's tokens (the reasoning is in _safe_cut).
 # `regex`, not `re`: \s, \S and \p{L} must mean what they mean in GPT-2's pattern.
 _SAFE_CUT = regex.compile(r"\n(?=\S)|(?<=\S) (?=\p{L})")
 
@@ -142,11 +142,12 @@ def _folder_files(folder: Path, where: str) -> list[Path]:
 
 
 def _display(path: Path) -> str:
-    """`path` relative to the working directory, with "/" separators."""
+    """`path` relative to the working directory if it lies below it, else as given; "/"s."""
+    path = Path(path)
     try:
-        return Path(os.path.relpath(path)).as_posix()
-    except ValueError:  # another drive on Windows
-        return Path(path).absolute().as_posix()
+        return path.absolute().relative_to(Path.cwd()).as_posix()
+    except ValueError:
+        return path.as_posix()
 
 
 # --------------------------------------------------------------------------- reading and cutting
@@ -204,9 +205,10 @@ def _held_bytes(decoder: codecs.IncrementalDecoder) -> int:
     return len(state) if isinstance(state, (bytes, bytearray)) else 0
 
 
-def _last_safe_cut(text: str) -> int | None:
-    """The last index p in 1..len(text)-1 where encoding text[:p] and text[p:] separately gives
-    exactly the tokens of encoding text, or None if there is none (yet).
+def _safe_cut(text: str, target: int) -> int | None:
+    """A safe cut of `text` near `target`: the last at or before it, else the first after it,
+    else None. At a safe cut p (0 < p < len(text)) encoding text[:p] and text[p:] separately
+    gives exactly the tokens of encoding text.
 
     GPT-2's pattern is ``'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|
     \\s+(?!\\S)|\\s+``. A cut is safe where no match crosses it and no match before it looks
@@ -224,37 +226,50 @@ def _last_safe_cut(text: str) -> int | None:
       `` ?\\p{L}+``, and the token before ends at the non-space either way. This keeps pieces
       small in text without line breaks.
 
-    Neither kind falls inside ``<|endoftext|>``, and the last 14 characters are not searched,
+    Neither kind falls inside ``<|endoftext|>``, and the last 14 characters are never cut,
     so whether a "<" starts that literal is always known.
     """
-    n = len(text)
-    limit = n - len(EOT) - 1  # room to see a whole <|endoftext|> after a cut
+    limit = len(text) - len(EOT) - 1  # room to see a whole <|endoftext|> after a cut
+    if limit < 1:
+        return None
+
+    def ok(p: int) -> bool:
+        return 0 < p <= limit and not text.startswith(EOT, p + 1)
+
+    target = min(target, limit)
     window = 1 << 12
-    while True:
-        start = max(0, n - window)
+    while True:  # backwards from target, in growing windows
+        start = max(0, target - window)
         best = None
-        for m in _SAFE_CUT.finditer(text, start):
-            p = m.start()
-            if p > limit:
-                break
-            if p > 0 and not text.startswith(EOT, p + 1):
-                best = p
-        if best is not None or start == 0:
+        for m in _SAFE_CUT.finditer(text, start, target + 2):  # +2: the lookahead's character
+            if m.start() <= target and ok(m.start()):
+                best = m.start()
+        if best is not None:
             return best
+        if start == 0:
+            break
         window *= 4
+    for m in _SAFE_CUT.finditer(text, max(target, 0) + 1):
+        if m.start() > limit:
+            return None
+        if ok(m.start()):
+            return m.start()
+    return None
 
 
 def _chunks(pieces: Iterable[str], chunk_chars: int) -> Iterator[str]:
-    """`pieces` re-cut into strings of about chunk_chars or more, cut only at safe points;
-    joined they are the same text, and each encodes on its own as it would in the whole."""
+    """`pieces` re-cut into strings of about chunk_chars, cut only at safe points (longer where
+    the text has none); joined they are the same text, and each encodes on its own exactly as
+    it does inside the whole."""
     pending = ""
     for piece in pieces:
         pending += piece
-        if len(pending) >= chunk_chars:
-            cut = _last_safe_cut(pending)
-            if cut is not None:
-                yield pending[:cut]
-                pending = pending[cut:]
+        while len(pending) >= chunk_chars:
+            cut = _safe_cut(pending, chunk_chars)
+            if cut is None:
+                break  # wait for more text
+            yield pending[:cut]
+            pending = pending[cut:]
     if pending:
         yield pending
 
