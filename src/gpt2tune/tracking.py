@@ -98,7 +98,8 @@ def training_run(cfg: MlflowParams, params: dict, run_id: str | None = None):
             mlflow.get_run(run_id)
         except Exception:
             run_id = None  # the store was reset; start a new run rather than fail
-    with mlflow.start_run(run_id=run_id, experiment_id=experiment_id) as run:
+    name = os.environ.get("DVC_EXP_NAME") if run_id is None else None
+    with mlflow.start_run(run_id=run_id, experiment_id=experiment_id, run_name=name) as run:
         mlflow.set_tags(run_tags())
         if run_id is None:
             mlflow.log_params({k: _param_value(v) for k, v in params.items()})

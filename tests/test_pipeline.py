@@ -1,0 +1,295 @@
+"""The whole DVC pipeline, end to end, in a throwaway git repository.
+
+A copy of the project gets a tiny GPT-2 in OpenAI's release layout, served over HTTP from
+127.0.0.1, about 30 KB of Kant as training text, and a real `mlflow server` as its tracking
+store. Then `dvc repro`, a no-op second `dvc repro`, `dvc exp run -S ...` and the metrics and
+plots commands run exactly as a user would run them. The tests below share that one project
+and run in file order (each later one builds on the state the earlier ones left).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from conftest import REPO, write_official_style_model
+from httpserver import FolderServer
+
+from gpt2tune.download import MODEL_FILES
+
+VENV_BIN = Path(sys.executable).parent
+HP = {"n_vocab": 50257, "n_ctx": 64, "n_embd": 64, "n_head": 4, "n_layer": 2}
+STEPS = 8
+PROMPTS = ["Human reason, in one sphere of its cognition,"]
+NSAMPLES = 2
+EXPERIMENT = "pipeline-test"
+# What assemble writes: OpenAI's files less model.ckpt.meta (a TF1 graph, not needed to load).
+FINETUNED_FILES = sorted(set(MODEL_FILES) - {"model.ckpt.meta"})
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class MlflowServer:
+    """`mlflow server` as a child process with its own sqlite store and artifact folder."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.url = f"http://127.0.0.1:{free_port()}"
+        self.log = root / "server.log"
+
+    def __enter__(self) -> MlflowServer:
+        self.root.mkdir(parents=True, exist_ok=True)
+        port = self.url.rsplit(":", 1)[1]
+        cmd = [
+            sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", port,
+            "--workers", "1",
+            "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+            "--artifacts-destination", str(self.root / "artifacts"),
+        ]  # fmt: skip
+        # No job runner: it would start a handful of idle consumer processes.
+        env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+        with open(self.log, "wb") as log:
+            # A session of its own, so that teardown can end the server and its workers.
+            self.proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.__exit__()
+                pytest.fail(f"mlflow server did not come up:\n{self.log.read_text()[-3000:]}")
+            time.sleep(0.2)
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                self.proc.wait(wait)
+                return
+            except subprocess.TimeoutExpired:
+                pass
+
+
+def copy_project(dest: Path) -> None:
+    """The project's files as git sees them, less tests/, bench/ and data/ (written below)."""
+    listed = subprocess.run(
+        ["git", "-C", str(REPO), "ls-files", "-co", "--exclude-standard"],
+        capture_output=True, text=True, check=True,
+    ).stdout.splitlines()  # fmt: skip
+    for rel in listed:
+        if rel.split("/", 1)[0] in ("tests", "bench", "data"):
+            continue  # data/ may hold the real corpus and its import-url .dvc file
+        src = REPO / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+
+
+def git(cwd: Path, *args: str) -> str:
+    return subprocess.run(
+        ["git", *args], cwd=cwd, capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+class Project:
+    def __init__(self, root: Path, served: FolderServer, mlflow_url: str, served_dir: Path):
+        self.root, self.served, self.mlflow_url, self.served_dir = (
+            root, served, mlflow_url, served_dir,
+        )  # fmt: skip
+        self.env = dict(
+            os.environ,
+            PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            TF_CPP_MIN_LOG_LEVEL="2",
+        )
+        self.env.pop("MLFLOW_TRACKING_URI", None)
+        self.timings: dict[str, float] = {}
+
+    def run(self, *args: str, timeout: float = 300) -> str:
+        t0 = time.monotonic()
+        proc = subprocess.run(
+            args, cwd=self.root, env=self.env, capture_output=True, text=True, timeout=timeout
+        )
+        self.timings[" ".join(args)] = time.monotonic() - t0
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 0, f"{' '.join(args)} failed ({proc.returncode}):\n{out[-6000:]}"
+        return out
+
+    def dvc(self, *args: str) -> str:
+        return self.run("dvc", *args)
+
+    def run_info(self) -> dict:
+        return json.loads((self.root / "metrics" / "mlflow_run.json").read_text())
+
+    def client(self):
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(tracking_uri=self.mlflow_url)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, official_vocab_dir, kant_path):
+    tmp = tmp_path_factory.mktemp("pipeline")
+    served_dir = tmp / "served"
+    write_official_style_model(served_dir / "tiny", HP, official_vocab_dir)
+
+    root = tmp / "project"
+    copy_project(root)
+    (root / "data").mkdir()
+    text = kant_path.read_text(encoding="utf-8")[:30_000]
+    (root / "data" / "dset.txt").write_text(text, encoding="utf-8")
+
+    with FolderServer(served_dir) as served, MlflowServer(tmp / "mlflow") as mlflow_server:
+        params = yaml.safe_load((root / "params.yaml").read_text())
+        params["model"].update(name="tiny", base_url=served.url)
+        params["train"].update(
+            steps=STEPS, batch_size=2, learning_rate=0.001, n_ctx=32, sample_every=4,
+            sample_length=8, save_every=4, val_every=4, val_batches=2,
+        )  # fmt: skip
+        params["sample"].update(nsamples=NSAMPLES, length=8, prompts=PROMPTS)
+        params["mlflow"].update(tracking_uri=mlflow_server.url, experiment=EXPERIMENT)
+        (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+        git(root, "init", "-q")
+        git(root, "config", "user.name", "gpt2tune test")
+        git(root, "config", "user.email", "test@example.invalid")
+        git(root, "add", "-A")
+        git(root, "commit", "-q", "-m", "project under test")
+
+        p = Project(root, served, mlflow_server.url, served_dir)
+        yield p
+        print("\npipeline test timings (s):", json.dumps(p.timings, indent=1))
+
+
+def mean_loss(model, windows: np.ndarray) -> float:
+    import tensorflow as tf
+
+    logits = model(windows[:, :-1])
+    ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=windows[:, 1:], logits=logits)
+    return float(tf.reduce_mean(ce))
+
+
+def test_repro_runs_every_stage(project):
+    out = project.dvc("repro", "sample")
+    for stage in ("fetch_model", "encode", "train", "assemble", "sample"):
+        assert f"Running stage '{stage}'" in out, out[-3000:]
+    root = project.root
+
+    # The model came over HTTP, byte for byte.
+    fetched = root / "models" / "tiny"
+    assert sorted(p.name for p in fetched.iterdir()) == sorted(MODEL_FILES)
+    for name in MODEL_FILES:
+        assert (fetched / name).read_bytes() == (project.served_dir / "tiny" / name).read_bytes()
+    gets = {r.path for r in project.served.requests if r.method == "GET"}
+    assert gets == {f"/tiny/{name}" for name in MODEL_FILES}
+
+    # Fine-tuning lowered the loss on the training text.
+    from gpt2tune import load_model
+
+    finetuned_dir = root / "models" / "finetuned"
+    assert sorted(p.name for p in finetuned_dir.iterdir()) == FINETUNED_FILES
+    tokens = np.load(root / "data" / "encoded" / "train.npy").astype(np.int32)
+    windows = tokens[: 16 * 33].reshape(16, 33)
+    base_loss = mean_loss(load_model(fetched), windows)
+    tuned_loss = mean_loss(load_model(finetuned_dir), windows)
+    assert tuned_loss < base_loss - 0.1, (base_loss, tuned_loss)
+
+    # DVC metrics.
+    metrics = json.loads((root / "metrics" / "train.json").read_text())
+    assert {"loss", "val_loss", "val_perplexity", "steps", "tokens_per_s"} <= set(metrics)
+    assert metrics["steps"] == STEPS
+    assert np.isclose(metrics["val_perplexity"], np.exp(metrics["val_loss"]))
+
+    # Samples: nsamples unconditional, then nsamples per prompt.
+    records = json.loads((root / "samples" / "samples.json").read_text())
+    assert len(records) == (1 + len(PROMPTS)) * NSAMPLES
+    assert [r["prompt"] for r in records] == [None] * NSAMPLES + PROMPTS * NSAMPLES
+    assert all(isinstance(r["text"], str) for r in records)
+    assert (root / "samples" / "samples.md").is_file()
+
+    # One MLflow run on the server holds everything of this fine-tuning.
+    info = project.run_info()
+    client = project.client()
+    run = client.get_run(info["run_id"])
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    assert run.info.experiment_id == exp.experiment_id == info["experiment_id"]
+    history = client.get_metric_history(run.info.run_id, "loss")
+    assert sorted(m.step for m in history) == list(range(1, STEPS + 1))  # once per step
+    val_steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_loss"))
+    assert val_steps == [0, 4, STEPS]
+    assert "val_perplexity" in run.data.metrics
+    assert float(run.data.params["train.learning_rate"]) == 0.001
+    assert run.data.params["model.name"] == "tiny"
+    assert run.data.tags["git.commit"] == git(root, "rev-parse", "HEAD")
+
+    def artifacts(path: str) -> list[str]:
+        return sorted(a.path for a in client.list_artifacts(run.info.run_id, path))
+
+    assert artifacts("samples/train") == [
+        f"samples/train/step_{s:06d}.txt" for s in (4, STEPS)
+    ]
+    assert artifacts("samples") == ["samples/samples.json", "samples/samples.md", "samples/train"]
+    assert artifacts("model") == [f"model/{name}" for name in FINETUNED_FILES]
+    logged = client.download_artifacts(run.info.run_id, "samples/samples.json", str(root.parent))
+    assert json.loads(Path(logged).read_text()) == records
+
+
+def test_second_repro_runs_nothing(project):
+    requests = len(project.served.requests)
+    out = project.dvc("repro", "sample")
+    assert "Running stage" not in out, out
+    assert "up to date" in out, out
+    assert len(project.served.requests) == requests
+
+
+def test_exp_run_is_a_second_mlflow_run(project):
+    first = project.run_info()
+    out = project.dvc("exp", "run", "-S", "train.learning_rate=0.002")
+    assert "Running stage 'train'" in out, out[-3000:]
+    assert "Running stage 'fetch_model'" not in out and "Running stage 'encode'" not in out
+
+    second = project.run_info()
+    assert second["run_id"] != first["run_id"]
+    client = project.client()
+    run = client.get_run(second["run_id"])
+    assert run.info.experiment_id == first["experiment_id"]
+    assert float(run.data.params["train.learning_rate"]) == 0.002
+    exp_names = [ref.split("/")[-1] for ref in git(project.root, "for-each-ref",
+                 "--format=%(refname)", "refs/exps").splitlines()]  # fmt: skip
+    assert run.data.tags.get("dvc.exp_name") in exp_names, (run.data.tags, exp_names)
+    history = client.get_metric_history(run.info.run_id, "loss")
+    assert sorted(m.step for m in history) == list(range(1, STEPS + 1))
+    shown = project.dvc("exp", "show", "--no-pager", "--json")
+    assert run.data.tags["dvc.exp_name"] in shown
+
+
+def test_metrics_and_plots_show(project):
+    out = project.dvc("metrics", "show")
+    assert "val_loss" in out and "metrics/train.json" in out, out
+    project.dvc("plots", "show")
+    index = project.root / "dvc_plots" / "index.html"
+    assert index.is_file()
+    assert "loss" in index.read_text()
