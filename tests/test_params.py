@@ -270,17 +270,26 @@ BAD = {
     "model name climbing out": (
         _set("model", "name", "../x"),
         'params.yaml: model.name = "../x": must be a release folder name such as 124M, 355M, '
-        "774M or 1558M (letters, digits, '.', '_', '-'; no '/' or '..')",
+        "774M or 1558M (letters, digits, '.', '_', '-'; no '/' or '..'; not 'finetuned', "
+        "the assemble output)",
     ),
     "model name with a slash": (
         _set("model", "name", "a/b"),
         'params.yaml: model.name = "a/b": must be a release folder name such as 124M, 355M, '
-        "774M or 1558M (letters, digits, '.', '_', '-'; no '/' or '..')",
+        "774M or 1558M (letters, digits, '.', '_', '-'; no '/' or '..'; not 'finetuned', "
+        "the assemble output)",
     ),
     "model name as number": (
         _set("model", "name", 124),
         "params.yaml: model.name = 124: must be a release folder name such as 124M, 355M, "
-        "774M or 1558M (letters, digits, '.', '_', '-'; no '/' or '..') (got an integer)",
+        "774M or 1558M (letters, digits, '.', '_', '-'; no '/' or '..'; not 'finetuned', "
+        "the assemble output) (got an integer)",
+    ),
+    "model name of the assemble output": (
+        _set("model", "name", "finetuned"),
+        'params.yaml: model.name = "finetuned": must be a release folder name such as 124M, '
+        "355M, 774M or 1558M (letters, digits, '.', '_', '-'; no '/' or '..'; not 'finetuned', "
+        "the assemble output)",
     ),
     "base_url with another scheme": (
         _set("model", "base_url", "ftp://example.com/models"),

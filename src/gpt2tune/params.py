@@ -125,8 +125,8 @@ _SEED = _int(0, 2**32 - 1)  # numpy's legacy seeding refuses anything outside ui
 RULES: dict[str, Rule] = {
     "model.name": Rule(
         "a release folder name such as 124M, 355M, 774M or 1558M "
-        "(letters, digits, '.', '_', '-'; no '/' or '..')",
-        lambda v: bool(_RELEASE_NAME.fullmatch(v)) and ".." not in v,
+        "(letters, digits, '.', '_', '-'; no '/' or '..'; not 'finetuned', the assemble output)",
+        lambda v: bool(_RELEASE_NAME.fullmatch(v)) and ".." not in v and v != "finetuned",
     ),
     "model.base_url": Rule(
         "an http:// or https:// URL or a local folder",
