@@ -6,7 +6,7 @@ also logged as the `model/` artifact of the training's MLflow run.
 
 import sys
 
-from gpt2tune.errors import run_stage
+from gpt2tune.errors import import_tensorflow_quietly, run_stage
 
 OUT = "models/finetuned"
 
@@ -15,6 +15,7 @@ def main() -> None:
     from gpt2tune.params import load_params
 
     p = load_params("params.yaml")
+    import_tensorflow_quietly()
 
     from gpt2tune import tracking
     from gpt2tune.checkpoint import assemble

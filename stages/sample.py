@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from gpt2tune.errors import run_stage
+from gpt2tune.errors import import_tensorflow_quietly, run_stage
 
 
 def main(argv: list[str]) -> None:
@@ -25,6 +25,7 @@ def main(argv: list[str]) -> None:
     from gpt2tune.params import load_params
 
     p = load_params("params.yaml")
+    import_tensorflow_quietly()
 
     from gpt2tune import load_model, sample
 

@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from gpt2tune.errors import run_stage
+from gpt2tune.errors import import_tensorflow_quietly, run_stage
 
 RUN_DIR = Path("checkpoint/run1")
 
@@ -18,6 +18,7 @@ def main() -> None:
     from gpt2tune.params import load_params
 
     p = load_params("params.yaml")
+    import_tensorflow_quietly()
 
     from gpt2tune import checkpoint, dataset, tracking, train
 

@@ -126,14 +126,14 @@ class Project:
             TF_CPP_MIN_LOG_LEVEL="2",
         )
         self.env.pop("MLFLOW_TRACKING_URI", None)
-        self.timings: dict[str, float] = {}
+        self.timings: list[tuple[str, float]] = []
 
     def run(self, *args: str, timeout: float = 300) -> str:
         t0 = time.monotonic()
         proc = subprocess.run(
             args, cwd=self.root, env=self.env, capture_output=True, text=True, timeout=timeout
         )
-        self.timings[" ".join(args)] = time.monotonic() - t0
+        self.timings.append((" ".join(args), round(time.monotonic() - t0, 1)))
         out = proc.stdout + proc.stderr
         assert proc.returncode == 0, f"{' '.join(args)} failed ({proc.returncode}):\n{out[-6000:]}"
         return out
@@ -181,7 +181,7 @@ def project(tmp_path_factory, official_vocab_dir, kant_path):
 
         p = Project(root, served, mlflow_server.url, served_dir)
         yield p
-        print("\npipeline test timings (s):", json.dumps(p.timings, indent=1))
+        print("\npipeline test timings (s):", p.timings)
 
 
 def mean_loss(model, windows: np.ndarray) -> float:

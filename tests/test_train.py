@@ -286,7 +286,8 @@ def test_accumulated_micro_batches_equal_one_big_batch(hp):
 
 MULTI_REPLICA_SCRIPT = textwrap.dedent(
     """
-    import dataclasses, json, sys
+    import dataclasses, json, sys, time
+    t0 = time.time()
     import numpy as np
     import tensorflow as tf
     cpus = tf.config.list_physical_devices("CPU")
@@ -326,6 +327,7 @@ MULTI_REPLICA_SCRIPT = textwrap.dedent(
         np.testing.assert_allclose(l2, l1, rtol=1e-5)
         for n in w1:
             np.testing.assert_allclose(w2[n], w1[n], atol=1e-5, rtol=1e-4, err_msg=n)
+        print("TIME", accumulate, time.time() - t0, file=sys.stderr)
     print("SAME")
     with mirrored.scope():
         model = init_model(hp, seed=0)
@@ -338,7 +340,7 @@ MULTI_REPLICA_SCRIPT = textwrap.dedent(
 
 
 def test_two_replicas_train_like_one(hp):
-    c = cfg(learning_rate=1e-2)
+    c = cfg(learning_rate=1e-3)
     proc = subprocess.run(
         [sys.executable, "-c", MULTI_REPLICA_SCRIPT, json.dumps(hp),
          json.dumps(dataclasses.asdict(c))],
@@ -346,6 +348,7 @@ def test_two_replicas_train_like_one(hp):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "SAME" in proc.stdout
+    print(proc.stderr[-500:])
     error = [line for line in proc.stdout.splitlines() if line.startswith("ERROR")]
     assert len(error) == 1 and "train.batch_size = 3" in error[0], proc.stdout
 

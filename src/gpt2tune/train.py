@@ -254,8 +254,13 @@ def fit(
         history = restore(run_dir, trainer)
         start = resumed["step"]
         print(f"resuming from step {start} in {run_dir}")
-    elif load_state(run_dir):
-        print(f"starting over: {run_dir} holds a run with other settings or more steps")
+    elif saved := load_state(run_dir):
+        why = (
+            f"it already has {saved['step']} steps"
+            if saved.get("fingerprint") == run_fingerprint
+            else "its settings or data differ"
+        )
+        print(f"training from the base model: the run in {run_dir} is not continued ({why})")
     extra = dict(state_extra or {}, fingerprint=run_fingerprint)
 
     def validate(step: int) -> None:
