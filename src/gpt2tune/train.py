@@ -123,7 +123,10 @@ class Trainer:
         for a in range(self.cfg.accumulate_gradients):
             loss, grads = self.strategy.run(self._replica_grads, args=(self._shard(windows[a]),))
             total_loss += self.strategy.reduce(mean, loss, axis=None)
-            total = [t + self.strategy.reduce(mean, g, axis=None) for t, g in zip(total, grads, strict=True)]
+            total = [
+                t + self.strategy.reduce(mean, g, axis=None)
+                for t, g in zip(total, grads, strict=True)
+            ]
         k = float(self.cfg.accumulate_gradients)
         self.opt.apply({n: g / k for n, g in zip(names, total, strict=True)})
         return total_loss / k
