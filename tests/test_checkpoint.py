@@ -174,3 +174,17 @@ def test_corrupt_index_file(broken):
     (broken / "model.ckpt.index").write_bytes(b"garbage" * 10)
     with pytest.raises(Gpt2tuneError, match="model.ckpt.index"):
         gpt2tune.load_model(broken)
+
+
+def test_converters_reading_by_folder_see_openai_names(saver_written, tmp_path, hp):
+    """Conversion tools call tf.train.list_variables/load_variable on the model folder."""
+    import tensorflow as tf
+
+    folder, _ = saver_written
+    m = gpt2tune.load_model(folder)
+    m.save(tmp_path / "out")
+    listed = dict(tf.train.list_variables(str(tmp_path / "out")))
+    assert listed == {k: list(v) for k, v in variable_shapes(hp).items()}
+    np.testing.assert_array_equal(
+        tf.train.load_variable(str(tmp_path / "out"), "model/wte"), m.params["model/wte"].numpy()
+    )

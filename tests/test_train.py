@@ -319,7 +319,7 @@ MULTI_REPLICA_SCRIPT = textwrap.dedent(
                     np.testing.assert_array_equal(copy.numpy(), out[n])
         return losses, out
 
-    for accumulate in (1, 2):
+    for accumulate in (2,):
         rng = np.random.default_rng(accumulate)
         l2, w2 = run(mirrored, accumulate)
         rng = np.random.default_rng(accumulate)
