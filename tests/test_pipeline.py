@@ -3,8 +3,9 @@
 A copy of the project gets a tiny GPT-2 in OpenAI's release layout, served over HTTP from
 127.0.0.1, about 30 KB of Kant as training text, and a real `mlflow server` as its tracking
 store. Then `dvc repro`, a no-op second `dvc repro`, `dvc exp run -S ...` and the metrics and
-plots commands run exactly as a user would run them. The tests below share that one project
-and run in file order (each later one builds on the state the earlier ones left).
+plots commands run exactly as a user would run them. The fixture runs the first `dvc repro`;
+the tests below share that one project and run in file order, each later one on the state the
+earlier ones left. `dvc exp run --temp` is marked slow (-m slow, or -m "" for everything).
 """
 
 from __future__ import annotations
@@ -68,12 +69,16 @@ class MlflowServer:
             self.proc = subprocess.Popen(
                 cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
             )
+        return self
+
+    def wait_ready(self) -> None:
+        """Block until GET /health answers (the server takes a few seconds to start)."""
         deadline = time.monotonic() + 60
         while True:
             try:
                 with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
                     if r.status == 200:
-                        return self
+                        return
             except OSError:
                 pass
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -153,35 +158,38 @@ class Project:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, official_vocab_dir, kant_path):
     tmp = tmp_path_factory.mktemp("pipeline")
-    served_dir = tmp / "served"
-    write_official_style_model(served_dir / "tiny", HP, official_vocab_dir)
-
-    root = tmp / "project"
-    copy_project(root)
-    (root / "data").mkdir()
-    text = kant_path.read_text(encoding="utf-8")[:30_000]
-    (root / "data" / "dset.txt").write_text(text, encoding="utf-8")
-
-    with FolderServer(served_dir) as served, MlflowServer(tmp / "mlflow") as mlflow_server:
+    # The server starts while the model is being written.
+    with MlflowServer(tmp / "mlflow") as mlflow_server:
+        served_dir = tmp / "served"
+        write_official_style_model(served_dir / "tiny", HP, official_vocab_dir)
+        root = tmp / "project"
+        copy_project(root)
+        (root / "data").mkdir()
+        text = kant_path.read_text(encoding="utf-8")[:30_000]
+        (root / "data" / "dset.txt").write_text(text, encoding="utf-8")
         params = yaml.safe_load((root / "params.yaml").read_text())
-        params["model"].update(name="tiny", base_url=served.url)
+        params["model"].update(name="tiny")  # base_url: set below, once the server is up
         params["train"].update(
             steps=STEPS, batch_size=2, learning_rate=0.001, n_ctx=32, sample_every=4,
             sample_length=8, save_every=4, val_every=4, val_batches=2,
         )  # fmt: skip
         params["sample"].update(nsamples=NSAMPLES, length=8, prompts=PROMPTS)
         params["mlflow"].update(tracking_uri=mlflow_server.url, experiment=EXPERIMENT)
-        (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        mlflow_server.wait_ready()
 
-        git(root, "init", "-q")
-        git(root, "config", "user.name", "gpt2tune test")
-        git(root, "config", "user.email", "test@example.invalid")
-        git(root, "add", "-A")
-        git(root, "commit", "-q", "-m", "project under test")
+        with FolderServer(served_dir) as served:
+            params["model"]["base_url"] = served.url
+            (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+            git(root, "init", "-q")
+            git(root, "config", "user.name", "gpt2tune test")
+            git(root, "config", "user.email", "test@example.invalid")
+            git(root, "add", "-A")
+            git(root, "commit", "-q", "-m", "project under test")
 
-        p = Project(root, served, mlflow_server.url, served_dir)
-        yield p
-        print("\npipeline test timings (s):", p.timings)
+            p = Project(root, served, mlflow_server.url, served_dir)
+            p.first_repro = p.dvc("repro", "sample")
+            yield p
+            print("\npipeline test timings (s):", p.timings)
 
 
 def mean_loss(model, windows: np.ndarray) -> float:
@@ -193,7 +201,7 @@ def mean_loss(model, windows: np.ndarray) -> float:
 
 
 def test_repro_runs_every_stage(project):
-    out = project.dvc("repro", "sample")
+    out = project.first_repro  # `dvc repro sample` in a fresh clone-like copy
     for stage in ("fetch_model", "encode", "train", "assemble", "sample"):
         assert f"Running stage '{stage}'" in out, out[-3000:]
     root = project.root
@@ -215,6 +223,7 @@ def test_repro_runs_every_stage(project):
     windows = tokens[: 16 * 33].reshape(16, 33)
     base_loss = mean_loss(load_model(fetched), windows)
     tuned_loss = mean_loss(load_model(finetuned_dir), windows)
+    print(f"\nloss on training text: base {base_loss:.3f}, fine-tuned {tuned_loss:.3f}")
     assert tuned_loss < base_loss - 0.1, (base_loss, tuned_loss)
 
     # DVC metrics.
@@ -248,9 +257,7 @@ def test_repro_runs_every_stage(project):
     def artifacts(path: str) -> list[str]:
         return sorted(a.path for a in client.list_artifacts(run.info.run_id, path))
 
-    assert artifacts("samples/train") == [
-        f"samples/train/step_{s:06d}.txt" for s in (4, STEPS)
-    ]
+    assert artifacts("samples/train") == [f"samples/train/step_{s:06d}.txt" for s in (4, STEPS)]
     assert artifacts("samples") == ["samples/samples.json", "samples/samples.md", "samples/train"]
     assert artifacts("model") == [f"model/{name}" for name in FINETUNED_FILES]
     logged = client.download_artifacts(run.info.run_id, "samples/samples.json", str(root.parent))
@@ -277,8 +284,8 @@ def test_exp_run_is_a_second_mlflow_run(project):
     run = client.get_run(second["run_id"])
     assert run.info.experiment_id == first["experiment_id"]
     assert float(run.data.params["train.learning_rate"]) == 0.002
-    exp_names = [ref.split("/")[-1] for ref in git(project.root, "for-each-ref",
-                 "--format=%(refname)", "refs/exps").splitlines()]  # fmt: skip
+    refs = git(project.root, "for-each-ref", "--format=%(refname)", "refs/exps").split()
+    exp_names = [ref.rsplit("/", 1)[1] for ref in refs]
     assert run.data.tags.get("dvc.exp_name") in exp_names, (run.data.tags, exp_names)
     history = client.get_metric_history(run.info.run_id, "loss")
     assert sorted(m.step for m in history) == list(range(1, STEPS + 1))
@@ -293,3 +300,24 @@ def test_metrics_and_plots_show(project):
     index = project.root / "dvc_plots" / "index.html"
     assert index.is_file()
     assert "loss" in index.read_text()
+
+
+def test_exp_run_temp_lands_in_the_same_server(project):
+    # What a user does before queueing experiments: commit the pipeline's state, so the
+    # temporary workspace checks the model and the encoded data out of the DVC cache.
+    git(project.root, "add", "-A")
+    git(project.root, "commit", "-q", "-m", "first results")
+    before = set(git(project.root, "for-each-ref", "--format=%(refname)", "refs/exps").split())
+    out = project.dvc("exp", "run", "--temp", "-S", "train.learning_rate=0.003")
+    assert "Running stage 'train'" in out, out[-3000:]
+    assert "Running stage 'fetch_model'" not in out and "Running stage 'encode'" not in out
+
+    after = set(git(project.root, "for-each-ref", "--format=%(refname)", "refs/exps").split())
+    (ref,) = {r for r in after - before if "/exec/" not in r}
+    info = json.loads(git(project.root, "show", f"{ref}:metrics/mlflow_run.json"))
+    run = project.client().get_run(info["run_id"])
+    assert run.info.experiment_id == project.run_info()["experiment_id"]
+    assert float(run.data.params["train.learning_rate"]) == 0.003
+    assert run.data.tags["dvc.exp_name"] == ref.rsplit("/", 1)[1]
+    assert run.data.tags["git.commit"] == git(project.root, "rev-parse", "HEAD")
+    assert [a.path for a in project.client().list_artifacts(run.info.run_id, "model")]

@@ -29,7 +29,6 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from gpt2tune.checkpoint import checkpoint_prefix
 from gpt2tune.dataset import eval_windows, random_windows, window_length
 from gpt2tune.errors import Gpt2tuneError
 from gpt2tune.model import GPT2, forward
@@ -91,7 +90,7 @@ class Trainer:
         if cfg.batch_size % self.replicas:
             raise Gpt2tuneError(
                 f"params.yaml: train.batch_size = {cfg.batch_size}: must be a multiple of the "
-                f"{self.replicas} GPUs in use"
+                f"{self.replicas} replicas (GPUs) in use"
             )
         with strategy.scope():
             self.opt = Adam(model.params, cfg.learning_rate)
@@ -201,18 +200,27 @@ def resumable_state(run_dir: Path, run_fingerprint: str, steps: int) -> dict | N
     """The saved state if it is this run's and stopped short of `steps`, else None."""
     state = load_state(Path(run_dir))
     if state and state.get("fingerprint") == run_fingerprint and state["step"] < steps:
-        return state
+        # Only if its checkpoint is really there (someone may have deleted model-N.*).
+        if Path(run_dir, f"model-{state['step']}.index").is_file():
+            return state
     return None
 
 
-def restore(run_dir: Path, trainer: Trainer) -> dict:
-    """Load weights and Adam slots saved by `save_state`; returns the loss history."""
-    reader = tf.train.load_checkpoint(str(checkpoint_prefix(run_dir)))
+def restore(run_dir: Path, trainer: Trainer, step: int) -> dict:
+    """Load the weights and Adam slots `save_state` wrote at `step` (the state file's step);
+    returns the loss history up to that step.
+
+    `save_state` writes train_state.json last and deletes older checkpoints after it, so a
+    crash (or a second Ctrl-C) part-way through a save leaves the state at the previous step,
+    whose checkpoint is still there, while `checkpoint` and history.json may already speak of
+    the newer one: both are read as of the state's step, not trusted on their own.
+    """
+    reader = tf.train.load_checkpoint(str(Path(run_dir) / f"model-{step}"))
     tensors = dict(trainer.model.params)
     tensors.update(trainer.opt.slots())
     for name, var in tensors.items():
         var.assign(reader.get_tensor(name))
-    return json.loads((run_dir / HISTORY_FILE).read_text())
+    return history_upto(json.loads((Path(run_dir) / HISTORY_FILE).read_text()), step)
 
 
 # --- the loop -------------------------------------------------------------------------------
@@ -254,8 +262,8 @@ def fit(
     start = 0
     resumed = resumable_state(run_dir, run_fingerprint, cfg.steps)
     if resumed:
-        history = restore(run_dir, trainer)
         start = resumed["step"]
+        history = restore(run_dir, trainer, start)
         print(f"resuming from step {start} in {run_dir}")
     elif saved := load_state(run_dir):
         why = (
@@ -307,15 +315,16 @@ def fit(
             log_metrics({"loss": loss, "tokens_per_s": tokens_per_step / dt}, step)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}")
-            if stop.requested:
-                save_state(run_dir, trainer, step, history, extra)
-                bar.close()
-                print(f"\nstopped: step {step} saved in {run_dir}; run again to continue")
-                raise KeyboardInterrupt
             if cfg.val_every and step % cfg.val_every == 0 and step != cfg.steps:
                 validate(step)
             if cfg.sample_every and step % cfg.sample_every == 0:
                 sample(step)
+            if stop.requested and step != cfg.steps:
+                # Checked last, so the stopped run's history matches an uninterrupted one.
+                save_state(run_dir, trainer, step, history, extra)
+                bar.close()
+                print(f"\nstopped: step {step} saved in {run_dir}; run again to continue")
+                raise KeyboardInterrupt
             if cfg.save_every and step % cfg.save_every == 0 and step != cfg.steps:
                 save_state(run_dir, trainer, step, history, extra)
     bar.close()
