@@ -22,23 +22,11 @@ import tiktoken
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))  # run from a checkout without installing
 
-from gpt2tune.encoder import load_encoder  # noqa: E402
+from gpt2tune.encoder import EOT, load_encoder  # noqa: E402
+from gpt2tune.encoder import GPT2_PATTERN as PAT  # noqa: E402
+from gpt2tune.encoder import bytes_to_unicode as byte_encoder  # noqa: E402
 
 SHARED = Path(os.environ.get("GPT2TUNE_SHARED_DATA", REPO.parent / "shared" / "data"))
-EOT = "<|endoftext|>"
-PAT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-
-
-def byte_encoder() -> dict[int, str]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    bs += list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs), strict=True))
 
 
 def tiktoken_from_files(folder: Path) -> tiktoken.Encoding:
