@@ -135,3 +135,18 @@ def test_wrong_weight_shape_names_tensor():
 def test_too_long_input_is_a_clear_error(model):
     with pytest.raises(Gpt2tuneError, match="33 positions exceed the model's context of 32"):
         model(np.zeros((1, 33), np.int32))
+
+
+def test_any_integer_dtype_is_accepted_floats_are_not(model):
+    tokens = np.arange(6).reshape(1, 6)
+    ref = model(tokens.astype(np.int32)).numpy()
+    np.testing.assert_array_equal(model(tokens.astype(np.int64)).numpy(), ref)
+    np.testing.assert_array_equal(model(tf_int64(tokens)).numpy(), ref)
+    with pytest.raises(Gpt2tuneError, match="integer ids, got float32"):
+        model(tokens.astype(np.float32))
+
+
+def tf_int64(a):
+    import tensorflow as tf
+
+    return tf.constant(a, tf.int64)

@@ -190,7 +190,10 @@ class GPT2(tf.Module):
         )
 
     def _tokens(self, tokens, past_len: int = 0) -> tf.Tensor:
-        tokens = tf.convert_to_tensor(tokens, dtype=tf.int32)
+        tokens = tf.convert_to_tensor(tokens)
+        if not tokens.dtype.is_integer:
+            raise Gpt2tuneError(f"tokens must be integer ids, got {tokens.dtype.name}")
+        tokens = tf.cast(tokens, tf.int32)
         if tokens.shape.rank != 2:
             raise Gpt2tuneError(f"tokens must be [batch, seq], got shape {tokens.shape.as_list()}")
         if past_len + tokens.shape[1] > self.hparams["n_ctx"]:
