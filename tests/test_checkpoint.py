@@ -188,3 +188,13 @@ def test_converters_reading_by_folder_see_openai_names(saver_written, tmp_path, 
     np.testing.assert_array_equal(
         tf.train.load_variable(str(tmp_path / "out"), "model/wte"), m.params["model/wte"].numpy()
     )
+
+
+def test_assemble_without_a_training_run(saver_written, tmp_path):
+    from gpt2tune.checkpoint import assemble
+
+    folder, _ = saver_written
+    (tmp_path / "run").mkdir()
+    with pytest.raises(Gpt2tuneError, match="holds no training checkpoint: run `dvc repro train`"):
+        assemble(folder, tmp_path / "run", tmp_path / "out")
+    assert not (tmp_path / "out").exists()

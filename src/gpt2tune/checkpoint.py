@@ -105,7 +105,9 @@ def load_model(folder: str | os.PathLike) -> GPT2:
     """Load an OpenAI-format model folder (the official releases load unchanged)."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise Gpt2tuneError(f"model folder {folder} does not exist")
+        raise Gpt2tuneError(
+            f"model folder {folder} does not exist (in the pipeline, `dvc repro` makes it)"
+        )
     if not any((folder / f).exists() for f in (*MODEL_FILES, f"{CKPT_PREFIX}.index")):
         raise Gpt2tuneError(
             f"{folder} is not a GPT-2 model folder: it has none of {', '.join(MODEL_FILES)}"
@@ -123,6 +125,8 @@ def assemble(base: str | os.PathLike, run_dir: str | os.PathLike, out: str | os.
     ordinary OpenAI-format folder. Adam's slots in the training checkpoint are left behind.
     """
     hparams = load_hparams(base)
+    if not (Path(run_dir) / "checkpoint").is_file():
+        raise Gpt2tuneError(f"{run_dir} holds no training checkpoint: run `dvc repro train` first")
     weights = _read_weights(checkpoint_prefix(run_dir), hparams)
     model = GPT2(hparams, weights, load_encoder(base))
     save_model(model, out)
