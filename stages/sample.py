@@ -9,7 +9,6 @@ Settings come from the `sample` section of params.yaml.
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -28,6 +27,7 @@ def main(argv: list[str]) -> None:
     import_tensorflow_quietly()
 
     from gpt2tune import load_model, sample
+    from gpt2tune.files import write_text_atomic
 
     model = load_model(args.model)
     if args.interactive:
@@ -37,13 +37,10 @@ def main(argv: list[str]) -> None:
     records = sample.sample_records(model, p.sample)
     out = Path("samples")
     out.mkdir(exist_ok=True)
-    for name, text in (
-        ("samples.json", json.dumps(records, indent=2, ensure_ascii=False) + "\n"),
-        ("samples.md", sample.records_markdown(records, p.sample)),
-    ):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, out / name)
+    write_text_atomic(
+        out / "samples.json", json.dumps(records, indent=2, ensure_ascii=False) + "\n"
+    )
+    write_text_atomic(out / "samples.md", sample.records_markdown(records, p.sample))
 
     from gpt2tune import tracking
 

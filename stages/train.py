@@ -21,6 +21,7 @@ def main() -> None:
     import_tensorflow_quietly()
 
     from gpt2tune import checkpoint, dataset, tracking, train
+    from gpt2tune.files import write_text_atomic
 
     train_tokens = dataset.load_tokens("data/encoded", "train")
     val_tokens = dataset.load_tokens("data/encoded", "val")
@@ -47,7 +48,7 @@ def main() -> None:
         if "val_perplexity" in metrics:
             tracking.log_metrics({"val_perplexity": metrics["val_perplexity"]}, p.train.steps)
     train.write_plots(history, "metrics")
-    Path("metrics/train.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_text_atomic("metrics/train.json", json.dumps(metrics, indent=2) + "\n")
     print(json.dumps(metrics))
 
 

@@ -252,7 +252,7 @@ def test_resumed_run_equals_uninterrupted_one(base_dir, tmp_path, capsys):
 
 
 def test_resume_after_a_crash_half_way_through_saving(base_dir, tmp_path):
-    """save_state writes model-N, history.json, `checkpoint`, then train_state.json. A crash
+    """save_state writes history.json, model-N, `checkpoint`, then train_state.json. A crash
     (or a second Ctrl-C) before the last leaves the state at the previous step M while the
     other files already speak of N; the resume must continue from M's checkpoint and history."""
     c = cfg(steps=4, val_every=3)

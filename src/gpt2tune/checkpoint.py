@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ import tensorflow as tf
 
 from gpt2tune.encoder import load_encoder
 from gpt2tune.errors import Gpt2tuneError
+from gpt2tune.files import write_text_atomic
 from gpt2tune.model import GPT2, check_hparams, variable_shapes
 
 CKPT_PREFIX = "model.ckpt"
@@ -149,16 +151,7 @@ def save_model(model: GPT2, folder: str | os.PathLike) -> Path:
     tmp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        names = list(model.params)
-        tf.raw_ops.SaveV2(
-            prefix=str(tmp / CKPT_PREFIX),
-            tensor_names=names,
-            shape_and_slices=[""] * len(names),
-            tensors=[model.params[n] for n in names],
-        )
-        (tmp / "checkpoint").write_text(
-            f'model_checkpoint_path: "{CKPT_PREFIX}"\nall_model_checkpoint_paths: "{CKPT_PREFIX}"\n'
-        )
+        write_checkpoint(tmp, CKPT_PREFIX, model.params)
         (tmp / "hparams.json").write_text(json.dumps(model.hparams, indent=2) + "\n")
         for name, raw in model.encoder.files.items():
             (tmp / name).write_bytes(raw)
@@ -169,6 +162,22 @@ def save_model(model: GPT2, folder: str | os.PathLike) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
+
+
+def write_checkpoint(folder: Path, prefix: str, tensors: Mapping[str, tf.Variable]) -> None:
+    """Save `tensors` under their names as `folder/prefix` (a TF1 name-based checkpoint), then
+    point the folder's `checkpoint` state file at it, by a relative name."""
+    names = list(tensors)
+    tf.raw_ops.SaveV2(
+        prefix=str(folder / prefix),
+        tensor_names=names,
+        shape_and_slices=[""] * len(names),
+        tensors=[tf.convert_to_tensor(tensors[n]) for n in names],
+    )
+    write_text_atomic(
+        folder / "checkpoint",
+        f'model_checkpoint_path: "{prefix}"\nall_model_checkpoint_paths: "{prefix}"\n',
+    )
 
 
 def _fsync(path: Path) -> None:

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from gpt2tune.errors import Gpt2tuneError
+from gpt2tune.files import write_text_atomic
 from gpt2tune.params import MlflowParams
 
 RUN_FILE = Path("metrics/mlflow_run.json")
@@ -104,11 +105,9 @@ def training_run(cfg: MlflowParams, params: dict, run_id: str | None = None):
         if run_id is None:
             mlflow.log_params({k: _param_value(v) for k, v in params.items()})
         RUN_FILE.parent.mkdir(parents=True, exist_ok=True)
-        tmp = RUN_FILE.with_name(RUN_FILE.name + ".tmp")
         info = {"run_id": run.info.run_id, "experiment_id": experiment_id,
                 "tracking_uri": mlflow.get_tracking_uri()}  # fmt: skip
-        tmp.write_text(json.dumps(info, indent=2) + "\n")
-        os.replace(tmp, RUN_FILE)
+        write_text_atomic(RUN_FILE, json.dumps(info, indent=2) + "\n")
         yield run
 
 

@@ -29,8 +29,10 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
+from gpt2tune.checkpoint import write_checkpoint
 from gpt2tune.dataset import eval_windows, random_windows, window_length
 from gpt2tune.errors import Gpt2tuneError
+from gpt2tune.files import write_text_atomic
 from gpt2tune.model import GPT2, forward
 from gpt2tune.params import TrainParams
 
@@ -160,30 +162,16 @@ def fingerprint(cfg: TrainParams, base: str, data_stats: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def save_state(run_dir: Path, trainer: Trainer, step: int, history: dict, extra: dict) -> None:
-    """Write weights + slots as `model-{step}`, then point `checkpoint` and the state at it."""
+    """Write the history, weights + slots as `model-{step}` (and point `checkpoint` at it),
+    and last the state, which is what makes the new step count."""
     run_dir.mkdir(parents=True, exist_ok=True)
     tensors = dict(trainer.model.params)
     tensors.update(trainer.opt.slots())
     prefix = f"model-{step}"
-    tf.raw_ops.SaveV2(
-        prefix=str(run_dir / prefix),
-        tensor_names=list(tensors),
-        shape_and_slices=[""] * len(tensors),
-        tensors=[tf.convert_to_tensor(v) for v in tensors.values()],
-    )
-    _write_atomic(run_dir / HISTORY_FILE, json.dumps(history))
-    _write_atomic(
-        run_dir / "checkpoint",
-        f'model_checkpoint_path: "{prefix}"\nall_model_checkpoint_paths: "{prefix}"\n',
-    )
-    _write_atomic(run_dir / STATE_FILE, json.dumps({"step": step, **extra}, indent=2))
+    write_text_atomic(run_dir / HISTORY_FILE, json.dumps(history))
+    write_checkpoint(run_dir, prefix, tensors)
+    write_text_atomic(run_dir / STATE_FILE, json.dumps({"step": step, **extra}, indent=2))
     for old in run_dir.glob("model-*"):  # only the newest checkpoint is kept
         if not old.name.startswith(prefix + "."):
             old.unlink()
@@ -387,4 +375,4 @@ def write_plots(history: dict, folder: str | os.PathLike) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for key in ("loss", "val_loss"):
         rows = [f"step\t{key}"] + [f"{s}\t{v:.6f}" for s, v in history[key]]
-        _write_atomic(folder / f"{key}.tsv", "\n".join(rows) + "\n")
+        write_text_atomic(folder / f"{key}.tsv", "\n".join(rows) + "\n")
