@@ -224,6 +224,15 @@ def _check_sampling(length, nsamples, temperature, top_k, top_p) -> None:
 # --- the sample stage and the interactive prompt -----------------------------------------
 
 
+def _generate_with(model: GPT2, prompt: str | None, cfg, seed: int) -> list[str]:
+    """`generate` with the `sample` section's settings; unconditional samples end at
+    <|endoftext|>, completions run the full length."""
+    return generate(
+        model, prompt, cfg.length, cfg.nsamples, cfg.temperature, cfg.top_k, cfg.top_p, seed,
+        stop_at_endoftext=not prompt,
+    )  # fmt: skip
+
+
 def sample_records(model: GPT2, cfg) -> list[dict]:
     """`cfg.nsamples` unconditional samples, then as many completions of each prompt.
 
@@ -231,10 +240,7 @@ def sample_records(model: GPT2, cfg) -> list[dict]:
     """
     records = []
     for prompt in (None, *cfg.prompts):
-        texts = generate(
-            model, prompt, cfg.length, cfg.nsamples, cfg.temperature, cfg.top_k, cfg.top_p,
-            cfg.seed, stop_at_endoftext=prompt is None,
-        )  # fmt: skip
+        texts = _generate_with(model, prompt, cfg, cfg.seed)
         records += [{"prompt": prompt, "index": i, "text": t} for i, t in enumerate(texts)]
     return records
 
@@ -266,10 +272,7 @@ def interactive(model: GPT2, cfg, read=input, write=print) -> None:
             write("")
             return
         try:
-            texts = generate(
-                model, prompt, cfg.length, cfg.nsamples, cfg.temperature, cfg.top_k, cfg.top_p,
-                seed, stop_at_endoftext=not prompt,
-            )  # fmt: skip
+            texts = _generate_with(model, prompt, cfg, seed)
         except KeyboardInterrupt:
             write("")
             return
