@@ -33,7 +33,7 @@ def main() -> None:
           "n_layer": args.n_layer}  # fmt: skip
     cfg = TrainParams(steps=args.steps + 1, batch_size=args.batch, learning_rate=2e-5, seed=0,
                       n_ctx=args.n_ctx, sample_every=0, sample_length=1, save_every=0,
-                      val_every=0, val_batches=1, accumulate_gradients=1)  # fmt: skip
+                      val_every=0, val_batch_count=1, accumulate_gradients=1)  # fmt: skip
     strategy = make_strategy()
     with strategy.scope():
         model = init_model(hp, seed=0)

@@ -37,19 +37,7 @@ DEFAULTS = Params(
         name="124M", base_url="https://openaipublic.blob.core.windows.net/gpt-2/models"
     ),
     data=DataParams(path="data/dset.txt", encoding="utf-8", val_fraction=0.05),
-    train=TrainParams(
-        steps=1000,
-        batch_size=1,
-        learning_rate=2e-5,
-        seed=0,
-        n_ctx=1024,
-        sample_every=100,
-        sample_length=100,
-        save_every=1000,
-        val_every=100,
-        val_batches=8,
-        accumulate_gradients=1,
-    ),
+    train=TrainParams(),  # its defaults are the documented ones: see the asserts below
     sample=SampleParams(
         nsamples=2, length=200, temperature=0.8, top_k=40, top_p=0.0, seed=0, prompts=(KANT,)
     ),
@@ -76,6 +64,15 @@ def test_repo_params_load_to_documented_defaults():
     assert params == DEFAULTS
     assert isinstance(params.train.learning_rate, float)
     assert isinstance(params.sample.prompts, tuple)
+    t = params.train
+    assert (t.steps, t.batch_size, t.learning_rate, t.n_ctx) == (1000, 1, 2e-5, 1024)
+    assert (t.optimizer, t.lr_schedule, t.precision, t.strategy) == (
+        "adam",
+        "constant",
+        "float32",
+        "auto",
+    )
+    assert t.restore_from == "latest" and t.xla is False and params.data.val_path == ""
 
 
 def test_rules_cover_exactly_the_dataclass_fields():
@@ -251,7 +248,7 @@ BAD = {
     "section not a mapping": (
         _set(None, "data", "data/dset.txt"),
         'params.yaml: data = "data/dset.txt": must be a mapping with keys path, encoding, '
-        "val_fraction (got text)",
+        "val_fraction, val_path (got text)",
     ),
     "prompts not a list": (
         _set("sample", "prompts", "hello"),
@@ -305,6 +302,36 @@ BAD = {
         _set("data", "encoding", "base64"),
         'params.yaml: data.encoding = "base64": must be a text codec Python knows, such as '
         "utf-8 or latin-1",
+    ),
+    "unknown optimizer": (
+        _set("train", "optimizer", "adagrad"),
+        'params.yaml: train.optimizer = "adagrad": must be one of adam, adamw, sgd',
+    ),
+    "precision misspelled": (
+        _set("train", "precision", "bf16"),
+        'params.yaml: train.precision = "bf16": must be one of float32, mixed_bfloat16, '
+        "mixed_float16",
+    ),
+    "switch as a number": (
+        _set("train", "xla", 1),
+        "params.yaml: train.xla = 1: must be true or false (got an integer)",
+    ),
+    "switch as text": (
+        _set("train", "memory_saving_gradients", "yes"),
+        'params.yaml: train.memory_saving_gradients = "yes": must be true or false (got text)',
+    ),
+    "noise of one": (
+        _set("train", "noise", 1),
+        "params.yaml: train.noise = 1: must be a number in [0, 1) (share of input tokens replaced)",
+    ),
+    "unknown strategy": (
+        _set("train", "strategy", "tpu"),
+        'params.yaml: train.strategy = "tpu": must be one of auto, one, mirrored, multi_worker',
+    ),
+    "empty restore_from": (
+        _set("train", "restore_from", ""),
+        'params.yaml: train.restore_from = "": must be latest, fresh, or the path of a '
+        "checkpoint or model folder",
     ),
     "empty experiment": (
         _set("mlflow", "experiment", ""),

@@ -171,7 +171,7 @@ def project(tmp_path_factory, official_vocab_dir, kant_path):
         params["model"].update(name="tiny")  # base_url: set below, once the server is up
         params["train"].update(
             steps=STEPS, batch_size=2, learning_rate=0.001, n_ctx=32, sample_every=4,
-            sample_length=8, save_every=4, val_every=4, val_batches=2,
+            sample_length=8, save_every=4, val_every=4, val_batch_count=2,
         )  # fmt: skip
         params["sample"].update(nsamples=NSAMPLES, length=8, prompts=PROMPTS)
         params["mlflow"].update(tracking_uri=mlflow_server.url, experiment=EXPERIMENT)

@@ -46,7 +46,7 @@ CFG = TrainParams(
     sample_length=4,
     save_every=0,
     val_every=0,
-    val_batches=2,
+    val_batch_count=2,
     accumulate_gradients=1,
 )
 # A short repeating pattern: a 2-layer model learns it within a few dozen steps.

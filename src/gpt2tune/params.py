@@ -37,21 +37,38 @@ class DataParams:
     path: str
     encoding: str
     val_fraction: float
+    val_path: str = ""
 
 
 @dataclass(frozen=True)
 class TrainParams:
-    steps: int
-    batch_size: int
-    learning_rate: float
-    seed: int
-    n_ctx: int
-    sample_every: int
-    sample_length: int
-    save_every: int
-    val_every: int
-    val_batches: int
-    accumulate_gradients: int
+    """The train section. Defaults equal params.yaml's (a test keeps them in step), so code and
+    tests can write ``TrainParams(steps=10, n_ctx=64)``; params.yaml itself must name every key."""
+
+    steps: int = 1000
+    batch_size: int = 1
+    learning_rate: float = 2e-5
+    seed: int = 0
+    n_ctx: int = 1024
+    sample_every: int = 100
+    sample_length: int = 100
+    save_every: int = 1000
+    val_every: int = 100
+    val_batch_count: int = 8
+    accumulate_gradients: int = 1
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    grad_clip: float = 0.0
+    noise: float = 0.0
+    only_train_transformer_layers: bool = False
+    memory_saving_gradients: bool = False
+    restore_from: str = "latest"
+    max_minutes: float = 0.0
+    precision: str = "float32"
+    xla: bool = False
+    strategy: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -118,6 +135,10 @@ def _text_codec(name: str) -> bool:
     return True
 
 
+def _choice(*options: str) -> Rule:
+    return Rule("one of " + ", ".join(options), lambda v: v in options)
+
+
 _RELEASE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 _SEED = _int(0, 2**32 - 1)  # numpy's legacy seeding refuses anything outside uint32
@@ -138,6 +159,7 @@ RULES: dict[str, Rule] = {
     "data.path": Rule("a non-empty path, folder or glob", lambda v: bool(v.strip())),
     "data.encoding": Rule("a text codec Python knows, such as utf-8 or latin-1", _text_codec),
     "data.val_fraction": Rule("a number in [0, 0.5)", lambda v: 0 <= v < 0.5),
+    "data.val_path": Rule('a path to a separate validation text ("" = hold out val_fraction)'),
     "train.steps": _int(1),
     "train.batch_size": _int(1),
     "train.learning_rate": Rule("a number > 0", lambda v: v > 0),
@@ -147,8 +169,26 @@ RULES: dict[str, Rule] = {
     "train.sample_length": _int(1),
     "train.save_every": _int(0, note=" (0 = only at the end)"),
     "train.val_every": _int(0, note=" (0 = only at the end)"),
-    "train.val_batches": _int(1),
+    "train.val_batch_count": _int(1),
     "train.accumulate_gradients": _int(1),
+    "train.optimizer": _choice("adam", "adamw", "sgd"),
+    "train.weight_decay": Rule("a number >= 0 (used by adamw and sgd)", lambda v: v >= 0),
+    "train.lr_schedule": _choice("constant", "cosine"),
+    "train.warmup_steps": _int(0),
+    "train.grad_clip": Rule("a number >= 0 (global-norm clipping; 0 = off)", lambda v: v >= 0),
+    "train.noise": Rule(
+        "a number in [0, 1) (share of input tokens replaced)", lambda v: 0 <= v < 1
+    ),
+    "train.only_train_transformer_layers": Rule("true or false"),
+    "train.memory_saving_gradients": Rule("true or false"),
+    "train.restore_from": Rule(
+        "latest, fresh, or the path of a checkpoint or model folder",
+        lambda v: bool(v.strip()),
+    ),
+    "train.max_minutes": Rule("a number >= 0 (0 = no limit)", lambda v: v >= 0),
+    "train.precision": _choice("float32", "mixed_bfloat16", "mixed_float16"),
+    "train.xla": Rule("true or false"),
+    "train.strategy": _choice("auto", "one", "mirrored", "multi_worker"),
     "sample.nsamples": _int(1),
     "sample.length": _int(1),
     "sample.temperature": Rule("a number >= 0 (0 = greedy)", lambda v: v >= 0),
@@ -173,6 +213,8 @@ _BAD = object()  # returned by _coerce for a value of the wrong type
 
 def _coerce(value: Any, typ: Any) -> Any:
     """The value as `typ`, or _BAD. No silent conversions: "1000" and true are not integers."""
+    if typ is bool:  # and 1 or "yes" are not booleans
+        return value if isinstance(value, bool) else _BAD
     if isinstance(value, bool):  # bool subclasses int, but `steps: true` is surely a mistake
         return _BAD
     if typ is int:

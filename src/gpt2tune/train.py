@@ -244,7 +244,7 @@ def fit(
         )
     window_length(len(train_tokens), n_ctx)  # fails clearly on a corpus of < 2 tokens
     trainer = Trainer(model, cfg, strategy)
-    val = eval_windows(val_tokens, n_ctx, cfg.val_batches) if len(val_tokens) >= 2 else None
+    val = eval_windows(val_tokens, n_ctx, cfg.val_batch_count) if len(val_tokens) >= 2 else None
 
     history: dict[str, list] = {"loss": [], "val_loss": []}
     start = 0
