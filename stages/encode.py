@@ -1,4 +1,4 @@
-"""DVC stage encode: data.path -> data/encoded/{train,val}.npy + stats.json.
+"""DVC stage encode: data.path (+ data.val_path) -> data/encoded/{train,val}.npy + stats.json.
 
 Reads params.yaml (data.*, model.name) from the working directory and the tokenizer from
 models/<model.name>/ (written by the fetch_model stage); see gpt2tune.dataset for the format
@@ -32,6 +32,7 @@ def main() -> None:
         "data/encoded",
         encoding=p.data.encoding,
         val_fraction=p.data.val_fraction,
+        val_path=p.data.val_path,
     )
     print(
         f"encoded {s['documents']} document(s), {s['bytes']:,} bytes -> {s['tokens']:,} tokens "

@@ -26,7 +26,7 @@ from gpt2tune.dataset import random_windows
 from gpt2tune.model import init_model, variable_shapes
 from gpt2tune.params import TrainParams
 from gpt2tune.train import (
-    Adam,
+    Optimizer,
     Trainer,
     fingerprint,
     fit,
@@ -92,7 +92,7 @@ def test_adam_matches_tf1_adam_optimizer_update_rule():
     init = {n: rng.normal(size=s).astype(np.float32) for n, s in shapes.items()}
     params = {n: tf.Variable(v) for n, v in init.items()}
     lr, b1, b2, eps = 0.01, 0.9, 0.999, 1e-8
-    opt = Adam(params, lr)
+    opt = Optimizer(params, TrainParams(learning_rate=lr))
     ref = {n: v.astype(np.float64) for n, v in init.items()}
     m = {n: np.zeros(s) for n, s in shapes.items()}
     v = {n: np.zeros(s) for n, s in shapes.items()}
@@ -297,8 +297,8 @@ def test_accumulated_micro_batches_equal_one_big_batch(hp):
     grads = dict(zip(names, tape.gradient(loss, list(big_model.params.values())), strict=True))
 
     for w in batches:
-        loss_big = float(big.train_step(tf.constant(w[None])))  # [1, 2, len]
-        loss_acc = float(acc.train_step(tf.constant(w[:, None])))  # [2, 1, len]
+        loss_big = big.step(w[None])  # [1, 2, len]
+        loss_acc = acc.step(w[:, None])  # [2, 1, len]
         assert loss_acc == pytest.approx(loss_big, rel=1e-5)
         if w is batches[0]:
             assert loss_big == pytest.approx(float(loss), rel=1e-6)
@@ -337,7 +337,7 @@ MULTI_REPLICA_SCRIPT = textwrap.dedent(
         rng = np.random.default_rng(0)
         shape = (cfg.accumulate_gradients, cfg.batch_size, 9)
         losses = [
-            float(trainer.train_step(tf.constant(rng.integers(0, hp["n_vocab"], shape), tf.int32)))
+            trainer.step(rng.integers(0, hp["n_vocab"], shape))
             for _ in range(2)
         ]
         variables = {**model.params, **trainer.opt.slots()}
@@ -414,7 +414,7 @@ def test_diverging_loss_is_an_error_naming_train_learning_rate(base_dir, tmp_pat
         fit(model, TOKENS, VAL, cfg(steps=5, learning_rate=1e30), tmp_path / "run", progress=False)
 
 
-# --- Ctrl-C ---------------------------------------------------------------------------------
+# --- Ctrl-C and SIGTERM ----------------------------------------------------------------------
 
 CTRL_C_SCRIPT = textwrap.dedent(
     """
@@ -441,7 +441,10 @@ CTRL_C_SCRIPT = textwrap.dedent(
 )
 
 
-def test_ctrl_c_saves_the_step_and_exits_130_then_resumes(base_dir, tmp_path, capsys):
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_saves_the_step_and_exits_then_resumes(
+    base_dir, tmp_path, capsys, sig, code
+):
     run_dir = tmp_path / "run"
     c = cfg(steps=100_000)
     proc = subprocess.Popen(
@@ -455,17 +458,19 @@ def test_ctrl_c_saves_the_step_and_exits_130_then_resumes(base_dir, tmp_path, ca
         while line and not line.startswith("STEP") and time.monotonic() < deadline:
             line = proc.stdout.readline()
         assert line.startswith("STEP"), proc.stderr.read()[-3000:]
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 130, err[-3000:]
+    assert proc.returncode == code, err[-3000:]
     assert "Traceback" not in err and err.strip().splitlines()[-1] == "interrupted"
     steps = [int(s.split()[1]) for s in (line + out).splitlines() if s.startswith("STEP")]
-    stopped = [s for s in out.splitlines() if s.startswith("stopped:")]
-    assert stopped == [f"stopped: step {steps[-1]} saved in {run_dir}; run again to continue"]
+    stopped = [s for s in out.splitlines() if s.startswith("stopped")]
+    assert stopped == [
+        f"stopped by {sig.name}: step {steps[-1]} saved in {run_dir}; run again to continue"
+    ]
     saved = steps[-1]  # the step in flight when Ctrl-C came was finished and saved
     state = json.loads((run_dir / "train_state.json").read_text())
     assert state["step"] == saved and state["fingerprint"] == "fp"

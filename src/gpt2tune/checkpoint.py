@@ -120,6 +120,19 @@ def load_model(folder: str | os.PathLike) -> GPT2:
     return GPT2(hparams, weights, encoder)
 
 
+def read_weights(path: str | os.PathLike, hparams: dict[str, int]) -> dict[str, np.ndarray]:
+    """GPT-2's tensors from a model or run folder (its `checkpoint` state file says which) or
+    from a checkpoint prefix such as `checkpoint/run1/model-500`, checked against `hparams`."""
+    path = Path(path)
+    if path.is_dir():
+        return _read_weights(checkpoint_prefix(path), hparams)
+    if Path(f"{path}.index").is_file():
+        return _read_weights(path, hparams)
+    raise Gpt2tuneError(
+        f"{path}: neither a model/run folder nor a checkpoint prefix (no {path.name}.index)"
+    )
+
+
 def assemble(base: str | os.PathLike, run_dir: str | os.PathLike, out: str | os.PathLike) -> GPT2:
     """The trained weights from `run_dir` beside the base model's hparams and tokenizer files.
 

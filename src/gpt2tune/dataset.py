@@ -20,6 +20,8 @@ add no document. A UTF-8 byte-order mark at the start of a file is dropped.
 
 Validation split
 ----------------
+With ``val_path`` (``data.val_path``) the validation set is that text, encoded the same way,
+and all of ``path_spec`` is training text. Otherwise:
 Taking the last ``val_fraction`` of the text would be a bad validation set: a Gutenberg book
 ends in ~18 KB of licence boilerplate, and a folder's last file is not like the others. Instead
 the token stream is cut into blocks of ``min(1024, max(2, n_tokens // 100))`` tokens (1 token
@@ -89,22 +91,18 @@ def _sort_key(path: Path) -> tuple[str, ...]:
     return path.parts  # "a/z.txt" before "a-b.txt": a folder's files stay together
 
 
-def find_documents(path_spec: str) -> list[Path]:
-    """The files ``data.path`` names: the file itself, every non-hidden file under a folder
-    (recursively), or a glob's file matches; sorted. Gpt2tuneError if that is no file."""
-    where = f"data.path = {path_spec!r}"
+def find_documents(path_spec: str, key: str = "data.path") -> list[Path]:
+    """The files ``data.path`` (or `key`) names: the file itself, every non-hidden file under
+    a folder (recursively), or a glob's file matches; sorted. Gpt2tuneError if that is no file."""
+    where = f"{key} = {path_spec!r}"
     if not path_spec.strip():
-        raise Gpt2tuneError(
-            f"{where}: empty; set data.path in params.yaml to a file, folder or glob"
-        )
+        raise Gpt2tuneError(f"{where}: empty; set {key} in params.yaml to a file, folder or glob")
     path = Path(path_spec)
     if path.is_dir():
-        return _folder_files(path, where)
+        return _folder_files(path, where, key)
     if path.exists():
         if not path.is_file():
-            raise Gpt2tuneError(
-                f"{where}: not a regular file or folder; point data.path at your text"
-            )
+            raise Gpt2tuneError(f"{where}: not a regular file or folder; point {key} at your text")
         return [path]
     if _GLOB_CHARS.search(path_spec):
         matches = [Path(m) for m in glob.glob(path_spec, recursive=True)]
@@ -113,16 +111,16 @@ def find_documents(path_spec: str) -> list[Path]:
             what = "only folders" if matches else "nothing"
             raise Gpt2tuneError(
                 f"{where}: taken as a glob, it matches {what} (relative to {os.getcwd()}); "
-                "fix the pattern or set data.path to your text file or folder"
+                f"fix the pattern or set {key} to your text file or folder"
             )
         return sorted(files, key=_sort_key)
     raise Gpt2tuneError(
         f"{where}: taken as a file or folder path, it does not exist (relative to "
-        f"{os.getcwd()}); put your training text there or set data.path in params.yaml"
+        f"{os.getcwd()}); put your text there or set {key} in params.yaml"
     )
 
 
-def _folder_files(folder: Path, where: str) -> list[Path]:
+def _folder_files(folder: Path, where: str, key: str) -> list[Path]:
     def fail(e: OSError) -> None:
         raise Gpt2tuneError(f"{where}: cannot list {e.filename}: {e.strerror or e}")
 
@@ -136,7 +134,7 @@ def _folder_files(folder: Path, where: str) -> list[Path]:
     if not files:
         raise Gpt2tuneError(
             f"{where}: taken as a folder, it holds no files (hidden ones are skipped); "
-            "put your text files in it or set data.path to a file or glob"
+            f"put your text files in it or set {key} to a file or glob"
         )
     return sorted(files, key=lambda f: _sort_key(f.relative_to(folder)))
 
@@ -344,12 +342,15 @@ def encode_corpus(
     *,
     encoding: str = "utf-8",
     val_fraction: float = 0.05,
+    val_path: str = "",
     progress: bool | None = None,
     chunk_chars: int = 1 << 20,
 ) -> dict:
     """Encode the text of ``path_spec`` into out_dir/train.npy, val.npy and stats.json, and
-    return the stats. ``progress``: True/False force the bar on/off; None shows it for large
-    inputs on a terminal. ``chunk_chars``: characters encoded at a time (memory, not result).
+    return the stats. ``val_path`` (data.val_path): a separate validation text; then all of
+    ``path_spec`` is training data and ``val_fraction`` is not used. ``progress``: True/False
+    force the bar on/off; None shows it for large inputs on a terminal. ``chunk_chars``:
+    characters encoded at a time (memory, not result).
     """
     if chunk_chars < 1:
         raise ValueError(f"chunk_chars must be >= 1, got {chunk_chars}")
@@ -361,16 +362,25 @@ def encode_corpus(
             f"data.encoding = {encoding!r}: not a codec Python knows; use e.g. utf-8 or latin-1"
         ) from None
     files = find_documents(path_spec)
+    val_files = find_documents(val_path, "data.val_path") if val_path else []
     out = Path(out_dir)
     _check_outside(files, out, path_spec)
+    _check_outside(val_files, out, val_path)
+    if shared := sorted({f.resolve() for f in files} & {f.resolve() for f in val_files}):
+        raise Gpt2tuneError(
+            f"data.val_path = {val_path!r} and data.path = {path_spec!r} share "
+            f"{_display(shared[0])}; validation text must not also be training text"
+        )
     sizes = []
-    for f in files:
+    for f in files + val_files:
         try:
             sizes.append(f.stat().st_size)
         except OSError as e:
             raise Gpt2tuneError(f"{_display(f)}: cannot read: {e.strerror or e}") from None
     total_bytes = sum(sizes)
-    if total_bytes == 0:
+    if val_files and sum(sizes[len(files) :]) == 0:
+        raise Gpt2tuneError(f"data.val_path = {val_path!r}: no text in {len(val_files)} file(s)")
+    if sum(sizes[: len(files)]) == 0:
         if len(files) == 1:
             raise Gpt2tuneError(
                 f"{_display(files[0])} is empty; put your training text in it or set data.path "
@@ -396,33 +406,48 @@ def encode_corpus(
     )  # fmt: skip
     try:
         with bar, open(stream, "wb") as sink:
-            documents = characters = n_tokens = 0
             eot = np.array([encoder.eot_token], dtype)
-            for path in files:
-                started = False
-                text = _read_text(path, encoding, chunk_chars, bar.update)
-                for piece in _chunks(text, chunk_chars):
-                    characters += len(piece)
-                    ids = np.array(encoder.encode(piece, allow_endoftext=True), dtype)
-                    if not started:
-                        started = True
-                        documents += 1
-                        if n_tokens:
-                            eot.tofile(sink)
-                            n_tokens += 1
-                    ids.tofile(sink)
-                    n_tokens += len(ids)
+
+            def encode_files(paths: list[Path]) -> tuple[int, int, int]:
+                """Documents, characters and tokens of `paths`, appended to the stream."""
+                documents = characters = n_tokens = 0
+                for path in paths:
+                    started = False
+                    text = _read_text(path, encoding, chunk_chars, bar.update)
+                    for piece in _chunks(text, chunk_chars):
+                        characters += len(piece)
+                        ids = np.array(encoder.encode(piece, allow_endoftext=True), dtype)
+                        if not started:
+                            started = True
+                            documents += 1
+                            if n_tokens:
+                                eot.tofile(sink)
+                                n_tokens += 1
+                        ids.tofile(sink)
+                        n_tokens += len(ids)
+                return documents, characters, n_tokens
+
+            documents, characters, n_tokens = encode_files(files)
+            val_documents, val_characters, n_val_text = encode_files(val_files)
         if n_tokens == 0:  # files of only a BOM
             raise Gpt2tuneError(f"data.path = {path_spec!r}: no text in {len(files)} file(s)")
+        if val_files and n_val_text == 0:
+            raise Gpt2tuneError(
+                f"data.val_path = {val_path!r}: no text in {len(val_files)} file(s)"
+            )
 
-        block, val_blocks = split_plan(n_tokens, val_fraction)
-        val_ranges = [(i * block, min(n_tokens, (i + 1) * block)) for i in val_blocks]
-        train_ranges, at = [], 0
-        for a, b in val_ranges + [(n_tokens, n_tokens)]:
-            if a > at:
-                train_ranges.append((at, a))
-            at = b
-        tokens = np.memmap(stream, dtype=dtype, mode="r", shape=(n_tokens,))
+        if val_files:  # the stream is the training text, then the validation text
+            block, val_blocks = 0, []
+            train_ranges, val_ranges = [(0, n_tokens)], [(n_tokens, n_tokens + n_val_text)]
+        else:
+            block, val_blocks = split_plan(n_tokens, val_fraction)
+            val_ranges = [(i * block, min(n_tokens, (i + 1) * block)) for i in val_blocks]
+            train_ranges, at = [], 0
+            for a, b in val_ranges + [(n_tokens, n_tokens)]:
+                if a > at:
+                    train_ranges.append((at, a))
+                at = b
+        tokens = np.memmap(stream, dtype=dtype, mode="r", shape=(n_tokens + n_val_text,))
         try:
             _write_npy(_temp(finals["train.npy"]), tokens, train_ranges, dtype)
             _write_npy(_temp(finals["val.npy"]), tokens, val_ranges, dtype)
@@ -430,11 +455,11 @@ def encode_corpus(
             del tokens
         n_val = sum(b - a for a, b in val_ranges)
         stats = {
-            "documents": documents,
-            "characters": characters,
+            "documents": documents + val_documents,
+            "characters": characters + val_characters,
             "bytes": total_bytes,
-            "tokens": n_tokens,
-            "train_tokens": n_tokens - n_val,
+            "tokens": n_tokens + n_val_text,
+            "train_tokens": n_tokens + n_val_text - n_val,
             "val_tokens": n_val,
             "val_block_tokens": block,
             "val_blocks": len(val_blocks),
@@ -443,6 +468,8 @@ def encode_corpus(
             "encoding": encoding,
             "files": [_display(f) for f in files],
         }
+        if val_files:
+            stats["val_files"] = [_display(f) for f in val_files]
         _write_json(_temp(finals["stats.json"]), stats)
         for final in finals.values():
             os.replace(_temp(final), final)

@@ -46,15 +46,16 @@ def import_tensorflow_quietly() -> None:
 def run_stage(main, *args, **kwargs) -> int:
     """Run a stage's main(): a Gpt2tuneError becomes one line on stderr and exit status 1.
 
-    Ctrl-C exits with 130 and no traceback; outputs are written by temp-and-rename, so an
-    interrupted stage leaves the previous outputs intact.
+    Ctrl-C exits with 130 and no traceback (a training stopped by SIGTERM with 143, as a
+    shell reports it); outputs are written by temp-and-rename, so an interrupted stage leaves
+    the previous outputs intact.
     """
     try:
         main(*args, **kwargs)
     except Gpt2tuneError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print("interrupted", file=sys.stderr)
-        return 130
+        return getattr(e, "exit_code", 130)
     return 0

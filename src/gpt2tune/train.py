@@ -1,8 +1,10 @@
 """Fine-tuning: Adam on random windows of the encoded corpus, with checkpoints you can resume.
 
-The loop follows N. Shepperd's `train.py` that the notebooks used: constant learning rate,
-Adam (beta1 0.9, beta2 0.999, eps 1e-8, as TF1's AdamOptimizer), random contiguous windows,
-samples and a validation loss every few steps. Differences, and why:
+The loop follows N. Shepperd's `train.py` that the notebooks used: by default a constant
+learning rate, Adam (beta1 0.9, beta2 0.999, eps 1e-8, as TF1's AdamOptimizer), random
+contiguous windows, samples and a validation loss every few steps; his options (noise,
+only_train_transformer_layers, accumulate_gradients, restore_from, ...) are `train.*` keys.
+Differences, and why:
 
 - One `tf.distribute` code path: the default strategy on a CPU or one GPU, MirroredStrategy
   over all GPUs when there are several; gradients are averaged across replicas.
@@ -10,8 +12,10 @@ samples and a validation loss every few steps. Differences, and why:
   slots (`<name>/Adam`, `<name>/Adam_1`, like TF1), `train_state.json` and the loss history.
   A rerun with the same settings continues from it (e.g. after Ctrl-C, or with more steps);
   a rerun with different settings starts from the base model again.
-- The windows of step s are drawn from a generator seeded with (seed, s), so a resumed run
-  sees exactly the batches an uninterrupted one would have.
+- The windows of step s (and their noise) are drawn from a generator seeded with (seed, s),
+  so a resumed run sees exactly the batches an uninterrupted one would have.
+- Ctrl-C, SIGTERM and `max_minutes` stop after the step in flight and save it; a kill -9
+  loses only the steps since the last save (`save_every`).
 """
 
 from __future__ import annotations
@@ -48,25 +52,72 @@ def make_strategy() -> tf.distribute.Strategy:
     return tf.distribute.get_strategy()
 
 
-class Adam:
-    """TF1 AdamOptimizer's update, with slots named as TF1 names them."""
+def learning_rate_at(cfg: TrainParams, step) -> tf.Tensor:
+    """The learning rate of optimizer step `step` (1-based): a linear warm-up over
+    `warmup_steps`, then constant, or a cosine decay that starts at the peak and would reach 0
+    one step after `steps` (so no step is wasted at rate 0)."""
+    step = tf.cast(step, tf.float32)
+    rate = tf.constant(cfg.learning_rate, tf.float32)
+    if cfg.warmup_steps:
+        rate *= tf.minimum(1.0, step / cfg.warmup_steps)
+    if cfg.lr_schedule == "cosine":
+        span = max(1, cfg.steps - cfg.warmup_steps)
+        progress = tf.clip_by_value((step - cfg.warmup_steps - 1) / span, 0.0, 1.0)
+        rate *= 0.5 * (1.0 + tf.cos(math.pi * progress))
+    return rate
 
-    def __init__(self, params: dict[str, tf.Variable], learning_rate: float):
-        self.lr, self.beta1, self.beta2, self.eps = learning_rate, 0.9, 0.999, 1e-8
-        self.params = params
-        zeros = {n: np.zeros(v.shape, np.float32) for n, v in params.items()}
-        self.m = {n: tf.Variable(z, trainable=False, name=f"{n}/Adam") for n, z in zeros.items()}
-        self.v = {n: tf.Variable(z, trainable=False, name=f"{n}/Adam_1") for n, z in zeros.items()}
+
+def is_transformer_layer(name: str) -> bool:
+    """`model/h3/...`: what only_train_transformer_layers trains (nshepperd's `'/h' in name`);
+    the embeddings wte, wpe and the final layer norm ln_f stay frozen."""
+    return name.startswith("model/h")
+
+
+class Optimizer:
+    """One optimizer step for `params` (the trained variables): gradients clipped to
+    `grad_clip` global norm, then
+
+    - adam: TF1's AdamOptimizer update, slots named as TF1 names them (`<name>/Adam`, `_1`);
+    - adamw: the same plus decoupled weight decay (Loshchilov & Hutter) of weight matrices;
+    - sgd: plain gradient descent, weight decay as an L2 term on the weight matrices.
+
+    Biases and layer-norm gains (rank-1 tensors) are never decayed, as in GPT-2 practice.
+    """
+
+    def __init__(self, params: dict[str, tf.Variable], cfg: TrainParams):
+        self.cfg, self.params = cfg, params
+        self.beta1, self.beta2, self.eps = 0.9, 0.999, 1e-8
+        self.m: dict[str, tf.Variable] = {}
+        self.v: dict[str, tf.Variable] = {}
+        if cfg.optimizer in ("adam", "adamw"):
+            for n, var in params.items():
+                zeros = np.zeros(var.shape, np.float32)
+                self.m[n] = tf.Variable(zeros, trainable=False, name=f"{n}/Adam")
+                self.v[n] = tf.Variable(zeros, trainable=False, name=f"{n}/Adam_1")
         self.t = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
 
     def apply(self, grads: dict[str, tf.Tensor]) -> None:
-        t = tf.cast(self.t.assign_add(1), tf.float32)
-        lr_t = self.lr * tf.sqrt(1 - self.beta2**t) / (1 - self.beta1**t)
+        cfg = self.cfg
+        names = list(self.params)
+        if cfg.grad_clip:
+            clipped, _ = tf.clip_by_global_norm([grads[n] for n in names], cfg.grad_clip)
+            grads = dict(zip(names, clipped, strict=True))
+        step = self.t.assign_add(1)
+        lr = learning_rate_at(cfg, step)
+        t = tf.cast(step, tf.float32)
+        lr_t = lr * tf.sqrt(1 - self.beta2**t) / (1 - self.beta1**t)  # Adam's bias correction
         for n, var in self.params.items():
             g = grads[n]
+            decay = cfg.weight_decay if len(var.shape) >= 2 else 0.0
+            if cfg.optimizer == "sgd":
+                var.assign_sub(lr * (g + decay * var) if decay else lr * g)
+                continue
             m = self.m[n].assign(self.beta1 * self.m[n] + (1 - self.beta1) * g)
             v = self.v[n].assign(self.beta2 * self.v[n] + (1 - self.beta2) * tf.square(g))
-            var.assign_sub(lr_t * m / (tf.sqrt(v) + self.eps))
+            update = lr_t * m / (tf.sqrt(v) + self.eps)
+            if cfg.optimizer == "adamw" and decay:
+                update += lr * decay * var
+            var.assign_sub(update)
 
     def slots(self) -> dict[str, tf.Variable]:
         out = {f"{n}/Adam": s for n, s in self.m.items()}
@@ -75,9 +126,19 @@ class Adam:
         return out
 
 
-def lm_loss(params, hparams, windows: tf.Tensor) -> tf.Tensor:
-    """Mean next-token cross-entropy over windows [batch, len] (inputs w[:, :-1])."""
-    logits, _ = forward(params, hparams, windows[:, :-1])
+def add_noise(windows: np.ndarray, fraction: float, n_vocab: int, rng) -> np.ndarray:
+    """nshepperd's `--noise`: each token replaced by a uniformly random one with probability
+    `fraction`. Applied to the model's inputs only; the targets stay the real text."""
+    if not fraction:
+        return windows
+    swap = rng.random(windows.shape) < fraction
+    return np.where(swap, rng.integers(0, n_vocab, windows.shape), windows).astype(windows.dtype)
+
+
+def lm_loss(params, hparams, windows: tf.Tensor, inputs: tf.Tensor | None = None) -> tf.Tensor:
+    """Mean next-token cross-entropy over windows [batch, len]: the model reads `inputs`
+    (default windows[:, :-1]; a noised copy in training) and predicts windows[:, 1:]."""
+    logits, _ = forward(params, hparams, windows[:, :-1] if inputs is None else inputs)
     return tf.reduce_mean(
         tf.nn.sparse_softmax_cross_entropy_with_logits(labels=windows[:, 1:], logits=logits)
     )
@@ -94,11 +155,15 @@ class Trainer:
                 f"params.yaml: train.batch_size = {cfg.batch_size}: must be a multiple of the "
                 f"{self.replicas} replicas (GPUs) in use"
             )
+        self.trained = {
+            n: v
+            for n, v in model.params.items()
+            if is_transformer_layer(n) or not cfg.only_train_transformer_layers
+        }
         with strategy.scope():
-            self.opt = Adam(model.params, cfg.learning_rate)
-        self.train_step = tf.function(
-            self._train_step, input_signature=[tf.TensorSpec([None, None, None], tf.int32)]
-        )
+            self.opt = Optimizer(self.trained, cfg)
+        spec = tf.TensorSpec([None, None, None], tf.int32)
+        self.train_step = tf.function(self._train_step, input_signature=[spec, spec])
         self.eval_step = tf.function(
             self._eval_step, input_signature=[tf.TensorSpec([None, None], tf.int32)]
         )
@@ -109,20 +174,21 @@ class Trainer:
             lambda ctx: windows[ctx.replica_id_in_sync_group :: n]
         )
 
-    def _replica_grads(self, windows):
-        params = self.model.params
+    def _replica_grads(self, windows, inputs):
         with tf.GradientTape() as tape:
-            loss = lm_loss(params, self.model.hparams, windows)
-        grads = tape.gradient(loss, list(params.values()))
+            loss = lm_loss(self.model.params, self.model.hparams, windows, inputs)
+        grads = tape.gradient(loss, list(self.trained.values()))
         return loss, [tf.convert_to_tensor(g) for g in grads]
 
-    def _train_step(self, windows: tf.Tensor) -> tf.Tensor:
-        """windows [accumulate, batch, len]: one optimizer step, returns the mean loss."""
+    def _train_step(self, windows: tf.Tensor, inputs: tf.Tensor) -> tf.Tensor:
+        """windows [accumulate, batch, len] and the model's (maybe noised) inputs
+        [accumulate, batch, len - 1]: one optimizer step; returns the mean loss."""
         mean = tf.distribute.ReduceOp.MEAN
-        names = list(self.model.params)
-        total_loss, total = 0.0, [tf.zeros_like(v) for v in self.model.params.values()]
+        names = list(self.trained)
+        total_loss, total = 0.0, [tf.zeros_like(v) for v in self.trained.values()]
         for a in range(self.cfg.accumulate_gradients):
-            loss, grads = self.strategy.run(self._replica_grads, args=(self._shard(windows[a]),))
+            shards = (self._shard(windows[a]), self._shard(inputs[a]))
+            loss, grads = self.strategy.run(self._replica_grads, args=shards)
             total_loss += self.strategy.reduce(mean, loss, axis=None)
             total = [
                 t + self.strategy.reduce(mean, g, axis=None)
@@ -131,6 +197,12 @@ class Trainer:
         k = float(self.cfg.accumulate_gradients)
         self.opt.apply({n: g / k for n, g in zip(names, total, strict=True)})
         return total_loss / k
+
+    def step(self, windows: np.ndarray, inputs: np.ndarray | None = None) -> float:
+        """One optimizer step on windows [accumulate, batch, len] (inputs: the model's view of
+        windows[..., :-1], e.g. noised; default the clean tokens); returns the mean loss."""
+        inputs = windows[..., :-1] if inputs is None else inputs
+        return float(self.train_step(tf.constant(windows, tf.int32), tf.constant(inputs, tf.int32)))
 
     def _eval_step(self, windows: tf.Tensor) -> tf.Tensor:
         return lm_loss(self.model.params, self.model.hparams, windows)
@@ -148,26 +220,37 @@ class Trainer:
 # --- the run folder: latest weights + Adam slots + state, written so a crash loses nothing --
 
 
+# Settings that change when or how a run is observed, or how fast it goes, but not the
+# weights it computes: changing them continues a saved run instead of restarting it.
+NOT_FINGERPRINTED = (
+    "steps", "sample_every", "sample_length", "save_every", "val_every", "val_batch_count",
+    "max_minutes", "memory_saving_gradients", "xla", "strategy",
+)  # fmt: skip
+
+
 def fingerprint(cfg: TrainParams, base: str, data_stats: dict) -> str:
     """What must be equal for a saved run to be continued rather than restarted.
 
-    Step counts and logging intervals are left out: raising `train.steps` continues a
-    finished run, and changing how often it logs does not change the weights.
+    Step counts and logging intervals are left out, so raising `train.steps` continues a
+    finished run; but a cosine schedule depends on `steps`, so there it counts.
     """
-    keys = ("batch_size", "learning_rate", "seed", "n_ctx", "accumulate_gradients")
-    blob = json.dumps(
-        {"train": {k: asdict(cfg)[k] for k in keys}, "base": base, "data": data_stats},
-        sort_keys=True,
-    )
+    train = {k: v for k, v in asdict(cfg).items() if k not in NOT_FINGERPRINTED}
+    if cfg.lr_schedule == "cosine":
+        train["steps"] = cfg.steps
+    blob = json.dumps({"train": train, "base": base, "data": data_stats}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _tensors(trainer: Trainer) -> dict[str, tf.Variable]:
+    """Everything a resumed run needs: the weights, the optimizer's slots and its step."""
+    return {**trainer.model.params, **trainer.opt.slots()}
 
 
 def save_state(run_dir: Path, trainer: Trainer, step: int, history: dict, extra: dict) -> None:
     """Write the history, weights + slots as `model-{step}` (and point `checkpoint` at it),
     and last the state, which is what makes the new step count."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    tensors = dict(trainer.model.params)
-    tensors.update(trainer.opt.slots())
+    tensors = _tensors(trainer)
     prefix = f"model-{step}"
     write_text_atomic(run_dir / HISTORY_FILE, json.dumps(history))
     write_checkpoint(run_dir, prefix, tensors)
@@ -204,9 +287,7 @@ def restore(run_dir: Path, trainer: Trainer, step: int) -> dict:
     the newer one: both are read as of the state's step, not trusted on their own.
     """
     reader = tf.train.load_checkpoint(str(Path(run_dir) / f"model-{step}"))
-    tensors = dict(trainer.model.params)
-    tensors.update(trainer.opt.slots())
-    for name, var in tensors.items():
+    for name, var in _tensors(trainer).items():
         var.assign(reader.get_tensor(name))
     return history_upto(json.loads((Path(run_dir) / HISTORY_FILE).read_text()), step)
 
@@ -230,10 +311,15 @@ def fit(
 ) -> tuple[dict, dict]:
     """Train `model` in place for `cfg.steps` steps; returns (summary metrics, loss history).
 
-    Resumes from `run_dir` when it holds a run with the same `run_fingerprint` that stopped
-    before `cfg.steps`. `log_metrics({"loss": ...}, step)` is called every step and with
-    `val_loss` every `cfg.val_every` steps; `log_sample(text, step)` every `cfg.sample_every`.
+    Where training starts (`cfg.restore_from`): "latest" continues `run_dir` when it holds a
+    run with the same `run_fingerprint` that stopped before `cfg.steps`, else starts from
+    `model`'s weights; "fresh" always starts from them; a path starts from the weights there.
+    `log_metrics({"loss": ...}, step)` is called every step and with `val_loss` every
+    `cfg.val_every` steps; `log_sample(text, step)` every `cfg.sample_every`. Ctrl-C and
+    SIGTERM stop after the current step, save it, and raise `Stopped`; reaching
+    `cfg.max_minutes` saves and returns early (the summary's `steps` says where it ended).
     """
+    started_at = time.monotonic()
     run_dir = Path(run_dir)
     strategy = strategy or tf.distribute.get_strategy()
     n_ctx = cfg.n_ctx
@@ -248,18 +334,27 @@ def fit(
 
     history: dict[str, list] = {"loss": [], "val_loss": []}
     start = 0
-    resumed = resumable_state(run_dir, run_fingerprint, cfg.steps)
+    resumed = None
+    if cfg.restore_from != "fresh":
+        resumed = resumable_state(run_dir, run_fingerprint, cfg.steps)
     if resumed:
         start = resumed["step"]
         history = restore(run_dir, trainer, start)
         print(f"resuming from step {start} in {run_dir}")
-    elif saved := load_state(run_dir):
-        why = (
-            f"it already has {saved['step']} steps"
-            if saved.get("fingerprint") == run_fingerprint
-            else "its settings or data differ"
-        )
-        print(f"training from the base model: the run in {run_dir} is not continued ({why})")
+    else:
+        saved = load_state(run_dir)
+        if saved and cfg.restore_from == "fresh":
+            print(f"training from the start (train.restore_from: fresh); replacing {run_dir}")
+        elif saved:
+            why = (
+                f"it already has {saved['step']} steps"
+                if saved.get("fingerprint") == run_fingerprint
+                else "its settings or data differ"
+            )
+            print(f"training from the base model: the run in {run_dir} is not continued ({why})")
+        if cfg.restore_from not in ("latest", "fresh"):
+            load_weights(model, cfg.restore_from)
+            print(f"training from the weights in {cfg.restore_from}")
     extra = dict(state_extra or {}, fingerprint=run_fingerprint)
 
     def validate(step: int) -> None:
@@ -275,82 +370,134 @@ def fit(
         text = generate(model, None, cfg.sample_length, top_k=40, seed=cfg.seed + step)[0]
         log_sample(text, step)
 
+    def save(step: int) -> None:
+        save_state(run_dir, trainer, step, history, extra)
+
     if start == 0:
         validate(0)
-    tokens_per_step = (
-        cfg.accumulate_gradients * cfg.batch_size * (window_length(len(train_tokens), n_ctx) - 1)
-    )
+    windows_per_step = cfg.batch_size * cfg.accumulate_gradients
+    tokens_per_step = windows_per_step * (window_length(len(train_tokens), n_ctx) - 1)
     timed_tokens, timed_seconds = 0, 0.0
+    deadline = started_at + cfg.max_minutes * 60 if cfg.max_minutes else math.inf
     bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=_quiet(progress))
-    with _stop_on_ctrl_c() as stop:
+    end = cfg.steps
+    with _stop_on_signals() as stop:
         for step in range(start + 1, cfg.steps + 1):
             rng = np.random.default_rng([cfg.seed, step])
-            windows = random_windows(
-                train_tokens, n_ctx, cfg.batch_size * cfg.accumulate_gradients, rng
-            ).reshape(cfg.accumulate_gradients, cfg.batch_size, -1)
+            windows = random_windows(train_tokens, n_ctx, windows_per_step, rng)
+            inputs = add_noise(windows[:, :-1], cfg.noise, model.hparams["n_vocab"], rng)
+            shape = (cfg.accumulate_gradients, cfg.batch_size, -1)
             t0 = time.perf_counter()
-            loss = float(trainer.train_step(tf.constant(windows)))
+            loss = trainer.step(windows.reshape(shape), inputs.reshape(shape))
             dt = time.perf_counter() - t0
             if step > start + 1:  # the first step includes tracing and compilation
                 timed_tokens += tokens_per_step
                 timed_seconds += dt
             if not math.isfinite(loss):
                 raise Gpt2tuneError(
-                    f"loss became {loss} at step {step}; lower train.learning_rate "
-                    f"(now {cfg.learning_rate})"
+                    f"loss became {loss} at step {step}; the last good checkpoint in {run_dir} "
+                    f"is kept; lower train.learning_rate (now {cfg.learning_rate}) or set "
+                    "train.grad_clip"
                 )
             history["loss"].append([step, loss])
-            log_metrics({"loss": loss, "tokens_per_s": tokens_per_step / dt}, step)
+            lr = float(learning_rate_at(cfg, step))
+            log_metrics({"loss": loss, "learning_rate": lr, "tokens_per_s": tokens_per_step / dt},
+                        step)  # fmt: skip
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}")
             if cfg.val_every and step % cfg.val_every == 0 and step != cfg.steps:
                 validate(step)
             if cfg.sample_every and step % cfg.sample_every == 0:
                 sample(step)
-            if stop.requested and step != cfg.steps:
-                # Checked last, so the stopped run's history matches an uninterrupted one.
-                save_state(run_dir, trainer, step, history, extra)
+            if step == cfg.steps:
+                break
+            # Checked after the logging, so a stopped run's history matches an uninterrupted one.
+            if stop.signal:
+                save(step)
                 bar.close()
-                print(f"\nstopped: step {step} saved in {run_dir}; run again to continue")
-                raise KeyboardInterrupt
-            if cfg.save_every and step % cfg.save_every == 0 and step != cfg.steps:
-                save_state(run_dir, trainer, step, history, extra)
+                print(f"\nstopped by {stop.signal}: step {step} saved in {run_dir}; "
+                      "run again to continue")  # fmt: skip
+                raise Stopped(stop.signal)
+            if time.monotonic() >= deadline:
+                end = step
+                bar.close()
+                print(f"\ntrain.max_minutes = {cfg.max_minutes} reached after step {step}; "
+                      "raise it and run `dvc repro -f train` to continue")  # fmt: skip
+                break
+            if cfg.save_every and step % cfg.save_every == 0:
+                save(step)
     bar.close()
-    validate(cfg.steps)
-    save_state(run_dir, trainer, cfg.steps, history, extra)
+    validate(end)
+    save(end)
     tokens_per_s = timed_tokens / timed_seconds if timed_seconds else 0.0
-    return summary(history, cfg.steps, tokens_per_s), history
+    return summary(history, end, tokens_per_s), history
+
+
+def load_weights(model: GPT2, path: str) -> None:
+    """restore_from: <path>: start from the weights of a model folder, run folder or checkpoint
+    prefix (only the weights: the optimizer starts afresh, as in nshepperd's train.py)."""
+    from gpt2tune.checkpoint import read_weights
+
+    try:
+        weights = read_weights(path, model.hparams)
+    except Gpt2tuneError as e:
+        raise Gpt2tuneError(f"params.yaml: train.restore_from = {path!r}: {e}") from None
+    for name, var in model.params.items():
+        var.assign(weights[name])
 
 
 def _quiet(progress: bool | None) -> bool | None:
     return None if progress is None else not progress  # tqdm: None = only on a terminal
 
 
-class _stop_on_ctrl_c:
-    """Turn the first Ctrl-C into a request to stop after the current step (a second one
-    interrupts at once), so the step in flight is finished and saved, not lost."""
+class Stopped(KeyboardInterrupt):
+    """Training stopped on a signal after saving its last step. A KeyboardInterrupt, so that
+    callers treat it as an interruption (MLflow marks the run killed, not failed)."""
+
+    def __init__(self, signal_name: str):
+        super().__init__(signal_name)
+        self.signal_name = signal_name
+
+    @property
+    def exit_code(self) -> int:
+        import signal
+
+        return 128 + int(getattr(signal, self.signal_name))
+
+
+class _stop_on_signals:
+    """Turn the first Ctrl-C (SIGINT) or SIGTERM (what preemptible machines and `kill` send)
+    into a request to stop after the current step, so that step is finished and saved, not
+    lost; a second signal interrupts at once."""
+
+    SIGNALS = ("SIGINT", "SIGTERM")
 
     def __enter__(self):
         import signal
         import threading
 
-        self.requested = False
-        self._previous = None
+        self.signal: str | None = None
+        self._previous: dict = {}
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handler)
+            for name in self.SIGNALS:
+                self._previous[name] = signal.signal(getattr(signal, name), self._handler)
         return self
 
     def _handler(self, signum, frame):
         import signal
 
-        self.requested = True
-        signal.signal(signal.SIGINT, self._previous)
+        self.signal = signal.Signals(signum).name
+        self._restore()
 
-    def __exit__(self, *exc):
+    def _restore(self):
         import signal
 
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for name, previous in self._previous.items():
+            signal.signal(getattr(signal, name), previous)
+        self._previous = {}
+
+    def __exit__(self, *exc):
+        self._restore()
         return False
 
 
