@@ -333,6 +333,11 @@ BAD = {
         'params.yaml: train.restore_from = "": must be latest, fresh, or the path of a '
         "checkpoint or model folder",
     ),
+    "weight decay with plain adam": (
+        _set("train", "weight_decay", 0.1),
+        "params.yaml: train.weight_decay = 0.1: has no effect with train.optimizer = adam "
+        "(TF1's Adam has no decay); use adamw, or set it to 0",
+    ),
     "empty experiment": (
         _set("mlflow", "experiment", ""),
         'params.yaml: mlflow.experiment = "": must be a non-empty string',

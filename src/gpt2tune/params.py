@@ -321,7 +321,19 @@ def validate_params(raw: object, source: str = "params.yaml") -> Params:
                 )
             values[key] = value
         built[section] = cls(**values)
-    return Params(**built)
+    params = Params(**built)
+    _check_combinations(params, source)
+    return params
+
+
+def _check_combinations(params: Params, source: str) -> None:
+    """Keys that are fine alone but contradict each other."""
+    t = params.train
+    if t.optimizer == "adam" and t.weight_decay:
+        raise Gpt2tuneError(
+            f"{source}: train.weight_decay = {t.weight_decay}: has no effect with "
+            "train.optimizer = adam (TF1's Adam has no decay); use adamw, or set it to 0"
+        )
 
 
 class _Loader(yaml.SafeLoader):
