@@ -37,14 +37,18 @@ def main() -> None:
         tracking.log_text(text, f"samples/train/step_{step:06d}.txt")
 
     with tracking.training_run(p.mlflow, p.flat(), run_id) as run:
-        metrics, history = train.fit(
-            model, train_tokens, val_tokens, p.train, RUN_DIR,
-            strategy=strategy,
-            run_fingerprint=fp,
-            log_metrics=tracking.log_metrics,
-            log_sample=log_sample,
-            state_extra={"mlflow_run_id": run.info.run_id},
-        )  # fmt: skip
+        try:
+            metrics, history = train.fit(
+                model, train_tokens, val_tokens, p.train, RUN_DIR,
+                strategy=strategy,
+                run_fingerprint=fp,
+                log_metrics=tracking.log_metrics,
+                log_sample=log_sample,
+                state_extra={"mlflow_run_id": run.info.run_id},
+            )  # fmt: skip
+        except train.Stopped:  # saved and resumable: killed, not failed (a NaN fails it)
+            tracking.end_run("KILLED")
+            raise
         if "val_perplexity" in metrics:
             tracking.log_metrics({"val_perplexity": metrics["val_perplexity"]}, p.train.steps)
     train.write_plots(history, "metrics")

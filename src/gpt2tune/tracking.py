@@ -156,3 +156,10 @@ def log_folder(folder: str | os.PathLike, artifact_path: str) -> None:
     import mlflow
 
     mlflow.log_artifacts(str(folder), artifact_path)
+
+
+def end_run(status: str) -> None:
+    """End the active run with an MLflow status such as "KILLED"."""
+    import mlflow
+
+    mlflow.end_run(status)

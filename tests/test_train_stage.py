@@ -1,0 +1,149 @@
+"""The train stage as a user runs it (`python stages/train.py` in a project folder, MLflow in
+the project's sqlite store): a NaN loss fails the MLflow run and keeps the last checkpoint;
+SIGTERM checkpoints, exits 143 and marks the run killed; the rerun resumes in the same run."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import TINY_CORPUS
+from test_pipeline import copy_project
+
+from gpt2tune.encoder import load_encoder
+from gpt2tune.model import init_model
+
+VENV_BIN = Path(sys.executable).parent
+
+
+class StageProject:
+    def __init__(self, root: Path):
+        self.root = root
+        self.env = dict(
+            os.environ,
+            PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            TF_CPP_MIN_LOG_LEVEL="2",
+            CUDA_VISIBLE_DEVICES="",
+        )
+        self.env.pop("MLFLOW_TRACKING_URI", None)
+
+    def set_train(self, **changes) -> None:
+        path = self.root / "params.yaml"
+        params = yaml.safe_load(path.read_text())
+        params["train"].update(changes)
+        path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+    def stage(self, name: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, f"stages/{name}.py"], cwd=self.root, env=self.env,
+            capture_output=True, text=True, timeout=timeout,
+        )  # fmt: skip
+
+    def popen(self, name: str) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, f"stages/{name}.py"], cwd=self.root, env=self.env,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+
+    def state(self) -> dict | None:
+        try:
+            return json.loads((self.root / "checkpoint/run1/train_state.json").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def client(self):
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(tracking_uri=f"sqlite:///{self.root / 'mlflow.db'}")
+
+    def run_id(self) -> str:
+        return json.loads((self.root / "metrics/mlflow_run.json").read_text())["run_id"]
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, tiny_vocab_dir):
+    root = tmp_path_factory.mktemp("stage") / "project"
+    copy_project(root)
+    n_vocab = load_encoder(tiny_vocab_dir).n_vocab
+    hp = {"n_vocab": n_vocab, "n_ctx": 32, "n_embd": 32, "n_head": 2, "n_layer": 2}
+    init_model(hp, tiny_vocab_dir, seed=0).save(root / "models" / "tiny")
+    (root / "data").mkdir()
+    (root / "data" / "dset.txt").write_text(TINY_CORPUS * 20, encoding="utf-8")
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["model"]["name"] = "tiny"
+    params["train"].update(
+        steps=6, batch_size=2, learning_rate=0.001, n_ctx=16, sample_every=0, save_every=3,
+        val_every=3, val_batch_count=2,
+    )  # fmt: skip
+    params["mlflow"].update(tracking_uri="sqlite:///mlflow.db", experiment="stage-test")
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    p = StageProject(root)
+    proc = p.stage("encode")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return p
+
+
+def one_error_line(proc: subprocess.CompletedProcess) -> str:
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    return lines[0]
+
+
+def test_nan_loss_fails_the_mlflow_run_and_keeps_the_last_checkpoint(project):
+    project.set_train(optimizer="sgd", learning_rate=1e12, save_every=1, steps=6)
+    try:
+        proc = project.stage("train")
+    finally:
+        project.set_train(optimizer="adam", learning_rate=0.001, save_every=3)
+    assert proc.returncode == 1
+    line = one_error_line(proc)
+    m = re.search(r"loss became (nan|inf) at step (\d+); the last good checkpoint", line)
+    assert m and "train.learning_rate" in line, line
+    assert project.state()["step"] == int(m.group(2)) - 1  # saved before the loss blew up
+    run = project.client().get_run(project.run_id())
+    assert run.info.status == "FAILED"
+
+
+def test_sigterm_checkpoints_exits_143_and_the_rerun_continues_the_same_run(project):
+    project.set_train(steps=100_000, save_every=0)
+    proc = project.popen("train")
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (project.root / "metrics/mlflow_run.json").exists():
+                history = project.client().get_metric_history(project.run_id(), "loss")
+                if len(history) >= 3:  # not the failed run of the test above: it has 1
+                    break
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 143, err[-3000:]
+    assert "Traceback" not in err
+    stopped = project.state()["step"]
+    assert f"stopped by SIGTERM: step {stopped} saved" in out
+    run_id = project.run_id()
+    assert project.client().get_run(run_id).info.status == "KILLED"
+
+    project.set_train(steps=stopped + 3)
+    proc = project.stage("train")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resuming from step {stopped}" in proc.stdout
+    assert project.run_id() == run_id  # the same MLflow run continues
+    client = project.client()
+    assert client.get_run(run_id).info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(run_id, "loss")]
+    assert sorted(steps) == list(range(1, stopped + 4))  # each step once
+    assert json.loads((project.root / "metrics/train.json").read_text())["steps"] == stopped + 3
