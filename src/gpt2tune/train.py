@@ -4,8 +4,12 @@ The loop follows N. Shepperd's `train.py` that the notebooks used: constant lear
 Adam (beta1 0.9, beta2 0.999, eps 1e-8, as TF1's AdamOptimizer), random contiguous windows,
 samples and a validation loss every few steps. Differences, and why:
 
-- One `tf.distribute` code path: the default strategy on a CPU or one GPU, MirroredStrategy
-  over all GPUs when there are several; gradients are averaged across replicas.
+- One `tf.distribute` code path (`train.strategy`): the default strategy on a CPU or one
+  GPU, MirroredStrategy over all local GPUs, MultiWorkerMirroredStrategy over machines;
+  gradients are averaged across replicas.
+- Speed and memory knobs nshepperd's script did not have: mixed precision (bfloat16, or
+  float16 with dynamic loss scaling), an XLA-compiled train step, and recomputing each block
+  in the backward pass (his `memory_saving_gradients`, here `tf.recompute_grad`).
 - A run folder (`checkpoint/run1`) holds the latest weights under OpenAI's names plus Adam's
   slots (`<name>/Adam`, `<name>/Adam_1`, like TF1), `train_state.json` and the loss history.
   A rerun with the same settings continues from it (e.g. after Ctrl-C, or with more steps);
@@ -40,12 +44,63 @@ STATE_FILE = "train_state.json"
 HISTORY_FILE = "history.json"
 
 
-def make_strategy() -> tf.distribute.Strategy:
-    """MirroredStrategy across GPUs when there are several, else the default strategy."""
+# train.precision -> the dtype the forward pass computes in (variables stay float32).
+COMPUTE_DTYPES = {"float32": tf.float32, "mixed_bfloat16": tf.bfloat16, "mixed_float16": tf.float16}
+
+
+def make_strategy(name: str = "auto") -> tf.distribute.Strategy:
+    """The tf.distribute strategy `train.strategy` names.
+
+    one: the default strategy (one device). mirrored: MirroredStrategy over all local GPUs,
+    or over the logical CPUs when there is no GPU (so it can be tested on a CPU).
+    multi_worker: MultiWorkerMirroredStrategy, configured by the TF_CONFIG environment
+    variable. auto: mirrored when more than one GPU is visible, else one.
+    """
     gpus = tf.config.list_logical_devices("GPU")
-    if len(gpus) > 1:
-        return tf.distribute.MirroredStrategy([d.name for d in gpus])
-    return tf.distribute.get_strategy()
+    if name == "auto":
+        name = "mirrored" if len(gpus) > 1 else "one"
+    if name == "one":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        devices = gpus or tf.config.list_logical_devices("CPU")
+        return tf.distribute.MirroredStrategy([d.name for d in devices])
+    if name == "multi_worker":
+        check_tf_config(os.environ.get("TF_CONFIG"))
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    raise Gpt2tuneError(f"train.strategy = {name!r}: must be auto, one, mirrored or multi_worker")
+
+
+def check_tf_config(text: str | None) -> dict:
+    """TF_CONFIG parsed, or an error saying what multi_worker needs."""
+    example = (
+        'e.g. TF_CONFIG=\'{"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
+        '"task": {"type": "worker", "index": 0}}\''
+    )
+    if not text:
+        raise Gpt2tuneError(
+            f"train.strategy = multi_worker needs the TF_CONFIG variable, {example}"
+        )
+    try:
+        config = json.loads(text)
+        workers = config["cluster"]["worker"]
+        task = config["task"]
+        ok = (
+            isinstance(workers, list)
+            and workers
+            and task["type"] in ("worker", "chief")
+            and 0 <= int(task["index"]) < len(workers) + (task["type"] == "chief")
+        )
+    except (ValueError, KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise Gpt2tuneError(f"TF_CONFIG = {text!r} is not a valid worker cluster, {example}")
+    return config
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    """Whether this process keeps checkpoints, metrics and MLflow: always, except on the
+    non-chief workers of a multi-worker run (TF's pattern: they write to a temp folder)."""
+    return bool(strategy.extended.should_checkpoint)
 
 
 class Adam:
@@ -75,9 +130,35 @@ class Adam:
         return out
 
 
-def lm_loss(params, hparams, windows: tf.Tensor) -> tf.Tensor:
-    """Mean next-token cross-entropy over windows [batch, len] (inputs w[:, :-1])."""
-    logits, _ = forward(params, hparams, windows[:, :-1])
+class DynamicLossScale:
+    """float16 loss scaling: the loss is multiplied by `scale` before the backward pass so
+    small gradients do not underflow float16, and the gradients divided by it after.
+
+    A step whose gradients are not finite is skipped and the scale halved; after
+    `growth_interval` finite steps in a row it is doubled (Keras' LossScaleOptimizer rule).
+    """
+
+    def __init__(self, initial: float = 2.0**15, growth_interval: int = 2000):
+        self.growth_interval = growth_interval
+        self.scale = tf.Variable(initial, dtype=tf.float32, trainable=False, name="loss_scale")
+        self.good_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="good_steps")
+
+    def update(self, grads: list[tf.Tensor]) -> tf.Tensor:
+        """Adjust the scale to these (unscaled) gradients; returns whether to apply them."""
+        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
+        good = tf.where(finite, self.good_steps + 1, 0)
+        grow = good >= self.growth_interval
+        self.scale.assign(tf.where(finite, tf.where(grow, 2.0, 1.0), 0.5) * self.scale)
+        self.good_steps.assign(tf.where(grow, tf.zeros_like(good), good))
+        return finite
+
+
+def lm_loss(
+    params, hparams, windows: tf.Tensor, *, dtype: tf.DType = tf.float32, recompute: bool = False
+) -> tf.Tensor:
+    """Mean next-token cross-entropy over windows [batch, len] (inputs w[:, :-1]), in float32
+    whatever the compute dtype; see `forward` for `dtype` and `recompute`."""
+    logits, _ = forward(params, hparams, windows[:, :-1], dtype=dtype, recompute=recompute)
     return tf.reduce_mean(
         tf.nn.sparse_softmax_cross_entropy_with_logits(labels=windows[:, 1:], logits=logits)
     )
@@ -94,10 +175,15 @@ class Trainer:
                 f"params.yaml: train.batch_size = {cfg.batch_size}: must be a multiple of the "
                 f"{self.replicas} replicas (GPUs) in use"
             )
+        self.dtype = COMPUTE_DTYPES[cfg.precision]
         with strategy.scope():
             self.opt = Adam(model.params, cfg.learning_rate)
+            float16 = cfg.precision == "mixed_float16"
+            self.loss_scale = DynamicLossScale() if float16 else None
         self.train_step = tf.function(
-            self._train_step, input_signature=[tf.TensorSpec([None, None, None], tf.int32)]
+            self._train_step,
+            input_signature=[tf.TensorSpec([None, None, None], tf.int32)],
+            jit_compile=cfg.xla,
         )
         self.eval_step = tf.function(
             self._eval_step, input_signature=[tf.TensorSpec([None, None], tf.int32)]
@@ -112,9 +198,14 @@ class Trainer:
     def _replica_grads(self, windows):
         params = self.model.params
         with tf.GradientTape() as tape:
-            loss = lm_loss(params, self.model.hparams, windows)
-        grads = tape.gradient(loss, list(params.values()))
-        return loss, [tf.convert_to_tensor(g) for g in grads]
+            loss = lm_loss(
+                params, self.model.hparams, windows,
+                dtype=self.dtype, recompute=self.cfg.memory_saving_gradients,
+            )  # fmt: skip
+            scale = 1.0 if self.loss_scale is None else self.loss_scale.scale
+            scaled = loss * scale
+        grads = tape.gradient(scaled, list(params.values()))
+        return loss, [tf.convert_to_tensor(g) / scale for g in grads]
 
     def _train_step(self, windows: tf.Tensor) -> tf.Tensor:
         """windows [accumulate, batch, len]: one optimizer step, returns the mean loss."""
@@ -129,11 +220,14 @@ class Trainer:
                 for t, g in zip(total, grads, strict=True)
             ]
         k = float(self.cfg.accumulate_gradients)
-        self.opt.apply({n: g / k for n, g in zip(names, total, strict=True)})
+        # float16: a step whose gradients overflowed is skipped (the loss scale is lowered).
+        finite = True if self.loss_scale is None else self.loss_scale.update(total)
+        if finite:
+            self.opt.apply({n: g / k for n, g in zip(names, total, strict=True)})
         return total_loss / k
 
     def _eval_step(self, windows: tf.Tensor) -> tf.Tensor:
-        return lm_loss(self.model.params, self.model.hparams, windows)
+        return lm_loss(self.model.params, self.model.hparams, windows, dtype=self.dtype)
 
     def eval_loss(self, windows: np.ndarray) -> float:
         """Mean loss over windows [k, len], evaluated batch_size at a time."""
