@@ -180,10 +180,19 @@ class Trainer:
             self.opt = Adam(model.params, cfg.learning_rate)
             float16 = cfg.precision == "mixed_float16"
             self.loss_scale = DynamicLossScale() if float16 else None
+        # XLA compiles the whole step (forward, backward, Adam) on one device; with several
+        # replicas only each replica's forward and backward, since an XLA cluster cannot
+        # reach the other devices' copies of the variables (MirroredStrategy's all-reduce).
+        whole = self.replicas == 1
+        self._grads_fn = (
+            tf.function(self._loss_and_grads, jit_compile=True)
+            if cfg.xla and not whole
+            else self._loss_and_grads
+        )
         self.train_step = tf.function(
             self._train_step,
             input_signature=[tf.TensorSpec([None, None, None], tf.int32)],
-            jit_compile=cfg.xla,
+            jit_compile=cfg.xla and whole,
         )
         self.eval_step = tf.function(
             self._eval_step, input_signature=[tf.TensorSpec([None, None], tf.int32)]
@@ -196,15 +205,24 @@ class Trainer:
         )
 
     def _replica_grads(self, windows):
-        params = self.model.params
+        # The variables are read here, outside XLA: a jit-compiled function that reads a
+        # MirroredVariable's copy on another device fails ("Trying to access resource ...
+        # located in device CPU:1 from device CPU:0", an XLA known issue); tensors are fine.
+        values = {n: tf.convert_to_tensor(v) for n, v in self.model.params.items()}
+        scale = tf.constant(1.0) if self.loss_scale is None else tf.identity(self.loss_scale.scale)
+        return self._grads_fn(values, windows, scale)
+
+    def _loss_and_grads(self, values: dict[str, tf.Tensor], windows, scale):
+        """Loss and gradients of one replica's windows; float16 scales the loss up before the
+        backward pass (so small gradients do not underflow) and the gradients down after."""
         with tf.GradientTape() as tape:
+            tape.watch(list(values.values()))
             loss = lm_loss(
-                params, self.model.hparams, windows,
+                values, self.model.hparams, windows,
                 dtype=self.dtype, recompute=self.cfg.memory_saving_gradients,
             )  # fmt: skip
-            scale = 1.0 if self.loss_scale is None else self.loss_scale.scale
             scaled = loss * scale
-        grads = tape.gradient(scaled, list(params.values()))
+        grads = tape.gradient(scaled, list(values.values()))
         return loss, [tf.convert_to_tensor(g) / scale for g in grads]
 
     def _train_step(self, windows: tf.Tensor) -> tf.Tensor:
