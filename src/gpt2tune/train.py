@@ -24,6 +24,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -56,6 +57,11 @@ def make_strategy(name: str = "auto") -> tf.distribute.Strategy:
     multi_worker: MultiWorkerMirroredStrategy, configured by the TF_CONFIG environment
     variable. auto: mirrored when more than one GPU is visible, else one.
     """
+    if name == "multi_worker":
+        # First: it must configure TF's collective ops before anything (even listing the
+        # devices) starts the runtime.
+        check_tf_config(os.environ.get("TF_CONFIG"))
+        return tf.distribute.MultiWorkerMirroredStrategy()
     gpus = tf.config.list_logical_devices("GPU")
     if name == "auto":
         name = "mirrored" if len(gpus) > 1 else "one"
@@ -64,9 +70,6 @@ def make_strategy(name: str = "auto") -> tf.distribute.Strategy:
     if name == "mirrored":
         devices = gpus or tf.config.list_logical_devices("CPU")
         return tf.distribute.MirroredStrategy([d.name for d in devices])
-    if name == "multi_worker":
-        check_tf_config(os.environ.get("TF_CONFIG"))
-        return tf.distribute.MultiWorkerMirroredStrategy()
     raise Gpt2tuneError(f"train.strategy = {name!r}: must be auto, one, mirrored or multi_worker")
 
 
@@ -101,6 +104,16 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
     """Whether this process keeps checkpoints, metrics and MLflow: always, except on the
     non-chief workers of a multi-worker run (TF's pattern: they write to a temp folder)."""
     return bool(strategy.extended.should_checkpoint)
+
+
+def worker_run_dir(run_dir: Path, tmp: str | os.PathLike) -> Path:
+    """Where a non-chief worker keeps its checkpoints: a copy, under `tmp`, of the chief's
+    run folder as it is now, so that when the chief resumes from it (it must be visible to
+    every worker, e.g. on a shared filesystem) the worker resumes from the same step."""
+    copy = Path(tmp) / Path(run_dir).name
+    if Path(run_dir).is_dir():
+        shutil.copytree(run_dir, copy)
+    return copy
 
 
 class Adam:
