@@ -254,8 +254,8 @@ def test_two_workers_on_loopback_train_like_one_process():
     workers = []
     for i in range(2):
         tf_config = {"cluster": {"worker": hosts}, "task": {"type": "worker", "index": i}}
-        workers.append(run_script("multi_worker", cfg,
-                                  dict(SUBPROCESS_ENV, TF_CONFIG=json.dumps(tf_config))))  # fmt: skip
+        env = dict(SUBPROCESS_ENV, TF_CONFIG=json.dumps(tf_config))
+        workers.append(run_script("multi_worker", cfg, env))
     single = result(run_script("one", cfg, SUBPROCESS_ENV))
     chief, other = (result(w) for w in workers)
     assert chief["replicas"] == other["replicas"] == 2 and single["replicas"] == 1
