@@ -19,7 +19,14 @@ import tensorflow as tf
 from gpt2tune import Gpt2tuneError
 from gpt2tune.model import init_model
 from gpt2tune.params import TrainParams
-from gpt2tune.train import DynamicLossScale, Trainer, check_tf_config, is_chief, make_strategy
+from gpt2tune.train import (
+    DynamicLossScale,
+    Trainer,
+    check_tf_config,
+    is_chief,
+    make_strategy,
+    worker_run_dir,
+)
 
 HP = {"n_vocab": 300, "n_ctx": 16, "n_embd": 64, "n_head": 2, "n_layer": 2}
 CFG = TrainParams(steps=3, batch_size=2, learning_rate=1e-3, n_ctx=16)
@@ -193,6 +200,20 @@ def test_multi_worker_without_a_valid_tf_config_is_a_one_line_error(
 def test_a_valid_tf_config_is_accepted():
     text = '{"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 1}}'
     assert check_tf_config(text)["task"]["index"] == 1
+
+
+def test_a_non_chief_worker_saves_into_a_copy_of_the_run_folder(tmp_path):
+    run_dir, tmp = tmp_path / "checkpoint" / "run1", tmp_path / "tmp"
+    tmp.mkdir()
+    fresh = worker_run_dir(run_dir, tmp)  # nothing to resume: an empty place of its own
+    assert fresh.parent == tmp and not fresh.exists()
+    run_dir.mkdir(parents=True)
+    (run_dir / "train_state.json").write_text('{"step": 3}')
+    (tmp / "b").mkdir()
+    copy = worker_run_dir(run_dir, tmp / "b")  # resumes from the chief's step, writes apart
+    assert (copy / "train_state.json").read_text() == '{"step": 3}'
+    (copy / "train_state.json").write_text('{"step": 4}')
+    assert (run_dir / "train_state.json").read_text() == '{"step": 3}'
 
 
 MULTI_WORKER_SCRIPT = textwrap.dedent(
