@@ -2,6 +2,7 @@
 
     python bench/train.py                       # 124M, batch 1, 1024-token windows
     python bench/train.py --n_ctx 128 --steps 5
+    python bench/train.py --precision mixed_bfloat16 --xla --recompute   # the train.* knobs
 
 The first step compiles and is reported separately; the last line is JSON.
 """
@@ -21,6 +22,10 @@ def main() -> None:
     ap.add_argument("--n_ctx", type=int, default=1024, help="tokens per training window")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--steps", type=int, default=3, help="timed steps after the first")
+    ap.add_argument("--precision", default="float32", help="train.precision")
+    ap.add_argument("--xla", action="store_true", help="train.xla")
+    ap.add_argument("--recompute", action="store_true", help="train.memory_saving_gradients")
+    ap.add_argument("--strategy", default="auto", help="train.strategy")
     args = ap.parse_args()
 
     import tensorflow as tf
@@ -33,8 +38,10 @@ def main() -> None:
           "n_layer": args.n_layer}  # fmt: skip
     cfg = TrainParams(steps=args.steps + 1, batch_size=args.batch, learning_rate=2e-5, seed=0,
                       n_ctx=args.n_ctx, sample_every=0, sample_length=1, save_every=0,
-                      val_every=0, val_batch_count=1, accumulate_gradients=1)  # fmt: skip
-    strategy = make_strategy()
+                      val_every=0, val_batch_count=1, accumulate_gradients=1,
+                      precision=args.precision, xla=args.xla,
+                      memory_saving_gradients=args.recompute, strategy=args.strategy)  # fmt: skip
+    strategy = make_strategy(args.strategy)
     with strategy.scope():
         model = init_model(hp, seed=0)
     trainer = Trainer(model, cfg, strategy)
@@ -51,6 +58,7 @@ def main() -> None:
     s = float(np.median(times))
     print(f"first step (with compile): {first:.1f} s; median of {args.steps}: {s:.2f} s/step")
     print(json.dumps({**hp, "train_n_ctx": args.n_ctx, "batch": args.batch,
+                      "precision": args.precision, "xla": args.xla, "recompute": args.recompute,
                       "devices": [d.name for d in tf.config.list_logical_devices()],
                       "s_per_step": round(s, 3),
                       "tokens_per_s": round(args.batch * args.n_ctx / s, 1)}))  # fmt: skip

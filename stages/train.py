@@ -2,11 +2,13 @@
 
 Writes checkpoint/run1/ (resumable: rerun to continue an interrupted training), the DVC
 metrics metrics/train.json, the plot data metrics/loss.tsv and metrics/val_loss.tsv, and the
-MLflow run id in metrics/mlflow_run.json for the assemble and sample stages.
+MLflow run id in metrics/mlflow_run.json for the assemble and sample stages. With
+`train.strategy: multi_worker` only the chief (worker 0) writes any of these.
 """
 
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 from gpt2tune.errors import import_tensorflow_quietly, run_stage
@@ -26,10 +28,19 @@ def main() -> None:
     train_tokens = dataset.load_tokens("data/encoded", "train")
     val_tokens = dataset.load_tokens("data/encoded", "val")
     stats = json.loads(Path("data/encoded/stats.json").read_text())
-    strategy = train.make_strategy()
+    strategy = train.make_strategy(p.train.strategy)
     with strategy.scope():  # variables live on every GPU when there are several
         model = checkpoint.load_model(f"models/{p.model.name}")
     fp = train.fingerprint(p.train, p.model.name, stats)
+    if not train.is_chief(strategy):
+        # A non-chief worker of a multi-worker run computes and all-reduces like the chief
+        # but keeps nothing: checkpoints go to a temporary copy of the run folder (TF's
+        # pattern), metrics and MLflow are the chief's alone.
+        with tempfile.TemporaryDirectory() as tmp:
+            run_dir = train.worker_run_dir(RUN_DIR, tmp)
+            train.fit(model, train_tokens, val_tokens, p.train, run_dir,
+                      strategy=strategy, run_fingerprint=fp)  # fmt: skip
+        return
     resumed = train.resumable_state(RUN_DIR, fp, p.train.steps)
     run_id = resumed.get("mlflow_run_id") if resumed else None
 

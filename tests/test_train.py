@@ -324,13 +324,13 @@ MULTI_REPLICA_SCRIPT = textwrap.dedent(
     from gpt2tune import Gpt2tuneError
     from gpt2tune.model import init_model
     from gpt2tune.params import TrainParams
-    from gpt2tune.train import Trainer
+    from gpt2tune.train import Trainer, make_strategy
 
     hp, cfg = json.loads(sys.argv[1]), TrainParams(**json.loads(sys.argv[2]))
-    mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    mirrored = make_strategy("mirrored")  # no GPU: over the two logical CPUs
     assert mirrored.num_replicas_in_sync == 2
 
-    def run(strategy):
+    def run(strategy, cfg):
         with strategy.scope():
             model = init_model(hp, seed=0)
         trainer = Trainer(model, cfg, strategy)
@@ -348,14 +348,16 @@ MULTI_REPLICA_SCRIPT = textwrap.dedent(
                     np.testing.assert_array_equal(copy.numpy(), out[n])
         return losses, out
 
-    l2, w2 = run(mirrored)
-    l1, w1 = run(tf.distribute.get_strategy())
-    np.testing.assert_allclose(l2, l1, rtol=1e-5)
-    for n in w1:  # weights to 1e-5; Adam's m and v (far smaller numbers) relative to their size
-        slot = n.endswith(("/Adam", "/Adam_1"))
-        atol = 1e-4 * np.abs(w1[n]).max() if slot else 1e-5
-        np.testing.assert_allclose(w2[n], w1[n], atol=atol, rtol=1e-3 if slot else 0, err_msg=n)
-    print("SAME")
+    # Plain, then with XLA (each replica's forward/backward compiled) and recomputed blocks.
+    for c in (cfg, dataclasses.replace(cfg, xla=True, memory_saving_gradients=True)):
+        l2, w2 = run(mirrored, c)
+        l1, w1 = run(make_strategy("one"), c)
+        np.testing.assert_allclose(l2, l1, rtol=1e-5)
+        for n in w1:  # weights to 1e-5; Adam's m, v (far smaller numbers) relative to their size
+            slot = n.endswith(("/Adam", "/Adam_1"))
+            atol = 1e-4 * np.abs(w1[n]).max() if slot else 1e-5
+            np.testing.assert_allclose(w2[n], w1[n], atol=atol, rtol=1e-3 if slot else 0, err_msg=n)
+        print("SAME")
     with mirrored.scope():
         model = init_model(hp, seed=0)
     try:
@@ -375,7 +377,7 @@ def test_two_replicas_train_like_one(hp):
         capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "SAME" in proc.stdout
+    assert proc.stdout.count("SAME") == 2
     error = [line for line in proc.stdout.splitlines() if line.startswith("ERROR")]
     assert len(error) == 1 and "train.batch_size = 3" in error[0], proc.stdout
 

@@ -4,6 +4,10 @@ Names and shapes are exactly those of OpenAI's checkpoint (`model/h0/attn/c_attn
 weights move between this module and the official release without any renaming. The forward
 pass optionally takes and returns a key/value cache ("past") laid out as in OpenAI's
 `src/model.py`: `[batch, n_layer, 2, n_head, seq, head_dim]`.
+
+For training it can also compute in bfloat16 or float16 (weights stay float32 and are cast
+where they are used; layer norm statistics and the softmax stay float32, logits come back
+float32) and recompute each block in the backward pass instead of keeping its activations.
 """
 
 from __future__ import annotations
@@ -66,9 +70,13 @@ def gelu(x: tf.Tensor) -> tf.Tensor:
 
 
 def norm(x: tf.Tensor, g: tf.Tensor, b: tf.Tensor, epsilon: float = 1e-5) -> tf.Tensor:
-    u = tf.reduce_mean(x, axis=-1, keepdims=True)
-    s = tf.reduce_mean(tf.square(x - u), axis=-1, keepdims=True)
-    return (x - u) * tf.math.rsqrt(s + epsilon) * g + b
+    # Statistics in float32 whatever x's dtype: a float16 variance of wide activations
+    # overflows or loses the epsilon. The result goes back to x's dtype.
+    x32 = tf.cast(x, tf.float32)
+    u = tf.reduce_mean(x32, axis=-1, keepdims=True)
+    s = tf.reduce_mean(tf.square(x32 - u), axis=-1, keepdims=True)
+    y = (x32 - u) * tf.math.rsqrt(s + epsilon) * tf.cast(g, tf.float32) + tf.cast(b, tf.float32)
+    return tf.cast(y, x.dtype)
 
 
 def conv1d(x: tf.Tensor, w: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
@@ -106,10 +114,11 @@ def attn(x: tf.Tensor, p: Mapping[str, tf.Tensor], n_head: int, past: tf.Tensor 
         pk, pv = tf.unstack(past, axis=1)
         k = tf.concat([pk, k], axis=-2)
         v = tf.concat([pv, v], axis=-2)
-    w = tf.matmul(q, k, transpose_b=True) * tf.math.rsqrt(tf.cast(tf.shape(v)[-1], tf.float32))
+    w = tf.cast(tf.matmul(q, k, transpose_b=True), tf.float32)  # softmax in float32: the
+    w = w * tf.math.rsqrt(tf.cast(tf.shape(v)[-1], tf.float32))  # -1e10 mask overflows float16
     m = attention_mask(tf.shape(w)[2], tf.shape(w)[3])
     w = tf.nn.softmax(w * m - 1e10 * (1 - m), axis=-1)
-    a = merge_heads(tf.matmul(w, v))
+    a = merge_heads(tf.matmul(tf.cast(w, v.dtype), v))
     return conv1d(a, p["attn/c_proj/w"], p["attn/c_proj/b"]), present
 
 
@@ -125,38 +134,76 @@ def block(x: tf.Tensor, p: Mapping[str, tf.Tensor], n_head: int, past: tf.Tensor
     return x, present
 
 
+def cast_block(p: Mapping[str, tf.Tensor], dtype: tf.DType) -> dict[str, tf.Tensor]:
+    """A block's weights in the compute dtype. Layer norm gains and biases stay float32
+    (`norm` computes in float32); in float32 the casts are no-ops."""
+    return {k: v if k.startswith("ln_") else tf.cast(v, dtype) for k, v in p.items()}
+
+
+def recomputed_block(n_head: int, names: list[str], dtype: tf.DType):
+    """`block` (without past or present) under tf.recompute_grad: the backward pass runs the
+    block again instead of keeping its activations (OpenAI's memory_saving_gradients).
+
+    The weights come in as explicit tensor arguments, so recompute_grad sees them as inputs
+    and returns their gradients; the float32 -> dtype casts are inside, so they are
+    recomputed too rather than kept.
+    """
+
+    def f(x: tf.Tensor, *weights: tf.Tensor) -> tf.Tensor:
+        return block(x, cast_block(dict(zip(names, weights, strict=True)), dtype), n_head, None)[0]
+
+    return tf.recompute_grad(f)
+
+
 def forward(
     params: Mapping[str, tf.Tensor],
     hparams: Mapping[str, int],
     tokens: tf.Tensor,
     past: tf.Tensor | None = None,
-) -> tuple[tf.Tensor, tf.Tensor]:
+    *,
+    dtype: tf.DType = tf.float32,
+    recompute: bool = False,
+) -> tuple[tf.Tensor, tf.Tensor | None]:
     """tokens [batch, seq] int32 -> (logits [batch, seq, n_vocab], present).
 
     `past` holds keys/values of earlier positions, `[batch, n_layer, 2, n_head, past_len,
     head_dim]`; `present` holds those of `tokens` alone, so the next call's past is
     `concat([past, present], axis=-2)`. Positions continue from past_len.
+
+    For training: `dtype` (bfloat16 or float16) is the compute dtype of the matmuls and the
+    residual stream; logits are float32 whatever it is. `recompute` recomputes each block in
+    the backward pass; it keeps no cache, so present is None and past must be None.
     """
+    if recompute and past is not None:
+        raise ValueError("recompute is for training: it takes no past and returns no present")
     past_len = 0 if past is None else tf.shape(past)[-2]
     t = tf.shape(tokens)[1]
     h = (
         tf.gather(params["model/wte"], tokens)
         + tf.gather(params["model/wpe"], tf.range(past_len, past_len + t))[None]
     )
+    h = tf.cast(h, dtype)
     pasts = [None] * hparams["n_layer"] if past is None else tf.unstack(past, axis=1)
     presents = []
     for i, layer_past in enumerate(pasts):
         prefix = f"model/h{i}/"
         p = {k[len(prefix) :]: v for k, v in params.items() if k.startswith(prefix)}
-        h, present = block(h, p, hparams["n_head"], layer_past)
-        presents.append(present)
+        if recompute:
+            names = sorted(p)
+            f = recomputed_block(hparams["n_head"], names, dtype)
+            h = f(h, *[tf.convert_to_tensor(p[k]) for k in names])
+        else:
+            h, present = block(h, cast_block(p, dtype), hparams["n_head"], layer_past)
+            presents.append(present)
     h = norm(h, params["model/ln_f/g"], params["model/ln_f/b"])
     # Output embedding is tied to the input embedding, as in the paper.
     logits = tf.matmul(
-        tf.reshape(h, [-1, hparams["n_embd"]]), params["model/wte"], transpose_b=True
+        tf.reshape(h, [-1, hparams["n_embd"]]),
+        tf.cast(params["model/wte"], dtype),
+        transpose_b=True,
     )
-    logits = tf.reshape(logits, [tf.shape(tokens)[0], t, hparams["n_vocab"]])
-    return logits, tf.stack(presents, axis=1)
+    logits = tf.reshape(tf.cast(logits, tf.float32), [tf.shape(tokens)[0], t, hparams["n_vocab"]])
+    return logits, tf.stack(presents, axis=1) if presents else None
 
 
 # --- the model object -------------------------------------------------------------------

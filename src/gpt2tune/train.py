@@ -6,8 +6,12 @@ contiguous windows, samples and a validation loss every few steps; his options (
 only_train_transformer_layers, accumulate_gradients, restore_from, ...) are `train.*` keys.
 Differences, and why:
 
-- One `tf.distribute` code path: the default strategy on a CPU or one GPU, MirroredStrategy
-  over all GPUs when there are several; gradients are averaged across replicas.
+- One `tf.distribute` code path (`train.strategy`): the default strategy on a CPU or one
+  GPU, MirroredStrategy over all local GPUs, MultiWorkerMirroredStrategy over machines;
+  gradients are averaged across replicas.
+- Speed and memory knobs nshepperd's script did not have: mixed precision (bfloat16, or
+  float16 with dynamic loss scaling), an XLA-compiled train step, and recomputing each block
+  in the backward pass (his `memory_saving_gradients`, here `tf.recompute_grad`).
 - A run folder (`checkpoint/run1`) holds the latest weights under OpenAI's names plus Adam's
   slots (`<name>/Adam`, `<name>/Adam_1`, like TF1), `train_state.json` and the loss history.
   A rerun with the same settings continues from it (e.g. after Ctrl-C, or with more steps);
@@ -24,6 +28,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -44,12 +49,75 @@ STATE_FILE = "train_state.json"
 HISTORY_FILE = "history.json"
 
 
-def make_strategy() -> tf.distribute.Strategy:
-    """MirroredStrategy across GPUs when there are several, else the default strategy."""
+# train.precision -> the dtype the forward pass computes in (variables stay float32).
+COMPUTE_DTYPES = {"float32": tf.float32, "mixed_bfloat16": tf.bfloat16, "mixed_float16": tf.float16}
+
+
+def make_strategy(name: str = "auto") -> tf.distribute.Strategy:
+    """The tf.distribute strategy `train.strategy` names.
+
+    one: the default strategy (one device). mirrored: MirroredStrategy over all local GPUs,
+    or over the logical CPUs when there is no GPU (so it can be tested on a CPU).
+    multi_worker: MultiWorkerMirroredStrategy, configured by the TF_CONFIG environment
+    variable. auto: mirrored when more than one GPU is visible, else one.
+    """
+    if name == "multi_worker":
+        # First: it must configure TF's collective ops before anything (even listing the
+        # devices) starts the runtime.
+        check_tf_config(os.environ.get("TF_CONFIG"))
+        return tf.distribute.MultiWorkerMirroredStrategy()
     gpus = tf.config.list_logical_devices("GPU")
-    if len(gpus) > 1:
-        return tf.distribute.MirroredStrategy([d.name for d in gpus])
-    return tf.distribute.get_strategy()
+    if name == "auto":
+        name = "mirrored" if len(gpus) > 1 else "one"
+    if name == "one":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        devices = gpus or tf.config.list_logical_devices("CPU")
+        return tf.distribute.MirroredStrategy([d.name for d in devices])
+    raise Gpt2tuneError(f"train.strategy = {name!r}: must be auto, one, mirrored or multi_worker")
+
+
+def check_tf_config(text: str | None) -> dict:
+    """TF_CONFIG parsed, or an error saying what multi_worker needs."""
+    example = (
+        'e.g. TF_CONFIG=\'{"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
+        '"task": {"type": "worker", "index": 0}}\''
+    )
+    if not text:
+        raise Gpt2tuneError(
+            f"train.strategy = multi_worker needs the TF_CONFIG variable, {example}"
+        )
+    try:
+        config = json.loads(text)
+        workers = config["cluster"]["worker"]
+        task = config["task"]
+        ok = (
+            isinstance(workers, list)
+            and workers
+            and task["type"] in ("worker", "chief")
+            and 0 <= int(task["index"]) < len(workers) + (task["type"] == "chief")
+        )
+    except (ValueError, KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise Gpt2tuneError(f"TF_CONFIG = {text!r} is not a valid worker cluster, {example}")
+    return config
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    """Whether this process keeps checkpoints, metrics and MLflow: always, except on the
+    non-chief workers of a multi-worker run (TF's pattern: they write to a temp folder)."""
+    return bool(strategy.extended.should_checkpoint)
+
+
+def worker_run_dir(run_dir: Path, tmp: str | os.PathLike) -> Path:
+    """Where a non-chief worker keeps its checkpoints: a copy, under `tmp`, of the chief's
+    run folder as it is now, so that when the chief resumes from it (it must be visible to
+    every worker, e.g. on a shared filesystem) the worker resumes from the same step."""
+    copy = Path(tmp) / Path(run_dir).name
+    if Path(run_dir).is_dir():
+        shutil.copytree(run_dir, copy)
+    return copy
 
 
 def learning_rate_at(cfg: TrainParams, step) -> tf.Tensor:
@@ -135,10 +203,43 @@ def add_noise(windows: np.ndarray, fraction: float, n_vocab: int, rng) -> np.nda
     return np.where(swap, rng.integers(0, n_vocab, windows.shape), windows).astype(windows.dtype)
 
 
-def lm_loss(params, hparams, windows: tf.Tensor, inputs: tf.Tensor | None = None) -> tf.Tensor:
-    """Mean next-token cross-entropy over windows [batch, len]: the model reads `inputs`
-    (default windows[:, :-1]; a noised copy in training) and predicts windows[:, 1:]."""
-    logits, _ = forward(params, hparams, windows[:, :-1] if inputs is None else inputs)
+class DynamicLossScale:
+    """float16 loss scaling: the loss is multiplied by `scale` before the backward pass so
+    small gradients do not underflow float16, and the gradients divided by it after.
+
+    A step whose gradients are not finite is skipped and the scale halved; after
+    `growth_interval` finite steps in a row it is doubled (Keras' LossScaleOptimizer rule).
+    """
+
+    def __init__(self, initial: float = 2.0**15, growth_interval: int = 2000):
+        self.growth_interval = growth_interval
+        self.scale = tf.Variable(initial, dtype=tf.float32, trainable=False, name="loss_scale")
+        self.good_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="good_steps")
+
+    def update(self, grads: list[tf.Tensor]) -> tf.Tensor:
+        """Adjust the scale to these (unscaled) gradients; returns whether to apply them."""
+        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
+        good = tf.where(finite, self.good_steps + 1, 0)
+        grow = good >= self.growth_interval
+        self.scale.assign(tf.where(finite, tf.where(grow, 2.0, 1.0), 0.5) * self.scale)
+        self.good_steps.assign(tf.where(grow, tf.zeros_like(good), good))
+        return finite
+
+
+def lm_loss(
+    params,
+    hparams,
+    windows: tf.Tensor,
+    inputs: tf.Tensor | None = None,
+    *,
+    dtype: tf.DType = tf.float32,
+    recompute: bool = False,
+) -> tf.Tensor:
+    """Mean next-token cross-entropy over windows [batch, len], in float32 whatever the
+    compute dtype: the model reads `inputs` (default windows[:, :-1]; a noised copy in
+    training) and predicts windows[:, 1:]. See `forward` for `dtype` and `recompute`."""
+    inputs = windows[:, :-1] if inputs is None else inputs
+    logits, _ = forward(params, hparams, inputs, dtype=dtype, recompute=recompute)
     return tf.reduce_mean(
         tf.nn.sparse_softmax_cross_entropy_with_logits(labels=windows[:, 1:], logits=logits)
     )
@@ -160,10 +261,24 @@ class Trainer:
             for n, v in model.params.items()
             if is_transformer_layer(n) or not cfg.only_train_transformer_layers
         }
+        self.dtype = COMPUTE_DTYPES[cfg.precision]
         with strategy.scope():
             self.opt = Optimizer(self.trained, cfg)
+            float16 = cfg.precision == "mixed_float16"
+            self.loss_scale = DynamicLossScale() if float16 else None
+        # XLA compiles the whole step (forward, backward, optimizer) on one device; with several
+        # replicas only each replica's forward and backward, since an XLA cluster cannot
+        # reach the other devices' copies of the variables (MirroredStrategy's all-reduce).
+        whole = self.replicas == 1
+        self._grads_fn = (
+            tf.function(self._loss_and_grads, jit_compile=True)
+            if cfg.xla and not whole
+            else self._loss_and_grads
+        )
         spec = tf.TensorSpec([None, None, None], tf.int32)
-        self.train_step = tf.function(self._train_step, input_signature=[spec, spec])
+        self.train_step = tf.function(
+            self._train_step, input_signature=[spec, spec], jit_compile=cfg.xla and whole
+        )
         self.eval_step = tf.function(
             self._eval_step, input_signature=[tf.TensorSpec([None, None], tf.int32)]
         )
@@ -175,10 +290,27 @@ class Trainer:
         )
 
     def _replica_grads(self, windows, inputs):
+        # The variables are read here, outside XLA: a jit-compiled function that reads a
+        # MirroredVariable's copy on another device fails ("Trying to access resource ...
+        # located in device CPU:1 from device CPU:0", an XLA known issue); tensors are fine.
+        values = {n: tf.convert_to_tensor(v) for n, v in self.model.params.items()}
+        scale = tf.constant(1.0) if self.loss_scale is None else tf.identity(self.loss_scale.scale)
+        return self._grads_fn(values, windows, inputs, scale)
+
+    def _loss_and_grads(self, values: dict[str, tf.Tensor], windows, inputs, scale):
+        """Loss and gradients (of the trained tensors) of one replica's windows; float16
+        scales the loss up before the backward pass (so small gradients do not underflow)
+        and the gradients down after."""
+        trained = [values[n] for n in self.trained]
         with tf.GradientTape() as tape:
-            loss = lm_loss(self.model.params, self.model.hparams, windows, inputs)
-        grads = tape.gradient(loss, list(self.trained.values()))
-        return loss, [tf.convert_to_tensor(g) for g in grads]
+            tape.watch(trained)
+            loss = lm_loss(
+                values, self.model.hparams, windows, inputs,
+                dtype=self.dtype, recompute=self.cfg.memory_saving_gradients,
+            )  # fmt: skip
+            scaled = loss * scale
+        grads = tape.gradient(scaled, trained)
+        return loss, [tf.convert_to_tensor(g) / scale for g in grads]
 
     def _train_step(self, windows: tf.Tensor, inputs: tf.Tensor) -> tf.Tensor:
         """windows [accumulate, batch, len] and the model's (maybe noised) inputs
@@ -195,7 +327,10 @@ class Trainer:
                 for t, g in zip(total, grads, strict=True)
             ]
         k = float(self.cfg.accumulate_gradients)
-        self.opt.apply({n: g / k for n, g in zip(names, total, strict=True)})
+        # float16: a step whose gradients overflowed is skipped (the loss scale is lowered).
+        finite = True if self.loss_scale is None else self.loss_scale.update(total)
+        if finite:
+            self.opt.apply({n: g / k for n, g in zip(names, total, strict=True)})
         return total_loss / k
 
     def step(self, windows: np.ndarray, inputs: np.ndarray | None = None) -> float:
@@ -205,7 +340,7 @@ class Trainer:
         return float(self.train_step(tf.constant(windows, tf.int32), tf.constant(inputs, tf.int32)))
 
     def _eval_step(self, windows: tf.Tensor) -> tf.Tensor:
-        return lm_loss(self.model.params, self.model.hparams, windows)
+        return lm_loss(self.model.params, self.model.hparams, windows, dtype=self.dtype)
 
     def eval_loss(self, windows: np.ndarray) -> float:
         """Mean loss over windows [k, len], evaluated batch_size at a time."""
@@ -242,8 +377,13 @@ def fingerprint(cfg: TrainParams, base: str, data_stats: dict) -> str:
 
 
 def _tensors(trainer: Trainer) -> dict[str, tf.Variable]:
-    """Everything a resumed run needs: the weights, the optimizer's slots and its step."""
-    return {**trainer.model.params, **trainer.opt.slots()}
+    """Everything a resumed run needs: the weights, the optimizer's slots and its step, and
+    float16's loss scale."""
+    tensors = {**trainer.model.params, **trainer.opt.slots()}
+    if trainer.loss_scale is not None:
+        tensors["loss_scale"] = trainer.loss_scale.scale
+        tensors["loss_scale_good_steps"] = trainer.loss_scale.good_steps
+    return tensors
 
 
 def save_state(run_dir: Path, trainer: Trainer, step: int, history: dict, extra: dict) -> None:
