@@ -147,3 +147,44 @@ def test_sigterm_checkpoints_exits_143_and_the_rerun_continues_the_same_run(proj
     steps = [m.step for m in client.get_metric_history(run_id, "loss")]
     assert sorted(steps) == list(range(1, stopped + 4))  # each step once
     assert json.loads((project.root / "metrics/train.json").read_text())["steps"] == stopped + 3
+
+
+@pytest.mark.slow  # two TensorFlow + MLflow processes: ~40 s on 2 idle cores
+def test_multi_worker_stage_only_the_chief_writes(project):
+    """`train.strategy: multi_worker`: two `python stages/train.py` on 127.0.0.1 with
+    TF_CONFIG train together; only worker 0 writes the checkpoint, metrics and MLflow run."""
+    from test_speed import free_ports
+
+    project.set_train(strategy="multi_worker", restore_from="fresh", steps=4, save_every=2)
+
+    def mlflow_runs() -> list:
+        experiment = project.client().get_experiment_by_name("stage-test")
+        return project.client().search_runs([experiment.experiment_id]) if experiment else []
+
+    runs_before = len(mlflow_runs())
+    hosts = [f"127.0.0.1:{port}" for port in free_ports(2)]
+    procs = []
+    try:
+        for i in range(2):
+            tf_config = {"cluster": {"worker": hosts}, "task": {"type": "worker", "index": i}}
+            procs.append(subprocess.Popen(
+                [sys.executable, "stages/train.py"], cwd=project.root,
+                env=dict(project.env, TF_CONFIG=json.dumps(tf_config)),
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            ))  # fmt: skip
+        (chief_out, chief_err), (other_out, other_err) = (p.communicate(timeout=300) for p in procs)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        project.set_train(strategy="auto", restore_from="latest")
+    assert procs[0].returncode == 0, chief_err[-3000:]
+    assert procs[1].returncode == 0, other_err[-3000:]
+    assert project.state()["step"] == 4
+    metrics = json.loads((project.root / "metrics/train.json").read_text())
+    assert metrics["steps"] == 4 and json.loads(chief_out.strip().splitlines()[-1]) == metrics
+    assert '"steps"' not in other_out  # the other worker reports nothing
+    assert len(mlflow_runs()) == runs_before + 1  # one MLflow run, the chief's
+    steps = [m.step for m in project.client().get_metric_history(project.run_id(), "loss")]
+    assert sorted(steps) == [1, 2, 3, 4]
