@@ -356,3 +356,14 @@ def test_kill_9_then_rerun_equals_an_uninterrupted_run(base_dir, tmp_path):
     assert hist_b["val_loss"][-1][0] == 10
     np.testing.assert_allclose(losses(hist_b, "val_loss"), losses(hist_a, "val_loss"), rtol=1e-5)
     assert_weights_close(resumed.weights_numpy(), straight.weights_numpy())
+
+
+def test_float16_loss_scale_is_logged_and_saved_with_the_checkpoint(base_dir, tmp_path):
+    calls = []
+    fit(load_model(base_dir), TOKENS, VAL, cfg(steps=2, precision="mixed_float16"),
+        tmp_path / "run", log_metrics=lambda m, s: calls.append(m), progress=False)  # fmt: skip
+    scales = [m["loss_scale"] for m in calls if "loss" in m]
+    assert scales == [2.0**15, 2.0**15]
+    saved = tf.train.load_checkpoint(str(tmp_path / "run" / "model-2"))
+    assert float(saved.get_tensor("loss_scale")) == 2.0**15
+    assert int(saved.get_tensor("loss_scale_good_steps")) == 2

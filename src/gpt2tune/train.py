@@ -540,9 +540,11 @@ def fit(
                     "train.grad_clip"
                 )
             history["loss"].append([step, loss])
-            lr = float(learning_rate_at(cfg, step))
-            log_metrics({"loss": loss, "learning_rate": lr, "tokens_per_s": tokens_per_step / dt},
-                        step)  # fmt: skip
+            logged = {"loss": loss, "learning_rate": float(learning_rate_at(cfg, step)),
+                      "tokens_per_s": tokens_per_step / dt}  # fmt: skip
+            if trainer.loss_scale is not None:  # float16: a scale stuck low means skipped steps
+                logged["loss_scale"] = float(trainer.loss_scale.scale.numpy())
+            log_metrics(logged, step)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}")
             if cfg.val_every and step % cfg.val_every == 0 and step != cfg.steps:
