@@ -136,6 +136,18 @@ def test_transient_status_is_retried(served, tmp_path, status):
     assert len(server.requests) == 2 + 2 * len(MODEL_FILES)
 
 
+def test_persistent_5xx_gives_up_naming_file_and_address(served, tmp_path):
+    root, _ = served
+    with FolderServer(root, fail_first=10**9, fail_status=502) as server:
+        began = time.monotonic()
+        with pytest.raises(Gpt2tuneError) as err:
+            download_file(f"{server.url}/124M/{BIG}", tmp_path / BIG, retries=3, **FAST)
+    msg = str(err.value)
+    assert f"could not download {server.url}/124M/{BIG}: HTTP 502" in msg and "4 attempts" in msg
+    assert time.monotonic() - began < 5 and "\n" not in msg
+    assert len(server.requests) == 4 and not (tmp_path / BIG).exists()
+
+
 def test_server_ignoring_range_restarts_from_zero(served, tmp_path):
     root, contents = served
     dest = tmp_path / "124M"

@@ -90,6 +90,8 @@ def _offline_dir() -> Path:
 def _reason(e: BaseException) -> str:
     """One short, credential-free line about a failed MLflow call."""
     text = " ".join(str(e).split())
+    if isinstance(e, _Unreachable):
+        return text  # already made by _reason
     if "Max retries exceeded" in text or "Connection refused" in text:
         return "connection refused"
     if "timed out" in text.lower():
@@ -404,13 +406,15 @@ def training_run(cfg: MlflowParams, params: dict, run_id: str | None = None):
             session._replay_own()  # creates an offline-made run; sends what was kept
         else:
             session.create_run(params, run_tags(), name)
-    except _Unreachable as e:
+    except Exception as e:
+        if isinstance(e, Gpt2tuneError) or not _is_server(session.uri):
+            raise
         if not session.run_id:
             session.run_id = session.local_id = OFFLINE_PREFIX + uuid.uuid4().hex
             params = {k: _param_value(v) for k, v in params.items()}
             _append(session.buffer, {"op": "start", "params": params, "tags": run_tags(),
                                      "name": name})  # fmt: skip
-        session._went_offline(str(e))
+        session._went_offline(_reason(e))
     _write_run_file(session)
     with _activate(session):
         yield session
@@ -451,8 +455,10 @@ def reopen_run(cfg: MlflowParams, run_file: Path = RUN_FILE):
                     f"{redact(session.uri)}; rerun training with `dvc repro -f train`"
                 ) from None
         session._replay_own()
-    except _Unreachable as e:
-        session._went_offline(str(e))
+    except Exception as e:
+        if isinstance(e, Gpt2tuneError) or not _is_server(session.uri):
+            raise
+        session._went_offline(_reason(e))
     with _activate(session):
         yield session
 
