@@ -50,7 +50,10 @@ def official(official_vocab_dir):
 
 
 QUICK = settings(
-    max_examples=300, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=300,
+    deadline=2000,
+    database=None,  # no .hypothesis folder in the checkout
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 
 
