@@ -109,6 +109,12 @@ def load_model(folder: str | os.PathLike) -> GPT2:
     """Load an OpenAI-format model folder (the official releases load unchanged)."""
     folder = Path(folder)
     if not folder.is_dir():
+        aside = sorted(folder.parent.glob(f".{folder.name}.old-*"))
+        if aside:  # a save was killed between moving the old folder aside and the new one in
+            raise Gpt2tuneError(
+                f"model folder {folder} does not exist: a save was interrupted, and the "
+                f"previous model is in {aside[-1]}; rename it back or save again"
+            )
         raise Gpt2tuneError(
             f"model folder {folder} does not exist (in the pipeline, `dvc repro` makes it)"
         )
