@@ -47,15 +47,17 @@ def log_steps(steps) -> None:
 
 def test_resumed_run_logs_each_step_once(workdir):
     cfg = MlflowParams(tracking_uri="sqlite:///mlflow.db", experiment="resume")
+    client = MlflowClient(tracking.resolve_tracking_uri(cfg.tracking_uri))
     with tracking.training_run(cfg, PARAMS) as run:
         log_steps(range(1, 6))
         run_id = run.info.run_id
+        tracking.end_run("KILLED")  # as the train stage does when stopped by a signal
+    assert client.get_run(run_id).info.status == "KILLED"
     # A resumed training repeats the steps after its last checkpoint (3..5), then goes on.
     with tracking.training_run(cfg, PARAMS, run_id) as run:
         assert run.info.run_id == run_id
         for s in range(3, 9):
             tracking.log_metrics({"loss": 100.0 + s}, s)
-    client = MlflowClient(tracking.resolve_tracking_uri(cfg.tracking_uri))
     history = client.get_metric_history(run_id, "loss")
     assert sorted(m.step for m in history) == list(range(1, 9))
     first = {m.step: m.value for m in history}

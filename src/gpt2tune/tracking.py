@@ -146,6 +146,7 @@ class Session:
         self.offline = False
         self.next_try = 0.0
         self.warned = False
+        self.ended = False
 
     @property
     def info(self) -> Session:  # `run.info.run_id`, as on an mlflow Run
@@ -376,7 +377,8 @@ def _activate(session: Session) -> Iterator[Session]:
         raise
     finally:
         _active = previous
-        session.call({"op": "status", "status": status})
+        if not session.ended:  # end_run() already set the status
+            session.call({"op": "status", "status": status})
 
 
 def _write_run_file(session: Session) -> None:
@@ -416,8 +418,14 @@ def training_run(cfg: MlflowParams, params: dict, run_id: str | None = None):
                                      "name": name})  # fmt: skip
         session._went_offline(_reason(e))
     _write_run_file(session)
-    with _activate(session):
-        yield session
+    try:
+        with _activate(session):
+            yield session
+    finally:  # also after a failure or a stop: what was kept is sent if the server is back
+        _wind_up(session)
+
+
+def _wind_up(session: Session) -> None:
     if session.offline:
         session.next_try = 0.0  # one last try before the stage ends
         session._try_online()
@@ -467,6 +475,14 @@ def _current() -> Session:
     if _active is None:
         raise RuntimeError("no MLflow run is open: call inside training_run() or reopen_run()")
     return _active
+
+
+def end_run(status: str) -> None:
+    """End the open run now with an MLflow status such as "KILLED" (instead of the
+    FINISHED / FAILED that leaving training_run or reopen_run would set)."""
+    session = _current()
+    session.call({"op": "status", "status": status})
+    session.ended = True
 
 
 def log_metrics(metrics: dict, step: int) -> None:
