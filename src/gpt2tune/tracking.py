@@ -92,8 +92,10 @@ def _reason(e: BaseException) -> str:
     text = " ".join(str(e).split())
     if isinstance(e, _Unreachable):
         return text  # already made by _reason
-    if "Max retries exceeded" in text or "Connection refused" in text:
+    if "NewConnectionError" in text or "Connection refused" in text:
         return "connection refused"
+    if "too many 5" in text:  # urllib3's "too many 500 error responses"
+        return "the server keeps answering HTTP 5xx"
     if "timed out" in text.lower():
         return "timed out"
     return redact(text)[:200] or type(e).__name__
@@ -262,13 +264,13 @@ class Session:
         return self.seen
 
     def create_run(self, params: dict[str, object], tags: dict[str, str], name: str | None):
+        """Create the run on the server with its params; MLflow adds its usual tags."""
+        from mlflow.entities import Param
         from mlflow.tracking.context.registry import resolve_tags
 
         run = self.client.create_run(self.experiment_id, run_name=name, tags=resolve_tags(tags))
         self.run_id = run.info.run_id
         self.seen = set()
-        from mlflow.entities import Param
-
         items = [Param(k, _param_value(v)) for k, v in params.items()]
         for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
             self.client.log_batch(self.run_id, params=items[i : i + 100])
