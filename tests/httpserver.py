@@ -127,6 +127,10 @@ class FolderServer:
         h.send_header("Accept-Ranges", "bytes")
         lie = 0 if partial else self.length_delta
         h.send_header("Content-Length", str(end - start + lie))
+        if lie:
+            # Said up front, so the client never reuses a connection whose stream the wrong
+            # length has desynchronised (whether the extra bytes had arrived would be a race).
+            h.send_header("Connection", "close")
         if partial:
             h.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
         h.end_headers()
