@@ -237,24 +237,23 @@ def test_kill_during_sample_then_repro(dvc_project):
     assert same_tree(root / "samples", ref / "samples")
 
 
-def test_second_repro_at_once_is_refused(dvc_project):
+def test_second_repro_at_once_is_refused(dvc_project, tmp_path):
     root, ref = dvc_project
+    # The first repro's assemble is held just before it renames the new model into place,
+    # until the test has tried the second one.
+    go = tmp_path / "go"
+    hold = f"stages/assemble.py:rename:finetuned:1:{go}"
     first = subprocess.Popen(
-        ["dvc", "repro", "-f", "-s", "assemble"], cwd=root, env=env(),
+        ["dvc", "repro", "-f", "-s", "assemble"], cwd=root, env=env(GPT2TUNE_KILL_AT=hold),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     lines: list[str] = []
-    started = threading.Event()
-
-    def read() -> None:
-        for line in first.stdout:
-            lines.append(line)
-            if "Running stage" in line:
-                started.set()
-
-    reader = threading.Thread(target=read, daemon=True)
+    reader = threading.Thread(target=lambda: lines.extend(first.stdout), daemon=True)
     reader.start()
-    assert started.wait(120), "".join(lines)
+    deadline = time.monotonic() + 180
+    while not Path(f"{go}.held").exists():
+        assert first.poll() is None and time.monotonic() < deadline, "".join(lines)
+        time.sleep(0.1)
     began = time.monotonic()
     second = run(root, "dvc", "repro")
     assert second.returncode != 0
@@ -264,6 +263,7 @@ def test_second_repro_at_once_is_refused(dvc_project):
     assert "Running stage" not in second.stdout  # it ran nothing
     assert first.poll() is None, "the first repro should still be running"
     print(f"second repro refused after {time.monotonic() - began:.1f} s")
+    go.touch()
     assert first.wait(300) == 0, "".join(lines)
     reader.join()
     assert same_tree(root / "models" / "finetuned", ref / "models" / "finetuned")
