@@ -17,6 +17,7 @@ It answers HEAD and GET (200, or 206 + Content-Range for ``Range: bytes=N-`` and
 
 from __future__ import annotations
 
+import http.client
 import re
 import socket
 import sys
@@ -50,6 +51,9 @@ class FolderServer:
                    starts at or past it gets no bytes at all: drop_count=10**9 never recovers.
       ignore_range: always answer 200 with the whole file.
       stall:       for the first GET of each file, wait this many seconds after the headers.
+      length_delta: announce a Content-Length this many bytes off the true body length in
+                   every 200 (negative: the body runs past it; positive: it ends short).
+      replace_first: {file name: bytes} served instead of that file to its first GET.
     """
 
     def __init__(
@@ -63,11 +67,14 @@ class FolderServer:
         drop_count: int = 1,
         ignore_range: bool = False,
         stall: float = 0.0,
+        length_delta: int = 0,
+        replace_first: dict[str, bytes] | None = None,
     ) -> None:
         self.root = Path(root).resolve()
         self.fail_first, self.fail_status, self.retry_after = fail_first, fail_status, retry_after
         self.drop_after, self.drop_count = drop_after, drop_count
         self.ignore_range, self.stall = ignore_range, stall
+        self.length_delta, self.replace_first = length_delta, replace_first or {}
         self.requests: list[Request] = []
         self.url = ""
         self._gets: Counter[str] = Counter()
@@ -109,6 +116,8 @@ class FolderServer:
         if file is None:
             return _send_status(h, 404)
         data = file.read_bytes()
+        if send_body and nth_get == 1 and file.name in self.replace_first:
+            data = self.replace_first[file.name]
         span = self._span(h.headers.get("Range"), len(data))
         if span is None:
             return _send_status(h, 416, {"Content-Range": f"bytes */{len(data)}"})
@@ -116,7 +125,12 @@ class FolderServer:
         h.send_response(206 if partial else 200)
         h.send_header("Content-Type", "application/octet-stream")
         h.send_header("Accept-Ranges", "bytes")
-        h.send_header("Content-Length", str(end - start))
+        lie = 0 if partial else self.length_delta
+        h.send_header("Content-Length", str(end - start + lie))
+        if lie:
+            # Said up front, so the client never reuses a connection whose stream the wrong
+            # length has desynchronised (whether the extra bytes had arrived would be a race).
+            h.send_header("Connection", "close")
         if partial:
             h.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
         h.end_headers()
@@ -129,6 +143,8 @@ class FolderServer:
         if self.stall and nth_get == 1:
             time.sleep(self.stall)
         h.wfile.write(body)
+        if lie:
+            h.close_connection = True  # the body and its length disagree: end the exchange
         if dropping and len(body) < end - start:
             h.wfile.flush()
             h.close_connection = True  # the client sees EOF short of Content-Length
@@ -183,6 +199,58 @@ class _Server(ThreadingHTTPServer):
         # A client that gave up (timeout) leaves a broken pipe behind; that is expected here.
         if not isinstance(sys.exc_info()[1], ConnectionError):
             super().handle_error(request, client_address)
+
+
+class ForwardingProxy:
+    """A plain HTTP forward proxy on 127.0.0.1 (what ``HTTP_PROXY=http://...`` points at):
+    it relays each request to the absolute URL it names and logs that URL in ``self.urls``."""
+
+    def __init__(self) -> None:
+        self.urls: list[str] = []
+        self.url = ""
+
+    def __enter__(self) -> ForwardingProxy:
+        self._httpd = _Server(("127.0.0.1", 0), _ProxyHandler)
+        self._httpd.owner = self  # type: ignore[assignment]
+        self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}"
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join()
+
+
+class _ProxyHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        self.server.owner.urls.append(self.path)
+        target = urlsplit(self.path)  # a proxy is sent the absolute URL
+        skip = {"host", "connection", "proxy-connection", "proxy-authorization"}
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in skip}
+        upstream = http.client.HTTPConnection(target.hostname, target.port, timeout=10)
+        try:
+            path = target.path + (f"?{target.query}" if target.query else "")
+            upstream.request(self.command, path, headers=headers)
+            resp = upstream.getresponse()
+            body = resp.read()
+            self.send_response(resp.status, resp.reason)
+            for key, value in resp.getheaders():
+                if key.lower() not in ("connection", "transfer-encoding", "content-length"):
+                    self.send_header(key, value)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        finally:
+            upstream.close()
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        pass
 
 
 @contextmanager

@@ -7,9 +7,17 @@ import time
 from pathlib import Path
 
 import pytest
-from httpserver import FolderServer, closed_port_url, silent_server
+from httpserver import FolderServer, ForwardingProxy, closed_port_url, silent_server
 
-from gpt2tune.download import MODEL_FILES, OFFICIAL_MODELS, download_file, fetch_model
+from gpt2tune.download import (
+    DEFAULT_BASE_URL,
+    MODEL_FILES,
+    OFFICIAL_FILES,
+    OFFICIAL_MODELS,
+    _is_official,
+    download_file,
+    fetch_model,
+)
 from gpt2tune.errors import Gpt2tuneError
 
 BIG = "model.ckpt.data-00000-of-00001"
@@ -43,7 +51,10 @@ def test_full_download_is_byte_identical(served, tmp_path):
         out = fetch_model("124M", server.url, tmp_path / "models", **FAST)
     assert out == tmp_path / "models" / "124M"
     assert_model(out, contents)
-    assert [r.method for r in server.requests] == ["GET"] * len(MODEL_FILES)
+    # Each file: one GET, then the byte past its end, which an honest server refuses (416).
+    for name, data in contents.items():
+        assert [r.range for r in server.requests_for(name)] == [None, f"bytes={len(data)}-"]
+    assert [r.method for r in server.requests] == ["GET"] * 2 * len(MODEL_FILES)
 
 
 def test_second_call_touches_nothing(served, tmp_path):
@@ -71,7 +82,7 @@ def test_files_already_complete_are_skipped(served, tmp_path):
     assert (dest / "hparams.json").read_bytes() == b"kept as is"
     assert not (dest / "vocab.bpe.part").exists()
     assert server.requests_for("hparams.json") == server.requests_for("vocab.bpe") == []
-    assert len(server.requests) == len(MODEL_FILES) - 2
+    assert len(server.requests) == 2 * (len(MODEL_FILES) - 2)  # a GET and an end probe each
 
 
 def test_dropped_connection_resumes_with_range(served, tmp_path):
@@ -112,7 +123,8 @@ def test_part_longer_than_remote_file_restarts(served, tmp_path):
     with FolderServer(root) as server:
         fetch_model("124M", server.url, tmp_path, **FAST)
     assert_model(dest, contents)
-    assert [r.range for r in server.requests_for(BIG)] == [f"bytes={BIG_SIZE + 10}-", None]
+    ranges = [f"bytes={BIG_SIZE + 10}-", None, f"bytes={BIG_SIZE}-"]
+    assert [r.range for r in server.requests_for(BIG)] == ranges
 
 
 @pytest.mark.parametrize("status", [503, 429, 500])
@@ -121,7 +133,19 @@ def test_transient_status_is_retried(served, tmp_path, status):
     with FolderServer(root, fail_first=2, fail_status=status, retry_after=0) as server:
         out = fetch_model("124M", server.url, tmp_path, **FAST)
     assert_model(out, contents)
-    assert len(server.requests) == 2 + len(MODEL_FILES)
+    assert len(server.requests) == 2 + 2 * len(MODEL_FILES)
+
+
+def test_persistent_5xx_gives_up_naming_file_and_address(served, tmp_path):
+    root, _ = served
+    with FolderServer(root, fail_first=10**9, fail_status=502) as server:
+        began = time.monotonic()
+        with pytest.raises(Gpt2tuneError) as err:
+            download_file(f"{server.url}/124M/{BIG}", tmp_path / BIG, retries=3, **FAST)
+    msg = str(err.value)
+    assert f"could not download {server.url}/124M/{BIG}: HTTP 502" in msg and "4 attempts" in msg
+    assert time.monotonic() - began < 5 and "\n" not in msg
+    assert len(server.requests) == 4 and not (tmp_path / BIG).exists()
 
 
 def test_server_ignoring_range_restarts_from_zero(served, tmp_path):
@@ -133,7 +157,9 @@ def test_server_ignoring_range_restarts_from_zero(served, tmp_path):
         fetch_model("124M", server.url, tmp_path, **FAST)
     assert_model(dest, contents)
     # Resumes are asked for, answered with the whole file, and written from byte 0.
-    assert [r.range for r in server.requests_for(BIG)] == ["bytes=29-", "bytes=50000-"]
+    # The end probe gets the whole file again; its Content-Length agrees, so that is accepted.
+    ranges = ["bytes=29-", "bytes=50000-", f"bytes={BIG_SIZE}-"]
+    assert [r.range for r in server.requests_for(BIG)] == ranges
 
 
 def test_read_timeout_is_retried(served, tmp_path):
@@ -142,7 +168,7 @@ def test_read_timeout_is_retried(served, tmp_path):
         url = f"{server.url}/124M/{BIG}"
         out = download_file(url, tmp_path / BIG, read_timeout=0.3, **FAST)
     assert out.read_bytes() == contents[BIG]
-    assert len(server.requests) == 2
+    assert [r.range for r in server.requests] == [None, None, f"bytes={BIG_SIZE}-"]
 
 
 def test_unknown_model_404_names_model_url_and_official_names(served, tmp_path):
@@ -223,3 +249,112 @@ def test_local_folder_without_the_model(served, tmp_path):
     msg = str(err.value)
     assert "'355M'" in msg and str(root / "355M") in msg
     assert all(name in msg for name in OFFICIAL_MODELS)
+
+
+# --------------------------------------------------------------------------- lying lengths
+
+
+@pytest.mark.parametrize("delta", [-1000, 1000], ids=["body-longer", "body-shorter"])
+def test_wrong_content_length_is_caught_and_repaired(served, tmp_path, delta):
+    root, contents = served
+    with FolderServer(root, length_delta=delta) as server:
+        out = fetch_model("124M", server.url, tmp_path, **FAST)
+    assert_model(out, contents)  # byte-identical all the same
+    ranges = [r.range for r in server.requests_for(BIG)]
+    if delta < 0:  # the end probe finds more bytes (206), which the next attempt fetches
+        cut = BIG_SIZE + delta
+        assert ranges == [None, f"bytes={cut}-", f"bytes={cut}-"]
+    else:  # the body ends short of its Content-Length: resumed at the true end, which is 416
+        assert ranges == [None, f"bytes={BIG_SIZE}-"]
+
+
+def test_body_longer_than_the_file_is_refused(served, tmp_path):
+    root, contents = served
+    dest = tmp_path / "f"
+    with FolderServer(root, length_delta=-1000) as server:
+        # A server whose Range answers say the file is shorter than the body it sent.
+        (root / "124M" / BIG).write_bytes(contents[BIG][:-5000])
+        server.replace_first = {BIG: contents[BIG]}
+        with pytest.raises(Gpt2tuneError, match="sent more than") as err:
+            download_file(f"{server.url}/124M/{BIG}", dest, retries=0, **FAST)
+    assert f"{server.url}/124M/{BIG}" in str(err.value)
+    assert list(tmp_path.glob("f*")) == []  # neither a final file nor a .part
+
+
+# --------------------------------------------------------------------------- official files
+
+
+@pytest.fixture
+def official_served(tmp_path, official_vocab_dir, served):
+    """The fake 124M, with the official encoder.json and vocab.bpe."""
+    root, contents = served
+    for name in OFFICIAL_FILES:
+        contents[name] = (official_vocab_dir / name).read_bytes()
+        (root / "124M" / name).write_bytes(contents[name])
+    return root, contents
+
+
+def damaged(data: bytes) -> bytes:
+    """Same size, one byte different: what a flaky proxy or disk might deliver."""
+    return data[:1000] + bytes([data[1000] ^ 1]) + data[1001:]
+
+
+def test_official_vocab_damaged_once_is_fetched_again(official_served, tmp_path):
+    root, contents = official_served
+    first = {"vocab.bpe": damaged(contents["vocab.bpe"])}
+    with FolderServer(root, replace_first=first) as server:
+        out = fetch_model("124M", server.url, tmp_path, **FAST)
+    assert_model(out, contents)
+    gets = [r.range for r in server.requests_for("vocab.bpe")]
+    size = len(contents["vocab.bpe"])
+    assert gets == [None, f"bytes={size}-", None, f"bytes={size}-"]  # twice, from scratch
+
+
+def test_official_vocab_damaged_twice_is_refused(official_served, tmp_path):
+    root, contents = official_served
+    (root / "124M" / "encoder.json").write_bytes(damaged(contents["encoder.json"]))
+    with FolderServer(root) as server:
+        with pytest.raises(Gpt2tuneError) as err:
+            fetch_model("124M", server.url, tmp_path, **FAST)
+    msg = str(err.value)
+    size, digest = OFFICIAL_FILES["encoder.json"]
+    assert f"{server.url}/124M/encoder.json is not the official encoder.json" in msg
+    assert digest in msg and "downloaded twice" in msg and "\n" not in msg
+    assert not (tmp_path / "124M" / "encoder.json").exists()
+    assert not (tmp_path / "124M" / "encoder.json.part").exists()
+    assert len([r for r in server.requests_for("encoder.json") if r.range is None]) == 2
+
+
+def test_checksum_applies_to_local_copies_too(official_served, tmp_path):
+    root, contents = official_served
+    (root / "124M" / "vocab.bpe").write_bytes(damaged(contents["vocab.bpe"]))
+    with pytest.raises(Gpt2tuneError, match="is not the official vocab.bpe"):
+        fetch_model("124M", str(root), tmp_path / "models", **FAST)
+    assert not (tmp_path / "models" / "124M" / "vocab.bpe").exists()
+
+
+def test_custom_tokenizer_of_another_size_is_not_checked(served, tmp_path):
+    root, contents = served  # the fake model's vocab files are tiny, not the official ones
+    out = fetch_model("124M", str(root), tmp_path / "models", **FAST)
+    assert_model(out, contents)
+
+
+def test_official_address_rule():
+    # From OpenAI's address every vocab file must match, whatever its size.
+    assert _is_official(DEFAULT_BASE_URL) and _is_official(DEFAULT_BASE_URL.upper() + "/")
+    assert not _is_official("https://mirror.example/gpt-2/models")
+
+
+# --------------------------------------------------------------------------- proxies
+
+
+def test_proxy_from_the_environment_is_used(served, tmp_path, monkeypatch):
+    root, contents = served
+    for var in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    with FolderServer(root) as server, ForwardingProxy() as proxy:
+        monkeypatch.setenv("HTTP_PROXY", proxy.url)
+        out = fetch_model("124M", server.url, tmp_path, **FAST)
+    assert_model(out, contents)
+    assert len(proxy.urls) == len(server.requests) == 2 * len(MODEL_FILES)
+    assert f"{server.url}/124M/checkpoint" in proxy.urls  # absolute URLs: a proxy request

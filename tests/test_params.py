@@ -290,8 +290,21 @@ BAD = {
     ),
     "base_url with another scheme": (
         _set("model", "base_url", "ftp://example.com/models"),
-        'params.yaml: model.base_url = "ftp://example.com/models": must be an http:// or '
-        "https:// URL or a local folder",
+        'params.yaml: model.base_url = "ftp://example.com/models": must be an http://, '
+        "https:// or file:// URL or a local folder, without user:password@ (put credentials "
+        "in ~/.netrc)",
+    ),
+    "base_url with a password": (
+        _set("model", "base_url", "https://bob:hunter2@example.com/models"),
+        'params.yaml: model.base_url = "https://***@example.com/models": must be an http://, '
+        "https:// or file:// URL or a local folder, without user:password@ (put credentials "
+        "in ~/.netrc)",
+    ),
+    "tracking_uri with a password": (
+        _set("mlflow", "tracking_uri", "http://bob:hunter2@mlflow.example:5000"),
+        'params.yaml: mlflow.tracking_uri = "http://***@mlflow.example:5000": must be a string '
+        '("" = MLFLOW_TRACKING_URI or the default) without user:password@ (set '
+        "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD instead)",
     ),
     "unknown encoding": (
         _set("data", "encoding", "utf-9"),

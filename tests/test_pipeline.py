@@ -13,12 +13,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +23,7 @@ import pytest
 import yaml
 from conftest import REPO, write_official_style_model
 from httpserver import FolderServer
+from mlflowserver import MlflowServer
 
 from gpt2tune.download import MODEL_FILES
 
@@ -37,66 +35,6 @@ NSAMPLES = 2
 EXPERIMENT = "pipeline-test"
 # What assemble writes: OpenAI's files less model.ckpt.meta (a TF1 graph, not needed to load).
 FINETUNED_FILES = sorted(set(MODEL_FILES) - {"model.ckpt.meta"})
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class MlflowServer:
-    """`mlflow server` as a child process with its own sqlite store and artifact folder."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.url = f"http://127.0.0.1:{free_port()}"
-        self.log = root / "server.log"
-
-    def __enter__(self) -> MlflowServer:
-        self.root.mkdir(parents=True, exist_ok=True)
-        port = self.url.rsplit(":", 1)[1]
-        cmd = [
-            sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", port,
-            "--workers", "1",
-            "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-            "--artifacts-destination", str(self.root / "artifacts"),
-        ]  # fmt: skip
-        # No job runner: it would start a handful of idle consumer processes.
-        env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-        with open(self.log, "wb") as log:
-            # A session of its own, so that teardown can end the server and its workers.
-            self.proc = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-            )
-        return self
-
-    def wait_ready(self) -> None:
-        """Block until GET /health answers (the server takes a few seconds to start)."""
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.__exit__()
-                pytest.fail(f"mlflow server did not come up:\n{self.log.read_text()[-3000:]}")
-            time.sleep(0.2)
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                return
-            try:
-                self.proc.wait(wait)
-                return
-            except subprocess.TimeoutExpired:
-                pass
 
 
 def copy_project(dest: Path) -> None:

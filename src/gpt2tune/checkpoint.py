@@ -100,6 +100,8 @@ def _read_weights(prefix: Path, hparams: dict[str, int]) -> dict[str, np.ndarray
 
 def _first_line(e: Exception) -> str:
     text = getattr(e, "message", None) or str(e)
+    # TF wraps eager op errors as "{{function_node ...}} <message> [Op:SaveV2]".
+    text = re.sub(r"\{\{[^}]*\}\}|\[Op:\w+\]", "", text)
     return text.strip().splitlines()[0] if text.strip() else type(e).__name__
 
 
@@ -107,6 +109,12 @@ def load_model(folder: str | os.PathLike) -> GPT2:
     """Load an OpenAI-format model folder (the official releases load unchanged)."""
     folder = Path(folder)
     if not folder.is_dir():
+        aside = sorted(folder.parent.glob(f".{folder.name}.old-*"))
+        if aside:  # a save was killed between moving the old folder aside and the new one in
+            raise Gpt2tuneError(
+                f"model folder {folder} does not exist: a save was interrupted, and the "
+                f"previous model is in {aside[-1]}; rename it back or save again"
+            )
         raise Gpt2tuneError(
             f"model folder {folder} does not exist (in the pipeline, `dvc repro` makes it)"
         )
@@ -161,9 +169,13 @@ def save_model(model: GPT2, folder: str | os.PathLike) -> Path:
         )
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
+    # What a save killed part-way (kill -9, power cut) left beside the folder.
+    for kind in ("tmp", "old"):
+        for stale in folder.parent.glob(f".{folder.name}.{kind}-*"):
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
     try:
+        tmp.mkdir()
         write_checkpoint(tmp, CKPT_PREFIX, model.params)
         (tmp / "hparams.json").write_text(json.dumps(model.hparams, indent=2) + "\n")
         for name, raw in model.encoder.files.items():
@@ -171,6 +183,12 @@ def save_model(model: GPT2, folder: str | os.PathLike) -> Path:
         for f in tmp.iterdir():
             _fsync(f)
         _swap_in(tmp, folder)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise Gpt2tuneError(
+            f"could not save the model to {folder}: {e.strerror or e}; check free disk space "
+            "and permissions (a model already there is unchanged)"
+        ) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -181,12 +199,19 @@ def write_checkpoint(folder: Path, prefix: str, tensors: Mapping[str, tf.Variabl
     """Save `tensors` under their names as `folder/prefix` (a TF1 name-based checkpoint), then
     point the folder's `checkpoint` state file at it, by a relative name."""
     names = list(tensors)
-    tf.raw_ops.SaveV2(
-        prefix=str(folder / prefix),
-        tensor_names=names,
-        shape_and_slices=[""] * len(names),
-        tensors=[tf.convert_to_tensor(tensors[n]) for n in names],
-    )
+    try:
+        tf.raw_ops.SaveV2(
+            prefix=str(folder / prefix),
+            tensor_names=names,
+            shape_and_slices=[""] * len(names),
+            tensors=[tf.convert_to_tensor(tensors[n]) for n in names],
+        )
+    except tf.errors.OpError as e:  # a full disk, a read-only folder: TF's C++ file layer
+        raise Gpt2tuneError(
+            f"could not write the checkpoint {folder / prefix}: {_first_line(e)}; check free "
+            "disk space and permissions (the folder's previous checkpoint is still the one "
+            "its `checkpoint` file names)"
+        ) from None
     write_text_atomic(
         folder / "checkpoint",
         f'model_checkpoint_path: "{prefix}"\nall_model_checkpoint_paths: "{prefix}"\n',

@@ -157,6 +157,9 @@ def _read_text(
     """The decoded text of `path`, in pieces; Gpt2tuneError naming the byte offset of bad input."""
     name = _display(path)
     is_utf8 = codecs.lookup(encoding).name == "utf-8"
+    # In an ASCII-compatible codec a NUL byte is a NUL character, which no text holds: it is
+    # a binary file (an image, a .npy, a zip) that happens to decode.
+    nul_is_binary = "\0a".encode(encoding) == b"\0a"
     decoder = codecs.getincrementaldecoder(encoding)("strict")
     fed, first = 0, True
     try:
@@ -170,6 +173,12 @@ def _read_text(
             except OSError as e:
                 raise Gpt2tuneError(f"{name}: cannot read: {e.strerror or e}") from None
             final = not raw
+            nul = raw.find(b"\0") if nul_is_binary else -1
+            if nul >= 0:
+                raise Gpt2tuneError(
+                    f"{name}: binary data, not text (a NUL byte at byte offset {fed + nul}); "
+                    "point data.path at text files only"
+                )
             held = _held_bytes(decoder)
             try:
                 text = decoder.decode(raw, final)
@@ -429,8 +438,11 @@ def encode_corpus(
 
             documents, characters, n_tokens = encode_files(files)
             val_documents, val_characters, n_val_text = encode_files(val_files)
-        if n_tokens == 0:  # files of only a BOM
-            raise Gpt2tuneError(f"data.path = {path_spec!r}: no text in {len(files)} file(s)")
+        if n_tokens < 2:  # files of only a BOM, or a single character
+            raise Gpt2tuneError(
+                f"data.path = {path_spec!r}: {n_tokens} token(s) in {len(files)} file(s); "
+                "training needs at least 2 (an input and the token after it): add text"
+            )
         if val_files and n_val_text == 0:
             raise Gpt2tuneError(
                 f"data.val_path = {val_path!r}: no text in {len(val_files)} file(s)"
@@ -488,7 +500,7 @@ def load_tokens(out_dir: str | os.PathLike, split: str) -> np.ndarray:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     path = Path(out_dir) / f"{split}.npy"
     try:
-        tokens = np.load(path, mmap_mode="r")
+        tokens = np.load(path, mmap_mode="r", allow_pickle=False)
     except FileNotFoundError:
         raise Gpt2tuneError(
             f"{_display(path)} not found; run `dvc repro encode` to encode data.path first"

@@ -19,6 +19,22 @@ manifest or checksum file can disagree with the data, and:
   without contacting the server at all;
 * a ``.part`` left by an interrupted run is resumed with an HTTP ``Range`` request.
 
+Checksums of the tokenizer files
+--------------------------------
+``encoder.json`` and ``vocab.bpe`` are the same for every official release, and their SHA-256
+is known (:data:`OFFICIAL_FILES`). A download of one of them is checked before it gets its
+final name when it is *meant* to be the official file: when ``base_url`` is OpenAI's address,
+or when the file has exactly the official size (a same-size file with other bytes is damage,
+not another vocabulary; a custom tokenizer of another size is left alone). A mismatch is
+downloaded once more from scratch, then refused with both digests.
+
+Lengths
+-------
+A body is only accepted when its length agrees with the server's: Content-Length or
+Content-Range. A body cut short is resumed; one longer than announced is refused. After a
+plain 200 the byte past the end is asked for (``Range: bytes=<size>-``): a server answers 416
+there, so a 206 means the Content-Length undercounted the file, and the rest is fetched.
+
 Failures
 --------
 Connection errors, timeouts, bodies cut short, HTTP 429 and 5xx are transient: they are
@@ -30,6 +46,7 @@ a user can fix surfaces as a one-line :class:`~gpt2tune.errors.Gpt2tuneError`.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import time
@@ -56,6 +73,11 @@ MODEL_FILES: tuple[str, ...] = (
     "vocab.bpe",
 )
 DEFAULT_BASE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/models"
+# name -> (size in bytes, SHA-256) of the tokenizer files shared by all official releases
+OFFICIAL_FILES: dict[str, tuple[int, str]] = {
+    "encoder.json": (1042301, "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"),
+    "vocab.bpe": (456318, "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"),
+}
 
 PART_SUFFIX = ".part"
 CHUNK_SIZE = 1 << 16  # small enough for a lively progress bar, large enough to be cheap
@@ -93,6 +115,7 @@ def fetch_model(
                 download_file(
                     source,
                     dest / file,
+                    official=_is_official(base_url),
                     session=session,
                     progress=progress,
                     retries=retries,
@@ -109,6 +132,7 @@ def download_file(
     url: str | os.PathLike,
     dest: str | os.PathLike,
     *,
+    official: bool = False,
     session: requests.Session | None = None,
     progress: bool | None = None,
     retries: int = 5,
@@ -123,7 +147,8 @@ def download_file(
     it is complete by construction (see the module docstring) and is returned untouched.
     ``retries``: consecutive attempts without progress allowed after the first failure;
     ``backoff``: first wait in seconds, doubled after each such failure; ``deadline``: seconds
-    after which a run of failures is given up even if retries remain.
+    after which a run of failures is given up even if retries remain. ``official``: the file
+    is meant to be OpenAI's own (see "Checksums" above); the size rule applies regardless.
     """
     dest = Path(dest)
     part = dest.with_name(dest.name + PART_SUFFIX)
@@ -135,13 +160,24 @@ def download_file(
     policy = _Policy(retries, connect_timeout, read_timeout, backoff, deadline)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        with _progress_bar(dest.name, progress) as bar:
-            if isinstance(url, str) and urlsplit(url).scheme.lower() in ("http", "https"):
-                # A session of our own is closed afterwards; the caller's is left open.
-                with nullcontext(session) if session is not None else requests.Session() as http:
-                    _HttpTransfer(url, part, http, bar, policy).run()
-            else:
-                _copy_local(_local_path(url), part, bar)
+        for attempt in (1, 2):  # a checksum mismatch is downloaded once more, from scratch
+            with _progress_bar(dest.name, progress) as bar:
+                if isinstance(url, str) and urlsplit(url).scheme.lower() in ("http", "https"):
+                    # A session of our own is closed afterwards; the caller's is left open.
+                    with nullcontext(session) if session else requests.Session() as http:
+                        _HttpTransfer(url, part, http, bar, policy).run()
+                else:
+                    _copy_local(_local_path(url), part, bar)
+            mismatch = _checksum_mismatch(part, dest.name, official)
+            if mismatch is None:
+                break
+            part.unlink()
+            if attempt == 2:
+                raise Gpt2tuneError(
+                    f"{url} is not the official {dest.name}: {mismatch} (downloaded twice); "
+                    "the server or a proxy is sending damaged data -- retry later or use "
+                    "another base_url"
+                )
         _fsync(part)  # the data must be on disk before its final name says it is complete
         os.replace(part, dest)
     except OSError as exc:  # requests' errors are OSErrors too, but never escape the above
@@ -169,6 +205,27 @@ def _check_name(name: str) -> None:
             f"model name {name!r} is not a plain folder name (no '/', '\\', ':', '..' or "
             f"empty name); use one of {', '.join(OFFICIAL_MODELS)}"
         )
+
+
+def _is_official(base_url: str) -> bool:
+    return base_url.strip().rstrip("/").lower() == DEFAULT_BASE_URL.lower()
+
+
+def _checksum_mismatch(path: Path, name: str, official: bool) -> str | None:
+    """Why `path` cannot be the official `name` it is meant to be, or None if it is fine
+    (or is not meant to be official: a custom tokenizer of another size)."""
+    if name not in OFFICIAL_FILES:
+        return None
+    size, digest = OFFICIAL_FILES[name]
+    if not official and _size(path) != size:
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    if h.hexdigest() == digest:
+        return None
+    return f"SHA-256 {h.hexdigest()} ({_size(path)} bytes), expected {digest} ({size} bytes)"
 
 
 def _is_complete(dest: Path) -> bool:
@@ -337,7 +394,36 @@ class _HttpTransfer:
             _check_status(resp, self.url)
             start, total = self._body_range(resp, offset)
             self._receive(resp, start, total)
+            whole = resp.status_code == 200
         self._check_size(total)
+        if whole:
+            self._confirm_end(timeout)
+
+    def _confirm_end(self, timeout: tuple[float, float]) -> None:
+        """After a 200, ask for the byte past the end: an honest server answers 416. A 206
+        means the Content-Length undercounted the file (the rest is fetched next attempt)."""
+        size = _size(self.part)
+        headers = {"Accept-Encoding": "identity", "Range": f"bytes={size}-"}
+        with self.session.get(self.url, headers=headers, stream=True, timeout=timeout) as resp:
+            if resp.status_code == 200:  # ignores Range: its announced length must agree
+                length = resp.headers.get("Content-Length", "")
+                total = int(length) if length.isdigit() else None
+            elif resp.status_code in (206, 416):
+                parsed = _content_range(resp)
+                total = parsed[2] if parsed else None
+                if resp.status_code == 206 and (total is None or total <= size):
+                    total = size + 1  # bytes past our end exist, whatever the header says
+            else:
+                _check_status(resp, self.url)  # a 5xx is retried; a 404 now is odd but final
+                return
+        if total is None or total == size:
+            return
+        if total < size:
+            self._discard()
+            raise self._too_long(total)
+        raise _Transient(
+            f"the body ended after {size} bytes but the file has {total} (a wrong Content-Length)"
+        )
 
     def _body_range(self, resp: requests.Response, offset: int) -> tuple[int, int | None]:
         """Where the body starts in the file and the file's total size (None: unknown)."""

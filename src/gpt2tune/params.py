@@ -141,6 +141,7 @@ def _choice(*options: str) -> Rule:
 
 _RELEASE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+_USERINFO = re.compile(r"://[^/@\s]*@")  # credentials in a URL: never in params.yaml
 _SEED = _int(0, 2**32 - 1)  # numpy's legacy seeding refuses anything outside uint32
 
 RULES: dict[str, Rule] = {
@@ -150,10 +151,14 @@ RULES: dict[str, Rule] = {
         lambda v: bool(_RELEASE_NAME.fullmatch(v)) and ".." not in v and v != "finetuned",
     ),
     "model.base_url": Rule(
-        "an http:// or https:// URL or a local folder",
+        "an http://, https:// or file:// URL or a local folder, without user:password@ "
+        "(put credentials in ~/.netrc)",
         lambda v: (
             bool(v.strip())
-            and (not _URL_SCHEME.match(v) or v.lower().startswith(("http://", "https://")))
+            and (
+                not _URL_SCHEME.match(v) or v.lower().startswith(("http://", "https://", "file://"))
+            )
+            and not _USERINFO.search(v)
         ),
     ),
     "data.path": Rule("a non-empty path, folder or glob", lambda v: bool(v.strip())),
@@ -199,7 +204,11 @@ RULES: dict[str, Rule] = {
     "sample.prompts": Rule(
         "a list (may be empty) of non-empty strings", lambda v: all(p.strip() for p in v)
     ),
-    "mlflow.tracking_uri": Rule('a string ("" = MLFLOW_TRACKING_URI or the default)'),
+    "mlflow.tracking_uri": Rule(
+        'a string ("" = MLFLOW_TRACKING_URI or the default) without user:password@ '
+        "(set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD instead)",
+        lambda v: not _USERINFO.search(v),
+    ),
     "mlflow.experiment": Rule("a non-empty string", lambda v: bool(v.strip())),
 }
 
@@ -237,6 +246,8 @@ def _coerce(value: Any, typ: Any) -> Any:
 
 def _show(value: Any) -> str:
     """A value the way YAML would spell it (true, null, "1000"), cut short to keep one line."""
+    if isinstance(value, str):  # a password in a URL is not repeated in the error
+        value = _USERINFO.sub("://***@", value)
     text = json.dumps(value, ensure_ascii=False, default=str)
     return text if len(text) <= 60 else text[:57] + "..."
 

@@ -10,6 +10,7 @@ continues from the last `n_ctx // 2` tokens (a sliding window moved in half-cont
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
@@ -135,12 +136,8 @@ def generate_tokens(
     n_ctx = model.hparams["n_ctx"]
     eot = _eot(model)
     ctx = [eot] if context is None or len(context) == 0 else [int(t) for t in context]
-    if len(ctx) > n_ctx:
-        raise Gpt2tuneError(
-            f"the prompt is {len(ctx)} tokens but the model's context is {n_ctx} tokens; "
-            "shorten the prompt"
-        )
     _check_sampling(length, nsamples, temperature, top_k, top_p)
+    check_request(model.hparams, len(ctx), length, nsamples)
     seed = int(np.random.SeedSequence().entropy % 2**31) if seed is None else int(seed)
     fn = _sampler(model)
     tokens = np.tile(np.asarray(ctx, np.int32), (nsamples, 1))
@@ -153,15 +150,21 @@ def generate_tokens(
             raise Gpt2tuneError(
                 f"a model with a context of {n_ctx} token(s) cannot slide its window"
             )
-        out = fn(
-            tf.constant(window),
-            tf.constant(steps),
-            tf.constant(temperature, tf.float32),
-            tf.constant(top_k),
-            tf.constant(top_p, tf.float32),
-            tf.constant([seed, segment], tf.int64),
-            tf.constant(eot if stop_at_endoftext else -1),
-        ).numpy()
+        try:
+            out = fn(
+                tf.constant(window),
+                tf.constant(steps),
+                tf.constant(temperature, tf.float32),
+                tf.constant(top_k),
+                tf.constant(top_p, tf.float32),
+                tf.constant([seed, segment], tf.int64),
+                tf.constant(eot if stop_at_endoftext else -1),
+            ).numpy()
+        except tf.errors.ResourceExhaustedError:  # an accelerator's memory, which we can't see
+            raise Gpt2tuneError(
+                f"out of memory generating {nsamples} sample(s) of {length} tokens; "
+                "lower sample.nsamples or sample.length"
+            ) from None
         new = np.concatenate([new, out], axis=1)
         tokens = np.concatenate([tokens, out], axis=1)
         segment += 1
@@ -208,6 +211,62 @@ def _eot(model: GPT2) -> int:
     return model.encoder.eot_token if model.encoder is not None else model.hparams["n_vocab"] - 1
 
 
+def generation_memory(hparams: dict[str, int], nsamples: int, context: int, length: int) -> int:
+    """Bytes that generating `length` tokens after `context` for `nsamples` samples at once
+    needs on top of the weights (a lower bound: float32 activations only).
+
+    The key/value cache holds 2 * n_layer * n_embd floats per sample and position, up to
+    n_ctx positions, and is copied as it grows; the prompt's forward pass holds, for the
+    layer being computed, the attention weights (n_head * context^2) and the MLP's hidden
+    layer (4 * n_embd per position), and at the end the logits (n_vocab per position).
+    """
+    n_ctx, n_layer, n_embd = hparams["n_ctx"], hparams["n_layer"], hparams["n_embd"]
+    positions = min(context + length, n_ctx)
+    cache = nsamples * n_layer * 2 * positions * n_embd
+    prompt = nsamples * context * (hparams["n_head"] * context + 4 * n_embd + hparams["n_vocab"])
+    return 4 * (2 * cache + prompt)
+
+
+def available_memory() -> int | None:
+    """Bytes of RAM this process may still use: MemAvailable, or a cgroup limit's headroom if
+    that is lower; None where neither can be read (not Linux)."""
+    found = []
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError):
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+        if limit.isdigit():
+            found.append(int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
+
+
+def check_request(
+    hparams: dict[str, int], context: int, length: int, nsamples: int, what: str = "the prompt"
+) -> None:
+    """Refuse, before any work, a prompt longer than the model's context or a batch whose
+    generation would not fit in memory (rather than dying in TensorFlow part-way)."""
+    n_ctx = hparams["n_ctx"]
+    if context > n_ctx:
+        raise Gpt2tuneError(
+            f"{what} is {context} tokens but the model's context is {n_ctx} tokens; shorten it"
+        )
+    need, free = generation_memory(hparams, nsamples, context, length), available_memory()
+    if free is not None and need > free:
+        raise Gpt2tuneError(
+            f"generating {nsamples} sample(s) of {length} tokens after {what} needs about "
+            f"{need / 2**30:.1f} GiB of memory, but {free / 2**30:.1f} GiB is free; lower "
+            "sample.nsamples (samples are generated together) or sample.length"
+        )
+
+
 def _check_sampling(length, nsamples, temperature, top_k, top_p) -> None:
     checks = [
         ("length", length, isinstance(length, int) and length >= 1, "an integer >= 1"),
@@ -238,6 +297,11 @@ def sample_records(model: GPT2, cfg) -> list[dict]:
 
     `cfg` is the `sample` section of params.yaml (`gpt2tune.params.SampleParams`).
     """
+    # Every prompt is checked before the first sample is made, so a bad one fails at once.
+    for i, prompt in enumerate(cfg.prompts):
+        n = len(model.encoder.encode(prompt))
+        check_request(model.hparams, n, cfg.length, cfg.nsamples, f"sample.prompts[{i}]")
+    check_request(model.hparams, 1, cfg.length, cfg.nsamples, "the unconditional start")
     records = []
     for prompt in (None, *cfg.prompts):
         texts = _generate_with(model, prompt, cfg, cfg.seed)

@@ -1,0 +1,194 @@
+"""Bad input, refused by every stage the way a user sees it: each stage script runs as a
+subprocess in a copy of a prepared project, and must answer with one line naming the
+culprit, a non-zero exit and no traceback -- and leave every file of the project as it was
+(all files hashed before and after). Most cases fail before TensorFlow loads; the four that
+need a model to judge (a broken model folder, a prompt or a batch too big) load it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO, TINY_CORPUS
+from test_pipeline import copy_project
+
+STAGES = ("fetch_model", "encode", "train", "assemble", "sample")
+HP = {"n_vocab": 0, "n_ctx": 32, "n_embd": 16, "n_head": 2, "n_layer": 1}  # n_vocab: the vocab's
+ENV = {
+    **os.environ,
+    "PYTHONPATH": str(REPO / "src"),
+    "TF_CPP_MIN_LOG_LEVEL": "2",
+    "MLFLOW_TRACKING_URI": "",
+}
+
+
+def run_stage(root: Path, stage: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, f"stages/{stage}.py"],
+        cwd=root, env=ENV, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, tiny_vocab_dir) -> Path:
+    """A project after a good encode: models/tiny and models/finetuned (a tiny GPT-2 in
+    OpenAI's layout), data/dset.txt and its data/encoded outputs."""
+    from gpt2tune import init_model
+    from gpt2tune.encoder import load_encoder
+
+    root = tmp_path_factory.mktemp("bad_input") / "project"
+    copy_project(root)
+    hp = dict(HP, n_vocab=load_encoder(tiny_vocab_dir).n_vocab)
+    model = init_model(hp, encoder_dir=tiny_vocab_dir, seed=0)
+    model.save(root / "models" / "tiny")
+    (root / "models" / "tiny" / "model.ckpt.meta").write_bytes(b"")  # the release has one
+    model.save(root / "models" / "finetuned")
+    (root / "data").mkdir()
+    (root / "data" / "dset.txt").write_text(TINY_CORPUS * 4, encoding="utf-8")
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["model"].update(name="tiny", base_url=str(root / "nowhere"))
+    params["sample"].update(nsamples=2, length=4, prompts=["Human reason"])
+    params["mlflow"].update(tracking_uri="sqlite:///mlflow.db")
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    good = run_stage(root, "encode")
+    assert good.returncode == 0, good.stderr
+    return root
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every file and folder under root: a hash of each file's bytes, "dir" for folders."""
+    out = {}
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        out[rel] = "dir" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
+
+
+def set_param(section: str, key: str, value) -> Callable[[Path], None]:
+    def edit(root: Path) -> None:
+        params = yaml.safe_load((root / "params.yaml").read_text())
+        params[section][key] = value
+        (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    return edit
+
+
+def write(rel: str, data: bytes, *, point_data_path: bool = True) -> Callable[[Path], None]:
+    def edit(root: Path) -> None:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+        if point_data_path:
+            set_param("data", "path", rel)(root)
+
+    return edit
+
+
+def edit_text(rel: str, old: str, new: str) -> Callable[[Path], None]:
+    def edit(root: Path) -> None:
+        text = (root / rel).read_text()
+        assert old in text
+        (root / rel).write_text(text.replace(old, new, 1))
+
+    return edit
+
+
+def delete(rel: str) -> Callable[[Path], None]:
+    return lambda root: (root / rel).unlink()
+
+
+BROKEN_YAML = edit_text("params.yaml", "  name: tiny\n", "  name: tiny\n   base: [\n")
+PNG = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256))
+
+# id: (stages, how to break the project, what the one line must contain)
+CASES: dict[str, tuple[tuple[str, ...], Callable[[Path], None], tuple[str, ...]]] = {
+    "invalid YAML": (STAGES, BROKEN_YAML, ("params.yaml:3:", "invalid YAML")),
+    "unknown key": (("train",), set_param("train", "stepz", 5), ("train.stepz", "unknown key")),
+    "wrong type": (
+        ("sample",),
+        set_param("sample", "nsamples", "two"),
+        ("sample.nsamples", "integer"),
+    ),
+    "out of range": (
+        ("encode",),
+        set_param("data", "val_fraction", 0.7),
+        ("data.val_fraction", "0.5"),
+    ),
+    "model name with ..": (("fetch_model",), set_param("model", "name", ".."), ("model.name",)),
+    "model name with /": (("assemble",), set_param("model", "name", "a/b"), ("model.name",)),
+    "base_url of another scheme": (
+        ("fetch_model",),
+        set_param("model", "base_url", "ftp://h/m"),
+        ("model.base_url",),
+    ),
+    "missing data": (
+        ("encode",),
+        set_param("data", "path", "data/nope.txt"),
+        ("data/nope.txt", "not exist"),
+    ),
+    "empty data": (("encode",), write("data/empty.txt", b""), ("data/empty.txt", "empty")),
+    "binary data": (
+        ("encode",),
+        write("data/img.txt", PNG),
+        ("data/img.txt", "binary", "offset 8"),
+    ),
+    "binary data that decodes": (
+        ("encode",),
+        write("data/zeros.txt", b"text\0\0\0"),
+        ("data/zeros.txt", "offset 4"),
+    ),
+    "non-UTF-8 data": (
+        ("encode",),
+        write("data/l1.txt", "café".encode("latin-1")),
+        ("data/l1.txt", "offset 3"),
+    ),
+    "glob matching nothing": (
+        ("encode",),
+        set_param("data", "path", "data/*.md"),
+        ("data/*.md", "matches nothing"),
+    ),
+    "corpus under two tokens": (("encode",), write("data/one.txt", b"a"), ("1 token(s)",)),
+    "model folder missing a file": (
+        ("sample",),
+        delete("models/finetuned/model.ckpt.index"),
+        ("model.ckpt.index",),
+    ),
+    "hparams disagreeing with the tensors": (
+        ("sample",),
+        edit_text("models/finetuned/hparams.json", '"n_embd": 16', '"n_embd": 32'),
+        ("models/finetuned/model.ckpt", "shape"),
+    ),
+    "prompt longer than the context": (
+        ("sample",),
+        set_param("sample", "prompts", ["reason " * 40]),
+        ("sample.prompts[0]",),
+    ),
+    "nsamples too big for memory": (
+        ("sample",),
+        set_param("sample", "nsamples", 10**9),
+        ("sample.nsamples", "GiB"),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_refused_cleanly(prepared, tmp_path, case):
+    stages, breakage, expected = CASES[case]
+    root = tmp_path / "project"
+    shutil.copytree(prepared, root, symlinks=True)
+    breakage(root)
+    before = snapshot(root)
+    for stage in stages:
+        proc = run_stage(root, stage)
+        lines = (proc.stdout + proc.stderr).strip().splitlines()
+        assert proc.returncode == 1, (stage, proc.stdout, proc.stderr)
+        assert len(lines) == 1 and lines[0].startswith("error: "), (stage, lines)
+        assert all(word in lines[0] for word in expected), (stage, lines[0])
+        assert snapshot(root) == before, stage

@@ -1,0 +1,144 @@
+"""MLflow tracking against a real `mlflow server` that the tests kill and start again.
+
+What is checked is what a user would look at afterwards: the run on the server holds every
+step exactly once, the params, texts and folders, whatever happened to the server meanwhile.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from mlflow.tracking import MlflowClient
+from mlflowserver import MlflowServer
+
+from gpt2tune import tracking
+from gpt2tune.params import MlflowParams
+
+PARAMS = {"train.steps": 8, "model.name": "tiny"}
+SECRET = "s3cret-pw"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """One server for the module; tests may kill it, and leave it running when they end."""
+    with MlflowServer(tmp_path_factory.mktemp("mlflow")) as srv:
+        srv.wait_ready()
+        yield srv
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return tmp_path
+
+
+def steps_of(client: MlflowClient, run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def log_steps(steps) -> None:
+    for s in steps:
+        tracking.log_metrics({"loss": 10.0 - s, "tokens_per_s": 100.0}, s)
+
+
+def test_resumed_run_logs_each_step_once(workdir):
+    cfg = MlflowParams(tracking_uri="sqlite:///mlflow.db", experiment="resume")
+    client = MlflowClient(tracking.resolve_tracking_uri(cfg.tracking_uri))
+    with tracking.training_run(cfg, PARAMS) as run:
+        log_steps(range(1, 6))
+        run_id = run.info.run_id
+        tracking.end_run("KILLED")  # as the train stage does when stopped by a signal
+    assert client.get_run(run_id).info.status == "KILLED"
+    # A resumed training repeats the steps after its last checkpoint (3..5), then goes on.
+    with tracking.training_run(cfg, PARAMS, run_id) as run:
+        assert run.info.run_id == run_id
+        for s in range(3, 9):
+            tracking.log_metrics({"loss": 100.0 + s}, s)
+    history = client.get_metric_history(run_id, "loss")
+    assert sorted(m.step for m in history) == list(range(1, 9))
+    first = {m.step: m.value for m in history}
+    assert [first[s] for s in (3, 4, 5, 6)] == [7.0, 6.0, 5.0, 106.0]  # first value kept
+    assert steps_of(client, run_id, "tokens_per_s") == [1, 2, 3, 4, 5]
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_server_dying_mid_run_loses_nothing(workdir, server, monkeypatch, capsys):
+    cfg = MlflowParams(tracking_uri=server.url, experiment="dies-mid-run")
+    monkeypatch.setenv("GPT2TUNE_MLFLOW_RETRY_S", "1")
+    with tracking.training_run(cfg, PARAMS) as run:
+        run_id = run.info.run_id
+        log_steps([1, 2, 3])
+        tracking.log_text("sample at 3", "samples/train/step_000003.txt")
+        server.kill()
+        log_steps([4, 5, 6])  # the first of these finds the server gone, the others are kept
+        tracking.log_text("sample at 6", "samples/train/step_000006.txt")
+        kept = workdir / "metrics" / "mlflow_offline" / f"{run_id}.jsonl"
+        err = capsys.readouterr().err
+        assert "unreachable" in err and str(kept.relative_to(workdir)) in err, err
+        assert len(kept.read_text().splitlines()) == 4
+        server.start()
+        server.wait_ready()
+        # The server is back: the next call, once the retry interval is over, sends all.
+        time.sleep(1.1)
+        log_steps([7])
+        assert not kept.exists()
+        client = MlflowClient(server.url)
+        assert steps_of(client, run_id, "loss") == list(range(1, 8))
+        log_steps([8])
+    assert steps_of(client, run_id, "loss") == list(range(1, 9))
+    got = client.get_run(run_id)
+    assert got.info.status == "FINISHED"
+    assert got.data.params["train.steps"] == "8"
+    names = [a.path for a in client.list_artifacts(run_id, "samples/train")]
+    assert names == ["samples/train/step_000003.txt", "samples/train/step_000006.txt"]
+    assert json.loads((workdir / "metrics" / "mlflow_run.json").read_text())["run_id"] == run_id
+
+
+def test_server_down_at_start_is_replayed_by_the_next_stage(workdir, server, monkeypatch, capsys):
+    # Credentials come from the environment and must not show up anywhere on the way.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url.replace("://", f"://alice:{SECRET}@"))
+    cfg = MlflowParams(tracking_uri="", experiment="down-at-start")
+    server.kill()
+    with tracking.training_run(cfg, PARAMS) as run:
+        offline_id = run.info.run_id
+        assert offline_id.startswith("offline-")
+        log_steps(range(1, 5))
+        tracking.log_text("a sample", "samples/train/step_000004.txt")
+    info = json.loads((workdir / "metrics" / "mlflow_run.json").read_text())
+    assert info["run_id"] == offline_id
+    kept = workdir / "metrics" / "mlflow_offline" / f"{offline_id}.jsonl"
+    assert info["offline_file"] == str(kept.relative_to(workdir))
+    err = capsys.readouterr().err
+    assert "still unreachable" in err and info["offline_file"] in err
+    assert "alice:***@" not in err and "***@127.0.0.1" in err
+
+    # The assemble stage, later, with the server back: the run is made from the kept file.
+    server.start()
+    server.wait_ready()
+    (workdir / "models" / "finetuned").mkdir(parents=True)
+    (workdir / "models" / "finetuned" / "hparams.json").write_text("{}")
+    with tracking.reopen_run(cfg) as run:
+        run_id = run.info.run_id
+        tracking.log_folder("models/finetuned", "model")
+    assert not run_id.startswith("offline-") and not kept.exists()
+    client = MlflowClient(server.url)
+    got = client.get_run(run_id)
+    assert got.data.params == {k: str(v) for k, v in PARAMS.items()}
+    assert steps_of(client, run_id, "loss") == [1, 2, 3, 4]
+    assert [a.path for a in client.list_artifacts(run_id, "model")] == ["model/hparams.json"]
+    assert got.info.status == "FINISHED"
+
+    # A resumed training with the local id lands in the same run, without repeating steps.
+    with tracking.training_run(cfg, PARAMS, offline_id) as run:
+        assert run.info.run_id == run_id
+        log_steps(range(3, 7))
+    assert steps_of(client, run_id, "loss") == list(range(1, 7))
+
+    written = [p.read_text() for p in (workdir / "metrics").rglob("*") if p.is_file()]
+    everything = " ".join(written) + capsys.readouterr().err + json.dumps(got.data.params)
+    everything += json.dumps(got.data.tags)
+    assert SECRET not in everything
