@@ -149,6 +149,46 @@ def test_sigterm_checkpoints_exits_143_and_the_rerun_continues_the_same_run(proj
     assert json.loads((project.root / "metrics/train.json").read_text())["steps"] == stopped + 3
 
 
+def test_kill_9_then_rerun_continues_the_same_mlflow_run_without_duplicate_steps(project):
+    """kill -9 after the loop has logged steps past its last checkpoint: the rerun resumes
+    from the checkpoint, redoes those steps, and logs each step to the same run once."""
+    project.set_train(seed=1, steps=100_000, save_every=5, val_every=5)  # a new run
+    old_run = project.run_id()
+    proc = project.popen("train")
+    try:
+        deadline, state, logged = time.monotonic() + 180, None, []
+        while time.monotonic() < deadline and proc.poll() is None:
+            if project.run_id() != old_run and (state := project.state()):
+                if state["step"] >= 5 and state.get("mlflow_run_id") == project.run_id():
+                    logged = project.client().get_metric_history(project.run_id(), "loss")
+                    if len(logged) > state["step"] + 1:  # steps past the checkpoint
+                        break
+            time.sleep(0.2)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    saved, run_id = project.state()["step"], project.run_id()
+    done = max(m.step for m in project.client().get_metric_history(run_id, "loss"))
+    assert done > saved  # these steps are redone after the resume
+
+    project.set_train(steps=done + 2)
+    rerun = project.stage("train")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"resuming from step {saved}" in rerun.stdout
+    assert project.run_id() == run_id
+    client = project.client()
+    assert client.get_run(run_id).info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(run_id, "loss")]
+    assert sorted(steps) == list(range(1, done + 3))  # each step exactly once
+    val_steps = sorted(m.step for m in client.get_metric_history(run_id, "val_loss"))
+    assert len(val_steps) == len(set(val_steps)) and val_steps[-1] == done + 2
+    project.set_train(seed=0)
+
+
 @pytest.mark.slow  # two TensorFlow + MLflow processes: ~40 s on 2 idle cores
 def test_multi_worker_stage_only_the_chief_writes(project):
     """`train.strategy: multi_worker`: two `python stages/train.py` on 127.0.0.1 with
