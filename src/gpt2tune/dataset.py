@@ -58,9 +58,12 @@ import codecs
 import glob
 import json
 import math
+import multiprocessing
 import os
 import re
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +77,9 @@ SPLITS = ("train", "val")
 VAL_BLOCK_TOKENS = 1024  # largest validation block; smaller for corpora under ~100 blocks
 PROGRESS_MIN_BYTES = 8 << 20  # smaller inputs encode in a second or two: no bar
 _COPY_TOKENS = 1 << 22  # tokens per copy from the temporary stream into train/val.npy
+# Inputs from this size on are encoded by one process per core: starting the workers costs
+# about a second, which smaller inputs would not win back.
+PARALLEL_MIN_BYTES = 16 << 20
 
 _GLOB_CHARS = re.compile(r"[*?[]")
 
@@ -274,6 +280,57 @@ def _chunks(pieces: Iterable[str], chunk_chars: int) -> Iterator[str]:
         yield pending
 
 
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # the cores this process may use (containers)
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+_worker_encoder = None  # the encoder, in a worker process
+
+
+def _init_worker(encoder) -> None:
+    import signal
+
+    global _worker_encoder
+    _worker_encoder = encoder
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+
+
+def _encode_in_worker(piece: str, dtype: np.dtype) -> np.ndarray:
+    return np.array(_worker_encoder.encode(piece, allow_endoftext=True), dtype)
+
+
+def _encode_pieces(
+    encoder, pieces: Iterable[tuple[int, str]], dtype: np.dtype, workers: int
+) -> Iterator[tuple[int, int, np.ndarray]]:
+    """(tag, characters, token ids) for each (tag, piece), in order. With workers > 1 the
+    pieces are encoded by that many processes, at most two per worker in flight, so memory
+    stays a few chunks whatever the corpus size. Pieces are cut at safe points (_chunks), so
+    encoding them apart gives the tokens of the whole."""
+    if workers == 1:
+        for tag, piece in pieces:
+            yield tag, len(piece), np.array(encoder.encode(piece, allow_endoftext=True), dtype)
+        return
+    # spawn, not fork: the caller may be a multi-threaded process (TensorFlow, a test runner).
+    pool = ProcessPoolExecutor(
+        workers, multiprocessing.get_context("spawn"), _init_worker, (encoder,)
+    )
+    in_flight: deque = deque()
+    try:
+        for tag, piece in pieces:
+            in_flight.append((tag, len(piece), pool.submit(_encode_in_worker, piece, dtype)))
+            if len(in_flight) >= 2 * workers:
+                tag0, n0, done = in_flight.popleft()
+                yield tag0, n0, done.result()
+        while in_flight:
+            tag0, n0, done = in_flight.popleft()
+            yield tag0, n0, done.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 # --------------------------------------------------------------------------- the split
 
 
@@ -346,13 +403,18 @@ def encode_corpus(
     val_fraction: float = 0.05,
     progress: bool | None = None,
     chunk_chars: int = 1 << 20,
+    workers: int | None = None,
 ) -> dict:
     """Encode the text of ``path_spec`` into out_dir/train.npy, val.npy and stats.json, and
     return the stats. ``progress``: True/False force the bar on/off; None shows it for large
     inputs on a terminal. ``chunk_chars``: characters encoded at a time (memory, not result).
+    ``workers``: processes encoding chunks side by side (None: one per core for inputs of
+    PARALLEL_MIN_BYTES or more, else 1); the tokens are the same for any number.
     """
     if chunk_chars < 1:
         raise ValueError(f"chunk_chars must be >= 1, got {chunk_chars}")
+    if workers is not None and workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
     split_plan(0, val_fraction)  # checks val_fraction before any work
     try:
         codecs.lookup(encoding)
@@ -398,20 +460,26 @@ def encode_corpus(
         with bar, open(stream, "wb") as sink:
             documents = characters = n_tokens = 0
             eot = np.array([encoder.eot_token], dtype)
-            for path in files:
-                started = False
-                text = _read_text(path, encoding, chunk_chars, bar.update)
-                for piece in _chunks(text, chunk_chars):
-                    characters += len(piece)
-                    ids = np.array(encoder.encode(piece, allow_endoftext=True), dtype)
-                    if not started:
-                        started = True
-                        documents += 1
-                        if n_tokens:
-                            eot.tofile(sink)
-                            n_tokens += 1
-                    ids.tofile(sink)
-                    n_tokens += len(ids)
+            pieces = (
+                (i, piece)
+                for i, path in enumerate(files)
+                for piece in _chunks(
+                    _read_text(path, encoding, chunk_chars, bar.update), chunk_chars
+                )
+            )
+            if workers is None:
+                workers = _cores() if total_bytes >= PARALLEL_MIN_BYTES else 1
+            last_file = -1
+            for file_index, n_chars, ids in _encode_pieces(encoder, pieces, dtype, workers):
+                characters += n_chars
+                if file_index != last_file:  # a file's first non-empty piece starts a document
+                    last_file = file_index
+                    documents += 1
+                    if n_tokens:
+                        eot.tofile(sink)
+                        n_tokens += 1
+                ids.tofile(sink)
+                n_tokens += len(ids)
         if n_tokens == 0:  # files of only a BOM
             raise Gpt2tuneError(f"data.path = {path_spec!r}: no text in {len(files)} file(s)")
 
