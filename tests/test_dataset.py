@@ -330,10 +330,10 @@ def test_chunked_equals_whole_end_to_end(tmp_path, official):
         assert list(load_tokens(tmp_path / "o", "train")) == whole
 
 
-def test_worker_processes_give_the_single_process_outputs(tmp_path, official, tiny, kant_path):
-    """Chunks encoded by 2 processes (spawned, each with its own copy of the encoder) come back
-    in order: the three output files are byte-identical to one process's, for the tiktoken
-    engine on kant.txt plus tricky files, and for the tiny vocabulary."""
+def test_parallel_workers_give_the_single_worker_outputs(tmp_path, official, tiny, kant_path):
+    """Chunks encoded by 2 threads side by side come back in order: the three output files are
+    byte-identical to one thread's, for the tiktoken engine on kant.txt plus tricky files, and
+    for the tiny vocabulary."""
     src = tmp_path / "in"
     write(src / "a.txt", kant_path.read_bytes()[:200_000])
     write(src / "b.txt", "")  # no document

@@ -38,8 +38,9 @@ Large inputs
 Nothing holds the whole corpus in memory. Each file is read and decoded in pieces (an
 incremental decoder, so a character split between reads is fine) and encoded in pieces of
 about ``chunk_chars`` characters, cut only where GPT-2's pre-tokenizer gives the same tokens
-whether or not the text is cut (see :func:`_safe_cut`); tokens stream to a temporary file
-and are then copied into the two ``.npy`` files. Every output goes to a temporary file in
+whether or not the text is cut (see :func:`_safe_cut`). From 4 MiB on, one thread per core
+encodes pieces side by side (tiktoken releases the GIL), a few pieces in flight, results
+taken in order. Tokens stream to a temporary file and are then copied into the two ``.npy`` files. Every output goes to a temporary file in
 ``out_dir`` first and is renamed over the old one with ``os.replace``, so an error or Ctrl-C
 part-way leaves the previous outputs as they were. A tqdm bar (bytes read) shows for inputs of
 8 MiB or more when stderr is a terminal.
@@ -58,12 +59,11 @@ import codecs
 import glob
 import json
 import math
-import multiprocessing
 import os
 import re
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -77,9 +77,9 @@ SPLITS = ("train", "val")
 VAL_BLOCK_TOKENS = 1024  # largest validation block; smaller for corpora under ~100 blocks
 PROGRESS_MIN_BYTES = 8 << 20  # smaller inputs encode in a second or two: no bar
 _COPY_TOKENS = 1 << 22  # tokens per copy from the temporary stream into train/val.npy
-# Inputs from this size on are encoded by one process per core: starting the workers costs
-# about a second, which smaller inputs would not win back.
-PARALLEL_MIN_BYTES = 16 << 20
+# Inputs from this size on are encoded by one thread per core (smaller ones are a chunk or
+# three: nothing to share out).
+PARALLEL_MIN_BYTES = 4 << 20
 
 _GLOB_CHARS = re.compile(r"[*?[]")
 
@@ -287,40 +287,28 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
-_worker_encoder = None  # the encoder, in a worker process
-
-
-def _init_worker(encoder) -> None:
-    import signal
-
-    global _worker_encoder
-    _worker_encoder = encoder
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-
-
-def _encode_in_worker(piece: str, dtype: np.dtype) -> np.ndarray:
-    return np.array(_worker_encoder.encode(piece, allow_endoftext=True), dtype)
-
-
 def _encode_pieces(
     encoder, pieces: Iterable[tuple[int, str]], dtype: np.dtype, workers: int
 ) -> Iterator[tuple[int, int, np.ndarray]]:
     """(tag, characters, token ids) for each (tag, piece), in order. With workers > 1 the
-    pieces are encoded by that many processes, at most two per worker in flight, so memory
+    pieces are encoded by that many threads, at most two per worker in flight, so memory
     stays a few chunks whatever the corpus size. Pieces are cut at safe points (_chunks), so
     encoding them apart gives the tokens of the whole."""
+
+    def encode(piece: str) -> np.ndarray:
+        return np.array(encoder.encode(piece, allow_endoftext=True), dtype)
+
     if workers == 1:
         for tag, piece in pieces:
-            yield tag, len(piece), np.array(encoder.encode(piece, allow_endoftext=True), dtype)
+            yield tag, len(piece), encode(piece)
         return
-    # spawn, not fork: the caller may be a multi-threaded process (TensorFlow, a test runner).
-    pool = ProcessPoolExecutor(
-        workers, multiprocessing.get_context("spawn"), _init_worker, (encoder,)
-    )
+    # Threads, not processes: tiktoken releases the GIL while it encodes, and a process pool
+    # would re-import the caller's main module (spawn) or fork a multi-threaded process.
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="encode")
     in_flight: deque = deque()
     try:
         for tag, piece in pieces:
-            in_flight.append((tag, len(piece), pool.submit(_encode_in_worker, piece, dtype)))
+            in_flight.append((tag, len(piece), pool.submit(encode, piece)))
             if len(in_flight) >= 2 * workers:
                 tag0, n0, done = in_flight.popleft()
                 yield tag0, n0, done.result()
@@ -408,7 +396,7 @@ def encode_corpus(
     """Encode the text of ``path_spec`` into out_dir/train.npy, val.npy and stats.json, and
     return the stats. ``progress``: True/False force the bar on/off; None shows it for large
     inputs on a terminal. ``chunk_chars``: characters encoded at a time (memory, not result).
-    ``workers``: processes encoding chunks side by side (None: one per core for inputs of
+    ``workers``: threads encoding chunks side by side (None: one per core for inputs of
     PARALLEL_MIN_BYTES or more, else 1); the tokens are the same for any number.
     """
     if chunk_chars < 1:
