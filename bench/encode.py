@@ -116,8 +116,10 @@ def run_stage(text_file: Path, vocab: Path, mb: float) -> dict:
             shutil.copyfile(vocab / f, model / f)
         env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
         t0 = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, str(REPO / "stages" / "encode.py")], cwd=root,
-                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+        stage = [sys.executable, str(REPO / "stages" / "encode.py")]
+        proc = subprocess.Popen(
+            stage, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
         peak, tree = 0, psutil.Process(proc.pid)
         while proc.poll() is None:
             try:
@@ -133,14 +135,10 @@ def run_stage(text_file: Path, vocab: Path, mb: float) -> dict:
         # The stage has reaped its workers, so its children's times include theirs.
         cpu = psutil.Process().cpu_times()
         stats = json.loads((root / "data" / "encoded" / "stats.json").read_text())
-    return {"stage_mb": round(corpus_bytes(stats), 1), "stage_s": round(wall, 2),
+    return {"stage_mb": round(stats["bytes"] / 1e6, 1), "stage_s": round(wall, 2),
             "stage_cores_used": round((cpu.children_user + cpu.children_system) / wall, 2),
             "stage_peak_rss_mb": round(peak / 1e6, 1), "stage_tokens": stats["tokens"],
             "stage_tokens_per_s": round(stats["tokens"] / wall)}  # fmt: skip
-
-
-def corpus_bytes(stats: dict) -> float:
-    return stats["bytes"] / 1e6
 
 
 def main() -> None:
@@ -182,8 +180,9 @@ def main() -> None:
     result["identical_ids"] = same
     if args.stage_mb > 0:
         result.update(run_stage(args.file, args.vocab, args.stage_mb))
-        print(f"encode stage on {result['stage_mb']} MB: {result['stage_s']} s, "
-              f"{result['stage_cores_used']} cores busy, peak RSS {result['stage_peak_rss_mb']} MB")  # fmt: skip
+        r = result
+        print(f"encode stage on {r['stage_mb']} MB: {r['stage_s']} s, "
+              f"{r['stage_cores_used']} cores busy, peak {r['stage_peak_rss_mb']} MB")  # fmt: skip
     result["loadavg"] = Path("/proc/loadavg").read_text().split()[:3]
     print(json.dumps(result))
 

@@ -40,10 +40,10 @@ incremental decoder, so a character split between reads is fine) and encoded in 
 about ``chunk_chars`` characters, cut only where GPT-2's pre-tokenizer gives the same tokens
 whether or not the text is cut (see :func:`_safe_cut`). From 4 MiB on, one thread per core
 encodes pieces side by side (tiktoken releases the GIL), a few pieces in flight, results
-taken in order. Tokens stream to a temporary file and are then copied into the two ``.npy`` files. Every output goes to a temporary file in
-``out_dir`` first and is renamed over the old one with ``os.replace``, so an error or Ctrl-C
-part-way leaves the previous outputs as they were. A tqdm bar (bytes read) shows for inputs of
-8 MiB or more when stderr is a terminal.
+taken in order. Tokens stream to a temporary file and are then copied into the two ``.npy``
+files. Every output goes to a temporary file in ``out_dir`` first and is renamed over the old
+one with ``os.replace``, so an error or Ctrl-C part-way leaves the previous outputs as they
+were. A tqdm bar (bytes read) shows for inputs of 8 MiB or more when stderr is a terminal.
 
 Training batches
 ----------------
