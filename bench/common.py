@@ -1,0 +1,96 @@
+"""What the benchmarks share: the machine's own rates, measured in the same run, and the peer.
+
+- `matmul_rate`: float32 matrix-multiply FLOP/s of TensorFlow on this machine (best of a few
+  shapes, one of them the model's own), the denominator of MFU.
+- `read_bandwidth`: bytes/s TensorFlow streams through memory (reduce_sum over a buffer far
+  larger than the caches), the denominator of the memory-bandwidth bound of generation.
+- `run_peer`: one measurement with OpenAI's original code (bench/peer.py) in its own process,
+  with the Python of the `bench` extra's environment (.venv-bench, see README).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))  # the checkout's gpt2tune, installed or not
+
+SHAPES_124M = {"n_vocab": 50257, "n_ctx": 1024, "n_embd": 768, "n_head": 12, "n_layer": 12}
+
+
+def add_shape_args(ap) -> None:
+    """--n_layer --n_embd --n_head --n_ctx --n_vocab, 124M by default."""
+    for k, v in SHAPES_124M.items():
+        ap.add_argument(f"--{k}", type=int, default=v)
+
+
+def hparams(args) -> dict[str, int]:
+    return {k: getattr(args, k) for k in SHAPES_124M}
+
+
+def loadavg() -> list[str]:
+    """1, 5 and 15-minute load: the machine is shared, so every result carries it."""
+    try:
+        return Path("/proc/loadavg").read_text().split()[:3]
+    except OSError:
+        return [f"{x:.2f}" for x in os.getloadavg()]
+
+
+def best_time(fn, repeat: int) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def matmul_rate(shapes: list[tuple[int, int, int]], repeat: int = 5) -> tuple[float, list]:
+    """Best float32 FLOP/s of tf.matmul over [m, k] x [k, n] for each (m, k, n) in shapes."""
+    import tensorflow as tf
+
+    best, rows = 0.0, []
+    for m, k, n in shapes:
+        a = tf.random.normal([m, k])
+        b = tf.random.normal([k, n])
+        f = tf.function(lambda a, b: tf.reduce_sum(tf.matmul(a, b)[:1, :1]))
+        f(a, b).numpy()  # trace
+        s = best_time(lambda f=f, a=a, b=b: f(a, b).numpy(), repeat)
+        rate = 2 * m * k * n / s
+        rows.append([m, k, n, round(rate / 1e9, 1)])
+        best = max(best, rate)
+    return best, rows
+
+
+def read_bandwidth(mb: int = 1024, repeat: int = 5) -> float:
+    """Bytes/s of a TensorFlow reduce_sum over `mb` MB of float32 (all cores)."""
+    import tensorflow as tf
+
+    x = tf.random.uniform([mb * (1 << 20) // 4])
+    f = tf.function(tf.reduce_sum)
+    f(x).numpy()
+    return x.shape[0] * 4 / best_time(lambda: f(x).numpy(), repeat)
+
+
+def peer_python() -> str:
+    """The Python that has gpt-2-simple: $GPT2TUNE_PEER_PYTHON, else .venv-bench, else ours."""
+    env = os.environ.get("GPT2TUNE_PEER_PYTHON")
+    if env:
+        return env
+    venv = REPO / ".venv-bench" / "bin" / "python"
+    return str(venv) if venv.exists() else sys.executable
+
+
+def run_peer(kind: str, settings: dict) -> dict:
+    """Run bench/peer.py `kind` with these settings in a fresh process; its JSON result."""
+    cmd = [peer_python(), str(REPO / "bench" / "peer.py"), kind, json.dumps(settings)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode or not lines:
+        sys.exit(f"the peer run failed ({' '.join(cmd[:3])}):\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1])
