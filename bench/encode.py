@@ -8,8 +8,9 @@ Defaults come from $GPT2TUNE_SHARED_DATA or ../shared/data beside the repository
    --reference also times a pure-Python port of OpenAI's encoder.py (slow: one run).
 2. The encode stage itself (`python stages/encode.py` in a temporary project whose data.path
    is --file repeated to --stage-mb MB): wall time, CPU time over wall time (cores in use),
-   and peak resident memory of the stage with its worker processes, summed, sampled every
-   20 ms. --stage-mb 0 skips it.
+   and peak resident memory of the stage (all its processes, summed, sampled every 20 ms);
+   then the same for one copy of --file, to show what of the peak the corpus size adds.
+   --stage-mb 0 skips both.
 Prints a table and, as its last line, a JSON object with tokens_per_s (Encoder.encode).
 """
 
@@ -180,6 +181,9 @@ def main() -> None:
     result["identical_ids"] = same
     if args.stage_mb > 0:
         result.update(run_stage(args.file, args.vocab, args.stage_mb))
+        # The same stage on one copy of the file: what the peak costs without the corpus.
+        one = run_stage(args.file, args.vocab, 0)
+        result["stage_one_copy_peak_rss_mb"] = one["stage_peak_rss_mb"]
         r = result
         print(f"encode stage on {r['stage_mb']} MB: {r['stage_s']} s, "
               f"{r['stage_cores_used']} cores busy, peak {r['stage_peak_rss_mb']} MB")  # fmt: skip
