@@ -54,7 +54,10 @@ def test_encode_bench(kant_path, official_vocab_dir):
     reason="needs the bench extra (gpt-2-simple), here or in .venv-bench",
 )
 def test_peer_runs_openai_code():
-    for script, extra in (("train.py", ["--seq", "16", "--steps", "1"]),
-                          ("generate.py", ["--prompt", "4", "--length", "4", "--repeat", "1"])):  # fmt: skip
+    runs = {
+        "train.py": ["--seq", "16", "--steps", "1"],
+        "generate.py": ["--prompt", "4", "--length", "4", "--repeat", "1"],
+    }
+    for script, extra in runs.items():
         r = run_bench(script, *TINY, *extra, "--peer", "--rounds", "1")
         assert r["peer_tokens_per_s"] > 0 and r["speedup_vs_peer"] > 0
