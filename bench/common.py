@@ -3,7 +3,8 @@
 - `matmul_rate`: float32 matrix-multiply FLOP/s of TensorFlow on this machine (best of a few
   shapes, one of them the model's own), the denominator of MFU.
 - `read_bandwidth`: bytes/s TensorFlow streams through memory (reduce_sum over a buffer far
-  larger than the caches), the denominator of the memory-bandwidth bound of generation.
+  larger than the caches, whole and in 16 parts), the denominator of the memory-bandwidth
+  bound of generation.
 - `run_peer`: one measurement with OpenAI's original code (bench/peer.py) in its own process,
   with the Python of the `bench` extra's environment (.venv-bench, see README).
 """
@@ -68,13 +69,22 @@ def matmul_rate(shapes: list[tuple[int, int, int]], repeat: int = 5) -> tuple[fl
 
 
 def read_bandwidth(mb: int = 1024, repeat: int = 5) -> float:
-    """Bytes/s of a TensorFlow reduce_sum over `mb` MB of float32 (all cores)."""
+    """Bytes/s TensorFlow reads from memory: `mb` MB of float32 summed, as one tensor and as
+    16 tensors summed side by side (one big reduce_sum does not always keep both cores
+    streaming; many independent ones, like a model's weight matrices, can). The best of both.
+    """
     import tensorflow as tf
 
-    x = tf.random.uniform([mb * (1 << 20) // 4])
-    f = tf.function(tf.reduce_sum)
-    f(x).numpy()
-    return x.shape[0] * 4 / best_time(lambda: f(x).numpy(), repeat)
+    n = mb * (1 << 20) // 4 // 16 * 16
+    one = tf.random.uniform([n])
+    parts = tf.split(one, 16)
+    sum_one = tf.function(tf.reduce_sum)
+    sum_parts = tf.function(lambda xs: tf.add_n([tf.reduce_sum(x) for x in xs]))
+    sum_one(one).numpy()
+    sum_parts(parts).numpy()
+    s = min(best_time(lambda: sum_one(one).numpy(), repeat),
+            best_time(lambda: sum_parts(parts).numpy(), repeat))  # fmt: skip
+    return n * 4 / s
 
 
 def peer_python() -> str:
