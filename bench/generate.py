@@ -9,8 +9,8 @@ Random weights. Each new token reads every weight once per batch (the output emb
 so at small batches generation is bound by memory bandwidth: the bound is
     batch x read bandwidth / weight bytes per token,
 weight bytes per token = 4 x (all parameters but wpe, of which one row is read), and the
-read bandwidth is measured in this run (reduce_sum over 1 GiB, both cores). `bound_fraction`
-= tokens/s over that bound.
+read bandwidth is measured in this run (common.read_bandwidth: the best reduce_sum over
+1 GiB, as one tensor or 16 side by side). `bound_fraction` = tokens/s over that bound.
 
 The first call compiles the sampler and is reported apart. With --peer the measurement
 alternates, --rounds times: gpt2tune's calls, then OpenAI's (bench/peer.py, a fresh process);
