@@ -1,63 +1,94 @@
-"""New tokens per second of gpt2tune.generate_tokens, GPT-2 124M shapes with random weights.
+"""New tokens/s of gpt2tune.generate_tokens (top_k 40), its share of the memory-bandwidth
+bound, and (--peer) OpenAI's sampler's.
 
-    python bench/generate.py                      # 124M: 12 layers, 768 wide, 12 heads
-    python bench/generate.py --n_layer 2 --n_embd 64 --n_head 2 --length 64
+    python bench/generate.py                       # 124M shapes, 64-token prompt, 128 new, batch 1
+    python bench/generate.py --batch 8 --peer      # and OpenAI's sampler, same run
+    python bench/generate.py --n_layer 2 --n_embd 64 --n_head 2 --length 16
 
-The first call compiles the sampler and is timed separately; the last line is JSON.
+Random weights. Each new token reads every weight once per batch (the output embedding too),
+so at small batches generation is bound by memory bandwidth: the bound is
+    batch x read bandwidth / weight bytes per token,
+weight bytes per token = 4 x (all parameters but wpe, of which one row is read), and the
+read bandwidth is measured in this run (common.read_bandwidth: the best reduce_sum over
+1 GiB, as one tensor or 16 side by side). `bound_fraction` = tokens/s over that bound.
+
+The first call compiles the sampler and is reported apart. With --peer the measurement
+alternates, --rounds times: gpt2tune's calls, then OpenAI's (bench/peer.py, a fresh process);
+per side the best call counts. The last line is JSON.
 """
 
 import argparse
 import json
-import time
 
 import numpy as np
+from common import add_shape_args, best_time, hparams, loadavg, read_bandwidth, run_peer
 
-from gpt2tune.model import init_model
+
+def weight_bytes_per_token(hp: dict) -> int:
+    from gpt2tune.model import variable_shapes
+
+    shapes = variable_shapes(hp)
+    n = sum(int(np.prod(s)) for name, s in shapes.items() if name != "model/wpe")
+    return 4 * (n + hp["n_embd"])  # + the one row of wpe
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n_layer", type=int, default=12)
-    ap.add_argument("--n_embd", type=int, default=768)
-    ap.add_argument("--n_head", type=int, default=12)
-    ap.add_argument("--n_ctx", type=int, default=1024)
-    ap.add_argument("--n_vocab", type=int, default=50257)
-    ap.add_argument("--prompt", type=int, default=32, help="prompt length in tokens")
+    add_shape_args(ap)
+    ap.add_argument("--prompt", type=int, default=64, help="prompt length in tokens")
     ap.add_argument("--length", type=int, default=128, help="new tokens per sample")
     ap.add_argument("--batch", type=int, default=1, help="samples generated together")
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=3, help="timed calls per round")
+    ap.add_argument("--rounds", type=int, default=2, help="rounds of ours then peer (--peer)")
+    ap.add_argument("--bandwidth-mb", type=int, default=1024, help="buffer for the bandwidth")
+    ap.add_argument("--peer", action="store_true", help="also time OpenAI's sampler")
     args = ap.parse_args()
+    hp = hparams(args)
 
+    import time
+
+    from gpt2tune.model import init_model
     from gpt2tune.sample import generate_tokens
 
-    hp = {k: getattr(args, k) for k in ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer")}
     model = init_model(hp, seed=0)
-    prompt = np.random.default_rng(0).integers(0, args.n_vocab - 1, args.prompt).tolist()
-    kw = dict(length=args.length, nsamples=args.batch, temperature=0.8, top_k=40, seed=0)
+    prompt = np.random.default_rng(0).integers(0, hp["n_vocab"] - 1, args.prompt).tolist()
+    kw = dict(length=args.length, nsamples=args.batch, temperature=1.0, top_k=40, seed=0)
 
     t0 = time.perf_counter()
-    generate_tokens(model, prompt, **kw)
+    out = generate_tokens(model, prompt, **kw)
     first = time.perf_counter() - t0
-    times = []
-    for _ in range(args.repeat):
-        t0 = time.perf_counter()
-        generate_tokens(model, prompt, **kw)
-        times.append(time.perf_counter() - t0)
-    best = min(times)
-    tps = args.length * args.batch / best
-    print(f"first call (with compile): {first:.2f} s; best of {args.repeat}: {best:.3f} s")
-    print(
-        json.dumps(
-            {
-                **hp,
-                "prompt": args.prompt,
-                "length": args.length,
-                "batch": args.batch,
-                "first_call_s": round(first, 3),
-                "tokens_per_s": round(tps, 2),
-            }
-        )
-    )
+    assert out.shape == (args.batch, args.length), out.shape
+    ours, peer, peer_first = [], [], None
+    settings = {**hp, "prompt": args.prompt, "length": args.length, "batch": args.batch,
+                "temperature": 1.0, "top_k": 40, "repeat": args.repeat}  # fmt: skip
+    for _ in range(args.rounds if args.peer else 1):
+        ours.append(best_time(lambda: generate_tokens(model, prompt, **kw), args.repeat))
+        if args.peer:
+            r = run_peer("generate", settings)
+            peer.append(min(r["call_times"]))
+            peer_first = r["first_call_s"]
+    bw = read_bandwidth(args.bandwidth_mb)
+    new = args.length * args.batch
+    s = min(ours)
+    wb = weight_bytes_per_token(hp)
+    bound = args.batch * bw / wb
+    result = {**hp, "prompt": args.prompt, "length": args.length, "batch": args.batch,
+              "top_k": 40, "first_call_s": round(first, 2), "tokens_per_s": round(new / s, 2),
+              "weight_bytes_per_token": wb, "read_gb_s": round(bw / 1e9, 2),
+              "bound_tokens_per_s": round(bound, 2), "bound_fraction": round(new / s / bound, 3),
+              "rounds_tokens_per_s": [round(new / t, 2) for t in ours]}  # fmt: skip
+    if peer:
+        p = min(peer)
+        result.update({"peer_first_call_s": round(peer_first, 2),
+                       "peer_tokens_per_s": round(new / p, 2),
+                       "peer_rounds_tokens_per_s": [round(new / t, 2) for t in peer],
+                       "speedup_vs_peer": round(p / s, 2)})  # fmt: skip
+    result["loadavg"] = loadavg()
+    r = result
+    print(f"gpt2tune: {r['tokens_per_s']} new tokens/s = {r['bound_fraction']:.0%} of the "
+          f"bandwidth bound {r['bound_tokens_per_s']}" + (f"; OpenAI: {r['peer_tokens_per_s']};"
+          f" speedup {r['speedup_vs_peer']}x" if peer else ""))  # fmt: skip
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

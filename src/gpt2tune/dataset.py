@@ -40,11 +40,12 @@ Large inputs
 Nothing holds the whole corpus in memory. Each file is read and decoded in pieces (an
 incremental decoder, so a character split between reads is fine) and encoded in pieces of
 about ``chunk_chars`` characters, cut only where GPT-2's pre-tokenizer gives the same tokens
-whether or not the text is cut (see :func:`_safe_cut`); tokens stream to a temporary file
-and are then copied into the two ``.npy`` files. Every output goes to a temporary file in
-``out_dir`` first and is renamed over the old one with ``os.replace``, so an error or Ctrl-C
-part-way leaves the previous outputs as they were. A tqdm bar (bytes read) shows for inputs of
-8 MiB or more when stderr is a terminal.
+whether or not the text is cut (see :func:`_safe_cut`). From 4 MiB on, one thread per core
+encodes pieces side by side (tiktoken releases the GIL), a few pieces in flight, results
+taken in order. Tokens stream to a temporary file and are then copied into the two ``.npy``
+files. Every output goes to a temporary file in ``out_dir`` first and is renamed over the old
+one with ``os.replace``, so an error or Ctrl-C part-way leaves the previous outputs as they
+were. A tqdm bar (bytes read) shows for inputs of 8 MiB or more when stderr is a terminal.
 
 Training batches
 ----------------
@@ -62,7 +63,9 @@ import json
 import math
 import os
 import re
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +79,9 @@ SPLITS = ("train", "val")
 VAL_BLOCK_TOKENS = 1024  # largest validation block; smaller for corpora under ~100 blocks
 PROGRESS_MIN_BYTES = 8 << 20  # smaller inputs encode in a second or two: no bar
 _COPY_TOKENS = 1 << 22  # tokens per copy from the temporary stream into train/val.npy
+# Inputs from this size on are encoded by one thread per core (smaller ones are a chunk or
+# three: nothing to share out).
+PARALLEL_MIN_BYTES = 4 << 20
 
 _GLOB_CHARS = re.compile(r"[*?[]")
 
@@ -281,6 +287,45 @@ def _chunks(pieces: Iterable[str], chunk_chars: int) -> Iterator[str]:
         yield pending
 
 
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # the cores this process may use (containers)
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _encode_pieces(
+    encoder, pieces: Iterable[tuple[int, str]], dtype: np.dtype, workers: int
+) -> Iterator[tuple[int, int, np.ndarray]]:
+    """(tag, characters, token ids) for each (tag, piece), in order. With workers > 1 the
+    pieces are encoded by that many threads, at most two per worker in flight, so memory
+    stays a few chunks whatever the corpus size. Pieces are cut at safe points (_chunks), so
+    encoding them apart gives the tokens of the whole."""
+
+    def encode(piece: str) -> np.ndarray:
+        return np.array(encoder.encode(piece, allow_endoftext=True), dtype)
+
+    if workers == 1:
+        for tag, piece in pieces:
+            yield tag, len(piece), encode(piece)
+        return
+    # Threads, not processes: tiktoken releases the GIL while it encodes, and a process pool
+    # would re-import the caller's main module (spawn) or fork a multi-threaded process.
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="encode")
+    in_flight: deque = deque()
+    try:
+        for tag, piece in pieces:
+            in_flight.append((tag, len(piece), pool.submit(encode, piece)))
+            if len(in_flight) >= 2 * workers:
+                tag0, n0, done = in_flight.popleft()
+                yield tag0, n0, done.result()
+        while in_flight:
+            tag0, n0, done = in_flight.popleft()
+            yield tag0, n0, done.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 # --------------------------------------------------------------------------- the split
 
 
@@ -354,15 +399,20 @@ def encode_corpus(
     val_path: str = "",
     progress: bool | None = None,
     chunk_chars: int = 1 << 20,
+    workers: int | None = None,
 ) -> dict:
     """Encode the text of ``path_spec`` into out_dir/train.npy, val.npy and stats.json, and
     return the stats. ``val_path`` (data.val_path): a separate validation text; then all of
     ``path_spec`` is training data and ``val_fraction`` is not used. ``progress``: True/False
     force the bar on/off; None shows it for large inputs on a terminal. ``chunk_chars``:
-    characters encoded at a time (memory, not result).
+    characters encoded at a time (memory, not result). ``workers``: threads encoding chunks
+    side by side (None: one per core for inputs of PARALLEL_MIN_BYTES or more, else 1); the
+    tokens are the same for any number.
     """
     if chunk_chars < 1:
         raise ValueError(f"chunk_chars must be >= 1, got {chunk_chars}")
+    if workers is not None and workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
     split_plan(0, val_fraction)  # checks val_fraction before any work
     try:
         codecs.lookup(encoding)
@@ -417,23 +467,30 @@ def encode_corpus(
         with bar, open(stream, "wb") as sink:
             eot = np.array([encoder.eot_token], dtype)
 
+            if workers is None:
+                workers = _cores() if total_bytes >= PARALLEL_MIN_BYTES else 1
+
             def encode_files(paths: list[Path]) -> tuple[int, int, int]:
                 """Documents, characters and tokens of `paths`, appended to the stream."""
                 documents = characters = n_tokens = 0
-                for path in paths:
-                    started = False
-                    text = _read_text(path, encoding, chunk_chars, bar.update)
-                    for piece in _chunks(text, chunk_chars):
-                        characters += len(piece)
-                        ids = np.array(encoder.encode(piece, allow_endoftext=True), dtype)
-                        if not started:
-                            started = True
-                            documents += 1
-                            if n_tokens:
-                                eot.tofile(sink)
-                                n_tokens += 1
-                        ids.tofile(sink)
-                        n_tokens += len(ids)
+                pieces = (
+                    (i, piece)
+                    for i, path in enumerate(paths)
+                    for piece in _chunks(
+                        _read_text(path, encoding, chunk_chars, bar.update), chunk_chars
+                    )
+                )
+                last_file = -1
+                for file_index, n_chars, ids in _encode_pieces(encoder, pieces, dtype, workers):
+                    characters += n_chars
+                    if file_index != last_file:  # a file's first non-empty piece: a document
+                        last_file = file_index
+                        documents += 1
+                        if n_tokens:
+                            eot.tofile(sink)
+                            n_tokens += 1
+                    ids.tofile(sink)
+                    n_tokens += len(ids)
                 return documents, characters, n_tokens
 
             documents, characters, n_tokens = encode_files(files)

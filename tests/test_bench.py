@@ -1,0 +1,63 @@
+"""Smoke tests of bench/: each script runs on tiny shapes and ends with one JSON line holding
+tokens_per_s and its other figures. (The measurements themselves are not tests; see README.)"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--n_ctx", "64", "--n_vocab", "300"]
+
+
+def run_bench(script: str, *args: str) -> dict:
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / script), *args],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["tokens_per_s"] > 0 and len(result["loadavg"]) == 3
+    return result
+
+
+def test_train_bench():
+    r = run_bench("train.py", *TINY, "--seq", "16", "--batch", "2", "--steps", "2")
+    # 6 * (12 * 1 * 32^2 + 300 * 32) + 12 * 1 * 16 * 32
+    assert r["flops_per_token"] == 137472
+    assert r["matmul_gflops"] > 0 and 0 < r["mfu"] < 1.5 and r["peak_rss_mb"] > 0
+
+
+def test_generate_bench():
+    r = run_bench("generate.py", *TINY, "--prompt", "4", "--length", "8", "--batch", "2",
+                  "--repeat", "1", "--bandwidth-mb", "32")  # fmt: skip
+    assert r["read_gb_s"] > 0 and 0 < r["bound_fraction"]
+    assert r["weight_bytes_per_token"] == 4 * (300 * 32 + 32 + 12 * 32 * 32 + 13 * 32 + 2 * 32)
+
+
+def test_encode_bench(kant_path, official_vocab_dir):
+    r = run_bench("encode.py", "--file", str(kant_path), "--vocab", str(official_vocab_dir),
+                  "--runs", "1", "--stage-mb", "2")  # fmt: skip
+    assert r["identical_ids"] and r["ratio"] > 0
+    assert r["stage_mb"] > 1 and r["stage_tokens"] > 2 * 280_000 and r["stage_peak_rss_mb"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    importlib.util.find_spec("gpt_2_simple") is None
+    and not (REPO / ".venv-bench" / "bin" / "python").exists(),
+    reason="needs the bench extra (gpt-2-simple), here or in .venv-bench",
+)
+def test_peer_runs_openai_code():
+    runs = {
+        "train.py": ["--seq", "16", "--steps", "1"],
+        "generate.py": ["--prompt", "4", "--length", "4", "--repeat", "1"],
+    }
+    for script, extra in runs.items():
+        r = run_bench(script, *TINY, *extra, "--peer", "--rounds", "1")
+        assert r["peer_tokens_per_s"] > 0 and r["speedup_vs_peer"] > 0
