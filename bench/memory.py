@@ -13,13 +13,14 @@ The last line is JSON.
 
 import argparse
 import json
-import math
 import resource
 import subprocess
 import sys
 import time
 
 import numpy as np
+
+from gpt2tune.memory import n_params, step_bytes
 
 
 def peak_mb() -> float:
@@ -65,28 +66,6 @@ OVERHEAD_GIB = 1.0  # CUDA context, cuDNN/cuBLAS workspaces, allocator slack (a 
 def hparams_of(size: str) -> dict:
     e, a, n = SIZES[size]
     return {"n_vocab": 50257, "n_ctx": 1024, "n_embd": e, "n_head": a, "n_layer": n}
-
-
-def n_params(hp: dict) -> int:
-    from gpt2tune.model import variable_shapes
-
-    return sum(math.prod(s) for s in variable_shapes(hp).values())
-
-
-def step_bytes(hp: dict, tokens: int, seq: int, recompute: bool, act_bytes: int) -> int:
-    """Activations a train step keeps for the backward pass, plus the logits.
-
-    Per token and layer the block keeps ~24 n_embd values (ln_1 in/out, q k v, merged heads,
-    residual, ln_2 out, c_fc out, two gelu temporaries and its output, 4 n_embd each) and
-    2 n_head seq attention values (scores and softmax, float32 whatever the precision). With
-    recompute a layer keeps only its input (n_embd values), plus one layer's worth while it
-    is recomputed. The logits cost ~12 bytes per vocabulary entry per token (float32 logits,
-    softmax and its gradient).
-    """
-    e, a, layers = hp["n_embd"], hp["n_head"], hp["n_layer"]
-    layer = act_bytes * 24 * e + 4 * 2 * a * seq
-    kept = layers * act_bytes * e + layer if recompute else layers * layer
-    return tokens * (kept + 12 * hp["n_vocab"])
 
 
 def total_gib(size: str, batch: int, recompute: bool, mixed: bool) -> float:

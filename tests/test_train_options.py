@@ -367,3 +367,34 @@ def test_float16_loss_scale_is_logged_and_saved_with_the_checkpoint(base_dir, tm
     saved = tf.train.load_checkpoint(str(tmp_path / "run" / "model-2"))
     assert float(saved.get_tensor("loss_scale")) == 2.0**15
     assert int(saved.get_tensor("loss_scale_good_steps")) == 2
+
+
+def test_a_batch_too_big_for_memory_is_refused_before_training(base_dir, tmp_path):
+    """The estimate (gpt2tune.memory.training_bytes) against this machine's free RAM: a
+    batch of a million windows cannot fit, and nothing is trained or written."""
+    from gpt2tune.memory import available_memory, training_bytes
+
+    big = cfg(batch_size=1_000_000)
+    model = load_model(base_dir)
+    assert training_bytes(model.hparams, big) > available_memory()
+    expected = (
+        r"train\.batch_size = 1000000 at train\.n_ctx = 16 needs about \d+\.\d GiB .* GiB is "
+        r"free; lower train\.batch_size"
+    )
+    with pytest.raises(Gpt2tuneError, match=expected):
+        fit(model, TOKENS, VAL, big, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+    assert training_bytes(model.hparams, cfg()) < 2**24  # the usual tiny batch: far below
+
+
+def test_training_memory_estimate_matches_the_parts():
+    from gpt2tune.memory import n_params, step_bytes, training_bytes
+
+    hp = {"n_vocab": 50257, "n_ctx": 1024, "n_embd": 768, "n_head": 12, "n_layer": 12}
+    assert n_params(hp) == 124_439_808  # GPT-2 124M
+    c = cfg(batch_size=1, n_ctx=1024)
+    assert training_bytes(hp, c) == 16 * n_params(hp) + step_bytes(hp, 1024, 1024, False, 4)
+    sgd = dataclasses.replace(c, optimizer="sgd")
+    assert training_bytes(hp, sgd) == training_bytes(hp, c) - 8 * n_params(hp)
+    saving = dataclasses.replace(c, memory_saving_gradients=True)
+    assert training_bytes(hp, saving) < training_bytes(hp, c) * 0.75

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 
 from gpt2tune.errors import Gpt2tuneError
+from gpt2tune.memory import available_memory
 from gpt2tune.model import GPT2, conv1d, forward, merge_heads, mlp, norm, split_heads
 
 NEG_INF = -1e10
@@ -282,27 +282,6 @@ def generation_memory(hparams: dict[str, int], nsamples: int, context: int, leng
     cache = nsamples * n_layer * 2 * positions * n_embd
     prompt = nsamples * context * (hparams["n_head"] * context + 4 * n_embd + hparams["n_vocab"])
     return 4 * (2 * cache + prompt)
-
-
-def available_memory() -> int | None:
-    """Bytes of RAM this process may still use: MemAvailable, or a cgroup limit's headroom if
-    that is lower; None where neither can be read (not Linux)."""
-    found = []
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    found.append(int(line.split()[1]) * 1024)
-    except (OSError, ValueError):
-        pass
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
-        if limit.isdigit():
-            found.append(int(limit) - used)
-    except (OSError, ValueError):
-        pass
-    return min(found) if found else None
 
 
 def check_request(

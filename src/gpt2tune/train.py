@@ -469,6 +469,7 @@ def fit(
             f"({model.hparams['n_ctx']})"
         )
     window_length(len(train_tokens), n_ctx)  # fails clearly on a corpus of < 2 tokens
+    check_memory(model, cfg, strategy.num_replicas_in_sync)
     trainer = Trainer(model, cfg, strategy)
     val = eval_windows(val_tokens, n_ctx, cfg.val_batch_count) if len(val_tokens) >= 2 else None
 
@@ -528,7 +529,13 @@ def fit(
             inputs = add_noise(windows[:, :-1], cfg.noise, model.hparams["n_vocab"], rng)
             shape = (cfg.accumulate_gradients, cfg.batch_size, -1)
             t0 = time.perf_counter()
-            loss = trainer.step(windows.reshape(shape), inputs.reshape(shape))
+            try:
+                loss = trainer.step(windows.reshape(shape), inputs.reshape(shape))
+            except tf.errors.ResourceExhaustedError:
+                raise Gpt2tuneError(
+                    f"out of memory in training step {step} (train.batch_size = "
+                    f"{cfg.batch_size}, train.n_ctx = {n_ctx}); {_LESS_MEMORY}"
+                ) from None
             dt = time.perf_counter() - t0
             if step > start + 1:  # the first step includes tracing and compilation
                 timed_tokens += tokens_per_step
@@ -573,6 +580,33 @@ def fit(
     save(end)
     tokens_per_s = timed_tokens / timed_seconds if timed_seconds else 0.0
     return summary(history, end, tokens_per_s), history
+
+
+_LESS_MEMORY = (
+    "lower train.batch_size (train.accumulate_gradients keeps the effective batch) or "
+    "train.n_ctx, or set train.memory_saving_gradients: true"
+)
+
+
+def check_memory(model: GPT2, cfg: TrainParams, replicas: int = 1) -> None:
+    """On a CPU, refuse before the first step a batch whose training would not fit in RAM.
+
+    A GPU's free memory is not known before TensorFlow allocates it; there an out-of-memory
+    error in a step becomes the same kind of one-line error instead.
+    """
+    from gpt2tune.memory import available_memory, n_params, training_bytes
+
+    if tf.config.list_logical_devices("GPU"):
+        return
+    free = available_memory()
+    weights = 4 * n_params(model.hparams)  # already loaded, so already out of `free`
+    need = training_bytes(model.hparams, cfg, replicas) - weights
+    if free is not None and need > free:
+        raise Gpt2tuneError(
+            f"params.yaml: train.batch_size = {cfg.batch_size} at train.n_ctx = {cfg.n_ctx} "
+            f"needs about {need / 2**30:.1f} GiB of memory to train, but "
+            f"{free / 2**30:.1f} GiB is free; {_LESS_MEMORY}"
+        )
 
 
 def load_weights(model: GPT2, path: str) -> None:
