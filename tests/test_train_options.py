@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -19,6 +18,9 @@ import time
 import numpy as np
 import pytest
 import tensorflow as tf
+
+# The tiny corpus and settings of test_train.py.
+from test_train import CFG, N_CTX, SUBPROCESS_ENV, TOKENS, VAL, assert_weights_close, cfg
 
 import gpt2tune
 from gpt2tune import Gpt2tuneError
@@ -35,19 +37,6 @@ from gpt2tune.train import (
     learning_rate_at,
     load_state,
 )
-
-N_CTX = 16
-CFG = TrainParams(
-    steps=6, batch_size=2, learning_rate=3e-3, n_ctx=N_CTX, sample_every=0, save_every=0,
-    val_every=0, val_batch_count=2,
-)  # fmt: skip
-TOKENS = np.tile(np.array([5, 17, 42, 99, 7, 63, 200], np.int32), 60)
-VAL = TOKENS[:100]
-SUBPROCESS_ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
-
-
-def cfg(**changes) -> TrainParams:
-    return dataclasses.replace(CFG, **changes)
 
 
 @pytest.fixture(scope="module")
@@ -71,12 +60,6 @@ def train(base_dir, run_dir, c: TrainParams, fp: str = "fp"):
 
 def losses(history: dict, key: str = "loss") -> list[float]:
     return [v for _, v in history[key]]
-
-
-def assert_weights_close(a: dict, b: dict, atol: float = 1e-5) -> None:
-    assert a.keys() == b.keys()
-    for name in a:
-        np.testing.assert_allclose(a[name], b[name], atol=atol, rtol=0, err_msg=name)
 
 
 # --- learning-rate schedule -----------------------------------------------------------------
