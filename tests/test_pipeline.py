@@ -5,7 +5,7 @@ A copy of the project gets a tiny GPT-2 in OpenAI's release layout, served over 
 store. Then `dvc repro`, a no-op second `dvc repro`, `dvc exp run -S ...` and the metrics and
 plots commands run exactly as a user would run them. The fixture runs the first `dvc repro`;
 the tests below share that one project and run in file order, each later one on the state the
-earlier ones left. `dvc exp run --temp` is marked slow (-m slow, or -m "" for everything).
+earlier ones left, `dvc exp run --temp` last.
 """
 
 from __future__ import annotations
