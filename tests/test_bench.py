@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -50,8 +51,9 @@ def test_encode_bench(kant_path, official_vocab_dir):
 @pytest.mark.slow
 @pytest.mark.skipif(
     importlib.util.find_spec("gpt_2_simple") is None
-    and not (REPO / ".venv-bench" / "bin" / "python").exists(),
-    reason="needs the bench extra (gpt-2-simple), here or in .venv-bench",
+    and not (REPO / ".venv-bench" / "bin" / "python").exists()
+    and not os.environ.get("GPT2TUNE_PEER_PYTHON"),
+    reason="needs the bench extra (gpt-2-simple), here, in .venv-bench or $GPT2TUNE_PEER_PYTHON",
 )
 def test_peer_runs_openai_code():
     runs = {
