@@ -39,7 +39,30 @@ class Request:
     range: str | None  # the Range header as sent, e.g. "bytes=1000-"
 
 
-class FolderServer:
+class _Serving:
+    """An HTTP server on a free 127.0.0.1 port, in a thread, for the length of a `with`; the
+    request handler (`_handler()`) reaches this object as `self.server.owner`."""
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        raise NotImplementedError
+
+    def __enter__(self):
+        self._httpd = _Server(("127.0.0.1", 0), self._handler())
+        self._httpd.owner = self
+        self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}"
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join()
+
+
+class FolderServer(_Serving):
     """Serve ``root`` on ``self.url``; every request is appended to ``self.requests``.
 
     Faults (all off by default):
@@ -80,20 +103,8 @@ class FolderServer:
         self._gets: Counter[str] = Counter()
         self._lock = threading.Lock()
 
-    def __enter__(self) -> FolderServer:
-        self._httpd = _Server(("127.0.0.1", 0), _Handler)
-        self._httpd.owner = self
-        self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}"
-        self._thread = threading.Thread(
-            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
-        self._thread.join()
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        return _Handler
 
     def requests_for(self, name: str) -> list[Request]:
         """The logged requests whose path ends with ``/name``."""
@@ -193,7 +204,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
-    owner: FolderServer
+    owner: _Serving
 
     def handle_error(self, request: object, client_address: object) -> None:
         # A client that gave up (timeout) leaves a broken pipe behind; that is expected here.
@@ -201,7 +212,7 @@ class _Server(ThreadingHTTPServer):
             super().handle_error(request, client_address)
 
 
-class ForwardingProxy:
+class ForwardingProxy(_Serving):
     """A plain HTTP forward proxy on 127.0.0.1 (what ``HTTP_PROXY=http://...`` points at):
     it relays each request to the absolute URL it names and logs that URL in ``self.urls``."""
 
@@ -209,20 +220,8 @@ class ForwardingProxy:
         self.urls: list[str] = []
         self.url = ""
 
-    def __enter__(self) -> ForwardingProxy:
-        self._httpd = _Server(("127.0.0.1", 0), _ProxyHandler)
-        self._httpd.owner = self  # type: ignore[assignment]
-        self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}"
-        self._thread = threading.Thread(
-            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
-        self._thread.join()
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        return _ProxyHandler
 
 
 class _ProxyHandler(BaseHTTPRequestHandler):

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import yaml
 from conftest import REPO, TINY_CORPUS
-from test_pipeline import copy_project, git
+from test_pipeline import commit_project, copy_project
 
 VENV_BIN = Path(sys.executable).parent
 HP = {"n_ctx": 32, "n_embd": 16, "n_head": 2, "n_layer": 1}
@@ -179,11 +179,7 @@ def dvc_project(tmp_path_factory, tiny_vocab_dir):
     params["sample"].update(nsamples=1, length=4, prompts=["Human reason"])
     params["mlflow"].update(tracking_uri="sqlite:///mlflow.db", experiment="faults")
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    git(root, "init", "-q")
-    git(root, "config", "user.name", "gpt2tune test")
-    git(root, "config", "user.email", "test@example.invalid")
-    git(root, "add", "-A")
-    git(root, "commit", "-q", "-m", "project under test")
+    commit_project(root)
     # What encode gives, undisturbed, in a plain copy of the project (no DVC involved).
     ref = tmp / "reference"
     shutil.copytree(root, ref)

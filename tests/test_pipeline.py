@@ -58,6 +58,15 @@ def git(cwd: Path, *args: str) -> str:
     ).stdout.strip()
 
 
+def commit_project(root: Path) -> None:
+    """Make `root` a git repository whose first commit holds all its files (DVC needs git)."""
+    git(root, "init", "-q")
+    git(root, "config", "user.name", "gpt2tune test")
+    git(root, "config", "user.email", "test@example.invalid")
+    git(root, "add", "-A")
+    git(root, "commit", "-q", "-m", "project under test")
+
+
 class Project:
     def __init__(self, root: Path, served: FolderServer, mlflow_url: str, served_dir: Path):
         self.root, self.served, self.mlflow_url, self.served_dir = (
@@ -118,11 +127,7 @@ def project(tmp_path_factory, official_vocab_dir, kant_path):
         with FolderServer(served_dir) as served:
             params["model"]["base_url"] = served.url
             (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-            git(root, "init", "-q")
-            git(root, "config", "user.name", "gpt2tune test")
-            git(root, "config", "user.email", "test@example.invalid")
-            git(root, "add", "-A")
-            git(root, "commit", "-q", "-m", "project under test")
+            commit_project(root)
 
             p = Project(root, served, mlflow_server.url, served_dir)
             p.first_repro = p.dvc("repro", "sample")

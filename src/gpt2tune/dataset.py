@@ -437,6 +437,7 @@ def encode_corpus(
         except OSError as e:
             raise Gpt2tuneError(f"{_display(f)}: cannot read: {e.strerror or e}") from None
     total_bytes = sum(sizes)
+    # Empty files are refused before out_dir is made; files with only a BOM, after encoding.
     if val_files and sum(sizes[len(files) :]) == 0:
         raise Gpt2tuneError(f"data.val_path = {val_path!r}: no text in {len(val_files)} file(s)")
     if sum(sizes[: len(files)]) == 0:
@@ -528,7 +529,7 @@ def encode_corpus(
             "characters": characters + val_characters,
             "bytes": total_bytes,
             "tokens": n_tokens + n_val_text,
-            "train_tokens": n_tokens + n_val_text - n_val,
+            "train_tokens": sum(b - a for a, b in train_ranges),
             "val_tokens": n_val,
             "val_block_tokens": block,
             "val_blocks": len(val_blocks),

@@ -180,6 +180,16 @@ class Optimizer:
         lr = learning_rate_at(cfg, step)
         t = tf.cast(step, tf.float32)
         beta1_power, beta2_power = self.beta1**t, self.beta2**t
+
+        def adam(var, m, v, g):
+            # TF1's fused kernel, what AdamOptimizer runs: m, v and the weight in one pass
+            # over memory instead of eight elementwise ops (the step is memory-bound here).
+            return tf.raw_ops.ResourceApplyAdam(
+                var=var.handle, m=m.handle, v=v.handle, beta1_power=beta1_power,
+                beta2_power=beta2_power, lr=lr, beta1=self.beta1, beta2=self.beta2,
+                epsilon=self.eps, grad=g,
+            )  # fmt: skip
+
         for n, var in self.params.items():
             g = grads[n]
             decay = cfg.weight_decay if len(var.shape) >= 2 else 0.0
@@ -188,16 +198,6 @@ class Optimizer:
                 continue
             if cfg.optimizer == "adamw" and decay:  # decoupled: from the weight before the step
                 var.assign_sub(lr * decay * var)
-
-            def adam(var, m, v, g):
-                # TF1's fused kernel, what AdamOptimizer runs: m, v and the weight in one pass
-                # over memory instead of eight elementwise ops (the step is memory-bound here).
-                return tf.raw_ops.ResourceApplyAdam(
-                    var=var.handle, m=m.handle, v=v.handle, beta1_power=beta1_power,
-                    beta2_power=beta2_power, lr=lr, beta1=self.beta1, beta2=self.beta2,
-                    epsilon=self.eps, grad=g,
-                )  # fmt: skip
-
             # Per device copy under MirroredStrategy; a plain call on one device.
             self.strategy.extended.update(var, adam, args=(self.m[n], self.v[n], g), group=True)
 
@@ -482,7 +482,7 @@ def fit(
             f"params.yaml: train.n_ctx = {n_ctx}: must be <= the model's n_ctx "
             f"({model.hparams['n_ctx']})"
         )
-    window_length(len(train_tokens), n_ctx)  # fails clearly on a corpus of < 2 tokens
+    length = window_length(len(train_tokens), n_ctx)  # fails clearly on < 2 tokens
     check_memory(model, cfg, strategy.num_replicas_in_sync)
     trainer = Trainer(model, cfg, strategy)
     val = eval_windows(val_tokens, n_ctx, cfg.val_batch_count) if len(val_tokens) >= 2 else None
@@ -531,7 +531,7 @@ def fit(
     if start == 0:
         validate(0)
     windows_per_step = cfg.batch_size * cfg.accumulate_gradients
-    tokens_per_step = windows_per_step * (window_length(len(train_tokens), n_ctx) - 1)
+    tokens_per_step = windows_per_step * (length - 1)
     timed_tokens, timed_seconds = 0, 0.0
     deadline = started_at + cfg.max_minutes * 60 if cfg.max_minutes else math.inf
     bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=_quiet(progress))
