@@ -72,14 +72,21 @@ class TrainParams:
 
 
 @dataclass(frozen=True)
-class SampleParams:
-    nsamples: int
-    length: int
-    temperature: float
-    top_k: int
-    top_p: float
-    seed: int
-    prompts: tuple[str, ...]
+class Sampling:
+    """How text is generated: one value passed through the API, the sample stage, the
+    interactive loop and the sampler, so a new setting is one field here plus its use."""
+
+    nsamples: int = 2
+    length: int = 200
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class SampleParams(Sampling):
+    prompts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
