@@ -1,10 +1,11 @@
-"""How one params.yaml key is declared and checked: its rule, its help, its type.
+"""Declaring, reading and checking params keys: the machinery behind params.py.
 
 A key is a dataclass field whose metadata carries a Rule (what values are allowed, as the words
 that finish "must be ...", plus a check) and one line of help; ``key(1000, at_least(1),
 "optimizer steps")`` declares default, range and help in one place. params.py declares every
-key this way; validation, params.yaml's comments, the README's table and a command's --help
-all read these fields (see ``describe``), so none of them can drift from the others.
+key this way; validation (``check_sections``), params.yaml's comments, the README's table and
+a command's --help all read these fields (``describe``), so none of them can drift. Below
+that: the strict YAML reader (``read_yaml``: duplicate keys are errors, 2e-5 is a number).
 """
 
 from __future__ import annotations
@@ -45,6 +46,10 @@ def section(cls: type, help: str) -> Any:
 
 def at_least(lo: int, note: str = "") -> Rule:
     return Rule(f"an integer >= {lo}{note}", lambda v: v >= lo)
+
+
+def number_at_least(lo: float, note: str = "") -> Rule:
+    return Rule(f"a number >= {lo}{note}", lambda v: v >= lo)
 
 
 def int_in(lo: int, hi: int) -> Rule:

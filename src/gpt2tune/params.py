@@ -11,7 +11,7 @@ Any problem raises Gpt2tuneError with one line such as
 Why not pydantic (installed with MLflow)? Its errors are multi-line and worded its own way;
 keeping ours (``must be ... (got text)``, ``did you mean train.steps?``, unknown keys before
 missing ones) meant translating each of its error types back, which was longer than the
-~60-line validator below, and it would turn these plain frozen dataclasses into models.
+~60-line validator in keys.py, and it would turn these plain frozen dataclasses into models.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from gpt2tune.keys import (
     describe,
     int_in,
     key,
+    number_at_least,
     one_of,
     read_yaml,
     section,
@@ -142,11 +143,7 @@ class TrainParams:
         100, at_least(0, " (0 = never)"), "steps between text samples logged to MLflow"
     )
     sample_length: int = key(100, at_least(1), "tokens per training sample")
-    save_every: int = key(
-        1000,
-        at_least(0, " (0 = only at the end)"),
-        "steps between checkpoints",
-    )
+    save_every: int = key(1000, at_least(0, " (0 = only at the end)"), "steps between checkpoints")
     val_every: int = key(
         100, at_least(0, " (0 = only at the end)"), "steps between validation losses"
     )
@@ -160,9 +157,7 @@ class TrainParams:
         "adam", one_of({n: spec.help for n, spec in OPTIMIZERS.items()}), "the update rule"
     )
     weight_decay: float = key(
-        0.0,
-        Rule(f"a number >= 0 (used by {_DECAYING})", lambda v: v >= 0),
-        "decay of weight matrices",
+        0.0, number_at_least(0, f" (used by {_DECAYING})"), "decay of weight matrices"
     )
     lr_schedule: str = key(
         "constant",
@@ -171,9 +166,7 @@ class TrainParams:
     )
     warmup_steps: int = key(0, at_least(0), "linear warm-up from 0 over this many steps")
     grad_clip: float = key(
-        0.0,
-        Rule("a number >= 0 (global-norm clipping; 0 = off)", lambda v: v >= 0),
-        "gradient clipping",
+        0.0, number_at_least(0, " (global-norm clipping; 0 = off)"), "gradient clipping"
     )
     noise: float = key(
         0.0,
@@ -192,9 +185,7 @@ class TrainParams:
         "latest: continue checkpoint/run1 if same run; fresh: from the base model",
     )
     max_minutes: float = key(
-        0.0,
-        Rule("a number >= 0 (0 = no limit)", lambda v: v >= 0),
-        "wall-clock budget, stops with a checkpoint",
+        0.0, number_at_least(0, " (0 = no limit)"), "wall-clock budget, stops with a checkpoint"
     )
     precision: str = key(
         "float32",
@@ -225,9 +216,7 @@ class Sampling:
 
     nsamples: int = key(2, at_least(1), "samples per prompt, and unconditional samples")
     length: int = key(200, at_least(1), "new tokens per sample")
-    temperature: float = key(
-        0.8, Rule("a number >= 0 (0 = greedy)", lambda v: v >= 0), "softmax temperature"
-    )
+    temperature: float = key(0.8, number_at_least(0, " (0 = greedy)"), "softmax temperature")
     top_k: int = key(40, at_least(0, " (0 = off)"), "keep only the k likeliest tokens")
     top_p: float = key(
         0.0,
