@@ -1,18 +1,19 @@
-"""params.yaml: the repo's file loads to the documented defaults, every key is commented, and
-each kind of mistake gives one line naming the key and what is allowed."""
+"""params.yaml: the declared defaults are the documented ones, the rendered file loads to them
+with one short comment per key, and each kind of mistake gives one line naming the key and
+what is allowed. Nothing here reads the checkout's params.yaml (test_param_docs does, on
+purpose): the raw params come from the declarations."""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-from pathlib import Path
 
 import pytest
 import yaml
 
 from gpt2tune.errors import Gpt2tuneError
+from gpt2tune.paramdocs import render_params_yaml
 from gpt2tune.params import (
-    RULES,
     SECTIONS,
     DataParams,
     MlflowParams,
@@ -20,11 +21,11 @@ from gpt2tune.params import (
     Params,
     SampleParams,
     TrainParams,
+    default_raw,
     load_params,
+    reference,
     validate_params,
 )
-
-REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 
 KANT = (
     "Human reason, in one sphere of its cognition, is called upon to consider questions, "
@@ -37,7 +38,7 @@ DEFAULTS = Params(
         name="124M", base_url="https://openaipublic.blob.core.windows.net/gpt-2/models"
     ),
     data=DataParams(path="data/dset.txt", encoding="utf-8", val_fraction=0.05),
-    train=TrainParams(),  # its defaults are the documented ones: see the asserts below
+    train=TrainParams(),  # its defaults are pinned by the asserts below
     sample=SampleParams(
         nsamples=2, length=200, temperature=0.8, top_k=40, top_p=0.0, seed=0, prompts=(KANT,)
     ),
@@ -45,10 +46,21 @@ DEFAULTS = Params(
 )
 
 
+KEYS = [f"{s}.{k.name}" for s, (_, keys) in reference().items() for k in keys]
+
+
 @pytest.fixture
 def raw() -> dict:
-    """A fresh, mutable copy of the repo's params.yaml as plain YAML data."""
-    return copy.deepcopy(yaml.safe_load(REPO_PARAMS.read_text(encoding="utf-8")))
+    """A fresh, mutable copy of the declared defaults as plain YAML data."""
+    return copy.deepcopy(default_raw())
+
+
+@pytest.fixture
+def params_file(tmp_path):
+    """A params.yaml rendered from the declarations, as the repo's is."""
+    path = tmp_path / "params.yaml"
+    path.write_text(render_params_yaml(), encoding="utf-8")
+    return path
 
 
 def error_of(fn, *args) -> str:
@@ -59,8 +71,10 @@ def error_of(fn, *args) -> str:
     return msg
 
 
-def test_repo_params_load_to_documented_defaults():
-    params = load_params(REPO_PARAMS)
+def test_declared_defaults_are_the_documented_ones(params_file, raw):
+    assert Params() == DEFAULTS
+    assert validate_params(raw) == DEFAULTS
+    params = load_params(params_file)
     assert params == DEFAULTS
     assert isinstance(params.train.learning_rate, float)
     assert isinstance(params.sample.prompts, tuple)
@@ -75,11 +89,16 @@ def test_repo_params_load_to_documented_defaults():
     assert t.restore_from == "latest" and t.xla is False and params.data.val_path == ""
 
 
-def test_rules_cover_exactly_the_dataclass_fields():
-    declared = {
+def test_every_field_declares_a_rule_and_a_help():
+    declared = [
         f"{section}.{f.name}" for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)
-    }
-    assert set(RULES) == declared
+    ]
+    assert KEYS == declared
+    for section, (help_, keys) in reference().items():
+        assert help_ and "\n" not in help_, section
+        for k in keys:
+            assert k.allowed and k.help and "\n" not in k.help + k.allowed, (section, k.name)
+            assert k.type in ("int", "float", "bool", "str", "list of str")
 
 
 def _key_lines(node: yaml.Node, prefix: str = ""):
@@ -113,10 +132,10 @@ def comment_problems(text: str) -> list[str]:
 
 
 def test_every_key_has_exactly_one_short_comment():
-    text = REPO_PARAMS.read_text(encoding="utf-8")
+    text = render_params_yaml()
     assert comment_problems(text) == []
     keys = {name for name, _, _ in _key_lines(yaml.compose(text))}
-    assert set(RULES) | set(SECTIONS) == keys
+    assert set(KEYS) | set(SECTIONS) == keys
 
 
 def test_comment_check_catches_missing_and_doubled_comments():
@@ -126,7 +145,7 @@ def test_comment_check_catches_missing_and_doubled_comments():
 
 def test_flat_has_one_entry_per_key():
     flat = DEFAULTS.flat()
-    assert list(flat) == list(RULES)
+    assert list(flat) == KEYS
     assert flat["train.steps"] == 1000
     assert flat["sample.prompts"] == f'["{KANT}"]'
     assert all(isinstance(v, (int, float, str)) for v in flat.values())
@@ -149,10 +168,10 @@ def test_empty_prompts_and_zero_switches_are_allowed(raw):
     assert params.sample.prompts == ()
 
 
-def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
+def test_exponent_floats_without_a_dot_are_numbers(params_file):
     # Plain PyYAML reads 2e-5 as a string; DVC (YAML 1.2) reads a float. We side with DVC.
-    path = tmp_path / "params.yaml"
-    text = REPO_PARAMS.read_text(encoding="utf-8")
+    path = params_file
+    text = path.read_text(encoding="utf-8")
     assert "learning_rate: 0.00002" in text
     path.write_text(text.replace("learning_rate: 0.00002", "learning_rate: 2e-5"), encoding="utf-8")
     assert load_params(path).train.learning_rate == 2e-5
@@ -179,7 +198,7 @@ def _move(src: str, dst: str, key: str):
     return lambda raw: raw[dst].__setitem__(key, raw[src].pop(key))
 
 
-# (edit to the repo's params, exact message) for every kind of mistake the issue lists.
+# (edit to the default params, exact message) for every kind of mistake the issue lists.
 BAD = {
     "negative steps": (
         _set("train", "steps", -5),
@@ -411,9 +430,9 @@ def test_control_character_names_line_and_column(tmp_path):
     assert error_of(load_params, path).startswith(f"{path}:2:10: invalid YAML: unacceptable")
 
 
-def test_duplicate_key_is_an_error(tmp_path):
-    path = tmp_path / "params.yaml"
-    text = REPO_PARAMS.read_text(encoding="utf-8")
+def test_duplicate_key_is_an_error(params_file):
+    path = params_file
+    text = path.read_text(encoding="utf-8")
     assert "  steps: 1000" in text
     path.write_text(text.replace("  steps: 1000", "  steps: 1000\n  steps: 5"), encoding="utf-8")
     msg = error_of(load_params, path)
@@ -424,3 +443,30 @@ def test_non_utf8_file(tmp_path):
     path = tmp_path / "params.yaml"
     path.write_bytes(b"model: \xff\n")
     assert error_of(load_params, path) == f"{path}: not UTF-8 text (byte 7)"
+
+
+def test_optimizer_choices_and_decay_rule_come_from_the_registry(raw):
+    from gpt2tune.optim import OPTIMIZERS
+
+    (optimizer,) = [k for k in reference()["train"][1] if k.name == "optimizer"]
+    assert list(optimizer.choices) == list(OPTIMIZERS)
+    assert optimizer.allowed == "one of " + ", ".join(OPTIMIZERS)
+    raw["train"]["weight_decay"] = 0.1
+    for name, spec in OPTIMIZERS.items():
+        raw["train"]["optimizer"] = name
+        if spec.weight_decay == "none":
+            assert "has no effect with train.optimizer" in error_of(validate_params, raw)
+        else:
+            assert validate_params(raw).train.weight_decay == 0.1
+
+
+@pytest.mark.parametrize(
+    "value", ["", "yes", "null", "1000", "2e-5", "a # b", " lead", "x: y", "[1]", "ünï", "124M"]
+)
+def test_rendered_values_read_back_as_themselves(value):
+    from gpt2tune.paramdocs import yaml_value
+
+    for v in (value, (value, "b"), 2e-5, 1e300, 0.1, True, 7):
+        assert yaml.safe_load(f"k: {yaml_value(v)}") == {
+            "k": list(v) if isinstance(v, tuple) else v
+        }
