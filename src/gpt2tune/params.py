@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from gpt2tune.errors import Gpt2tuneError
+from gpt2tune.urls import USERINFO, redact
 
 
 @dataclass(frozen=True)
@@ -148,7 +149,6 @@ def _choice(*options: str) -> Rule:
 
 _RELEASE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
-_USERINFO = re.compile(r"://[^/@\s]*@")  # credentials in a URL: never in params.yaml
 _SEED = _int(0, 2**32 - 1)  # numpy's legacy seeding refuses anything outside uint32
 
 RULES: dict[str, Rule] = {
@@ -165,7 +165,7 @@ RULES: dict[str, Rule] = {
             and (
                 not _URL_SCHEME.match(v) or v.lower().startswith(("http://", "https://", "file://"))
             )
-            and not _USERINFO.search(v)
+            and not USERINFO.search(v)
         ),
     ),
     "data.path": Rule("a non-empty path, folder or glob", lambda v: bool(v.strip())),
@@ -214,7 +214,7 @@ RULES: dict[str, Rule] = {
     "mlflow.tracking_uri": Rule(
         'a string ("" = MLFLOW_TRACKING_URI or the default) without user:password@ '
         "(set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD instead)",
-        lambda v: not _USERINFO.search(v),
+        lambda v: not USERINFO.search(v),
     ),
     "mlflow.experiment": Rule("a non-empty string", lambda v: bool(v.strip())),
 }
@@ -254,7 +254,7 @@ def _coerce(value: Any, typ: Any) -> Any:
 def _show(value: Any) -> str:
     """A value the way YAML would spell it (true, null, "1000"), cut short to keep one line."""
     if isinstance(value, str):  # a password in a URL is not repeated in the error
-        value = _USERINFO.sub("://***@", value)
+        value = redact(value)
     text = json.dumps(value, ensure_ascii=False, default=str)
     return text if len(text) <= 60 else text[:57] + "..."
 

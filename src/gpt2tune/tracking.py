@@ -508,8 +508,8 @@ def log_folder(folder: str | os.PathLike, artifact_path: str) -> None:
 
 
 if __name__ == "__main__":  # python -m gpt2tune.tracking: send what was kept offline
-    from gpt2tune.errors import run_stage
     from gpt2tune.params import load_params
+    from gpt2tune.stage import run_stage
 
     def _main() -> None:
         left = replay_pending(load_params("params.yaml").mlflow)
