@@ -30,6 +30,14 @@ def fsync_file(path: str | os.PathLike) -> None:
         os.fsync(fh.fileno())
 
 
+def file_size(path: str | os.PathLike) -> int:
+    """The size of `path` in bytes; 0 if there is no such file."""
+    try:
+        return os.stat(path).st_size
+    except FileNotFoundError:
+        return 0
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Replace `path` with `text` (UTF-8) in one rename; readers see the old or the new file.
 
