@@ -1,6 +1,6 @@
-"""Small file helpers shared by the library: the files a model folder holds, flushing to disk,
-writing so that a crash never leaves a file half-written (temp file, then rename), and how a
-path is shown in messages."""
+"""Small file helpers shared by the library: the files a model folder holds, the project root,
+flushing to disk, writing so that a crash never leaves a file half-written (temp file, then
+rename), and how a path is shown in messages."""
 
 from __future__ import annotations
 
@@ -22,6 +22,12 @@ RELEASE_FILES: tuple[str, ...] = (
 # The files besides the weights that a loadable model folder needs (the graph file
 # model.ckpt.meta of a release is never read).
 MODEL_FOLDER_FILES: tuple[str, ...] = ("hparams.json", "encoder.json", "vocab.bpe", "checkpoint")
+
+
+def project_root() -> Path:
+    """The DVC project root: ``$DVC_ROOT`` (which DVC sets to the main workspace, also for
+    ``dvc exp run --temp/--queue``), else the working directory."""
+    return Path(os.environ.get("DVC_ROOT") or os.getcwd()).resolve()
 
 
 def fsync_file(path: str | os.PathLike) -> None:
