@@ -114,19 +114,11 @@ def encode_corpus(
             train, val = encode(files), encode(val_files)
         _check_tokens(train, val, path_spec, val_path, len(files), len(val_files))
         split = _split(train.tokens, val.tokens, val_fraction, separate=bool(val_files))
-        tokens = np.memmap(stream, dtype=dtype, mode="r", shape=(train.tokens + val.tokens,))
-        try:
-            _write_npy(_temp(finals[0]), tokens, split.train, dtype)
-            _write_npy(_temp(finals[1]), tokens, split.val, dtype)
-        finally:
-            del tokens
         stats = _stats(train, val, split, total_bytes, encoder.n_vocab, dtype, encoding)
         stats["files"] = [display_path(f) for f in files]
         if val_files:
             stats["val_files"] = [display_path(f) for f in val_files]
-        _write_json(_temp(finals[2]), stats)
-        for final in finals:
-            os.replace(_temp(final), final)
+        _write_outputs(stream, finals, split, dtype, stats)
     finally:
         for temp in [stream, *map(_temp, finals)]:
             temp.unlink(missing_ok=True)
@@ -271,6 +263,22 @@ def _dtype(n_vocab: int) -> np.dtype:
 
 def _temp(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def _write_outputs(
+    stream: Path, finals: list[Path], split: _Split, dtype: np.dtype, stats: dict
+) -> None:
+    """train.npy and val.npy from the token stream, and stats.json: each written to its
+    temporary name, then all renamed into place."""
+    tokens = np.memmap(stream, dtype=dtype, mode="r", shape=(stats["tokens"],))
+    try:
+        _write_npy(_temp(finals[0]), tokens, split.train, dtype)
+        _write_npy(_temp(finals[1]), tokens, split.val, dtype)
+    finally:
+        del tokens
+    _write_json(_temp(finals[2]), stats)
+    for final in finals:
+        os.replace(_temp(final), final)
 
 
 def _write_npy(path: Path, source: np.ndarray, ranges: list[tuple[int, int]], dtype) -> None:

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,47 +81,20 @@ class HttpTransfer:
 
     def run(self) -> None:
         """Attempt until the file is whole; Gpt2tuneError once the budget is spent."""
-        failures, streak_start = 0, time.monotonic()
+        budget = _Budget(self.policy)
         while True:
+            # Never wait longer to connect than the deadline leaves, so "unreachable" stays quick.
             try:
-                return self._attempt_once(self.policy.deadline - (time.monotonic() - streak_start))
-            except _Transient as exc:
-                failure = exc
-            now = time.monotonic()
-            if file_size(self.part) > self.high_water:
-                # The server is alive and the file grew: resume at once with a fresh budget.
-                self.high_water = file_size(self.part)
-                failures, streak_start = 0, now
-                continue
-            failures += 1
-            delay = failure.retry_after
-            if delay is None:
-                delay = self.policy.backoff * 2 ** (failures - 1)
-            delay = min(delay, MAX_BACKOFF)
-            if failures > self.policy.retries or now + delay - streak_start > self.policy.deadline:
-                raise self._give_up(failure, failures, now - streak_start)
-            time.sleep(delay)
-
-    def _attempt_once(self, remaining: float) -> None:
-        """One request; translates requests' exceptions into transient or final failures."""
-        # Never wait longer to connect than the deadline leaves, so "unreachable" stays quick.
-        connect = max(0.1, min(self.policy.connect_timeout, remaining))
-        try:
-            self._attempt((connect, self.policy.read_timeout))
-        except requests.exceptions.SSLError as exc:  # a certificate problem won't heal by retrying
-            raise Gpt2tuneError(
-                f"TLS error talking to {self.url}: {_one_line(exc)}; check the system "
-                "certificates or proxy"
-            ) from None
-        except (
-            requests.ConnectionError,
-            requests.Timeout,
-            requests.exceptions.ChunkedEncodingError,
-            urllib3.exceptions.HTTPError,  # from the raw body stream: cut short, timed out
-        ) as exc:
-            raise _Transient(_describe(exc)) from None
-        except requests.RequestException as exc:
-            raise Gpt2tuneError(f"could not download {self.url}: {_one_line(exc)}") from None
+                with _translated_errors(self.url):
+                    connect = max(0.1, min(self.policy.connect_timeout, budget.remaining()))
+                    return self._attempt((connect, self.policy.read_timeout))
+            except _Transient as failure:
+                if file_size(self.part) > self.high_water:
+                    # The server is alive and the file grew: resume at once with a fresh budget.
+                    self.high_water = file_size(self.part)
+                    budget.reset()
+                elif not budget.wait(failure):
+                    raise _give_up(self.url, self.part, failure, budget) from None
 
     def _get(self, range_from: int | None, timeout: tuple[float, float]) -> requests.Response:
         # identity: the byte counts we check and resume from must be the file's own bytes.
@@ -183,7 +158,7 @@ class HttpTransfer:
                 self.bar.update(len(chunk))
         if overflow:  # only possible without a Content-Length, which urllib3 would enforce
             self._discard()
-            raise self._too_long(total)
+            raise _too_long(self.url, total)
 
     def _check_size(self, total: int | None) -> None:
         if total is None:
@@ -193,7 +168,7 @@ class HttpTransfer:
             raise _Transient(f"connection closed after {size} of {total} bytes")
         if size > total:
             self._discard()
-            raise self._too_long(total)
+            raise _too_long(self.url, total)
 
     def _confirm_end(self, timeout: tuple[float, float]) -> None:
         """After a 200, ask for the byte past the end: an honest server answers 416. A 206
@@ -214,7 +189,7 @@ class HttpTransfer:
             return
         if total < size:
             self._discard()
-            raise self._too_long(total)
+            raise _too_long(self.url, total)
         raise _Transient(
             f"the body ended after {size} bytes but the file has {total} (a wrong Content-Length)"
         )
@@ -223,20 +198,72 @@ class HttpTransfer:
         self.part.unlink(missing_ok=True)
         self.high_water = 0
 
-    def _too_long(self, total: int | None) -> Gpt2tuneError:
-        return Gpt2tuneError(
-            f"{self.url} sent more than the {total} bytes it announced, so the download "
-            "cannot be trusted; retry later or use another base_url"
-        )
 
-    def _give_up(self, failure: _Transient, attempts: int, seconds: float) -> Gpt2tuneError:
-        size = file_size(self.part)
-        kept = f"; {size} bytes kept in {self.part} for the next run" if size else ""
-        return Gpt2tuneError(
-            f"could not download {self.url}: {failure} ({attempts} attempt"
-            f"{'' if attempts == 1 else 's'} in {seconds:.0f} s"
-            f"{kept}); check the network connection, proxy settings and base_url, then rerun"
-        )
+class _Budget:
+    """The failures since the file last grew: how many, since when, and the wait after each."""
+
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+        self.reset()
+
+    def reset(self) -> None:
+        self.failures, self.start = 0, time.monotonic()
+
+    def remaining(self) -> float:
+        return self.policy.deadline - (time.monotonic() - self.start)
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def wait(self, failure: _Transient) -> bool:
+        """Count `failure` and sleep before the next attempt; False if the budget is spent."""
+        self.failures += 1
+        delay = failure.retry_after
+        if delay is None:
+            delay = self.policy.backoff * 2 ** (self.failures - 1)
+        delay = min(delay, MAX_BACKOFF)
+        if self.failures > self.policy.retries or self.elapsed() + delay > self.policy.deadline:
+            return False
+        time.sleep(delay)
+        return True
+
+
+@contextmanager
+def _translated_errors(url: str) -> Iterator[None]:
+    """requests' exceptions as a _Transient (worth retrying) or a Gpt2tuneError (final)."""
+    try:
+        yield
+    except requests.exceptions.SSLError as exc:  # a certificate problem won't heal by retrying
+        raise Gpt2tuneError(
+            f"TLS error talking to {url}: {_one_line(exc)}; check the system certificates or proxy"
+        ) from None
+    except (
+        requests.ConnectionError,
+        requests.Timeout,
+        requests.exceptions.ChunkedEncodingError,
+        urllib3.exceptions.HTTPError,  # from the raw body stream: cut short, timed out
+    ) as exc:
+        raise _Transient(_describe(exc)) from None
+    except requests.RequestException as exc:
+        raise Gpt2tuneError(f"could not download {url}: {_one_line(exc)}") from None
+
+
+def _too_long(url: str, total: int | None) -> Gpt2tuneError:
+    return Gpt2tuneError(
+        f"{url} sent more than the {total} bytes it announced, so the download "
+        "cannot be trusted; retry later or use another base_url"
+    )
+
+
+def _give_up(url: str, part: Path, failure: _Transient, budget: _Budget) -> Gpt2tuneError:
+    size = file_size(part)
+    kept = f"; {size} bytes kept in {part} for the next run" if size else ""
+    attempts = budget.failures
+    return Gpt2tuneError(
+        f"could not download {url}: {failure} ({attempts} attempt"
+        f"{'' if attempts == 1 else 's'} in {budget.elapsed():.0f} s"
+        f"{kept}); check the network connection, proxy settings and base_url, then rerun"
+    )
 
 
 # --------------------------------------------------------------------------- responses
