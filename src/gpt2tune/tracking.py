@@ -21,7 +21,9 @@ creates the run if needed (``metrics/mlflow_offline/<offline id>.json`` then map
 id to the real one), skips (metric, step) pairs the run already holds, and deletes the file
 when everything is in, so a replay that is itself interrupted is simply repeated. Folders are
 uploaded from where they are at replay time. A store that is not an http(s) server (sqlite,
-a folder) fails loudly instead, since nothing will bring it back by waiting.
+a folder) fails loudly instead, since nothing will bring it back by waiting. The journal
+files are :mod:`gpt2tune.journal`'s, the MLflow calls :mod:`gpt2tune.mlrun`'s; this module
+decides between them (:class:`Session`) and holds the functions the stages call.
 
 Resumed runs: a training that reopens its run logs no (metric, step) pair twice, so the loss
 curve of a resumed training has each step once, with the value first recorded.
@@ -97,7 +99,7 @@ class Session(MlflowRun):
       is tried again no sooner than ``next_try``.
     * While online, no call waits in a journal, so a call sent now is sent after every older
       one: the server sees the calls in the order they were made.
-    * A store that is not an http(s) server never goes offline: its failures raise.
+    * A store that is not an http(s) server is never used offline: its failures raise.
     """
 
     def __init__(self, cfg: MlflowParams, run_id: str) -> None:
