@@ -6,7 +6,7 @@ also logged as the `model/` artifact of the training's MLflow run.
 
 import sys
 
-from gpt2tune.errors import import_tensorflow_quietly, run_stage
+from gpt2tune.stage import import_tensorflow_quietly, run_stage
 
 OUT = "models/finetuned"
 

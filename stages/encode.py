@@ -7,7 +7,7 @@ and the validation split. Run from the repository root: ``python stages/encode.p
 
 import sys
 
-from gpt2tune.errors import run_stage
+from gpt2tune.stage import run_stage
 
 
 def main() -> None:

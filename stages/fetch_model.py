@@ -5,7 +5,7 @@ Resumes interrupted files and skips finished ones, so rerunning it is cheap.
 
 import sys
 
-from gpt2tune.errors import run_stage
+from gpt2tune.stage import run_stage
 
 
 def main() -> None:

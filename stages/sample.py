@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from gpt2tune.errors import import_tensorflow_quietly, run_stage
+from gpt2tune.stage import import_tensorflow_quietly, run_stage
 
 
 def main(argv: list[str]) -> None:

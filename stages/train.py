@@ -11,7 +11,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from gpt2tune.errors import import_tensorflow_quietly, run_stage
+from gpt2tune.stage import import_tensorflow_quietly, run_stage
 
 RUN_DIR = Path("checkpoint/run1")
 

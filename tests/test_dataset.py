@@ -13,19 +13,11 @@ import numpy as np
 import pytest
 import yaml
 
-from gpt2tune import dataset
-from gpt2tune.dataset import (
-    EOT,
-    encode_corpus,
-    eval_windows,
-    find_documents,
-    load_tokens,
-    random_windows,
-    split_plan,
-    window_length,
-)
-from gpt2tune.encoder import load_encoder
+from gpt2tune.batches import eval_windows, random_windows, window_length
+from gpt2tune.dataset import encode_corpus, load_tokens, split_plan
+from gpt2tune.encoder import EOT, load_encoder
 from gpt2tune.errors import Gpt2tuneError
+from gpt2tune.text import chunks, find_documents
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -298,18 +290,18 @@ def test_chunks_encode_like_the_whole_at_every_chunk_size(official, tiny):
     for enc in (official, tiny):
         whole = enc.encode(TRICKY, allow_endoftext=True)
         for size in range(1, len(TRICKY) + 2):
-            pieces = list(dataset._chunks([TRICKY], size))
+            pieces = list(chunks([TRICKY], size))
             assert "".join(pieces) == TRICKY
             ids = [i for p in pieces for i in enc.encode(p, allow_endoftext=True)]
             assert ids == whole, size
     # Pieces arriving one character at a time are cut too, not only the whole text at once.
-    pieces = list(dataset._chunks(iter(TRICKY), 30))
+    pieces = list(chunks(iter(TRICKY), 30))
     assert len(pieces) > 3 and "".join(pieces) == TRICKY
 
 
 def test_text_without_line_breaks_is_still_cut(official):
     text = "word " * 10_000
-    pieces = list(dataset._chunks([text], 1_000))
+    pieces = list(chunks([text], 1_000))
     assert len(pieces) > 10 and max(map(len, pieces)) < 2_000
     assert [i for p in pieces for i in official.encode(p)] == official.encode(text)
 

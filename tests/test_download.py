@@ -11,7 +11,6 @@ from httpserver import FolderServer, ForwardingProxy, closed_port_url, silent_se
 
 from gpt2tune.download import (
     DEFAULT_BASE_URL,
-    MODEL_FILES,
     OFFICIAL_FILES,
     OFFICIAL_MODELS,
     _is_official,
@@ -19,6 +18,7 @@ from gpt2tune.download import (
     fetch_model,
 )
 from gpt2tune.errors import Gpt2tuneError
+from gpt2tune.files import RELEASE_FILES
 
 BIG = "model.ckpt.data-00000-of-00001"
 BIG_SIZE = 300_000
@@ -29,7 +29,7 @@ FAST = {"progress": False, "backoff": 0.01}  # tiny backoff keeps retry tests qu
 def served(tmp_path) -> tuple[Path, dict[str, bytes]]:
     """A server root holding a fake 124M model: random bytes for the checkpoint data."""
     rng = random.Random(1234)
-    contents = {name: f"{name} of the tiny test model\n".encode() for name in MODEL_FILES}
+    contents = {name: f"{name} of the tiny test model\n".encode() for name in RELEASE_FILES}
     contents[BIG] = rng.randbytes(BIG_SIZE)
     contents["model.ckpt.meta"] = rng.randbytes(5_000)
     root = tmp_path / "srv"
@@ -40,7 +40,7 @@ def served(tmp_path) -> tuple[Path, dict[str, bytes]]:
 
 
 def assert_model(folder: Path, contents: dict[str, bytes]) -> None:
-    assert sorted(p.name for p in folder.iterdir()) == sorted(MODEL_FILES)  # no .part left
+    assert sorted(p.name for p in folder.iterdir()) == sorted(RELEASE_FILES)  # no .part left
     for name, data in contents.items():
         assert (folder / name).read_bytes() == data, name
 
@@ -54,7 +54,7 @@ def test_full_download_is_byte_identical(served, tmp_path):
     # Each file: one GET, then the byte past its end, which an honest server refuses (416).
     for name, data in contents.items():
         assert [r.range for r in server.requests_for(name)] == [None, f"bytes={len(data)}-"]
-    assert [r.method for r in server.requests] == ["GET"] * 2 * len(MODEL_FILES)
+    assert [r.method for r in server.requests] == ["GET"] * 2 * len(RELEASE_FILES)
 
 
 def test_second_call_touches_nothing(served, tmp_path):
@@ -82,7 +82,7 @@ def test_files_already_complete_are_skipped(served, tmp_path):
     assert (dest / "hparams.json").read_bytes() == b"kept as is"
     assert not (dest / "vocab.bpe.part").exists()
     assert server.requests_for("hparams.json") == server.requests_for("vocab.bpe") == []
-    assert len(server.requests) == 2 * (len(MODEL_FILES) - 2)  # a GET and an end probe each
+    assert len(server.requests) == 2 * (len(RELEASE_FILES) - 2)  # a GET and an end probe each
 
 
 def test_dropped_connection_resumes_with_range(served, tmp_path):
@@ -133,7 +133,7 @@ def test_transient_status_is_retried(served, tmp_path, status):
     with FolderServer(root, fail_first=2, fail_status=status, retry_after=0) as server:
         out = fetch_model("124M", server.url, tmp_path, **FAST)
     assert_model(out, contents)
-    assert len(server.requests) == 2 + 2 * len(MODEL_FILES)
+    assert len(server.requests) == 2 + 2 * len(RELEASE_FILES)
 
 
 def test_persistent_5xx_gives_up_naming_file_and_address(served, tmp_path):
@@ -356,5 +356,5 @@ def test_proxy_from_the_environment_is_used(served, tmp_path, monkeypatch):
         monkeypatch.setenv("HTTP_PROXY", proxy.url)
         out = fetch_model("124M", server.url, tmp_path, **FAST)
     assert_model(out, contents)
-    assert len(proxy.urls) == len(server.requests) == 2 * len(MODEL_FILES)
+    assert len(proxy.urls) == len(server.requests) == 2 * len(RELEASE_FILES)
     assert f"{server.url}/124M/checkpoint" in proxy.urls  # absolute URLs: a proxy request

@@ -25,7 +25,7 @@ from conftest import REPO, write_official_style_model
 from httpserver import FolderServer
 from mlflowserver import MlflowServer
 
-from gpt2tune.download import MODEL_FILES
+from gpt2tune.files import RELEASE_FILES as MODEL_FILES
 
 VENV_BIN = Path(sys.executable).parent
 HP = {"n_vocab": 50257, "n_ctx": 64, "n_embd": 64, "n_head": 4, "n_layer": 2}

@@ -21,8 +21,8 @@ import tensorflow as tf
 
 import gpt2tune
 from gpt2tune import Gpt2tuneError
+from gpt2tune.batches import random_windows
 from gpt2tune.checkpoint import assemble, load_model
-from gpt2tune.dataset import random_windows
 from gpt2tune.model import init_model, variable_shapes
 from gpt2tune.params import TrainParams
 from gpt2tune.train import (
@@ -423,7 +423,7 @@ CTRL_C_SCRIPT = textwrap.dedent(
     """
     import sys
     import numpy as np
-    from gpt2tune.errors import run_stage
+    from gpt2tune.stage import run_stage
 
     def main(base, run_dir, cfg_json):
         import json

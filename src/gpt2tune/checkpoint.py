@@ -22,11 +22,10 @@ import tensorflow as tf
 
 from gpt2tune.encoder import load_encoder
 from gpt2tune.errors import Gpt2tuneError
-from gpt2tune.files import write_text_atomic
+from gpt2tune.files import MODEL_FOLDER_FILES, fsync_file, write_text_atomic
 from gpt2tune.model import GPT2, check_hparams, variable_shapes
 
 CKPT_PREFIX = "model.ckpt"
-MODEL_FILES = ("hparams.json", "encoder.json", "vocab.bpe", "checkpoint")
 
 
 def load_hparams(folder: str | os.PathLike) -> dict[str, int]:
@@ -38,7 +37,7 @@ def load_hparams(folder: str | os.PathLike) -> dict[str, int]:
     except (ValueError, UnicodeDecodeError) as e:
         raise Gpt2tuneError(f"{path} is not valid JSON ({e})") from None
     if not isinstance(raw, dict):
-        raise Gpt2tuneError(f"{path} must hold a JSON object with {', '.join(MODEL_FILES)}")
+        raise Gpt2tuneError(f"{path} must hold a JSON object with {', '.join(MODEL_FOLDER_FILES)}")
     return check_hparams(raw, source=str(path))
 
 
@@ -118,9 +117,9 @@ def load_model(folder: str | os.PathLike) -> GPT2:
         raise Gpt2tuneError(
             f"model folder {folder} does not exist (in the pipeline, `dvc repro` makes it)"
         )
-    if not any((folder / f).exists() for f in (*MODEL_FILES, f"{CKPT_PREFIX}.index")):
+    if not any((folder / f).exists() for f in (*MODEL_FOLDER_FILES, f"{CKPT_PREFIX}.index")):
         raise Gpt2tuneError(
-            f"{folder} is not a GPT-2 model folder: it has none of {', '.join(MODEL_FILES)}"
+            f"{folder} is not a GPT-2 model folder: it has none of {', '.join(MODEL_FOLDER_FILES)}"
         )
     hparams = load_hparams(folder)
     encoder = load_encoder(folder)
@@ -181,7 +180,7 @@ def save_model(model: GPT2, folder: str | os.PathLike) -> Path:
         for name, raw in model.encoder.files.items():
             (tmp / name).write_bytes(raw)
         for f in tmp.iterdir():
-            _fsync(f)
+            fsync_file(f)
         _swap_in(tmp, folder)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -216,11 +215,6 @@ def write_checkpoint(folder: Path, prefix: str, tensors: Mapping[str, tf.Variabl
         folder / "checkpoint",
         f'model_checkpoint_path: "{prefix}"\nall_model_checkpoint_paths: "{prefix}"\n',
     )
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
 
 
 def _swap_in(new: Path, folder: Path) -> None:

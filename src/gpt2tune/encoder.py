@@ -13,6 +13,10 @@ earlier lines and every token the reference can never produce from its own bytes
 tiktoken's table; ``Encoder`` arranges exactly that and falls back to a pure-Python reference BPE
 for files where tiktoken cannot be made to agree (merges that use a token made by a later line, or
 two lines making the same token).
+
+Not ``tiktoken.load.data_gym_to_mergeable_bpe_ranks``: it caches by path alone (an edited file
+reads stale), meets files it cannot follow with an AssertionError, and has neither the filter
+nor the fallback that tests/test_encoder.py needs; the table it builds is one line here.
 """
 
 from __future__ import annotations

@@ -1,4 +1,6 @@
-"""Writing small files so that a crash never leaves one half-written: temp file, then rename."""
+"""Small file helpers shared by the library: the files a model folder holds, the project root,
+flushing to disk, writing so that a crash never leaves a file half-written (temp file, then
+rename), and how a path is shown in messages."""
 
 from __future__ import annotations
 
@@ -6,6 +8,40 @@ import os
 from pathlib import Path
 
 from gpt2tune.errors import Gpt2tuneError
+
+# The seven files of an OpenAI GPT-2 release, as fetch_model downloads them.
+RELEASE_FILES: tuple[str, ...] = (
+    "checkpoint",
+    "encoder.json",
+    "hparams.json",
+    "model.ckpt.data-00000-of-00001",
+    "model.ckpt.index",
+    "model.ckpt.meta",
+    "vocab.bpe",
+)
+# The files besides the weights that a loadable model folder needs (the graph file
+# model.ckpt.meta of a release is never read).
+MODEL_FOLDER_FILES: tuple[str, ...] = ("hparams.json", "encoder.json", "vocab.bpe", "checkpoint")
+
+
+def project_root() -> Path:
+    """The DVC project root: ``$DVC_ROOT`` (which DVC sets to the main workspace, also for
+    ``dvc exp run --temp/--queue``), else the working directory."""
+    return Path(os.environ.get("DVC_ROOT") or os.getcwd()).resolve()
+
+
+def fsync_file(path: str | os.PathLike) -> None:
+    """Flush `path`'s data to disk, so that a rename after it can never name an empty file."""
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def file_size(path: str | os.PathLike) -> int:
+    """The size of `path` in bytes; 0 if there is no such file."""
+    try:
+        return os.stat(path).st_size
+    except FileNotFoundError:
+        return 0
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
@@ -30,3 +66,13 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
         ) from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def display_path(path: str | os.PathLike) -> str:
+    """`path` for a message: relative to the working directory if it lies below it, else as
+    given; with "/" separators."""
+    path = Path(path)
+    try:
+        return path.absolute().relative_to(Path.cwd()).as_posix()
+    except ValueError:
+        return path.as_posix()

@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from gpt2tune.errors import Gpt2tuneError
+from gpt2tune.urls import redact
 
 
 @dataclass(frozen=True)
@@ -135,13 +136,10 @@ def coerce(value: Any, typ: Any) -> Any:
     raise TypeError(f"no coercion for {typ!r}")  # a new field type needs a branch above
 
 
-USERINFO = re.compile(r"://[^/@\s]*@")  # credentials in a URL: never in params.yaml
-
-
 def show(value: Any) -> str:
     """A value the way YAML would spell it (true, null, "1000"), cut short to keep one line."""
     if isinstance(value, str):  # a password in a URL is not repeated in the error
-        value = USERINFO.sub("://***@", value)
+        value = redact(value)
     text = json.dumps(value, ensure_ascii=False, default=str)
     return text if len(text) <= 60 else text[:57] + "..."
 

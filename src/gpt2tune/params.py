@@ -26,7 +26,6 @@ from typing import Any
 from gpt2tune.errors import Gpt2tuneError
 from gpt2tune.keys import (
     SWITCH,
-    USERINFO,
     Key,
     Rule,
     at_least,
@@ -41,6 +40,7 @@ from gpt2tune.keys import (
     types_of,
 )
 from gpt2tune.optim import OPTIMIZERS
+from gpt2tune.urls import USERINFO
 
 
 def _text_codec(name: str) -> bool:

@@ -21,7 +21,9 @@ creates the run if needed (``metrics/mlflow_offline/<offline id>.json`` then map
 id to the real one), skips (metric, step) pairs the run already holds, and deletes the file
 when everything is in, so a replay that is itself interrupted is simply repeated. Folders are
 uploaded from where they are at replay time. A store that is not an http(s) server (sqlite,
-a folder) fails loudly instead, since nothing will bring it back by waiting.
+a folder) fails loudly instead, since nothing will bring it back by waiting. The journal
+files are :mod:`gpt2tune.journal`'s, the MLflow calls :mod:`gpt2tune.mlrun`'s; this module
+decides between them (:class:`Session`) and holds the functions the stages call.
 
 Resumed runs: a training that reopens its run logs no (metric, step) pair twice, so the loss
 curve of a resumed training has each step once, with the value first recorded.
@@ -35,34 +37,22 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from gpt2tune import journal
 from gpt2tune.errors import Gpt2tuneError
-from gpt2tune.files import write_text_atomic
+from gpt2tune.files import display_path, project_root, write_text_atomic
+from gpt2tune.journal import OFFLINE_PREFIX
+from gpt2tune.mlrun import MlflowRun, Unreachable, is_server, param_value, reason
 from gpt2tune.params import MlflowParams
+from gpt2tune.urls import redact
 
 RUN_FILE = Path("metrics/mlflow_run.json")
-OFFLINE_DIR = Path("metrics/mlflow_offline")  # below the project root
-OFFLINE_PREFIX = "offline-"
-METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
-
-# MLflow's HTTP defaults retry for minutes; a tool should say "unreachable" in seconds.
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
-
-_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
-
-
-def project_root() -> Path:
-    return Path(os.environ.get("DVC_ROOT") or os.getcwd()).resolve()
 
 
 def resolve_tracking_uri(uri: str) -> str:
@@ -72,33 +62,6 @@ def resolve_tracking_uri(uri: str) -> str:
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
         return prefix + str(project_root() / uri[len(prefix) :])
     return uri
-
-
-def redact(text: str) -> str:
-    """`text` with the ``user:password@`` of every URL in it replaced by ``***@``."""
-    return _USERINFO.sub("***@", text)
-
-
-def _is_server(uri: str) -> bool:
-    return uri.lower().startswith(("http://", "https://"))
-
-
-def _offline_dir() -> Path:
-    return project_root() / OFFLINE_DIR
-
-
-def _reason(e: BaseException) -> str:
-    """One short, credential-free line about a failed MLflow call."""
-    text = " ".join(str(e).split())
-    if isinstance(e, _Unreachable):
-        return text  # already made by _reason
-    if "NewConnectionError" in text or "Connection refused" in text:
-        return "connection refused"
-    if "too many 5" in text:  # urllib3's "too many 500 error responses"
-        return "the server keeps answering HTTP 5xx"
-    if "timed out" in text.lower():
-        return "timed out"
-    return redact(text)[:200] or type(e).__name__
 
 
 def run_tags() -> dict[str, str]:
@@ -120,32 +83,31 @@ def run_tags() -> dict[str, str]:
     return tags
 
 
-def _param_value(v) -> str:
-    # MLflow caps a param value at 6000 characters; long prompt lists are cut, not rejected.
-    s = str(v)
-    return s if len(s) <= 6000 else s[:5997] + "..."
+class Session(MlflowRun):
+    """One open run: sends each call to MLflow, or to the run's offline journal while the
+    server is away. ``run.info.run_id`` is the run's id (``offline-...`` until the server has
+    created it).
 
+    The offline state, which every method upholds:
 
-class _Unreachable(Exception):
-    """The tracking server did not answer; the caller buffers instead."""
-
-
-class Session:
-    """One open run: sends each call to MLflow, or to the offline file while it is away.
-
-    ``run.info.run_id`` is the run's id (``offline-...`` until the server has created it).
+    * ``offline`` is True from the Session's creation and from any failed attempt to reach an
+      http(s) server, until the server has answered *and* every journal of this run (that of
+      its local ``offline-...`` id, then its own) has been sent in full and deleted; only
+      :meth:`_catch_up` sets it False, as its last step.
+    * While offline nothing is sent: every call is appended to :attr:`journal`, so the
+      journals hold, in order, every call made since the server was last reached. The server
+      is tried again no sooner than ``next_try``.
+    * While online, no call waits in a journal, so a call sent now is sent after every older
+      one: the server sees the calls in the order they were made.
+    * A store that is not an http(s) server is never used offline: its failures raise.
     """
 
     def __init__(self, cfg: MlflowParams, run_id: str) -> None:
-        self.uri = resolve_tracking_uri(cfg.tracking_uri)
-        self.experiment = cfg.experiment
-        # The id it had before the server made it, whose offline file may still hold records.
+        # The id it had before the server made it, whose journal may still hold records.
         self.local_id = run_id if run_id.startswith(OFFLINE_PREFIX) else None
-        self.run_id = (self.local_id and _mapped(self.local_id)) or run_id
-        self.experiment_id: str | None = None
-        self.client = None
-        self.seen: set[tuple[str, int]] | None = None  # (key, step) pairs the run holds
-        self.offline = False
+        run_id = (self.local_id and journal.mapped_run_id(self.local_id)) or run_id
+        super().__init__(resolve_tracking_uri(cfg.tracking_uri), cfg.experiment, run_id)
+        self.offline = True  # not reached yet
         self.next_try = 0.0
         self.warned = False
         self.ended = False
@@ -154,211 +116,81 @@ class Session:
     def info(self) -> Session:  # `run.info.run_id`, as on an mlflow Run
         return self
 
-    # --------------------------------------------------------------- connection
+    @property
+    def journal(self) -> Path:
+        return journal.journal_path(self.run_id)
 
-    def connect(self) -> None:
-        """Reach the store and the experiment; _Unreachable for a server that is away,
-        Gpt2tuneError for a store that is misconfigured."""
-        from mlflow.tracking import MlflowClient
+    def call(self, op: dict) -> None:
+        """Send one operation to MLflow, or append it to the journal."""
+        if self._try_online():
+            try:
+                self.send(op)
+                return
+            except Exception as e:
+                if not is_server(self.uri):
+                    raise
+                self._went_offline(reason(e))
+        journal.append(self.journal, op)
 
-        try:
-            self.client = MlflowClient(tracking_uri=self.uri)
-            exp = self.client.get_experiment_by_name(self.experiment)
-            if exp is not None:
-                self.experiment_id = exp.experiment_id
-            else:
-                location = None
-                if self.uri.startswith("sqlite:"):
-                    # MLflow would put artifacts in ./mlruns of the current folder, which for
-                    # `dvc exp run --temp` is a temporary copy; keep them beside mlflow.db.
-                    location = (project_root() / "mlartifacts").as_uri()
-                self.experiment_id = self.client.create_experiment(
-                    self.experiment, artifact_location=location
-                )
-        except Exception as e:
-            if _is_server(self.uri):
-                raise _Unreachable(_reason(e)) from None
-            raise Gpt2tuneError(
-                f"cannot use the MLflow tracking store {redact(self.uri)} "
-                f"(params.yaml mlflow.tracking_uri): {_reason(e)}"
-            ) from None
+    def _catch_up(self) -> None:
+        """Send this run's journals, oldest first, creating the run if only they know it;
+        then the session is online. Unreachable if the server fails meanwhile."""
+        if self.local_id:
+            self.run_id = journal.mapped_run_id(self.local_id) or self.run_id
+            journal.replay(self, journal.journal_path(self.local_id), self.local_id)
+        if not self.run_id.startswith(OFFLINE_PREFIX):
+            journal.replay(self, self.journal, None)
+        self.offline = False
 
     def _try_online(self) -> bool:
-        """Back online if the server answers (and the offline file is replayed); False if not."""
+        """True if online, or back online now (the server answers again and the journals are
+        sent); False while the server is away or before next_try."""
         if not self.offline:
             return True
         if time.monotonic() < self.next_try:
             return False
         try:
             self.connect()
-            self._replay_own()
-        except _Unreachable:
+            self._catch_up()
+        except Unreachable:
             self._went_offline(None)
             return False
-        self.offline = False
         print(
             f"MLflow server {redact(self.uri)} is back; the kept records are in run {self.run_id}",
             file=sys.stderr,
         )
         return True
 
-    def _went_offline(self, reason: str | None) -> None:
+    def _went_offline(self, why: str | None) -> None:
+        """The server failed (`why`, warned about once; None: a retry failed again)."""
         self.offline = True
         self.next_try = time.monotonic() + float(os.environ.get("GPT2TUNE_MLFLOW_RETRY_S", "60"))
-        if reason is not None and not self.warned:
+        if why is not None and not self.warned:
             self.warned = True
             print(
-                f"warning: MLflow tracking server {redact(self.uri)} is unreachable ({reason}); "
-                f"carrying on, with what it misses kept in {_display(self.buffer)} and sent "
-                "when it answers again (or by the next stage, or `python -m gpt2tune.tracking`)",
+                f"warning: MLflow tracking server {redact(self.uri)} is unreachable ({why}); "
+                f"carrying on, with what it misses kept in {display_path(self.journal)} and "
+                "sent when it answers again (or by the next stage, or "
+                "`python -m gpt2tune.tracking`)",
                 file=sys.stderr,
             )
 
-    @property
-    def buffer(self) -> Path:
-        return _offline_dir() / f"{self.run_id}.jsonl"
-
-    # --------------------------------------------------------------- calls
-
-    def call(self, op: dict) -> None:
-        """Send one operation to MLflow, or append it to the offline file."""
-        if self._try_online():
-            try:
-                self._send(op)
-                return
-            except Exception as e:
-                if not _is_server(self.uri):
-                    raise
-                self._went_offline(_reason(e))
-        _append(self.buffer, op)
-
-    def _send(self, op: dict) -> None:
-        from mlflow.entities import Metric
-
-        kind, c = op["op"], self.client
-        if kind == "metrics":
-            seen = self._seen()
-            fresh = {k: v for k, v in op["values"].items() if (k, op["step"]) not in seen}
-            metrics = [Metric(k, float(v), op["ts"], op["step"]) for k, v in fresh.items()]
-            for i in range(0, len(metrics), METRICS_PER_BATCH):
-                c.log_batch(self.run_id, metrics=metrics[i : i + METRICS_PER_BATCH])
-            seen.update((k, op["step"]) for k in fresh)
-        elif kind == "text":
-            c.log_text(self.run_id, op["text"], op["file"])
-        elif kind == "folder":
-            if Path(op["path"]).is_dir():
-                c.log_artifacts(self.run_id, op["path"], op["artifact_path"])
-        elif kind == "status":
-            c.update_run(self.run_id, status=op["status"])
-        else:
-            raise ValueError(f"unknown offline record {kind!r}")
-
-    def _seen(self) -> set[tuple[str, int]]:
-        if self.seen is None:
-            run = self.client.get_run(self.run_id)
-            self.seen = {
-                (key, m.step)
-                for key in run.data.metrics
-                for m in self.client.get_metric_history(self.run_id, key)
-            }
-        return self.seen
-
-    def create_run(self, params: dict[str, object], tags: dict[str, str], name: str | None):
-        """Create the run on the server with its params; MLflow adds its usual tags."""
-        from mlflow.entities import Param
-        from mlflow.tracking.context.registry import resolve_tags
-
-        run = self.client.create_run(self.experiment_id, run_name=name, tags=resolve_tags(tags))
-        self.run_id = run.info.run_id
-        self.seen = set()
-        items = [Param(k, _param_value(v)) for k, v in params.items()]
-        for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
-            self.client.log_batch(self.run_id, params=items[i : i + 100])
-
-    # --------------------------------------------------------------- replay
-
-    def _replay_own(self) -> None:
-        """Send this run's offline files, oldest first, creating the run if only they know it."""
-        if self.local_id:
-            self.run_id = _mapped(self.local_id) or self.run_id
-            _replay_file(self, _offline_dir() / f"{self.local_id}.jsonl", self.local_id)
-        if not self.run_id.startswith(OFFLINE_PREFIX):
-            _replay_file(self, _offline_dir() / f"{self.run_id}.jsonl", None)
-
-
-def _display(path: Path) -> str:
-    try:
-        return str(path.relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
-
-
-def _append(path: Path, op: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(op, ensure_ascii=False) + "\n")
-        fh.flush()  # a crash right after loses nothing the call reported as kept
-
-
-def _read_ops(path: Path) -> list[dict]:
-    ops = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            ops.append(json.loads(line))
-        except ValueError:
-            pass  # the half line of a process killed mid-write; the call it recorded never returned
-    return ops
-
-
-def _mapped(offline_id: str) -> str | None:
-    """The real run id a local ``offline-...`` id was replayed into, if it was."""
-    try:
-        return json.loads((_offline_dir() / f"{offline_id}.json").read_text())["run_id"]
-    except (OSError, ValueError, KeyError):
-        return None
-
-
-def _replay_file(session: Session, path: Path, offline_id: str | None) -> None:
-    """Send the operations kept in `path` to `session`'s server, then delete the file."""
-    if not path.exists():
-        return
-    ops = _read_ops(path)
-    try:
-        if offline_id and session.run_id == offline_id:  # the run itself is still to be made
-            start = next((op for op in ops if op["op"] == "start"), None)
-            if start is None:
-                raise Gpt2tuneError(f"{path} lacks the record that creates run {offline_id}")
-            session.create_run(start["params"], start["tags"], start.get("name"))
-            write_text_atomic(
-                _offline_dir() / f"{offline_id}.json", json.dumps({"run_id": session.run_id})
-            )
-        for op in ops:
-            if op["op"] != "start":
-                session._send(op)
-    except Gpt2tuneError:
-        raise
-    except Exception as e:
-        raise _Unreachable(_reason(e)) from None
-    path.unlink()
-    print(f"sent {len(ops)} kept MLflow record(s) from {_display(path)}", file=sys.stderr)
-
 
 def replay_pending(cfg: MlflowParams) -> int:
-    """Send every offline file under metrics/mlflow_offline to the server; return how many
-    files remain (0: all sent). Gpt2tuneError if the server is still unreachable."""
-    folder = _offline_dir()
-    files = sorted(folder.glob("*.jsonl")) if folder.is_dir() else []
+    """Send every journal under metrics/mlflow_offline to the server; return how many
+    remain (0: all sent). Gpt2tuneError if the server is still unreachable."""
+    files = journal.pending()
     for path in files:
         session = Session(cfg, path.stem)
         try:
             session.connect()
-            session._replay_own()
-        except _Unreachable as e:
+            session._catch_up()
+        except Unreachable as e:
             raise Gpt2tuneError(
                 f"MLflow server {redact(session.uri)} is still unreachable ({e}); "
-                f"{len(files)} offline file(s) kept in {_display(folder)}"
+                f"{len(files)} offline file(s) kept in {display_path(journal.offline_dir())}"
             ) from None
-    return len(list(folder.glob("*.jsonl"))) if folder.is_dir() else 0
+    return len(journal.pending())
 
 
 # ------------------------------------------------------------------- the public functions
@@ -388,7 +220,7 @@ def _write_run_file(session: Session) -> None:
     info = {"run_id": session.run_id, "experiment_id": session.experiment_id,
             "tracking_uri": redact(session.uri)}  # fmt: skip
     if session.offline:
-        info["offline_file"] = _display(session.buffer)
+        info["offline_file"] = display_path(session.journal)
     write_text_atomic(RUN_FILE, json.dumps(info, indent=2) + "\n")
 
 
@@ -406,19 +238,18 @@ def training_run(cfg: MlflowParams, params: dict, run_id: str | None = None):
                 session.client.update_run(session.run_id, status="RUNNING")
             except Exception:
                 session.run_id = session.local_id = ""  # the store was reset: a new run
-        if session.run_id:
-            session._replay_own()  # creates an offline-made run; sends what was kept
-        else:
-            session.create_run(params, run_tags(), name)
-    except Exception as e:
-        if isinstance(e, Gpt2tuneError) or not _is_server(session.uri):
-            raise
         if not session.run_id:
-            session.run_id = session.local_id = OFFLINE_PREFIX + uuid.uuid4().hex
-            params = {k: _param_value(v) for k, v in params.items()}
-            _append(session.buffer, {"op": "start", "params": params, "tags": run_tags(),
-                                     "name": name})  # fmt: skip
-        session._went_offline(_reason(e))
+            session.create_run(params, run_tags(), name)
+        session._catch_up()  # creates an offline-made run; sends what was kept
+    except Exception as e:
+        if isinstance(e, Gpt2tuneError) or not is_server(session.uri):
+            raise
+        if not session.run_id:  # the run is made later, from the journal's first record
+            session.run_id = session.local_id = journal.new_offline_id()
+            params = {k: param_value(v) for k, v in params.items()}
+            start = {"op": "start", "params": params, "tags": run_tags(), "name": name}
+            journal.append(session.journal, start)
+        session._went_offline(reason(e))
     _write_run_file(session)
     try:
         with _activate(session):
@@ -435,7 +266,7 @@ def _wind_up(session: Session) -> None:
     if session.offline:
         print(
             f"warning: MLflow server {redact(session.uri)} is still unreachable; this "
-            f"training's records are kept in {_display(session.buffer)} and are sent by the "
+            f"training's records are kept in {display_path(session.journal)} and are sent by the "
             "next stage that reaches it (assemble, sample) or `python -m gpt2tune.tracking`",
             file=sys.stderr,
         )
@@ -464,11 +295,11 @@ def reopen_run(cfg: MlflowParams, run_file: Path = RUN_FILE):
                     f"MLflow run {session.run_id} named in {run_file} is not in "
                     f"{redact(session.uri)}; rerun training with `dvc repro -f train`"
                 ) from None
-        session._replay_own()
+        session._catch_up()
     except Exception as e:
-        if isinstance(e, Gpt2tuneError) or not _is_server(session.uri):
+        if isinstance(e, Gpt2tuneError) or not is_server(session.uri):
             raise
-        session._went_offline(_reason(e))
+        session._went_offline(reason(e))
     with _activate(session):
         yield session
 
@@ -508,8 +339,8 @@ def log_folder(folder: str | os.PathLike, artifact_path: str) -> None:
 
 
 if __name__ == "__main__":  # python -m gpt2tune.tracking: send what was kept offline
-    from gpt2tune.errors import run_stage
     from gpt2tune.params import load_params
+    from gpt2tune.stage import run_stage
 
     def _main() -> None:
         left = replay_pending(load_params("params.yaml").mlflow)

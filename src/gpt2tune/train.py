@@ -38,8 +38,8 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
+from gpt2tune.batches import eval_windows, random_windows, window_length
 from gpt2tune.checkpoint import write_checkpoint
-from gpt2tune.dataset import eval_windows, random_windows, window_length
 from gpt2tune.errors import Gpt2tuneError
 from gpt2tune.files import write_text_atomic
 from gpt2tune.model import GPT2, forward

@@ -1,0 +1,135 @@
+"""One MLflow run on a tracking store, through MlflowClient: reach the store and the
+experiment, create the run, and send the calls gpt2tune makes (metrics, texts, folders, the
+status). It knows nothing of a server being away; gpt2tune.tracking.Session adds that.
+
+Calls are plain dicts (``{"op": "metrics", ...}``) so that the same record can be sent now or
+written to the offline journal and sent later. A metric (key, step) the run already holds is
+never sent again, so a resumed training's loss curve has each step once, with the value first
+recorded.
+"""
+
+from __future__ import annotations
+
+import os
+
+from gpt2tune.errors import Gpt2tuneError
+from gpt2tune.files import project_root
+from gpt2tune.urls import redact
+
+METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
+PARAMS_PER_BATCH = 100  # and its limit for params
+
+# MLflow's HTTP defaults retry for minutes; a tool should say "unreachable" in seconds.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+
+
+class Unreachable(Exception):
+    """The tracking server did not answer; the caller keeps the call for later."""
+
+
+def is_server(uri: str) -> bool:
+    """An http(s) tracking server, which may come back; other stores fail loudly instead."""
+    return uri.lower().startswith(("http://", "https://"))
+
+
+def reason(e: BaseException) -> str:
+    """One short, credential-free line about a failed MLflow call."""
+    text = " ".join(str(e).split())
+    if isinstance(e, Unreachable):
+        return text  # already made by reason()
+    if "NewConnectionError" in text or "Connection refused" in text:
+        return "connection refused"
+    if "too many 5" in text:  # urllib3's "too many 500 error responses"
+        return "the server keeps answering HTTP 5xx"
+    if "timed out" in text.lower():
+        return "timed out"
+    return redact(text)[:200] or type(e).__name__
+
+
+def param_value(v) -> str:
+    # MLflow caps a param value at 6000 characters; long prompt lists are cut, not rejected.
+    s = str(v)
+    return s if len(s) <= 6000 else s[:5997] + "..."
+
+
+class MlflowRun:
+    """Run `run_id` of `experiment` on the store at `uri` (an absolute tracking URI)."""
+
+    def __init__(self, uri: str, experiment: str, run_id: str) -> None:
+        self.uri, self.experiment, self.run_id = uri, experiment, run_id
+        self.experiment_id: str | None = None
+        self.client = None
+        self.seen: set[tuple[str, int]] | None = None  # (key, step) pairs the run holds
+
+    def connect(self) -> None:
+        """Reach the store and the experiment; Unreachable for a server that is away,
+        Gpt2tuneError for a store that is misconfigured."""
+        from mlflow.tracking import MlflowClient
+
+        try:
+            self.client = MlflowClient(tracking_uri=self.uri)
+            exp = self.client.get_experiment_by_name(self.experiment)
+            if exp is not None:
+                self.experiment_id = exp.experiment_id
+            else:
+                location = None
+                if self.uri.startswith("sqlite:"):
+                    # MLflow would put artifacts in ./mlruns of the current folder, which for
+                    # `dvc exp run --temp` is a temporary copy; keep them beside mlflow.db.
+                    location = (project_root() / "mlartifacts").as_uri()
+                self.experiment_id = self.client.create_experiment(
+                    self.experiment, artifact_location=location
+                )
+        except Exception as e:
+            if is_server(self.uri):
+                raise Unreachable(reason(e)) from None
+            raise Gpt2tuneError(
+                f"cannot use the MLflow tracking store {redact(self.uri)} "
+                f"(params.yaml mlflow.tracking_uri): {reason(e)}"
+            ) from None
+
+    def create_run(self, params: dict[str, object], tags: dict[str, str], name: str | None):
+        """Create the run on the server with its params; MLflow adds its usual tags."""
+        from mlflow.entities import Param
+        from mlflow.tracking.context.registry import resolve_tags
+
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=resolve_tags(tags))
+        self.run_id = run.info.run_id
+        self.seen = set()
+        items = [Param(k, param_value(v)) for k, v in params.items()]
+        for i in range(0, len(items), PARAMS_PER_BATCH):
+            self.client.log_batch(self.run_id, params=items[i : i + PARAMS_PER_BATCH])
+
+    def send(self, op: dict) -> None:
+        """Make the call `op` records; MLflow's exception if it fails."""
+        from mlflow.entities import Metric
+
+        kind, c = op["op"], self.client
+        if kind == "metrics":
+            seen = self._seen()
+            fresh = {k: v for k, v in op["values"].items() if (k, op["step"]) not in seen}
+            metrics = [Metric(k, float(v), op["ts"], op["step"]) for k, v in fresh.items()]
+            for i in range(0, len(metrics), METRICS_PER_BATCH):
+                c.log_batch(self.run_id, metrics=metrics[i : i + METRICS_PER_BATCH])
+            seen.update((k, op["step"]) for k in fresh)
+        elif kind == "text":
+            c.log_text(self.run_id, op["text"], op["file"])
+        elif kind == "folder":
+            if os.path.isdir(op["path"]):
+                c.log_artifacts(self.run_id, op["path"], op["artifact_path"])
+        elif kind == "status":
+            c.update_run(self.run_id, status=op["status"])
+        else:
+            raise ValueError(f"unknown offline record {kind!r}")
+
+    def _seen(self) -> set[tuple[str, int]]:
+        if self.seen is None:
+            run = self.client.get_run(self.run_id)
+            self.seen = {
+                (key, m.step)
+                for key in run.data.metrics
+                for m in self.client.get_metric_history(self.run_id, key)
+            }
+        return self.seen
