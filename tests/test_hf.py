@@ -143,20 +143,27 @@ def test_model_name_hf_folder_converts_into_models(tiny, tmp_path, monkeypatch):
     assert load_model(out).hparams == load_model(tiny[0]).hparams
 
 
-def test_a_folder_saved_by_transformers_imports(tiny, tmp_path):
-    """What save_pretrained writes (prefix, tokenizer.json instead of vocab/merges in newer
-    versions, dtype field) imports to the same weights as our own export."""
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_folder_saved_by_transformers_imports(tiny, tmp_path, dtype):
+    """What save_pretrained writes (its own key order and metadata, only tokenizer.json in
+    newer versions, bfloat16 if asked) imports to the weights transformers itself holds."""
     from gpt2tune import load_model
 
     openai_dir, hf_dir = tiny
     saved = tmp_path / "saved"
-    transformers.AutoModelForCausalLM.from_pretrained(hf_dir).save_pretrained(saved)
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=getattr(torch, dtype))
+    model.save_pretrained(saved)
     transformers.AutoTokenizer.from_pretrained(hf_dir).save_pretrained(saved)
     for f in ("vocab.json", "merges.txt"):  # force the tokenizer.json path
         (saved / f).unlink(missing_ok=True)
     back = load_model(hf.import_hf(saved, tmp_path / "back"))
-    for name, value in load_model(openai_dir).weights_numpy().items():
-        np.testing.assert_array_equal(back.params[name].numpy(), value, err_msg=name)
+    state = {k: v.float().numpy() for k, v in model.state_dict().items()}
+    for name, value in back.weights_numpy().items():
+        expected = state[f"transformer.{hf.hf_name(name)}"].reshape(value.shape)
+        np.testing.assert_array_equal(value, expected, err_msg=name)
+    if dtype == "float32":  # bf16 rounds; float32 is exact
+        for name, value in load_model(openai_dir).weights_numpy().items():
+            np.testing.assert_array_equal(back.params[name].numpy(), value, err_msg=name)
     assert back.encoder.encode(TEXT) == load_model(openai_dir).encoder.encode(TEXT)
 
 
@@ -249,7 +256,10 @@ BAD = {
         lambda d: edit_tensors(d, lambda t: t.update({"lm_head.weight": untied_head(t)})),
         "lm_head.weight differs from transformer.wte.weight",
     ),
-    "bin only": (replace_with_bin, "it has only pytorch_model.bin, which needs torch"),
+    "bin only": (
+        replace_with_bin,
+        "it has only pytorch_model.bin, which needs torch: save the model with save_pretrained",
+    ),
     "truncated": (
         lambda d: truncate(d / "model.safetensors"),
         "model.safetensors is not a readable safetensors file",

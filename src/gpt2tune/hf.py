@@ -2,7 +2,7 @@
 
     export_hf("models/finetuned", "models/finetuned-hf")   # -> from_pretrained() loads it
     import_hf("distilgpt2", "models/hf:distilgpt2")         # an HF GPT-2 folder -> OpenAI's layout
-    python -m gpt2tune.hf export models/finetuned models/finetuned-hf
+    python stages/export.py                                   # the DVC stage, same as the first
 
 Both are renamings, not computations: HF's GPT-2 keeps OpenAI's Conv1D weights ([in, out],
 minus OpenAI's leading 1), ties `lm_head` to `wte`, and its tokenizer files are OpenAI's
@@ -14,13 +14,11 @@ go through `safetensors.numpy`. The key names and config fields follow transform
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
 import re
 import shutil
-import sys
 import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -29,7 +27,7 @@ from typing import Any
 import ml_dtypes  # noqa: F401  (TensorFlow's dependency; lets numpy, so safetensors, read bf16)
 import numpy as np
 
-from gpt2tune.errors import Gpt2tuneError, import_tensorflow_quietly, run_stage
+from gpt2tune.errors import Gpt2tuneError
 
 HF_PREFIX = "hf:"  # model.name: hf:<folder or hub id>
 WEIGHTS = "model.safetensors"
@@ -108,7 +106,8 @@ def from_hf_tensors(
 
 
 def hf_config(hparams: Mapping[str, int], eot: int) -> dict[str, Any]:
-    """config.json of a GPT2LMHeadModel with these hyperparameters."""
+    """config.json of a GPT2LMHeadModel with these hyperparameters (fields left out, such as
+    the dropout rates, take transformers' defaults, which are GPT-2's)."""
     return {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
@@ -117,30 +116,24 @@ def hf_config(hparams: Mapping[str, int], eot: int) -> dict[str, Any]:
         "n_embd": hparams["n_embd"],
         "n_layer": hparams["n_layer"],
         "n_head": hparams["n_head"],
-        "n_inner": None,  # 4 * n_embd
         "activation_function": "gelu_new",
         "layer_norm_epsilon": 1e-5,
-        "resid_pdrop": 0.1,
-        "embd_pdrop": 0.1,
-        "attn_pdrop": 0.1,
-        "initializer_range": 0.02,
         "scale_attn_weights": True,
         "tie_word_embeddings": True,
-        "use_cache": True,
         "bos_token_id": eot,
         "eos_token_id": eot,
         "dtype": "float32",
     }
 
 
-def hparams_from_config(config: Any, path: Path) -> dict[str, int]:
+def hparams_from_config(config: Mapping[str, Any], path: Path) -> dict[str, int]:
     """gpt2tune's five hyperparameters from an HF config.json, refusing what GPT-2 is not."""
     from gpt2tune.model import check_hparams
 
-    if not isinstance(config, dict) or config.get("model_type") != "gpt2":
-        kind = config.get("model_type") if isinstance(config, dict) else type(config).__name__
+    if config.get("model_type") != "gpt2":
         raise Gpt2tuneError(
-            f"{path}: model_type is {kind!r}, not 'gpt2'; only GPT-2 architectures convert"
+            f"{path}: model_type is {config.get('model_type')!r}, not 'gpt2'; only GPT-2 "
+            "architectures convert"
         )
     for key, allowed in _REQUIRED.items():
         if key in config and config[key] not in allowed:
@@ -244,9 +237,11 @@ def fetch_hf(name: str, models_dir: str | os.PathLike = "models") -> Path:
 
 
 def _download(repo_id: str) -> Path:
-    hint = f"download it (huggingface-cli download {repo_id} --local-dir {repo_id})"
     if not re.fullmatch(r"\w[\w.-]*(/\w[\w.-]*)?", repo_id):  # user/name, or a legacy name
-        raise Gpt2tuneError(f"Hugging Face folder {repo_id} does not exist; {hint}")
+        raise Gpt2tuneError(
+            f"Hugging Face folder {repo_id} does not exist (relative to the project root)"
+        )
+    hint = f"download it (hf download {repo_id} --local-dir {repo_id})"
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
@@ -254,12 +249,11 @@ def _download(repo_id: str) -> Path:
             f"no folder {repo_id} here, and huggingface_hub is not installed to fetch it as a "
             f"hub id; {hint}"
         ) from None
-    files = ["config.json", WEIGHTS, SHARD_INDEX, "model-*.safetensors", "vocab.json", "merges.txt"]
+    files = ["*.json", "*.safetensors", "merges.txt"]  # config, weights, index, tokenizer
     try:
         return Path(snapshot_download(repo_id, allow_patterns=files))
     except Exception as e:  # any of the hub client's many errors: network, 404, auth
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise Gpt2tuneError(f"could not download {repo_id} ({first}); {hint}") from None
+        raise Gpt2tuneError(f"could not download {repo_id} ({_first_line(e)}); {hint}") from None
 
 
 def _load_tokenizer(folder: Path) -> Any:
@@ -269,39 +263,47 @@ def _load_tokenizer(folder: Path) -> Any:
 
     vocab, merges = folder / "vocab.json", folder / "merges.txt"
     if vocab.is_file() and merges.is_file():
-        try:
-            return Encoder.from_files(vocab.read_bytes(), merges.read_bytes(), source=str(folder))
-        except Gpt2tuneError as e:  # the Encoder names OpenAI's files; name the ones here
-            msg = str(e).replace("encoder.json", vocab.name).replace("vocab.bpe", merges.name)
-            raise Gpt2tuneError(msg) from None
-    path = folder / "tokenizer.json"
-    if not path.is_file():
+        raw, names = (vocab.read_bytes(), merges.read_bytes()), (vocab.name, merges.name)
+    elif (folder / "tokenizer.json").is_file():
+        raw, names = _bpe_files(folder / "tokenizer.json"), ("tokenizer.json",) * 2
+    else:
         raise Gpt2tuneError(
             f"{folder} has no tokenizer: it needs vocab.json and merges.txt, or tokenizer.json; "
             "save them with tokenizer.save_pretrained(folder)"
         )
-    bpe = _read_json(path).get("model") or {}
-    if bpe.get("type") != "BPE" or not isinstance(bpe.get("vocab"), dict):
-        raise Gpt2tuneError(f"{path}: model.type is {bpe.get('type')!r}, not GPT-2's BPE")
-    ids = dict(bpe["vocab"])
-    for added in _read_json(path).get("added_tokens") or []:
-        if added.get("content") == EOT:  # kept beside the vocab by some savers
-            ids.setdefault(EOT, added.get("id"))
-    lines = [m if isinstance(m, str) else " ".join(m) for m in bpe.get("merges") or []]
-    return Encoder.from_files(
-        json.dumps(ids, ensure_ascii=False).encode(),
-        "\n".join(["#version: 0.2", *lines, ""]).encode(),
-        source=str(path),
-    )
-
-
-def _read_json(path: Path) -> Any:
-    if not path.is_file():
-        raise Gpt2tuneError(f"{path} is missing: a Hugging Face model folder needs config.json")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return Encoder.from_files(*raw, source=str(folder))
+    except Gpt2tuneError as e:  # the Encoder names OpenAI's files; name the ones here
+        msg = str(e).replace("encoder.json", names[0]).replace("vocab.bpe", names[1])
+        raise Gpt2tuneError(msg) from None
+
+
+def _bpe_files(path: Path) -> tuple[bytes, bytes]:
+    """encoder.json and vocab.bpe rebuilt from a tokenizers-library tokenizer.json."""
+    data = _read_json(path)
+    bpe = data.get("model")
+    vocab = bpe.get("vocab") if isinstance(bpe, dict) and bpe.get("type") == "BPE" else None
+    if not isinstance(vocab, dict):
+        raise Gpt2tuneError(f"{path}: its model is not a byte-level BPE like GPT-2's")
+    ids = dict(vocab)
+    for added in data.get("added_tokens") or []:  # some savers keep <|endoftext|> only here
+        if isinstance(added, dict) and added.get("content") == EOT:
+            ids.setdefault(EOT, added.get("id"))
+    lines = [m if isinstance(m, str) else " ".join(map(str, m)) for m in bpe.get("merges") or []]
+    vocab_bpe = "\n".join(["#version: 0.2", *lines, ""])
+    return json.dumps(ids, ensure_ascii=False).encode(), vocab_bpe.encode()
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise Gpt2tuneError(f"{path} is missing: save the model with save_pretrained(folder)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         raise Gpt2tuneError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise Gpt2tuneError(f"{path} must hold a JSON object, not {type(data).__name__}")
+    return data
 
 
 def _read_safetensors(folder: Path) -> dict[str, np.ndarray]:
@@ -313,17 +315,15 @@ def _read_safetensors(folder: Path) -> dict[str, np.ndarray]:
     if (folder / WEIGHTS).is_file():
         files = [folder / WEIGHTS]
     elif index.is_file():
-        weight_map = _read_json(index).get("weight_map", {})
-        files = [folder / f for f in sorted(set(weight_map.values()))]
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise Gpt2tuneError(f"{index} has no weight_map; save the model again")
+        files = [folder / str(f) for f in sorted(set(weight_map.values()))]
     else:
-        torch_only = [f.name for f in folder.glob("*.bin")] + [f.name for f in folder.glob("*.h5")]
-        fix = (
-            f"it has only {', '.join(sorted(torch_only))}, which needs torch to read: run "
-            "AutoModelForCausalLM.from_pretrained(folder).save_pretrained(folder) once to "
-            "write safetensors"
-            if torch_only
-            else "save the model with save_pretrained(folder)"
-        )
+        others = sorted(f.name for f in folder.glob("*") if f.suffix in (".bin", ".h5", ".msgpack"))
+        fix = "save the model with save_pretrained(folder)"
+        if others:  # PyTorch pickles (and TF/Flax files) need their framework to read
+            fix = f"it has only {', '.join(others)}, which needs torch: {fix} in transformers"
         raise Gpt2tuneError(f"{folder / WEIGHTS} is missing; {fix}")
     tensors: dict[str, np.ndarray] = {}
     for f in files:
@@ -331,8 +331,7 @@ def _read_safetensors(folder: Path) -> dict[str, np.ndarray]:
             tensors.update(load_file(str(f)))
         except (SafetensorError, OSError, TypeError, ValueError) as e:
             raise Gpt2tuneError(
-                f"{f} is not a readable safetensors file ({str(e).strip()[:200]}); "
-                "download or save it again"
+                f"{f} is not a readable safetensors file ({_first_line(e)}); save it again"
             ) from None
     return tensors
 
@@ -361,17 +360,5 @@ def _atomic_folder(out: Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """`python -m gpt2tune.hf export SRC DST` or `... import SRC DST`."""
-    ap = argparse.ArgumentParser(prog="python -m gpt2tune.hf", description=__doc__.split("\n")[0])
-    ap.add_argument("command", choices=["export", "import"])
-    ap.add_argument("src", help="folder to read (OpenAI's layout to export, HF's to import)")
-    ap.add_argument("dst", help="folder to write (replaced atomically)")
-    args = ap.parse_args(argv)
-    import_tensorflow_quietly()
-    convert = export_hf if args.command == "export" else import_hf
-    print(f"{args.command}ed {convert(args.src, args.dst)}")
-
-
-if __name__ == "__main__":
-    sys.exit(run_stage(main))
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
