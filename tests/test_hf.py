@@ -167,6 +167,22 @@ def test_a_folder_saved_by_transformers_imports(tiny, tmp_path, dtype):
     assert back.encoder.encode(TEXT) == load_model(openai_dir).encoder.encode(TEXT)
 
 
+def test_a_sharded_checkpoint_imports(tiny, tmp_path):
+    """Big models come as model-0000x-of-0000n.safetensors and an index naming them."""
+    from gpt2tune import load_model
+
+    openai_dir, hf_dir = tiny
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir)
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
+    for f in ("vocab.json", "merges.txt"):
+        shutil.copy(hf_dir / f, tmp_path / "sharded" / f)
+    shards = sorted((tmp_path / "sharded").glob("model-*.safetensors"))
+    assert len(shards) > 1 and not (tmp_path / "sharded" / "model.safetensors").exists()
+    back = load_model(hf.import_hf(tmp_path / "sharded", tmp_path / "back"))
+    for name, value in load_model(openai_dir).weights_numpy().items():
+        np.testing.assert_array_equal(back.params[name].numpy(), value, err_msg=name)
+
+
 @pytest.mark.parametrize("temperature", [0.0, 0.7])
 def test_generation_config_carries_the_sample_settings(tiny, tmp_path, temperature):
     from gpt2tune.params import Sampling
@@ -299,6 +315,8 @@ def test_bad_names_and_missing_folders_are_one_line(tmp_path, monkeypatch):
         assert expected in str(e.value) and "\n" not in str(e.value), str(e.value)
     with pytest.raises(Gpt2tuneError, match="model folder nothing does not exist"):
         hf.export_hf("nothing", "out")
+    with pytest.raises(Gpt2tuneError, match="would replace the model itself"):
+        hf.export_hf("nothing", "./nothing")
     assert not any(tmp_path.iterdir())
 
 

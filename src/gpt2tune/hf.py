@@ -179,16 +179,16 @@ def export_hf(
     from gpt2tune.checkpoint import load_model
     from gpt2tune.params import Sampling
 
+    if Path(out_folder).resolve() == Path(model_folder).resolve():
+        raise Gpt2tuneError(f"export to {out_folder} would replace the model itself; pick --out")
     model = load_model(model_folder)
     eot = model.encoder.eot_token
     tensors = to_hf_tensors(model.weights_numpy())
-    tokenizer = {
+    tokenizer = {  # the rest (no added <|endoftext|> in front, errors="replace") is the default
         "tokenizer_class": "GPT2Tokenizer",
         "model_max_length": model.hparams["n_ctx"],
         **{k: EOT for k in ("bos_token", "eos_token", "unk_token")},
         "add_prefix_space": False,
-        "add_bos_token": False,
-        "errors": "replace",
     }
     jsons = {
         "config.json": hf_config(model.hparams, eot),
@@ -295,15 +295,18 @@ def _bpe_files(path: Path) -> tuple[bytes, bytes]:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise Gpt2tuneError(f"{path} is missing: save the model with save_pretrained(folder)")
+    """The JSON object in `path`, or a one-line error saying what is wrong with the file."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise Gpt2tuneError(f"{path} is not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise Gpt2tuneError(f"{path} must hold a JSON object, not {type(data).__name__}")
-    return data
+        data = json.loads(path.read_bytes())  # bytes: json detects UTF-8/16/32 itself
+    except FileNotFoundError:
+        msg = "is missing: save the model with save_pretrained(folder)"
+    except (ValueError, OSError) as e:  # a UnicodeDecodeError is a ValueError
+        msg = f"is not valid JSON ({_first_line(e)})"
+    else:
+        if isinstance(data, dict):
+            return data
+        msg = f"must hold a JSON object, not {type(data).__name__}"
+    raise Gpt2tuneError(f"{path} {msg}")
 
 
 def _read_safetensors(folder: Path) -> dict[str, np.ndarray]:
