@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from gpt2tune.errors import import_tensorflow_quietly, run_stage
+from gpt2tune.stage import import_tensorflow_quietly, run_stage
 
 OFF_NOTE = (
     "export.hf is false in params.yaml, so no Hugging Face export was written here.\n"
@@ -30,8 +30,7 @@ def main(argv: list[str]) -> None:
     from gpt2tune.params import load_params
 
     p = load_params("params.yaml")
-    # The `export` section is optional: older params.yaml files have none (export off).
-    enabled = bool(getattr(getattr(p, "export", None), "hf", False))
+    enabled = p.export.hf
     out = Path(args.out or "models/finetuned-hf")
     if not (enabled or args.model or args.out):
         from gpt2tune.files import write_text_atomic

@@ -5,7 +5,7 @@ Resumes interrupted files and skips finished ones, so rerunning it is cheap.
 
 import sys
 
-from gpt2tune.stage import run_stage
+from gpt2tune.stage import import_tensorflow_quietly, run_stage
 
 
 def main() -> None:
@@ -13,7 +13,13 @@ def main() -> None:
     from gpt2tune.params import load_params
 
     p = load_params("params.yaml")
-    folder = fetch_model(p.model.name, p.model.base_url, "models")
+    if p.model.name.startswith("hf:"):  # a Hugging Face GPT-2 folder, converted to OpenAI's layout
+        import_tensorflow_quietly()
+        from gpt2tune.hf import fetch_hf
+
+        folder = fetch_hf(p.model.name, "models")
+    else:
+        folder = fetch_model(p.model.name, p.model.base_url, "models")
     print(f"model {p.model.name} is in {folder}")
 
 

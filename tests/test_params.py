@@ -287,25 +287,25 @@ BAD = {
         _set("model", "name", "../x"),
         'params.yaml: model.name = "../x": must be a release folder name such as 124M, 355M, '
         "774M or 1558M (letters, digits, '.', '_', '-'; no '/' or '..'; not 'finetuned', "
-        "the assemble output)",
+        "the assemble output), or hf:<folder> for a Hugging Face GPT-2 folder",
     ),
     "model name with a slash": (
         _set("model", "name", "a/b"),
         'params.yaml: model.name = "a/b": must be a release folder name such as 124M, 355M, '
         "774M or 1558M (letters, digits, '.', '_', '-'; no '/' or '..'; not 'finetuned', "
-        "the assemble output)",
+        "the assemble output), or hf:<folder> for a Hugging Face GPT-2 folder",
     ),
     "model name as number": (
         _set("model", "name", 124),
         "params.yaml: model.name = 124: must be a release folder name such as 124M, 355M, "
         "774M or 1558M (letters, digits, '.', '_', '-'; no '/' or '..'; not 'finetuned', "
-        "the assemble output) (got an integer)",
+        "the assemble output), or hf:<folder> for a Hugging Face GPT-2 folder (got an integer)",
     ),
     "model name of the assemble output": (
         _set("model", "name", "finetuned"),
         'params.yaml: model.name = "finetuned": must be a release folder name such as 124M, '
         "355M, 774M or 1558M (letters, digits, '.', '_', '-'; no '/' or '..'; not 'finetuned', "
-        "the assemble output)",
+        "the assemble output), or hf:<folder> for a Hugging Face GPT-2 folder",
     ),
     "base_url with another scheme": (
         _set("model", "base_url", "ftp://example.com/models"),
@@ -393,11 +393,15 @@ def test_long_values_are_cut_short(raw):
 @pytest.mark.parametrize(
     ("raw_value", "expected"),
     [
-        (None, "params.yaml: file is empty; expected sections model, data, train, sample, mlflow"),
+        (
+            None,
+            "params.yaml: file is empty; expected sections "
+            "model, data, train, sample, mlflow, export",
+        ),
         (
             ["model"],
             "params.yaml: top level must be a mapping of sections "
-            "(model, data, train, sample, mlflow), got a list",
+            "(model, data, train, sample, mlflow, export), got a list",
         ),
     ],
 )

@@ -73,16 +73,23 @@ KANT = (
 )
 
 
+def _model_name_ok(v: str) -> bool:
+    if v.startswith("hf:"):  # a Hugging Face folder (or hub id), converted by gpt2tune.hf
+        return _nonempty(v[3:]) and ".." not in v
+    return bool(_RELEASE_NAME.fullmatch(v)) and ".." not in v and v != "finetuned"
+
+
 @dataclass(frozen=True)
 class ModelParams:
     name: str = key(
         "124M",
         Rule(
             "a release folder name such as 124M, 355M, 774M or 1558M (letters, digits, '.', '_', "
-            "'-'; no '/' or '..'; not 'finetuned', the assemble output)",
-            lambda v: bool(_RELEASE_NAME.fullmatch(v)) and ".." not in v and v != "finetuned",
+            "'-'; no '/' or '..'; not 'finetuned', the assemble output), or hf:<folder> for a "
+            "Hugging Face GPT-2 folder",
+            _model_name_ok,
         ),
-        "GPT-2 release: 124M, 355M, 774M or 1558M (a plain folder name under base_url)",
+        "GPT-2 release (124M, 355M, 774M, 1558M) under base_url, or hf:<Hugging Face folder>",
     )
     base_url: str = key(
         "https://openaipublic.blob.core.windows.net/gpt-2/models",
@@ -253,6 +260,15 @@ class MlflowParams:
 
 
 @dataclass(frozen=True)
+class ExportParams:
+    hf: bool = key(
+        False,
+        SWITCH,
+        "also write models/finetuned-hf for Hugging Face transformers (stage: export)",
+    )
+
+
+@dataclass(frozen=True)
 class Params:
     """All of params.yaml; ``Params()`` is the declared defaults (the repo's params.yaml)."""
 
@@ -263,6 +279,7 @@ class Params:
         SampleParams, "text generation from the fine-tuned model (stage: sample)"
     )
     mlflow: MlflowParams = section(MlflowParams, "run tracking (every stage)")
+    export: ExportParams = section(ExportParams, "Hugging Face export (stage: export)")
 
     def flat(self) -> dict[str, object]:
         """``{"train.steps": 1000, ...}`` for mlflow.log_params; prompts as a JSON list string."""
