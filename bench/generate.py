@@ -48,11 +48,12 @@ def main() -> None:
     import time
 
     from gpt2tune.model import init_model
+    from gpt2tune.params import Sampling
     from gpt2tune.sample import generate_tokens
 
     model = init_model(hp, seed=0)
     prompt = np.random.default_rng(0).integers(0, hp["n_vocab"] - 1, args.prompt).tolist()
-    kw = dict(length=args.length, nsamples=args.batch, temperature=1.0, top_k=40, seed=0)
+    kw = dict(sampling=Sampling(args.batch, args.length, temperature=1.0, top_k=40, seed=0))
 
     t0 = time.perf_counter()
     out = generate_tokens(model, prompt, **kw)

@@ -41,16 +41,16 @@ def run_stage(root: Path, stage: str) -> subprocess.CompletedProcess:
 def prepared(tmp_path_factory, tiny_vocab_dir) -> Path:
     """A project after a good encode: models/tiny and models/finetuned (a tiny GPT-2 in
     OpenAI's layout), data/dset.txt and its data/encoded outputs."""
-    from gpt2tune import init_model
+    from gpt2tune import init_model, save_model
     from gpt2tune.encoder import load_encoder
 
     root = tmp_path_factory.mktemp("bad_input") / "project"
     copy_project(root)
     hp = dict(HP, n_vocab=load_encoder(tiny_vocab_dir).n_vocab)
-    model = init_model(hp, encoder_dir=tiny_vocab_dir, seed=0)
-    model.save(root / "models" / "tiny")
+    model = init_model(hp, load_encoder(tiny_vocab_dir), seed=0)
+    save_model(model, root / "models" / "tiny")
     (root / "models" / "tiny" / "model.ckpt.meta").write_bytes(b"")  # the release has one
-    model.save(root / "models" / "finetuned")
+    save_model(model, root / "models" / "finetuned")
     (root / "data").mkdir()
     (root / "data" / "dset.txt").write_text(TINY_CORPUS * 4, encoding="utf-8")
     params = yaml.safe_load((root / "params.yaml").read_text())

@@ -50,7 +50,7 @@ def tiny_model(vocab_dir: Path, seed: int):
     from gpt2tune.encoder import load_encoder
 
     hp = dict(HP, n_vocab=load_encoder(vocab_dir).n_vocab)
-    return init_model(hp, encoder_dir=vocab_dir, seed=seed)
+    return init_model(hp, load_encoder(vocab_dir), seed=seed)
 
 
 def same_tree(a: Path, b: Path) -> bool:
@@ -103,7 +103,7 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, t
 
 
 def test_disk_full_while_assembling_keeps_the_previous_model(tmp_path, tiny_vocab_dir):
-    from gpt2tune import load_model
+    from gpt2tune import load_model, save_model
     from gpt2tune.checkpoint import write_checkpoint
 
     root = tmp_path / "project"
@@ -111,11 +111,11 @@ def test_disk_full_while_assembling_keeps_the_previous_model(tmp_path, tiny_voca
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["model"]["name"] = "tiny"
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    tiny_model(tiny_vocab_dir, 0).save(root / "models" / "tiny")
+    save_model(tiny_model(tiny_vocab_dir, 0), root / "models" / "tiny")
     (root / "checkpoint" / "run1").mkdir(parents=True)
     write_checkpoint(root / "checkpoint" / "run1", "model-8", tiny_model(tiny_vocab_dir, 1).params)
     previous = tiny_model(tiny_vocab_dir, 2)
-    previous.save(root / "models" / "finetuned")
+    save_model(previous, root / "models" / "finetuned")
 
     # The stage under a 4 KB file-size limit, SIGXFSZ ignored so the write fails with EFBIG.
     limit = (
@@ -136,23 +136,23 @@ def test_disk_full_while_assembling_keeps_the_previous_model(tmp_path, tiny_voca
 def test_kill_while_replacing_a_model_outside_dvc(tmp_path, tiny_vocab_dir):
     """save_model over an existing folder, killed between its two renames: the old model is
     named by the error of the next load, and the next save cleans up."""
-    from gpt2tune import load_model
+    from gpt2tune import load_model, save_model
     from gpt2tune.errors import Gpt2tuneError
 
     previous = tiny_model(tiny_vocab_dir, 2)
-    previous.save(tmp_path / "finetuned")
+    save_model(previous, tmp_path / "finetuned")
     script = tmp_path / "save.py"
     script.write_text(
-        "import sys; from gpt2tune import init_model; from gpt2tune.encoder import load_encoder\n"
+        "import sys; from gpt2tune import init_model, load_encoder, save_model\n"
         f"hp = {dict(HP, n_vocab=previous.hparams['n_vocab'])!r}\n"
-        f"init_model(hp, encoder_dir={str(tiny_vocab_dir)!r}, seed=3).save('finetuned')\n"
+        f"save_model(init_model(hp, load_encoder({str(tiny_vocab_dir)!r}), seed=3), 'finetuned')\n"
     )
     assert_killed(run(tmp_path, sys.executable, str(script), kill_at="save.py:rename:finetuned:2"))
     with pytest.raises(Gpt2tuneError, match="a save was interrupted") as err:
         load_model(tmp_path / "finetuned")
     aside = Path(str(err.value).split("previous model is in ")[1].split(";")[0])
     assert weights_equal(load_model(aside), previous)
-    tiny_model(tiny_vocab_dir, 4).save(tmp_path / "finetuned")
+    save_model(tiny_model(tiny_vocab_dir, 4), tmp_path / "finetuned")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["finetuned", "save.py"]
 
 
@@ -163,9 +163,11 @@ def test_kill_while_replacing_a_model_outside_dvc(tmp_path, tiny_vocab_dir):
 def dvc_project(tmp_path_factory, tiny_vocab_dir):
     """A git + DVC project: a tiny GPT-2 fetched from a local folder, a paragraph of text,
     two training steps, one sample; MLflow in the project's sqlite store."""
+    from gpt2tune import save_model
+
     tmp = tmp_path_factory.mktemp("faults")
     source = tmp / "releases" / "tiny"
-    tiny_model(tiny_vocab_dir, 0).save(source)
+    save_model(tiny_model(tiny_vocab_dir, 0), source)
     (source / "model.ckpt.meta").write_bytes(b"")  # the release has one; it is never read
     root = tmp / "project"
     copy_project(root)

@@ -35,7 +35,7 @@ def model_dir(tmp_path_factory, tiny_vocab_dir):
     n_vocab = gpt2tune.load_encoder(tiny_vocab_dir).n_vocab
     hp = {"n_vocab": n_vocab, "n_ctx": 32, "n_embd": 32, "n_head": 2, "n_layer": 2}
     folder = tmp_path_factory.mktemp("interactive") / "model"
-    init_model(hp, tiny_vocab_dir, seed=0).save(folder)
+    gpt2tune.save_model(init_model(hp, gpt2tune.load_encoder(tiny_vocab_dir), seed=0), folder)
     return folder
 
 

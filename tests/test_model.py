@@ -98,6 +98,25 @@ def test_cached_decoding_equals_full_pass(model):
     np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-5)
 
 
+def test_decode_step_over_fixed_size_caches_equals_full_pass(model):
+    """The sampler's one-token step (slot-written caches of a fixed size, masked beyond the
+    position) gives the full pass's logits, through the same blocks."""
+    import tensorflow as tf
+
+    from gpt2tune.model import decode_step
+
+    tokens = np.random.default_rng(3).integers(0, 97, size=(2, 12)).astype(np.int32)
+    full = model(tokens).numpy()
+    _, past = model.forward(tokens[:, :5])
+    pad = [[0, 0], [0, 0], [0, 32 - 5], [0, 0]]  # cache size n_ctx, positions 0..4 filled
+    caches = [(tf.pad(past[:, i, 0], pad), tf.pad(past[:, i, 1], pad)) for i in range(2)]
+    wte_t = tf.transpose(model.params["model/wte"])
+    for pos in range(5, 12):
+        logits, caches = decode_step(model.params, HP, wte_t, tokens[:, pos], pos, caches)
+        np.testing.assert_allclose(logits.numpy(), full[:, pos], atol=1e-5)
+    assert caches[0][0].shape == (2, 4, 32, 16)
+
+
 def test_init_like_openai():
     hp = dict(HP, n_vocab=1000, n_embd=128)
     w = init_model(hp, seed=3).weights_numpy()

@@ -3,8 +3,10 @@
 import numpy as np
 import pytest
 
-from gpt2tune import Gpt2tuneError, generate_tokens
+from gpt2tune import Gpt2tuneError, Sampling, generate_tokens
 from gpt2tune.model import GPT2, variable_shapes
+from gpt2tune.params import SampleParams
+from gpt2tune.sample import records_markdown
 
 HP = {"n_vocab": 50, "n_ctx": 24, "n_embd": 32, "n_head": 2, "n_layer": 2}
 
@@ -107,3 +109,26 @@ def test_bad_settings(model, kw, match):
     args = {"length": 3} | kw
     with pytest.raises(Gpt2tuneError, match=match):
         generate_tokens(model, [1], **args)
+
+
+def test_a_sampling_value_is_the_same_as_its_keywords(model):
+    s = Sampling(nsamples=3, length=12, temperature=1.0, top_k=5, top_p=0.9, seed=7)
+    a = generate_tokens(model, [1, 2, 3], sampling=s)
+    b = generate_tokens(model, [1, 2, 3], length=12, nsamples=3, temperature=1.0, top_k=5,
+                        top_p=0.9, seed=7)  # fmt: skip
+    np.testing.assert_array_equal(a, b)
+    assert generate_tokens(model, [1, 2, 3], 4, sampling=s).shape == (3, 4)  # length wins
+    assert not np.array_equal(generate_tokens(model, [1, 2, 3], sampling=s, seed=8), a)
+    with pytest.raises(Gpt2tuneError, match="top_p = 1.5"):
+        generate_tokens(model, [1], sampling=Sampling(top_p=1.5))
+    with pytest.raises(TypeError, match="unknown sampling setting.* topk"):
+        generate_tokens(model, [1], sampling=s, topk=3)
+
+
+def test_markdown_names_every_setting_but_nsamples():
+    cfg = SampleParams(nsamples=1, length=5, temperature=0.5, top_k=3, top_p=0.9, seed=4,
+                       prompts=("Hi",))  # fmt: skip
+    records = [{"prompt": None, "index": 0, "text": "a"}, {"prompt": "Hi", "index": 0, "text": "b"}]
+    md = records_markdown(records, cfg)
+    assert md.startswith("# Samples\n\nlength 5, temperature 0.5, top_k 3, top_p 0.9, seed 4\n")
+    assert "## Prompt: Hi — sample 1\n\n**Hi**b\n" in md

@@ -69,7 +69,7 @@ def hp(tiny_vocab_dir):
 def base_dir(tmp_path_factory, hp, tiny_vocab_dir):
     """The base model folder a training starts from (OpenAI's layout, random init)."""
     folder = tmp_path_factory.mktemp("base") / "model"
-    init_model(hp, tiny_vocab_dir, seed=0).save(folder)
+    gpt2tune.save_model(init_model(hp, gpt2tune.load_encoder(tiny_vocab_dir), seed=0), folder)
     return folder
 
 

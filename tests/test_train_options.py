@@ -48,7 +48,7 @@ def hp(tiny_vocab_dir):
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory, hp, tiny_vocab_dir):
     folder = tmp_path_factory.mktemp("base") / "model"
-    init_model(hp, tiny_vocab_dir, seed=0).save(folder)
+    gpt2tune.save_model(init_model(hp, gpt2tune.load_encoder(tiny_vocab_dir), seed=0), folder)
     return folder
 
 
@@ -229,7 +229,7 @@ def test_restore_from_fresh_ignores_a_resumable_run(base_dir, tmp_path, capsys):
 
 def test_restore_from_a_path_starts_from_those_weights(base_dir, hp, tiny_vocab_dir, tmp_path):
     other = tmp_path / "other"
-    init_model(hp, tiny_vocab_dir, seed=7).save(other)
+    gpt2tune.save_model(init_model(hp, gpt2tune.load_encoder(tiny_vocab_dir), seed=7), other)
     # val_loss at step 0 is measured before any update: it must be the other model's.
     _, _, from_base = train(base_dir, tmp_path / "a", cfg(steps=1))
     _, _, from_other = train(base_dir, tmp_path / "b", cfg(steps=1, restore_from=str(other)))

@@ -18,6 +18,7 @@ import yaml
 from conftest import TINY_CORPUS
 from test_pipeline import copy_project
 
+from gpt2tune.checkpoint import save_model
 from gpt2tune.encoder import load_encoder
 from gpt2tune.model import init_model
 
@@ -74,7 +75,7 @@ def project(tmp_path_factory, tiny_vocab_dir):
     copy_project(root)
     n_vocab = load_encoder(tiny_vocab_dir).n_vocab
     hp = {"n_vocab": n_vocab, "n_ctx": 32, "n_embd": 32, "n_head": 2, "n_layer": 2}
-    init_model(hp, tiny_vocab_dir, seed=0).save(root / "models" / "tiny")
+    save_model(init_model(hp, load_encoder(tiny_vocab_dir), seed=0), root / "models" / "tiny")
     (root / "data").mkdir()
     (root / "data" / "dset.txt").write_text(TINY_CORPUS * 20, encoding="utf-8")
     params = yaml.safe_load((root / "params.yaml").read_text())

@@ -6,6 +6,7 @@ checking) start fast:
     import gpt2tune
     m = gpt2tune.load_model("models/124M")
     texts = gpt2tune.generate(m, "Human reason ...", length=100)
+    texts = gpt2tune.generate(m, "Human reason ...", sampling=gpt2tune.Sampling(top_k=40))
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ _API = {
     "load_encoder": "gpt2tune.encoder",
     "generate": "gpt2tune.sample",
     "generate_tokens": "gpt2tune.sample",
+    "Sampling": "gpt2tune.params",
 }
 
 __all__ = ["Gpt2tuneError", *_API]

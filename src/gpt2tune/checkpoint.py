@@ -164,7 +164,7 @@ def save_model(model: GPT2, folder: str | os.PathLike) -> Path:
     if model.encoder is None:
         raise Gpt2tuneError(
             "this model has no encoder, so encoder.json/vocab.bpe cannot be written; "
-            "create it with init_model(..., encoder_dir=...)"
+            "create it with init_model(hparams, load_encoder(folder))"
         )
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,8 @@
 Names and shapes are exactly those of OpenAI's checkpoint (`model/h0/attn/c_attn/w`, ...), so
 weights move between this module and the official release without any renaming. The forward
 pass optionally takes and returns a key/value cache ("past") laid out as in OpenAI's
-`src/model.py`: `[batch, n_layer, 2, n_head, seq, head_dim]`.
+`src/model.py`: `[batch, n_layer, 2, n_head, seq, head_dim]`. Training, that pass and the
+sampler's one-token `decode_step` run the same blocks; only their key/value cache differs.
 
 For training it can also compute in bfloat16 or float16 (weights stay float32 and are cast
 where they are used; layer norm statistics and the softmax stay float32, logits come back
@@ -13,15 +14,22 @@ float32) and recompute each block in the backward pass instead of keeping its ac
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import tensorflow as tf
 
 from gpt2tune.errors import Gpt2tuneError
 
+if TYPE_CHECKING:
+    from gpt2tune.encoder import Encoder
+
 HPARAM_KEYS = ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer")
+NEG_INF = -1e10  # masked attention scores (float32: the softmax is never computed in float16)
+
+# new keys, values -> (keys and values to attend over, mask of visible keys, present)
+KVCache = Callable[[tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor, tf.Tensor, Any]]
 
 
 def check_hparams(hparams: Mapping[str, Any], source: str = "hparams") -> dict[str, int]:
@@ -99,25 +107,57 @@ def merge_heads(x: tf.Tensor) -> tf.Tensor:
     return tf.reshape(x, [b, t, x.shape[-2] * x.shape[-1]])
 
 
-def attention_mask(nd: tf.Tensor, ns: tf.Tensor) -> tf.Tensor:
-    """1 where query i (of the last nd positions) may attend to key j (of ns), else 0."""
-    i = tf.range(nd)[:, None]
-    j = tf.range(ns)
-    return tf.cast(i >= j - ns + nd, tf.float32)
+# --- key/value caches: the one thing in which training, the full pass and decoding differ --
+#
+# `attn` computes the new positions' keys and values [batch, head, seq, head_dim] and hands
+# them to a cache, a function k, v -> (keys, values, mask, present): the keys and values to
+# attend over, which of them each query may see (a boolean mask broadcast against the scores
+# [batch, head, query, key]) and what the layer returns as `present`.
 
 
-def attn(x: tf.Tensor, p: Mapping[str, tf.Tensor], n_head: int, past: tf.Tensor | None):
+def past_cache(past: tf.Tensor | None = None) -> KVCache:
+    """The full pass: keys/values of `past` ([batch, 2, head, past_len, head_dim], or None)
+    followed by the new ones, causally masked; present is the new positions' alone."""
+
+    def cache(k, v):
+        present = tf.stack([k, v], axis=1)  # [batch, 2, head, seq, head_dim]
+        if past is not None:
+            pk, pv = tf.unstack(past, axis=1)
+            k, v = tf.concat([pk, k], axis=-2), tf.concat([pv, v], axis=-2)
+        nd, ns = tf.shape(present)[-2], tf.shape(k)[-2]
+        # Query i (of the last nd positions) sees key j (of ns) if j is not after it.
+        mask = tf.range(nd)[:, None] >= tf.range(ns) - ns + nd
+        return k, v, mask, present
+
+    return cache
+
+
+def slot_caches(caches: list[tuple[tf.Tensor, tf.Tensor]], pos: tf.Tensor) -> list[KVCache]:
+    """Decoding one position: each layer's fixed-size (keys, values) cache, [batch, head,
+    size, head_dim] with positions 0..pos-1 filled, gets the new key/value written at `pos`
+    (a select, not a slice: XLA keeps one compiled step for every pos and the cache never
+    grows or is restacked); positions after pos are masked out. Present is the updated pair."""
+    size = tf.shape(caches[0][0])[2]
+    slot = tf.range(size)[:, None] == pos  # [size, 1]: where this token's key/value go
+    seen = tf.range(size) <= pos  # the keys it attends to
+
+    def layer_cache(past_k, past_v):
+        def cache(k, v):
+            k, v = tf.where(slot, k, past_k), tf.where(slot, v, past_v)
+            return k, v, seen, (k, v)
+
+        return cache
+
+    return [layer_cache(k, v) for k, v in caches]
+
+
+def attn(x: tf.Tensor, p: Mapping[str, tf.Tensor], n_head: int, cache: KVCache):
     c = conv1d(x, p["attn/c_attn/w"], p["attn/c_attn/b"])
     q, k, v = (split_heads(t, n_head) for t in tf.split(c, 3, axis=2))
-    present = tf.stack([k, v], axis=1)  # [batch, 2, head, seq, head_dim]
-    if past is not None:
-        pk, pv = tf.unstack(past, axis=1)
-        k = tf.concat([pk, k], axis=-2)
-        v = tf.concat([pv, v], axis=-2)
+    k, v, mask, present = cache(k, v)
     w = tf.cast(tf.matmul(q, k, transpose_b=True), tf.float32)  # softmax in float32: the
     w = w * tf.math.rsqrt(tf.cast(tf.shape(v)[-1], tf.float32))  # -1e10 mask overflows float16
-    m = attention_mask(tf.shape(w)[2], tf.shape(w)[3])
-    w = tf.nn.softmax(w * m - 1e10 * (1 - m), axis=-1)
+    w = tf.nn.softmax(tf.where(mask, w, NEG_INF), axis=-1)
     a = merge_heads(tf.matmul(tf.cast(w, v.dtype), v))
     return conv1d(a, p["attn/c_proj/w"], p["attn/c_proj/b"]), present
 
@@ -127,8 +167,9 @@ def mlp(x: tf.Tensor, p: Mapping[str, tf.Tensor]) -> tf.Tensor:
     return conv1d(h, p["mlp/c_proj/w"], p["mlp/c_proj/b"])
 
 
-def block(x: tf.Tensor, p: Mapping[str, tf.Tensor], n_head: int, past: tf.Tensor | None):
-    a, present = attn(norm(x, p["ln_1/g"], p["ln_1/b"]), p, n_head, past)
+def block(x: tf.Tensor, p: Mapping[str, tf.Tensor], n_head: int, cache: KVCache | None = None):
+    """One transformer block; `cache` (default: no past) decides how keys and values are kept."""
+    a, present = attn(norm(x, p["ln_1/g"], p["ln_1/b"]), p, n_head, cache or past_cache())
     x = x + a
     x = x + mlp(norm(x, p["ln_2/g"], p["ln_2/b"]), p)
     return x, present
@@ -153,6 +194,30 @@ def recomputed_block(n_head: int, names: list[str], dtype: tf.DType):
         return block(x, cast_block(dict(zip(names, weights, strict=True)), dtype), n_head, None)[0]
 
     return tf.recompute_grad(f)
+
+
+def transformer(
+    params: Mapping[str, tf.Tensor],
+    hparams: Mapping[str, int],
+    h: tf.Tensor,
+    caches: list[KVCache] | None,
+    dtype: tf.DType = tf.float32,
+    recompute: bool = False,
+) -> tuple[tf.Tensor, list]:
+    """The blocks and the final layer norm over embedded inputs h [batch, seq, n_embd], each
+    block with its layer's cache (None: recomputed blocks, no cache); -> (h, presents)."""
+    presents = []
+    for i in range(hparams["n_layer"]):
+        prefix = f"model/h{i}/"
+        p = {k[len(prefix) :]: v for k, v in params.items() if k.startswith(prefix)}
+        if caches is None:
+            names = sorted(p)
+            f = recomputed_block(hparams["n_head"], names, dtype)
+            h = f(h, *[tf.convert_to_tensor(p[k]) for k in names])
+        else:
+            h, present = block(h, cast_block(p, dtype), hparams["n_head"], caches[i])
+            presents.append(present)
+    return norm(h, params["model/ln_f/g"], params["model/ln_f/b"]), presents
 
 
 def forward(
@@ -182,20 +247,9 @@ def forward(
         tf.gather(params["model/wte"], tokens)
         + tf.gather(params["model/wpe"], tf.range(past_len, past_len + t))[None]
     )
-    h = tf.cast(h, dtype)
     pasts = [None] * hparams["n_layer"] if past is None else tf.unstack(past, axis=1)
-    presents = []
-    for i, layer_past in enumerate(pasts):
-        prefix = f"model/h{i}/"
-        p = {k[len(prefix) :]: v for k, v in params.items() if k.startswith(prefix)}
-        if recompute:
-            names = sorted(p)
-            f = recomputed_block(hparams["n_head"], names, dtype)
-            h = f(h, *[tf.convert_to_tensor(p[k]) for k in names])
-        else:
-            h, present = block(h, cast_block(p, dtype), hparams["n_head"], layer_past)
-            presents.append(present)
-    h = norm(h, params["model/ln_f/g"], params["model/ln_f/b"])
+    caches = None if recompute else [past_cache(layer_past) for layer_past in pasts]
+    h, presents = transformer(params, hparams, tf.cast(h, dtype), caches, dtype)
     # Output embedding is tied to the input embedding, as in the paper.
     logits = tf.matmul(
         tf.reshape(h, [-1, hparams["n_embd"]]),
@@ -206,13 +260,37 @@ def forward(
     return logits, tf.stack(presents, axis=1) if presents else None
 
 
+def decode_step(
+    params: Mapping[str, tf.Tensor],
+    hparams: Mapping[str, int],
+    wte_t: tf.Tensor,
+    token: tf.Tensor,
+    pos: tf.Tensor,
+    caches: list[tuple[tf.Tensor, tf.Tensor]],
+) -> tuple[tf.Tensor, list]:
+    """`forward` for one new token per sample at position `pos`, over fixed-size caches
+    (see `slot_caches`): -> (logits [batch, n_vocab], the caches with its keys and values).
+
+    Made for the sampler, which compiles it with XLA: the cache never grows, and the ~30
+    small ops of a layer fuse into a few kernels. `wte_t` is the token embedding transposed,
+    [n_embd, n_vocab]: for a few rows, h @ wte_t streams it 3-5x faster than h @ wte^T
+    (transpose_b), and it is a third of the weights read per token.
+    """
+    # gather, not [pos]: XLA would take a slice start as a constant and compile per position.
+    h = tf.gather(params["model/wte"], token[:, None]) + tf.gather(params["model/wpe"], pos)
+    h, caches = transformer(params, hparams, h, slot_caches(caches, pos))
+    return tf.matmul(h[:, 0], wte_t), caches
+
+
 # --- the model object -------------------------------------------------------------------
 
 
 class GPT2(tf.Module):
     """GPT-2 weights (tf.Variables under OpenAI's names), hyperparameters and BPE encoder."""
 
-    def __init__(self, hparams: Mapping[str, Any], weights: Mapping[str, Any], encoder=None):
+    def __init__(
+        self, hparams: Mapping[str, Any], weights: Mapping[str, Any], encoder: Encoder | None = None
+    ):
         super().__init__(name="gpt2")
         self.hparams = check_hparams(hparams)
         if encoder is not None and encoder.n_vocab > self.hparams["n_vocab"]:
@@ -262,19 +340,12 @@ class GPT2(tf.Module):
     def weights_numpy(self) -> dict[str, np.ndarray]:
         return {k: v.numpy() for k, v in self.params.items()}
 
-    def save(self, folder) -> None:
-        """Write an OpenAI-format model folder (atomically); see `gpt2tune.checkpoint`."""
-        from gpt2tune.checkpoint import save_model
 
-        save_model(self, folder)
-
-
-def init_model(hparams: Mapping[str, Any], encoder_dir=None, seed: int = 0) -> GPT2:
+def init_model(hparams: Mapping[str, Any], encoder: Encoder | None = None, seed: int = 0) -> GPT2:
     """A randomly initialised GPT-2, initialised as in OpenAI's model.py.
 
     Dense weights and wte ~ N(0, 0.02), wpe ~ N(0, 0.01), biases 0, LayerNorm gains 1.
-    `encoder_dir` (a folder with encoder.json and vocab.bpe) gives the model its tokenizer,
-    which `save` needs.
+    `encoder` (`load_encoder(folder)`) is the model's tokenizer, which `save_model` needs.
     """
     hp = check_hparams(hparams)
     rng = np.random.default_rng(seed)
@@ -288,9 +359,4 @@ def init_model(hparams: Mapping[str, Any], encoder_dir=None, seed: int = 0) -> G
         else:
             std = 0.01 if name == "model/wpe" else 0.02
             weights[name] = rng.normal(0.0, std, size=shape).astype(np.float32)
-    encoder = None
-    if encoder_dir is not None:
-        from gpt2tune.encoder import load_encoder
-
-        encoder = load_encoder(encoder_dir)
     return GPT2(hp, weights, encoder)

@@ -12,7 +12,8 @@ in half-context strides).
 
 from __future__ import annotations
 
-import math
+import dataclasses
+import typing
 from collections.abc import Sequence
 
 import numpy as np
@@ -20,9 +21,9 @@ import tensorflow as tf
 
 from gpt2tune.errors import Gpt2tuneError
 from gpt2tune.memory import available_memory
-from gpt2tune.model import GPT2, conv1d, forward, merge_heads, mlp, norm, split_heads
+from gpt2tune.model import GPT2, NEG_INF, decode_step, forward
+from gpt2tune.params import SampleParams, Sampling
 
-NEG_INF = -1e10
 CACHE_STEP = 64  # key/value caches hold prompt + new tokens rounded up to this many positions
 
 
@@ -49,11 +50,13 @@ def _top_p(logits: tf.Tensor, p: tf.Tensor) -> tf.Tensor:
     return tf.cond(p > 0, mask, lambda: logits)
 
 
-def _choose(logits, temperature, top_k, top_p, seed):
-    """Next token ids [batch] from last-position logits [batch, n_vocab]."""
+def _choose(logits: tf.Tensor, knobs: dict[str, tf.Tensor], seed: tf.Tensor) -> tf.Tensor:
+    """Next token ids [batch] from last-position logits [batch, n_vocab]; `knobs` are the
+    Sampling fields that shape each choice, as tensors (see `_knobs`)."""
+    temperature = knobs["temperature"]
 
     def sample():
-        filtered = _top_p(_top_k(logits / temperature, top_k), top_p)
+        filtered = _top_p(_top_k(logits / temperature, knobs["top_k"]), knobs["top_p"])
         return tf.random.stateless_categorical(filtered, 1, seed, dtype=tf.int32)[:, 0]
 
     # temperature 0 means greedy; dividing by it would give inf/NaN logits.
@@ -62,50 +65,25 @@ def _choose(logits, temperature, top_k, top_p, seed):
     )
 
 
-def _decode_step(
-    params, hp, wte_t: tf.Tensor, token: tf.Tensor, pos: tf.Tensor, caches: list
-) -> tuple[tf.Tensor, list]:
-    """Logits [batch, n_vocab] for one new token per sample at position `pos`, and the caches
-    with its keys and values written at `pos`. `caches` holds one (keys, values) pair per
-    layer, each [batch, head, size, head_dim] with positions 0..pos-1 filled; positions after
-    pos are masked out. `wte_t` is the token embedding transposed, [n_embd, n_vocab]: for a
-    few rows, h @ wte_t streams it 3-5x faster than h @ wte^T (transpose_b), and it is a
-    third of the weights read per token.
+# Sampling fields the host loop uses itself; every other one reaches `_choose` as a tensor,
+# so a new setting needs no change to the compiled sampler's signature or its call.
+HOST_FIELDS = ("nsamples", "length", "seed")
+_TF_TYPES = {bool: tf.bool, int: tf.int32, float: tf.float32}
+_KNOB_TYPES = {
+    name: _TF_TYPES[t] for name, t in typing.get_type_hints(Sampling).items()
+    if name not in HOST_FIELDS
+}  # fmt: skip
 
-    The same arithmetic as `model.forward` on one position, arranged for decoding: compiled
-    with XLA (the sampler's `jit_compile`), so fixed-size caches (a position is written, the
-    cache never grows or is restacked) and the ~30 small ops of a layer fused into a few
-    kernels instead of dispatched one by one.
-    """
-    n_head, head_dim = hp["n_head"], hp["n_embd"] // hp["n_head"]
-    size = tf.shape(caches[0][0])[2]
-    slot = tf.range(size)[:, None] == pos  # [size, 1]: where this token's key/value go
-    seen = tf.range(size) <= pos  # the keys it attends to
-    # gather, not [pos]: XLA would take a slice start as a constant and compile per position.
-    h = tf.gather(params["model/wte"], token[:, None]) + tf.gather(params["model/wpe"], pos)
-    new = []
-    for i, (past_k, past_v) in enumerate(caches):
-        p = f"model/h{i}/"
-        x = norm(h, params[p + "ln_1/g"], params[p + "ln_1/b"])
-        c = conv1d(x, params[p + "attn/c_attn/w"], params[p + "attn/c_attn/b"])
-        q, k, v = (split_heads(t, n_head) for t in tf.split(c, 3, axis=2))
-        k, v = tf.where(slot, k, past_k), tf.where(slot, v, past_v)
-        w = tf.matmul(q, k, transpose_b=True) * (1 / math.sqrt(head_dim))
-        w = tf.where(seen, w, NEG_INF)
-        a = merge_heads(tf.matmul(tf.nn.softmax(w, axis=-1), v))
-        h = h + conv1d(a, params[p + "attn/c_proj/w"], params[p + "attn/c_proj/b"])
-        layer = {k_[len(p) :]: v_ for k_, v_ in params.items() if k_.startswith(p + "mlp/")}
-        h = h + mlp(norm(h, params[p + "ln_2/g"], params[p + "ln_2/b"]), layer)
-        new.append((k, v))
-    h = norm(h[:, 0], params["model/ln_f/g"], params["model/ln_f/b"])
-    return tf.matmul(h, wte_t), new
+
+def _knobs(s: Sampling) -> dict[str, tf.Tensor]:
+    return {name: tf.constant(getattr(s, name), dtype) for name, dtype in _KNOB_TYPES.items()}
 
 
 def _build_sampler(model: GPT2) -> tf.types.experimental.GenericFunction:
     hp = model.hparams
     # Compiled once per (batch, cache size); the cache size is rounded up to CACHE_STEP.
     step = tf.function(
-        lambda wte_t, token, pos, caches: _decode_step(model.params, hp, wte_t, token, pos, caches),
+        lambda wte_t, token, pos, caches: decode_step(model.params, hp, wte_t, token, pos, caches),
         jit_compile=True,
     )
 
@@ -113,19 +91,17 @@ def _build_sampler(model: GPT2) -> tf.types.experimental.GenericFunction:
         input_signature=[
             tf.TensorSpec([None, None], tf.int32),  # context [batch, seq]
             tf.TensorSpec([], tf.int32),  # steps
-            tf.TensorSpec([], tf.float32),  # temperature
-            tf.TensorSpec([], tf.int32),  # top_k
-            tf.TensorSpec([], tf.float32),  # top_p
+            {name: tf.TensorSpec([], dtype) for name, dtype in _KNOB_TYPES.items()},
             tf.TensorSpec([2], tf.int64),  # seed
             tf.TensorSpec([], tf.int32),  # stop token (-1 = none)
         ]
     )
-    def sample_segment(context, steps, temperature, top_k, top_p, seed, stop_token):
+    def sample_segment(context, steps, knobs, seed, stop_token):
         logits, past = forward(model.params, hp, context)
 
         def pick(logits, i):
             s = tf.random.experimental.stateless_fold_in(seed, tf.cast(i, tf.int64))
-            return _choose(logits[:, -1], temperature, top_k, top_p, s)
+            return _choose(logits[:, -1], knobs, s)
 
         token = pick(logits, 0)
         done = tf.equal(token, stop_token)
@@ -173,30 +149,48 @@ def _sampler(model: GPT2):
     return model._sampler
 
 
+# What `generate` and `generate_tokens` use for settings a call does not give.
+API_DEFAULTS = Sampling(nsamples=1, length=100, temperature=1.0, top_k=0, top_p=0.0, seed=None)
+
+
+def resolve_sampling(sampling: Sampling | None, length: int | None, overrides: dict) -> Sampling:
+    """`sampling` (None: API_DEFAULTS; a `SampleParams` is fine) with `length` and the
+    keyword overrides applied, checked. Seed None means fresh randomness."""
+    names = [f.name for f in dataclasses.fields(Sampling)]
+    unknown = sorted(set(overrides) - set(names))
+    if unknown:
+        raise TypeError(f"unknown sampling setting(s) {', '.join(unknown)}; known: {names}")
+    if length is not None:
+        overrides["length"] = length
+    s = dataclasses.replace(API_DEFAULTS if sampling is None else sampling, **overrides)
+    check_sampling(s)
+    return s
+
+
 def generate_tokens(
     model: GPT2,
     context: Sequence[int] | np.ndarray | None,
-    length: int,
-    nsamples: int = 1,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 0.0,
-    seed: int | None = None,
+    length: int | None = None,
+    *,
+    sampling: Sampling | None = None,
     stop_at_endoftext: bool = False,
+    **overrides,
 ) -> np.ndarray:
-    """Sample `length` new tokens after `context` for `nsamples` samples in one batch.
+    """Sample new tokens after `context` for `nsamples` samples in one batch.
 
-    `context` None or empty means unconditional (start from <|endoftext|>). Returns int32
-    `[nsamples, length]`; with `stop_at_endoftext`, a sample that emits <|endoftext|> is
-    padded with it to `length`.
+    Settings come from `sampling` (a `gpt2tune.params.Sampling`; None: `API_DEFAULTS`), with
+    `length` and keyword overrides (`nsamples=2, top_k=40, ...`) on top. `context` None or
+    empty means unconditional (start from <|endoftext|>). Returns int32 `[nsamples, length]`;
+    with `stop_at_endoftext`, a sample that emits <|endoftext|> is padded with it to `length`.
     """
+    s = resolve_sampling(sampling, length, overrides)
+    length, nsamples = s.length, s.nsamples
     n_ctx = model.hparams["n_ctx"]
     eot = _eot(model)
     ctx = [eot] if context is None or len(context) == 0 else [int(t) for t in context]
-    _check_sampling(length, nsamples, temperature, top_k, top_p)
     check_request(model.hparams, len(ctx), length, nsamples)
-    seed = int(np.random.SeedSequence().entropy % 2**31) if seed is None else int(seed)
-    fn = _sampler(model)
+    seed = int(np.random.SeedSequence().entropy % 2**31) if s.seed is None else int(s.seed)
+    fn, knobs = _sampler(model), _knobs(s)
     tokens = np.tile(np.asarray(ctx, np.int32), (nsamples, 1))
     new = np.zeros((nsamples, 0), np.int32)
     segment = 0
@@ -211,9 +205,7 @@ def generate_tokens(
             out = fn(
                 tf.constant(window),
                 tf.constant(steps),
-                tf.constant(temperature, tf.float32),
-                tf.constant(top_k),
-                tf.constant(top_p, tf.float32),
+                knobs,
                 tf.constant([seed, segment], tf.int64),
                 tf.constant(eot if stop_at_endoftext else -1),
             ).numpy()
@@ -239,21 +231,19 @@ def generate_tokens(
 def generate(
     model: GPT2,
     prompt: str | None = None,
-    length: int = 100,
-    nsamples: int = 1,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 0.0,
-    seed: int | None = None,
+    length: int | None = None,
+    *,
+    sampling: Sampling | None = None,
     stop_at_endoftext: bool = False,
+    **overrides,
 ) -> list[str]:
-    """Complete `prompt` (None or "" = unconditional); returns the completions only."""
+    """Complete `prompt` (None or "" = unconditional); returns the completions only.
+    Settings as in `generate_tokens`: `sampling`, then `length` and keyword overrides."""
     if model.encoder is None:
         raise Gpt2tuneError("this model has no encoder; load it with gpt2tune.load_model(folder)")
+    s = resolve_sampling(sampling, length, overrides)  # checked before the prompt is encoded
     context = model.encoder.encode(prompt) if prompt else None
-    ids = generate_tokens(
-        model, context, length, nsamples, temperature, top_k, top_p, seed, stop_at_endoftext
-    )
+    ids = generate_tokens(model, context, sampling=s, stop_at_endoftext=stop_at_endoftext)
     texts = []
     for row in ids:
         row = row.tolist()
@@ -303,32 +293,34 @@ def check_request(
         )
 
 
-def _check_sampling(length, nsamples, temperature, top_k, top_p) -> None:
-    checks = [
-        ("length", length, isinstance(length, int) and length >= 1, "an integer >= 1"),
-        ("nsamples", nsamples, isinstance(nsamples, int) and nsamples >= 1, "an integer >= 1"),
-        ("temperature", temperature, temperature >= 0, ">= 0 (0 = greedy)"),
-        ("top_k", top_k, isinstance(top_k, int) and top_k >= 0, "an integer >= 0 (0 = off)"),
-        ("top_p", top_p, 0 <= top_p <= 1, "in [0, 1] (0 = off)"),
-    ]
-    for name, value, ok, allowed in checks:
-        if not ok:
+# What each setting allows, by Sampling field; `check_sampling` is the one check of a Sampling.
+_ALLOWED = {
+    "length": ("an integer >= 1", lambda v: isinstance(v, int) and v >= 1),
+    "nsamples": ("an integer >= 1", lambda v: isinstance(v, int) and v >= 1),
+    "temperature": (">= 0 (0 = greedy)", lambda v: v >= 0),
+    "top_k": ("an integer >= 0 (0 = off)", lambda v: isinstance(v, int) and v >= 0),
+    "top_p": ("in [0, 1] (0 = off)", lambda v: 0 <= v <= 1),
+}
+
+
+def check_sampling(s: Sampling) -> None:
+    """Raise Gpt2tuneError naming the first setting of `s` out of range."""
+    for name, (allowed, ok) in _ALLOWED.items():
+        value = getattr(s, name)
+        if not ok(value):
             raise Gpt2tuneError(f"{name} = {value!r}: must be {allowed}")
 
 
 # --- the sample stage and the interactive prompt -----------------------------------------
 
 
-def _generate_with(model: GPT2, prompt: str | None, cfg, seed: int) -> list[str]:
-    """`generate` with the `sample` section's settings; unconditional samples end at
-    <|endoftext|>, completions run the full length."""
-    return generate(
-        model, prompt, cfg.length, cfg.nsamples, cfg.temperature, cfg.top_k, cfg.top_p, seed,
-        stop_at_endoftext=not prompt,
-    )  # fmt: skip
+def _generate_with(model: GPT2, prompt: str | None, sampling: Sampling) -> list[str]:
+    """`generate` with these settings; unconditional samples end at <|endoftext|>,
+    completions run the full length."""
+    return generate(model, prompt, sampling=sampling, stop_at_endoftext=not prompt)
 
 
-def sample_records(model: GPT2, cfg) -> list[dict]:
+def sample_records(model: GPT2, cfg: SampleParams) -> list[dict]:
     """`cfg.nsamples` unconditional samples, then as many completions of each prompt.
 
     `cfg` is the `sample` section of params.yaml (`gpt2tune.params.SampleParams`).
@@ -340,17 +332,15 @@ def sample_records(model: GPT2, cfg) -> list[dict]:
     check_request(model.hparams, 1, cfg.length, cfg.nsamples, "the unconditional start")
     records = []
     for prompt in (None, *cfg.prompts):
-        texts = _generate_with(model, prompt, cfg, cfg.seed)
+        texts = _generate_with(model, prompt, cfg)
         records += [{"prompt": prompt, "index": i, "text": t} for i, t in enumerate(texts)]
     return records
 
 
-def records_markdown(records: list[dict], cfg) -> str:
-    head = (
-        f"# Samples\n\nlength {cfg.length}, temperature {cfg.temperature}, top_k {cfg.top_k}, "
-        f"top_p {cfg.top_p}, seed {cfg.seed}\n"
-    )
-    parts = [head]
+def records_markdown(records: list[dict], cfg: Sampling) -> str:
+    # Every setting but nsamples (the samples themselves show it), in Sampling's order.
+    settings = [f.name for f in dataclasses.fields(Sampling) if f.name != "nsamples"]
+    parts = ["# Samples\n\n" + ", ".join(f"{k} {getattr(cfg, k)}" for k in settings) + "\n"]
     for r in records:
         title = "Unconditional" if r["prompt"] is None else f"Prompt: {r['prompt']}"
         body = r["text"] if r["prompt"] is None else f"**{r['prompt']}**{r['text']}"
@@ -358,7 +348,7 @@ def records_markdown(records: list[dict], cfg) -> str:
     return "\n".join(parts)
 
 
-def interactive(model: GPT2, cfg, read=input, write=print) -> None:
+def interactive(model: GPT2, cfg: Sampling, read=input, write=print) -> None:
     """The notebooks' interactive completion: type a context, get completions, again.
 
     Ctrl-D (end of input) or Ctrl-C leaves cleanly. An empty line samples unconditionally.
@@ -372,7 +362,7 @@ def interactive(model: GPT2, cfg, read=input, write=print) -> None:
             write("")
             return
         try:
-            texts = _generate_with(model, prompt, cfg, seed)
+            texts = _generate_with(model, prompt, dataclasses.replace(cfg, seed=seed))
         except KeyboardInterrupt:
             write("")
             return
