@@ -20,6 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from gpt2tune.errors import Gpt2tuneError
+from gpt2tune.keys import BAD, coerce, types_of
 from gpt2tune.memory import available_memory
 from gpt2tune.model import GPT2, NEG_INF, decode_step, forward
 from gpt2tune.params import SampleParams, Sampling
@@ -293,22 +294,20 @@ def check_request(
         )
 
 
-# What each setting allows, by Sampling field; `check_sampling` is the one check of a Sampling.
-_ALLOWED = {
-    "length": ("an integer >= 1", lambda v: isinstance(v, int) and v >= 1),
-    "nsamples": ("an integer >= 1", lambda v: isinstance(v, int) and v >= 1),
-    "temperature": (">= 0 (0 = greedy)", lambda v: v >= 0),
-    "top_k": ("an integer >= 0 (0 = off)", lambda v: isinstance(v, int) and v >= 0),
-    "top_p": ("in [0, 1] (0 = off)", lambda v: 0 <= v <= 1),
-}
-
-
 def check_sampling(s: Sampling) -> None:
-    """Raise Gpt2tuneError naming the first setting of `s` out of range."""
-    for name, (allowed, ok) in _ALLOWED.items():
-        value = getattr(s, name)
-        if not ok(value):
-            raise Gpt2tuneError(f"{name} = {value!r}: must be {allowed}")
+    """Raise Gpt2tuneError naming the first setting of `s` out of range: the rules are the
+    ones params.yaml's `sample` keys are declared with (gpt2tune.params.Sampling), so the API
+    and the file accept the same values. `seed=None` (fresh randomness) is the API's own."""
+    types = types_of(Sampling)
+    for f in dataclasses.fields(Sampling):
+        value, rule = getattr(s, f.name), f.metadata["rule"]
+        if f.name == "seed" and value is None:
+            continue
+        if isinstance(value, np.integer | np.floating):  # numpy scalars from callers' arrays
+            value = value.item()
+        typed = coerce(value, types[f.name])
+        if typed is BAD or not rule.ok(typed):
+            raise Gpt2tuneError(f"{f.name} = {value!r}: must be {rule.allowed}")
 
 
 # --- the sample stage and the interactive prompt -----------------------------------------
