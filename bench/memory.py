@@ -29,9 +29,10 @@ def peak_mb() -> float:
 
 def child(args: argparse.Namespace) -> dict:
 
+    from gpt2tune.distribute import make_strategy
     from gpt2tune.model import init_model
     from gpt2tune.params import TrainParams
-    from gpt2tune.train import Trainer, make_strategy
+    from gpt2tune.trainer import Trainer
 
     hp = {"n_vocab": 50257, "n_ctx": args.n_ctx, "n_embd": args.n_embd,
           "n_head": args.n_head, "n_layer": args.n_layer}  # fmt: skip

@@ -22,26 +22,27 @@ def main() -> None:
     p = load_params("params.yaml")
     import_tensorflow_quietly()
 
-    from gpt2tune import checkpoint, dataset, tracking, train
+    from gpt2tune import checkpoint, dataset, distribute, runstate, tracking, train
     from gpt2tune.files import write_text_atomic
+    from gpt2tune.signals import Stopped
 
     train_tokens = dataset.load_tokens("data/encoded", "train")
     val_tokens = dataset.load_tokens("data/encoded", "val")
     stats = json.loads(Path("data/encoded/stats.json").read_text())
-    strategy = train.make_strategy(p.train.strategy)
+    strategy = distribute.make_strategy(p.train.strategy)
     with strategy.scope():  # variables live on every GPU when there are several
         model = checkpoint.load_model(f"models/{p.model.name}")
-    fp = train.fingerprint(p.train, p.model.name, stats)
-    if not train.is_chief(strategy):
+    fp = runstate.fingerprint(p.train, p.model.name, stats)
+    if not distribute.is_chief(strategy):
         # A non-chief worker of a multi-worker run computes and all-reduces like the chief
         # but keeps nothing: checkpoints go to a temporary copy of the run folder (TF's
         # pattern), metrics and MLflow are the chief's alone.
         with tempfile.TemporaryDirectory() as tmp:
-            run_dir = train.worker_run_dir(RUN_DIR, tmp)
+            run_dir = distribute.worker_run_dir(RUN_DIR, tmp)
             train.fit(model, train_tokens, val_tokens, p.train, run_dir,
                       strategy=strategy, run_fingerprint=fp)  # fmt: skip
         return
-    resumed = train.resumable_state(RUN_DIR, fp, p.train.steps)
+    resumed = runstate.resumable_state(RUN_DIR, fp, p.train.steps)
     run_id = resumed.get("mlflow_run_id") if resumed else None
 
     def log_sample(text: str, step: int) -> None:
@@ -57,12 +58,12 @@ def main() -> None:
                 log_sample=log_sample,
                 state_extra={"mlflow_run_id": run.info.run_id},
             )  # fmt: skip
-        except train.Stopped:  # saved and resumable: killed, not failed (a NaN fails it)
+        except Stopped:  # saved and resumable: killed, not failed (a NaN fails it)
             tracking.end_run("KILLED")
             raise
         if "val_perplexity" in metrics:
             tracking.log_metrics({"val_perplexity": metrics["val_perplexity"]}, p.train.steps)
-    train.write_plots(history, "metrics")
+    runstate.write_plots(history, "metrics")
     write_text_atomic("metrics/train.json", json.dumps(metrics, indent=2) + "\n")
     print(json.dumps(metrics))
 

@@ -24,16 +24,11 @@ from gpt2tune import Gpt2tuneError
 from gpt2tune.batches import random_windows
 from gpt2tune.checkpoint import assemble, load_model
 from gpt2tune.model import init_model, variable_shapes
+from gpt2tune.optim import Optimizer
 from gpt2tune.params import TrainParams
-from gpt2tune.train import (
-    Optimizer,
-    Trainer,
-    fingerprint,
-    fit,
-    lm_loss,
-    resumable_state,
-    write_plots,
-)
+from gpt2tune.runstate import fingerprint, resumable_state, write_plots
+from gpt2tune.train import fit
+from gpt2tune.trainer import Trainer, lm_loss
 
 N_CTX = 16
 CFG = TrainParams(
@@ -325,7 +320,8 @@ MULTI_REPLICA_SCRIPT = textwrap.dedent(
     from gpt2tune import Gpt2tuneError
     from gpt2tune.model import init_model
     from gpt2tune.params import TrainParams
-    from gpt2tune.train import Trainer, make_strategy
+    from gpt2tune.distribute import make_strategy
+    from gpt2tune.trainer import Trainer
 
     hp, cfg = json.loads(sys.argv[1]), TrainParams(**json.loads(sys.argv[2]))
     mirrored = make_strategy("mirrored")  # no GPU: over the two logical CPUs

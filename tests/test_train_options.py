@@ -26,17 +26,11 @@ import gpt2tune
 from gpt2tune import Gpt2tuneError
 from gpt2tune.checkpoint import load_model
 from gpt2tune.model import init_model
+from gpt2tune.optim import Optimizer, learning_rate_at
 from gpt2tune.params import TrainParams
-from gpt2tune.train import (
-    NOT_FINGERPRINTED,
-    Optimizer,
-    add_noise,
-    fingerprint,
-    fit,
-    is_transformer_layer,
-    learning_rate_at,
-    load_state,
-)
+from gpt2tune.runstate import NOT_FINGERPRINTED, fingerprint, load_state
+from gpt2tune.train import add_noise, fit
+from gpt2tune.trainer import is_transformer_layer
 
 
 @pytest.fixture(scope="module")

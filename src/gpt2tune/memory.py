@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from gpt2tune.model import variable_shapes
+from gpt2tune.optim import OPTIMIZERS
 
 
 def n_params(hparams: Mapping[str, int]) -> int:
@@ -40,9 +41,9 @@ def step_bytes(
 
 def training_bytes(hparams: Mapping[str, int], cfg, replicas: int = 1) -> int:
     """Bytes one device needs to train with the `train` section `cfg`, weights included:
-    float32 weights and gradients, the optimizer's slots (two for Adam), a low-precision copy
-    of the weights under mixed precision, and one micro-batch's activations."""
-    per_param = 8 + (8 if cfg.optimizer in ("adam", "adamw") else 0)
+    float32 weights and gradients, the optimizer's float32 slots (OPTIMIZERS: two for Adam), a
+    low-precision copy of the weights under mixed precision, and one micro-batch's activations."""
+    per_param = 8 + 4 * len(OPTIMIZERS[cfg.optimizer].slots)
     mixed = cfg.precision != "float32"
     per_param += 2 if mixed else 0
     windows = max(1, cfg.batch_size // replicas)

@@ -1,0 +1,179 @@
+"""The run folder: the latest weights, the optimizer's slots and the run's state, written so a
+crash loses nothing, and read back to continue a run (resume) rather than restart it.
+
+`checkpoint/run1` holds the weights under OpenAI's names plus the optimizer's slots
+(`<name>/Adam`, `<name>/Adam_1`, `global_step`, like TF1), `train_state.json` and the loss
+history. A rerun with the same settings (same `fingerprint`) continues from it; a rerun with
+different settings starts from the base model again. Also here: what the loss history becomes
+for DVC (the metrics summary and the plot files).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import tensorflow as tf
+
+from gpt2tune.checkpoint import read_weights, write_checkpoint
+from gpt2tune.errors import Gpt2tuneError
+from gpt2tune.files import write_text_atomic
+from gpt2tune.params import TrainParams
+
+if TYPE_CHECKING:
+    from gpt2tune.model import GPT2
+    from gpt2tune.trainer import Trainer
+
+STATE_FILE = "train_state.json"
+HISTORY_FILE = "history.json"
+
+
+# Settings that change when or how a run is observed, or how fast it goes, but not the
+# weights it computes: changing them continues a saved run instead of restarting it.
+NOT_FINGERPRINTED = (
+    "steps", "sample_every", "sample_length", "save_every", "val_every", "val_batch_count",
+    "max_minutes", "memory_saving_gradients", "xla", "strategy",
+)  # fmt: skip
+
+
+def fingerprint(cfg: TrainParams, base: str, data_stats: dict) -> str:
+    """What must be equal for a saved run to be continued rather than restarted.
+
+    Step counts and logging intervals are left out, so raising `train.steps` continues a
+    finished run; but a cosine schedule depends on `steps`, so there it counts.
+    """
+    train = {k: v for k, v in asdict(cfg).items() if k not in NOT_FINGERPRINTED}
+    if cfg.lr_schedule == "cosine":
+        train["steps"] = cfg.steps
+    blob = json.dumps({"train": train, "base": base, "data": data_stats}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def run_tensors(trainer: Trainer) -> dict[str, tf.Variable]:
+    """Everything a resumed run needs: the weights, the optimizer's slots and its step, and
+    float16's loss scale."""
+    tensors = {**trainer.model.params, **trainer.opt.slots()}
+    if trainer.loss_scale is not None:
+        tensors["loss_scale"] = trainer.loss_scale.scale
+        tensors["loss_scale_good_steps"] = trainer.loss_scale.good_steps
+    return tensors
+
+
+def save_state(run_dir: Path, trainer: Trainer, step: int, history: dict, extra: dict) -> None:
+    """Write the history, weights + slots as `model-{step}` (and point `checkpoint` at it),
+    and last the state, which is what makes the new step count."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tensors = run_tensors(trainer)
+    prefix = f"model-{step}"
+    write_text_atomic(run_dir / HISTORY_FILE, json.dumps(history))
+    write_checkpoint(run_dir, prefix, tensors)
+    write_text_atomic(run_dir / STATE_FILE, json.dumps({"step": step, **extra}, indent=2))
+    for old in run_dir.glob("model-*"):  # only the newest checkpoint is kept
+        if not old.name.startswith(prefix + "."):
+            old.unlink()
+
+
+def load_state(run_dir: Path) -> dict | None:
+    try:
+        return json.loads((run_dir / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def resumable_state(run_dir: Path, run_fingerprint: str, steps: int) -> dict | None:
+    """The saved state if it is this run's and stopped short of `steps`, else None."""
+    state = load_state(Path(run_dir))
+    if state and state.get("fingerprint") == run_fingerprint and state["step"] < steps:
+        # Only if its checkpoint is really there (someone may have deleted model-N.*).
+        if Path(run_dir, f"model-{state['step']}.index").is_file():
+            return state
+    return None
+
+
+def restore(run_dir: Path, trainer: Trainer, step: int) -> dict:
+    """Load the weights and Adam slots `save_state` wrote at `step` (the state file's step);
+    returns the loss history up to that step.
+
+    `save_state` writes train_state.json last and deletes older checkpoints after it, so a
+    crash (or a second Ctrl-C) part-way through a save leaves the state at the previous step,
+    whose checkpoint is still there, while `checkpoint` and history.json may already speak of
+    the newer one: both are read as of the state's step, not trusted on their own.
+    """
+    reader = tf.train.load_checkpoint(str(Path(run_dir) / f"model-{step}"))
+    for name, var in run_tensors(trainer).items():
+        var.assign(reader.get_tensor(name))
+    return history_upto(json.loads((Path(run_dir) / HISTORY_FILE).read_text()), step)
+
+
+def start_point(
+    run_dir: Path, trainer: Trainer, cfg: TrainParams, run_fingerprint: str
+) -> tuple[int, dict]:
+    """Where `fit` starts, as `cfg.restore_from` says: (the step, the loss history up to it).
+
+    "latest" continues `run_dir` when it holds a run with the same `run_fingerprint` that
+    stopped before `cfg.steps`; otherwise (and always with "fresh") training starts from the
+    model's weights, or from the weights at `restore_from` when it is a path. Says which.
+    """
+    resumed = None
+    if cfg.restore_from != "fresh":
+        resumed = resumable_state(run_dir, run_fingerprint, cfg.steps)
+    if resumed:
+        start = resumed["step"]
+        history = restore(run_dir, trainer, start)
+        print(f"resuming from step {start} in {run_dir}")
+        return start, history
+    saved = load_state(run_dir)
+    if saved and cfg.restore_from == "fresh":
+        print(f"training from the start (train.restore_from: fresh); replacing {run_dir}")
+    elif saved:
+        why = (
+            f"it already has {saved['step']} steps"
+            if saved.get("fingerprint") == run_fingerprint
+            else "its settings or data differ"
+        )
+        print(f"training from the base model: the run in {run_dir} is not continued ({why})")
+    if cfg.restore_from not in ("latest", "fresh"):
+        load_weights(trainer.model, cfg.restore_from)
+        print(f"training from the weights in {cfg.restore_from}")
+    return 0, {"loss": [], "val_loss": []}
+
+
+def load_weights(model: GPT2, path: str) -> None:
+    """restore_from: <path>: start from the weights of a model folder, run folder or checkpoint
+    prefix (only the weights: the optimizer starts afresh, as in nshepperd's train.py)."""
+    try:
+        weights = read_weights(path, model.hparams)
+    except Gpt2tuneError as e:
+        raise Gpt2tuneError(f"params.yaml: train.restore_from = {path!r}: {e}") from None
+    for name, var in model.params.items():
+        var.assign(weights[name])
+
+
+def history_upto(history: dict, step: int) -> dict:
+    return {k: [e for e in v if e[0] <= step] for k, v in history.items()}
+
+
+def summary(history: dict, steps: int, tokens_per_s: float) -> dict:
+    """DVC metrics: final train loss (mean of the last 10 steps), validation loss, perplexity."""
+    last = [loss for _, loss in history["loss"][-10:]]
+    out = {"steps": steps, "loss": float(np.mean(last)) if last else None}
+    out["tokens_per_s"] = tokens_per_s
+    if history["val_loss"]:
+        v = history["val_loss"][-1][1]
+        out.update(val_loss=v, val_perplexity=math.exp(min(v, 700)))
+    return out
+
+
+def write_plots(history: dict, folder: str | os.PathLike) -> None:
+    """Per-step train and validation loss as TSV files for `dvc plots`."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for key in ("loss", "val_loss"):
+        rows = [f"step\t{key}"] + [f"{s}\t{v:.6f}" for s, v in history[key]]
+        write_text_atomic(folder / f"{key}.tsv", "\n".join(rows) + "\n")
