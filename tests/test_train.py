@@ -366,6 +366,7 @@ def test_no_validation_tokens_trains_without_val_loss(base_dir, tmp_path):
     assert all("val_loss" not in m for m in calls)
     assert metrics["steps"] == 2 and math.isfinite(metrics["loss"])
 
+
 # A diverging loss (nan) is in test_train_options.py, with the checkpoint it keeps.
 
 
