@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -26,64 +25,21 @@ import tempfile
 import time
 from pathlib import Path
 
-import regex
-import tiktoken
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))  # run from a checkout without installing
+# The reference BPE (OpenAI's encoder.py; tiktoken from the files), the test-project params and
+# the stage runner are the tests' own, written independently of gpt2tune.
+sys.path.insert(0, str(REPO / "tests"))
 
-from gpt2tune.encoder import EOT, load_encoder  # noqa: E402
-from gpt2tune.encoder import GPT2_PATTERN as PAT  # noqa: E402
-from gpt2tune.encoder import bytes_to_unicode as byte_encoder  # noqa: E402
+from helpers import (  # noqa: E402
+    SHARED_DATA,
+    ReferenceEncoder,
+    start_stage,
+    tiktoken_from_files,
+    write_params,
+)
 
-SHARED = Path(os.environ.get("GPT2TUNE_SHARED_DATA", REPO.parent / "shared" / "data"))
-
-
-def tiktoken_from_files(folder: Path) -> tiktoken.Encoding:
-    """The way tiktoken loads GPT-2: encoder.json's ids as ranks (they rise with merge order)."""
-    decoder = {c: b for b, c in byte_encoder().items()}
-    encoder = json.loads((folder / "encoder.json").read_text(encoding="utf-8"))
-    ranks = {bytes(decoder[c] for c in t): i for t, i in encoder.items() if t != EOT}
-    return tiktoken.Encoding(
-        "bench", pat_str=PAT, mergeable_ranks=ranks, special_tokens={EOT: encoder[EOT]}
-    )
-
-
-def reference_encoder(folder: Path):
-    """OpenAI's gpt-2 src/encoder.py Encoder.encode, condensed."""
-    encoder = json.loads((folder / "encoder.json").read_text(encoding="utf-8"))
-    lines = (folder / "vocab.bpe").read_text(encoding="utf-8").split("\n")[1:-1]
-    ranks = {tuple(line.split()): i for i, line in enumerate(lines)}
-    b2u, pat, cache = byte_encoder(), regex.compile(PAT), {}
-
-    def bpe(token: str) -> list[str]:
-        if token in cache:
-            return cache[token]
-        word = list(token)
-        while len(word) > 1:
-            pairs = zip(word, word[1:], strict=False)
-            pair = min(pairs, key=lambda p: ranks.get(p, float("inf")))
-            if pair not in ranks:
-                break
-            new, i = [], 0
-            while i < len(word):
-                if i + 1 < len(word) and (word[i], word[i + 1]) == pair:
-                    new.append(word[i] + word[i + 1])
-                    i += 2
-                else:
-                    new.append(word[i])
-                    i += 1
-            word = new
-        cache[token] = word
-        return word
-
-    def encode(text: str) -> list[int]:
-        ids = []
-        for piece in pat.findall(text):
-            ids += [encoder[t] for t in bpe("".join(b2u[b] for b in piece.encode()))]
-        return ids
-
-    return encode
+from gpt2tune.encoder import load_encoder  # noqa: E402
 
 
 def best_seconds(fn, text: str, runs: int) -> tuple[float, list[int]]:
@@ -98,7 +54,6 @@ def best_seconds(fn, text: str, runs: int) -> tuple[float, list[int]]:
 def run_stage(text_file: Path, vocab: Path, mb: float) -> dict:
     """Time `python stages/encode.py` on text_file repeated to `mb` MB; see the docstring."""
     import psutil
-    import yaml
 
     with tempfile.TemporaryDirectory(prefix="gpt2tune-bench-") as tmp:
         root = Path(tmp)
@@ -108,19 +63,13 @@ def run_stage(text_file: Path, vocab: Path, mb: float) -> dict:
         with open(corpus, "wb") as fh:
             for _ in range(max(1, round(mb * 1e6 / len(raw)))):
                 fh.write(raw)
-        params = yaml.safe_load((REPO / "params.yaml").read_text())
-        params["data"]["path"] = "data/corpus.txt"
-        (root / "params.yaml").write_text(yaml.safe_dump(params))
+        params = write_params(root, data={"path": "data/corpus.txt"})
         model = root / "models" / params["model"]["name"]
         model.mkdir(parents=True)
         for f in ("encoder.json", "vocab.bpe"):
             shutil.copyfile(vocab / f, model / f)
-        env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
         t0 = time.perf_counter()
-        stage = [sys.executable, str(REPO / "stages" / "encode.py")]
-        proc = subprocess.Popen(
-            stage, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-        )
+        proc = start_stage(root, "encode", stderr=subprocess.STDOUT, text=False)
         peak, tree = 0, psutil.Process(proc.pid)
         while proc.poll() is None:
             try:
@@ -144,8 +93,10 @@ def run_stage(text_file: Path, vocab: Path, mb: float) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--file", type=Path, default=SHARED / "kant.txt", help="text to encode")
-    ap.add_argument("--vocab", type=Path, default=SHARED / "gpt2-vocab", help="encoder.json dir")
+    ap.add_argument("--file", type=Path, default=SHARED_DATA / "kant.txt", help="text to encode")
+    ap.add_argument(
+        "--vocab", type=Path, default=SHARED_DATA / "gpt2-vocab", help="encoder.json dir"
+    )
     ap.add_argument("--runs", type=int, default=5, help="best of this many runs")
     ap.add_argument("--reference", action="store_true", help="also time OpenAI's pure Python")
     ap.add_argument("--stage-mb", type=float, default=100, help="corpus size for the stage run")
@@ -168,7 +119,7 @@ def main() -> None:
     result["tokens_per_s"] = round(len(ours_ids) / ours_s)
     result["ratio"] = round(tk_s / ours_s, 3)
     if args.reference:
-        ref_s, ref_ids = best_seconds(reference_encoder(args.vocab), text, 1)
+        ref_s, ref_ids = best_seconds(ReferenceEncoder(args.vocab).encode, text, 1)
         rows.append(("OpenAI reference (pure Python)", ref_s))
         same = same and ref_ids == ours_ids
         result["reference_mb_s"] = round(mb / ref_s, 2)

@@ -8,56 +8,31 @@ need a model to judge (a broken model folder, a prompt or a batch too big) load 
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import yaml
-from conftest import REPO, TINY_CORPUS
-from test_pipeline import copy_project
+from helpers import TINY_CORPUS, make_project, run_stage, tiny_model, update_params
+
+from gpt2tune import save_model
 
 STAGES = ("fetch_model", "encode", "train", "assemble", "sample")
-HP = {"n_vocab": 0, "n_ctx": 32, "n_embd": 16, "n_head": 2, "n_layer": 1}  # n_vocab: the vocab's
-ENV = {
-    **os.environ,
-    "PYTHONPATH": str(REPO / "src"),
-    "TF_CPP_MIN_LOG_LEVEL": "2",
-    "MLFLOW_TRACKING_URI": "",
-}
-
-
-def run_stage(root: Path, stage: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, f"stages/{stage}.py"],
-        cwd=root, env=ENV, capture_output=True, text=True, timeout=180,
-    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory, tiny_vocab_dir) -> Path:
     """A project after a good encode: models/tiny and models/finetuned (a tiny GPT-2 in
     OpenAI's layout), data/dset.txt and its data/encoded outputs."""
-    from gpt2tune import init_model, save_model
-    from gpt2tune.encoder import load_encoder
-
-    root = tmp_path_factory.mktemp("bad_input") / "project"
-    copy_project(root)
-    hp = dict(HP, n_vocab=load_encoder(tiny_vocab_dir).n_vocab)
-    model = init_model(hp, load_encoder(tiny_vocab_dir), seed=0)
+    root = make_project(
+        tmp_path_factory.mktemp("bad_input") / "project", TINY_CORPUS * 4,
+        model=dict(name="tiny", base_url=str(tmp_path_factory.getbasetemp() / "nowhere")),
+        sample=dict(nsamples=2, length=4, prompts=["Human reason"]),
+    )  # fmt: skip
+    model = tiny_model(tiny_vocab_dir, 0)
     save_model(model, root / "models" / "tiny")
     (root / "models" / "tiny" / "model.ckpt.meta").write_bytes(b"")  # the release has one
     save_model(model, root / "models" / "finetuned")
-    (root / "data").mkdir()
-    (root / "data" / "dset.txt").write_text(TINY_CORPUS * 4, encoding="utf-8")
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params["model"].update(name="tiny", base_url=str(root / "nowhere"))
-    params["sample"].update(nsamples=2, length=4, prompts=["Human reason"])
-    params["mlflow"].update(tracking_uri="sqlite:///mlflow.db")
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     good = run_stage(root, "encode")
     assert good.returncode == 0, good.stderr
     return root
@@ -73,12 +48,7 @@ def snapshot(root: Path) -> dict[str, str]:
 
 
 def set_param(section: str, key: str, value) -> Callable[[Path], None]:
-    def edit(root: Path) -> None:
-        params = yaml.safe_load((root / "params.yaml").read_text())
-        params[section][key] = value
-        (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-
-    return edit
+    return lambda root: update_params(root, section, **{key: value})
 
 
 def write(rel: str, data: bytes, *, point_data_path: bool = True) -> Callable[[Path], None]:
@@ -96,6 +66,14 @@ def edit_text(rel: str, old: str, new: str) -> Callable[[Path], None]:
         text = (root / rel).read_text()
         assert old in text
         (root / rel).write_text(text.replace(old, new, 1))
+
+    return edit
+
+
+def all_of(*edits: Callable[[Path], None]) -> Callable[[Path], None]:
+    def edit(root: Path) -> None:
+        for e in edits:
+            e(root)
 
     return edit
 
@@ -149,6 +127,15 @@ CASES: dict[str, tuple[tuple[str, ...], Callable[[Path], None], tuple[str, ...]]
         write("data/l1.txt", "café".encode("latin-1")),
         ("data/l1.txt", "offset 3"),
     ),
+    "non-UTF-8 file in a data folder": (  # the line starts with the culprit's name
+        ("encode",),
+        all_of(
+            write("data/raw/a.txt", TINY_CORPUS.encode(), point_data_path=False),
+            write("data/raw/b.txt", b"caf\xe9", point_data_path=False),
+            set_param("data", "path", "data/raw"),
+        ),
+        ("error: data/raw/b.txt", "offset 3"),
+    ),
     "glob matching nothing": (
         ("encode",),
         set_param("data", "path", "data/*.md"),
@@ -164,6 +151,11 @@ CASES: dict[str, tuple[tuple[str, ...], Callable[[Path], None], tuple[str, ...]]
         ("sample",),
         edit_text("models/finetuned/hparams.json", '"n_embd": 16', '"n_embd": 32'),
         ("models/finetuned/model.ckpt", "shape"),
+    ),
+    "top_p out of range": (
+        ("sample",),
+        set_param("sample", "top_p", 1.5),
+        ("params.yaml: sample.top_p = 1.5: must be a number in [0, 1] (0 = off)",),
     ),
     "prompt longer than the context": (
         ("sample",),
@@ -186,7 +178,7 @@ def test_bad_input_is_refused_cleanly(prepared, tmp_path, case):
     breakage(root)
     before = snapshot(root)
     for stage in stages:
-        proc = run_stage(root, stage)
+        proc = run_stage(root, stage, timeout=180)
         lines = (proc.stdout + proc.stderr).strip().splitlines()
         assert proc.returncode == 1, (stage, proc.stdout, proc.stderr)
         assert len(lines) == 1 and lines[0].startswith("error: "), (stage, lines)

@@ -8,11 +8,10 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = ["--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--n_ctx", "64", "--n_vocab", "300"]
 
 

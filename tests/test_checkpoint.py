@@ -5,7 +5,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import run_tf1
+from helpers import run_tf1
 
 import gpt2tune
 from gpt2tune import Gpt2tuneError

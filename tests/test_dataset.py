@@ -5,21 +5,17 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
+from helpers import run_stage, write_params
 
 from gpt2tune.batches import eval_windows, random_windows, window_length
 from gpt2tune.dataset import encode_corpus, load_tokens, split_plan
 from gpt2tune.encoder import EOT, load_encoder
 from gpt2tune.errors import Gpt2tuneError
 from gpt2tune.text import chunks, find_documents
-
-REPO = Path(__file__).resolve().parents[1]
 
 DOCS = [
     "Human reason, in one sphere of its cognition, is called upon to consider questions.\n",
@@ -280,6 +276,40 @@ def test_two_token_corpus_splits_one_and_one(tmp_path, official):
 # --------------------------------------------------------------------------- chunked encoding
 
 
+# data.val_path: validation on a separate text instead of a held-out fraction.
+TRAIN_TEXT = "Human reason, in one sphere of its cognition, is called upon to consider questions.\n"
+VAL_TEXT = "It is in this way that reason plunges itself into darkness and contradictions.\n"
+
+
+def test_val_path_is_the_validation_set_and_all_of_path_trains(tmp_path, tiny):
+    train = str(write(tmp_path / "raw" / "train.txt", TRAIN_TEXT * 3))
+    val = str(write(tmp_path / "raw-val" / "val.txt", VAL_TEXT))
+    out = tmp_path / "encoded"
+    stats = encode_corpus(train, tiny, out, val_fraction=0.3, val_path=val)  # fraction unused
+    np.testing.assert_array_equal(load_tokens(out, "train"), tiny.encode(TRAIN_TEXT * 3))
+    np.testing.assert_array_equal(load_tokens(out, "val"), tiny.encode(VAL_TEXT))
+    assert stats["train_tokens"] == len(tiny.encode(TRAIN_TEXT * 3))
+    assert stats["val_tokens"] == len(tiny.encode(VAL_TEXT))
+    assert stats["val_files"] == [val] and stats["documents"] == 2
+    assert json.loads((out / "stats.json").read_text()) == stats
+    # Without it, the same text is split by val_fraction as before.
+    plain = encode_corpus(train, tiny, out, val_fraction=0.3)
+    assert 0 < plain["val_tokens"] < plain["tokens"] and "val_files" not in plain
+
+
+def test_val_path_errors_name_the_key(tmp_path, tiny):
+    train = str(write(tmp_path / "train.txt", TRAIN_TEXT))
+    out = tmp_path / "encoded"
+    with pytest.raises(Gpt2tuneError, match=r"^data\.val_path = '.*missing\.txt': .*not exist"):
+        encode_corpus(train, tiny, out, val_path=str(tmp_path / "missing.txt"))
+    empty = str(write(tmp_path / "empty.txt", ""))
+    with pytest.raises(Gpt2tuneError, match=r"^data\.val_path = '.*empty\.txt': no text"):
+        encode_corpus(train, tiny, out, val_path=empty)
+    with pytest.raises(Gpt2tuneError, match=r"share .*train\.txt; validation text must not"):
+        encode_corpus(str(tmp_path), tiny, out, val_path=train)
+    assert not out.exists() or not any(out.glob("*.npy"))
+
+
 def test_naive_cut_after_newline_would_change_tokens(official):
     # Why _safe_cut cuts *before* the "\n": "\n\n" at a piece's end is one token.
     text = "a\n\nb"
@@ -435,33 +465,14 @@ def test_eval_windows_even_and_deterministic():
 
 
 def test_stage_script(tmp_path, tiny_vocab_dir):
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["data"]["path"] = "data/raw"
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    """(A bad file among data.path's is test_bad_input.py's "non-UTF-8 file in a data folder".)"""
+    params = write_params(tmp_path, data={"path": "data/raw"})
     vocab = tmp_path / "models" / params["model"]["name"]
     for name in ("encoder.json", "vocab.bpe"):
         write(vocab / name, (tiny_vocab_dir / name).read_bytes())
     write(tmp_path / "data" / "raw" / "a.txt", DOCS[0] * 10)
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-
-    def run():
-        return subprocess.run(
-            [sys.executable, str(REPO / "stages" / "encode.py")],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-
-    ok = run()
+    ok = run_stage(tmp_path, "encode", timeout=120)
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.startswith("encoded 1 document(s)") and ok.stdout.count("\n") == 1
     stats = json.loads((tmp_path / "data" / "encoded" / "stats.json").read_text())
     assert stats["files"] == ["data/raw/a.txt"] and stats["val_tokens"] > 0
-
-    write(tmp_path / "data" / "raw" / "b.txt", b"caf\xe9")
-    bad = run()
-    assert bad.returncode == 1
-    assert bad.stderr.startswith("error: data/raw/b.txt") and bad.stderr.count("\n") == 1
-    assert "Traceback" not in bad.stderr and "offset 3" in bad.stderr

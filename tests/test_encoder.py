@@ -1,4 +1,4 @@
-"""gpt2tune.encoder against two independent implementations built here from the same files:
+"""gpt2tune.encoder against two independent implementations built in helpers.py from the same files:
 tiktoken set up the way tiktoken loads GPT-2, and a port of OpenAI's reference encoder.py
 (gpt2tune uses tiktoken as its engine, so the reference port is the comparison that counts)."""
 
@@ -11,15 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import regex
-import tiktoken
-from conftest import TINY_CORPUS, bytes_to_unicode
+from helpers import EOT, TINY_CORPUS, bytes_to_unicode, tiktoken_from_files
+from helpers import ReferenceEncoder as Reference
 
 from gpt2tune.encoder import Encoder, load_encoder
 from gpt2tune.errors import Gpt2tuneError
-
-EOT = "<|endoftext|>"
-PAT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
 TRICKY = [
     "",
@@ -57,85 +53,6 @@ NEW_UNICODE = [
     "x\U00010940y \U00010941\U000107bbz 12\U00011de034 \U00011de1\U00011de1!",
     "\U00010940'll \U00011de0.5 a\U000107bb\u0301",
 ]
-
-
-class Reference:
-    """OpenAI's gpt-2 src/encoder.py, kept close to the original."""
-
-    def __init__(self, folder: Path):
-        self.encoder = json.loads((folder / "encoder.json").read_text(encoding="utf-8"))
-        self.decoder = {v: k for k, v in self.encoder.items()}
-        bpe_data = (folder / "vocab.bpe").read_text(encoding="utf-8")
-        bpe_merges = [tuple(s.split()) for s in bpe_data.split("\n")[1:-1]]
-        self.bpe_ranks = dict(zip(bpe_merges, range(len(bpe_merges)), strict=True))
-        self.byte_encoder = bytes_to_unicode()
-        self.byte_decoder = {v: k for k, v in self.byte_encoder.items()}
-        self.cache: dict[str, str] = {}
-        self.pat = regex.compile(PAT)
-
-    def bpe(self, token: str) -> str:
-        if token in self.cache:
-            return self.cache[token]
-        word = tuple(token)
-        pairs = set(zip(word, word[1:], strict=False))
-        if not pairs:
-            return token
-        while True:
-            bigram = min(pairs, key=lambda pair: self.bpe_ranks.get(pair, float("inf")))
-            if bigram not in self.bpe_ranks:
-                break
-            first, second = bigram
-            new_word: list[str] = []
-            i = 0
-            while i < len(word):
-                try:
-                    j = word.index(first, i)
-                except ValueError:
-                    new_word.extend(word[i:])
-                    break
-                new_word.extend(word[i:j])
-                i = j
-                if word[i] == first and i < len(word) - 1 and word[i + 1] == second:
-                    new_word.append(first + second)
-                    i += 2
-                else:
-                    new_word.append(word[i])
-                    i += 1
-            word = tuple(new_word)
-            if len(word) == 1:
-                break
-            pairs = set(zip(word, word[1:], strict=False))
-        self.cache[token] = " ".join(word)
-        return self.cache[token]
-
-    def encode(self, text: str) -> list[int]:
-        bpe_tokens = []
-        for token in regex.findall(self.pat, text):
-            token = "".join(self.byte_encoder[b] for b in token.encode("utf-8"))
-            bpe_tokens.extend(self.encoder[bpe_token] for bpe_token in self.bpe(token).split(" "))
-        return bpe_tokens
-
-    def decode(self, tokens: list[int]) -> str:
-        text = "".join([self.decoder[token] for token in tokens])
-        return bytearray([self.byte_decoder[c] for c in text]).decode("utf-8", errors="replace")
-
-
-def tiktoken_from_files(folder: Path) -> tiktoken.Encoding:
-    """tiktoken the way it loads GPT-2 (tiktoken.load.data_gym_to_mergeable_bpe_ranks)."""
-    byte_decoder = {c: b for b, c in bytes_to_unicode().items()}
-
-    def to_bytes(token: str) -> bytes:
-        return bytes(byte_decoder[c] for c in token)
-
-    encoder = json.loads((folder / "encoder.json").read_text(encoding="utf-8"))
-    ranks = {to_bytes(t): i for t, i in encoder.items() if t != EOT}
-    merges = (folder / "vocab.bpe").read_text(encoding="utf-8").split("\n")[1:-1]
-    merge_ids = [encoder["".join(line.split())] for line in merges]
-    assert merge_ids == sorted(merge_ids)  # tiktoken relies on ids rising with merge priority
-    return tiktoken.Encoding(
-        name=f"files:{folder}", pat_str=PAT, mergeable_ranks=ranks,
-        special_tokens={EOT: encoder[EOT]},
-    )  # fmt: skip
 
 
 def random_text(rng: random.Random, n: int) -> str:

@@ -10,7 +10,6 @@ kernel fails the write with EFBIG inside TensorFlow's C++ file layer, as ENOSPC 
 from __future__ import annotations
 
 import filecmp
-import os
 import resource
 import shutil
 import signal
@@ -22,35 +21,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
-from conftest import REPO, TINY_CORPUS
-from test_pipeline import commit_project, copy_project
+from helpers import (
+    TINY_CORPUS,
+    commit_project,
+    make_project,
+    run_in,
+    run_stage,
+    start_in,
+    tiny_model,
+)
 
-VENV_BIN = Path(sys.executable).parent
-HP = {"n_ctx": 32, "n_embd": 16, "n_head": 2, "n_layer": 1}
-
-
-def env(**extra: str) -> dict[str, str]:
-    e = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **extra)
-    e["PATH"] = f"{VENV_BIN}{os.pathsep}{e.get('PATH', '')}"
-    e["PYTHONPATH"] = f"{REPO / 'tests' / 'killpoint'}{os.pathsep}{REPO / 'src'}"
-    e.pop("MLFLOW_TRACKING_URI", None)
-    return e
-
-
-def run(root: Path, *args: str, kill_at: str = "", **kw) -> subprocess.CompletedProcess:
-    extra = {"GPT2TUNE_KILL_AT": kill_at} if kill_at else {}
-    return subprocess.run(
-        args, cwd=root, env=env(**extra), capture_output=True, text=True, timeout=300, **kw
-    )
-
-
-def tiny_model(vocab_dir: Path, seed: int):
-    from gpt2tune import init_model
-    from gpt2tune.encoder import load_encoder
-
-    hp = dict(HP, n_vocab=load_encoder(vocab_dir).n_vocab)
-    return init_model(hp, load_encoder(vocab_dir), seed=seed)
+from gpt2tune import save_model
 
 
 def same_tree(a: Path, b: Path) -> bool:
@@ -87,7 +68,7 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, t
 
     run_dir = tmp_path / "run1"
     run_dir.mkdir()
-    first, second = tiny_model(tiny_vocab_dir, 1), tiny_model(tiny_vocab_dir, 2)
+    first, second = tiny_model(tiny_vocab_dir, 1), tiny_model(tiny_vocab_dir, seed=2)
     write_checkpoint(run_dir, "model-4", first.params)
     undo = limited_file_size(4096)  # far less than the weights
     try:
@@ -103,14 +84,10 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, t
 
 
 def test_disk_full_while_assembling_keeps_the_previous_model(tmp_path, tiny_vocab_dir):
-    from gpt2tune import load_model, save_model
+    from gpt2tune import load_model
     from gpt2tune.checkpoint import write_checkpoint
 
-    root = tmp_path / "project"
-    copy_project(root)
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params["model"]["name"] = "tiny"
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    root = make_project(tmp_path / "project", TINY_CORPUS)
     save_model(tiny_model(tiny_vocab_dir, 0), root / "models" / "tiny")
     (root / "checkpoint" / "run1").mkdir(parents=True)
     write_checkpoint(root / "checkpoint" / "run1", "model-8", tiny_model(tiny_vocab_dir, 1).params)
@@ -123,7 +100,7 @@ def test_disk_full_while_assembling_keeps_the_previous_model(tmp_path, tiny_voca
         "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY)); "
         "sys.argv = ['stages/assemble.py']; runpy.run_path(sys.argv[0], run_name='__main__')"
     )
-    proc = run(root, sys.executable, "-c", limit)
+    proc = run_in(root, sys.executable, "-c", limit)
     lines = (proc.stdout + proc.stderr).strip().splitlines()
     assert proc.returncode == 1 and len(lines) == 1, lines
     assert lines[0].startswith("error: could not write the checkpoint models/.finetuned.tmp-")
@@ -136,7 +113,7 @@ def test_disk_full_while_assembling_keeps_the_previous_model(tmp_path, tiny_voca
 def test_kill_while_replacing_a_model_outside_dvc(tmp_path, tiny_vocab_dir):
     """save_model over an existing folder, killed between its two renames: the old model is
     named by the error of the next load, and the next save cleans up."""
-    from gpt2tune import load_model, save_model
+    from gpt2tune import load_model
     from gpt2tune.errors import Gpt2tuneError
 
     previous = tiny_model(tiny_vocab_dir, 2)
@@ -144,10 +121,12 @@ def test_kill_while_replacing_a_model_outside_dvc(tmp_path, tiny_vocab_dir):
     script = tmp_path / "save.py"
     script.write_text(
         "import sys; from gpt2tune import init_model, load_encoder, save_model\n"
-        f"hp = {dict(HP, n_vocab=previous.hparams['n_vocab'])!r}\n"
+        f"hp = {dict(previous.hparams)!r}\n"
         f"save_model(init_model(hp, load_encoder({str(tiny_vocab_dir)!r}), seed=3), 'finetuned')\n"
     )
-    assert_killed(run(tmp_path, sys.executable, str(script), kill_at="save.py:rename:finetuned:2"))
+    assert_killed(
+        run_in(tmp_path, sys.executable, str(script), kill_at="save.py:rename:finetuned:2")
+    )
     with pytest.raises(Gpt2tuneError, match="a save was interrupted") as err:
         load_model(tmp_path / "finetuned")
     aside = Path(str(err.value).split("previous model is in ")[1].split(";")[0])
@@ -163,30 +142,23 @@ def test_kill_while_replacing_a_model_outside_dvc(tmp_path, tiny_vocab_dir):
 def dvc_project(tmp_path_factory, tiny_vocab_dir):
     """A git + DVC project: a tiny GPT-2 fetched from a local folder, a paragraph of text,
     two training steps, one sample; MLflow in the project's sqlite store."""
-    from gpt2tune import save_model
-
     tmp = tmp_path_factory.mktemp("faults")
     source = tmp / "releases" / "tiny"
     save_model(tiny_model(tiny_vocab_dir, 0), source)
     (source / "model.ckpt.meta").write_bytes(b"")  # the release has one; it is never read
-    root = tmp / "project"
-    copy_project(root)
-    (root / "data").mkdir()
-    (root / "data" / "dset.txt").write_text(TINY_CORPUS * 8, encoding="utf-8")
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params["model"].update(name="tiny", base_url=str(source.parent))
-    params["train"].update(
-        steps=2, batch_size=1, n_ctx=16, sample_every=0, save_every=0, val_every=0
-    )
-    params["sample"].update(nsamples=1, length=4, prompts=["Human reason"])
-    params["mlflow"].update(tracking_uri="sqlite:///mlflow.db", experiment="faults")
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    root = make_project(
+        tmp / "project", TINY_CORPUS * 8,
+        model=dict(name="tiny", base_url=str(source.parent)),
+        train=dict(steps=2, batch_size=1, n_ctx=16, sample_every=0, save_every=0, val_every=0),
+        sample=dict(nsamples=1, length=4, prompts=["Human reason"]),
+        mlflow=dict(tracking_uri="sqlite:///mlflow.db", experiment="faults"),
+    )  # fmt: skip
     commit_project(root)
     # What encode gives, undisturbed, in a plain copy of the project (no DVC involved).
     ref = tmp / "reference"
     shutil.copytree(root, ref)
-    assert run(ref, "python", "stages/fetch_model.py").returncode == 0
-    proc = run(ref, "python", "stages/encode.py")
+    assert run_stage(ref, "fetch_model").returncode == 0
+    proc = run_stage(ref, "encode")
     assert proc.returncode == 0, proc.stderr
     return root, ref
 
@@ -201,9 +173,9 @@ def assert_killed(proc: subprocess.CompletedProcess) -> None:
 def test_kill_during_encode_then_repro(dvc_project):
     root, ref = dvc_project
     # Killed with train.npy renamed into place and val.npy, stats.json not yet.
-    assert_killed(run(root, "dvc", "repro", kill_at="stages/encode.py:replace:val.npy:1"))
+    assert_killed(run_in(root, "dvc", "repro", kill_at="stages/encode.py:replace:val.npy:1"))
     assert not (root / "data" / "encoded" / "stats.json").exists()
-    proc = run(root, "dvc", "repro")
+    proc = run_in(root, "dvc", "repro")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert same_tree(root / "data" / "encoded", ref / "data" / "encoded")
     assert list((root / "data" / "encoded").glob(".*")) == []  # no temporary files left
@@ -217,10 +189,10 @@ def test_kill_while_moving_the_assembled_model_in(dvc_project):
     # DVC removed the old output before the stage ran; killed with the new model complete
     # in models/.finetuned.tmp-* but not yet renamed to models/finetuned.
     kill = "stages/assemble.py:rename:finetuned:1"
-    assert_killed(run(root, "dvc", "repro", "-f", "-s", "assemble", kill_at=kill))
+    assert_killed(run_in(root, "dvc", "repro", "-f", "-s", "assemble", kill_at=kill))
     assert not (root / "models" / "finetuned").exists()
     assert [p.name[:15] for p in (root / "models").glob(".fine*")] == [".finetuned.tmp-"]
-    proc = run(root, "dvc", "repro")
+    proc = run_in(root, "dvc", "repro")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # DVC restores the model from its cache (the stage's deps did not change) or reruns it.
     assert same_tree(root / "models" / "finetuned", ref / "models" / "finetuned")
@@ -229,8 +201,8 @@ def test_kill_while_moving_the_assembled_model_in(dvc_project):
 def test_kill_during_sample_then_repro(dvc_project):
     root, ref = dvc_project
     kill = "stages/sample.py:replace:samples.md:1"  # samples.json written, samples.md not
-    assert_killed(run(root, "dvc", "repro", "-f", "-s", "sample", kill_at=kill))
-    proc = run(root, "dvc", "repro")
+    assert_killed(run_in(root, "dvc", "repro", "-f", "-s", "sample", kill_at=kill))
+    proc = run_in(root, "dvc", "repro")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert same_tree(root / "samples", ref / "samples")
 
@@ -241,10 +213,8 @@ def test_second_repro_at_once_is_refused(dvc_project, tmp_path):
     # until the test has tried the second one.
     go = tmp_path / "go"
     hold = f"stages/assemble.py:rename:finetuned:1:{go}"
-    first = subprocess.Popen(
-        ["dvc", "repro", "-f", "-s", "assemble"], cwd=root, env=env(GPT2TUNE_KILL_AT=hold),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+    first = start_in(root, "dvc", "repro", "-f", "-s", "assemble", kill_at=hold,
+                     stderr=subprocess.STDOUT)  # fmt: skip
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(first.stdout), daemon=True)
     reader.start()
@@ -253,7 +223,7 @@ def test_second_repro_at_once_is_refused(dvc_project, tmp_path):
         assert first.poll() is None and time.monotonic() < deadline, "".join(lines)
         time.sleep(0.1)
     began = time.monotonic()
-    second = run(root, "dvc", "repro")
+    second = run_in(root, "dvc", "repro")
     assert second.returncode != 0
     # DVC's repository lock, or (while a stage command runs) its lock on the stage's paths.
     refused = ("Unable to acquire lock", "is busy, it is being blocked by")
@@ -267,5 +237,5 @@ def test_second_repro_at_once_is_refused(dvc_project, tmp_path):
     assert same_tree(root / "models" / "finetuned", ref / "models" / "finetuned")
     # The next save also removed what the killed one had left in models/.finetuned.tmp-*.
     assert list((root / "models").glob(".fine*")) == []
-    status = run(root, "dvc", "status")
+    status = run_in(root, "dvc", "status")
     assert "up to date" in status.stdout, status.stdout

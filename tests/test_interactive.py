@@ -1,6 +1,6 @@
 """`python stages/sample.py --interactive`: prompts from stdin, Ctrl-D and Ctrl-C leave
 cleanly; a bad params.yaml is one line on stderr. Each test runs the stage script in a
-subprocess, in a folder holding its own params.yaml."""
+subprocess, in a folder holding its own params.yaml (helpers.write_params)."""
 
 from __future__ import annotations
 
@@ -8,51 +8,34 @@ import os
 import select
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
-import yaml
-from conftest import REPO
+from helpers import run_stage, stage_env, start_stage, tiny_model, write_params
 
-import gpt2tune
-from gpt2tune.model import init_model
+from gpt2tune import save_model
 
-STAGE = REPO / "stages" / "sample.py"
 PROMPT = "Model prompt >>> "
-ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
-
-
-def write_params(folder, **sample) -> None:
-    """The repository's params.yaml with some `sample` keys changed."""
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["sample"].update(sample)
-    (folder / "params.yaml").write_text(yaml.safe_dump(params))
+ENV = stage_env(PYTHONUNBUFFERED="1")
+INTERACTIVE = ("--interactive", "--model")
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, tiny_vocab_dir):
-    n_vocab = gpt2tune.load_encoder(tiny_vocab_dir).n_vocab
-    hp = {"n_vocab": n_vocab, "n_ctx": 32, "n_embd": 32, "n_head": 2, "n_layer": 2}
     folder = tmp_path_factory.mktemp("interactive") / "model"
-    gpt2tune.save_model(init_model(hp, gpt2tune.load_encoder(tiny_vocab_dir), seed=0), folder)
+    save_model(tiny_model(tiny_vocab_dir, 0, n_embd=32, n_layer=2), folder)
     return folder
 
 
 @pytest.fixture
 def workdir(tmp_path):
-    write_params(tmp_path, length=5, nsamples=1, top_k=0, temperature=1.0)
+    write_params(tmp_path, sample=dict(length=5, nsamples=1, top_k=0, temperature=1.0))
     return tmp_path
 
 
-def stage(*args: str) -> list[str]:
-    return [sys.executable, str(STAGE), *args]
-
-
 def test_prompts_from_stdin_then_end_of_input(model_dir, workdir):
-    proc = subprocess.run(
-        stage("--interactive", "--model", str(model_dir)),
-        input="Human reason\nThe mind\n", capture_output=True, text=True, cwd=workdir,
+    proc = run_stage(
+        workdir, "sample", *INTERACTIVE, str(model_dir), input="Human reason\nThe mind\n",
         env=ENV, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -78,9 +61,8 @@ def read_until(proc: subprocess.Popen, text: str, timeout: float) -> str:
 
 
 def test_ctrl_c_at_the_prompt_exits_cleanly(model_dir, workdir):
-    proc = subprocess.Popen(
-        stage("--interactive", "--model", str(model_dir)),
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=workdir,
+    proc = start_stage(
+        workdir, "sample", *INTERACTIVE, str(model_dir), stdin=subprocess.PIPE, text=False,
         env=ENV,
     )  # fmt: skip
     try:
@@ -101,10 +83,10 @@ def test_ctrl_c_at_the_prompt_exits_cleanly(model_dir, workdir):
 
 
 def test_bad_params_is_one_line_on_stderr(model_dir, tmp_path):
-    write_params(tmp_path, top_p=1.5)
-    proc = subprocess.run(
-        stage("--interactive", "--model", str(model_dir)),
-        stdin=subprocess.DEVNULL, capture_output=True, text=True, cwd=tmp_path, env=ENV,
+    """(The sample stage without --interactive: test_bad_input.py, "top_p out of range".)"""
+    write_params(tmp_path, sample=dict(top_p=1.5))
+    proc = run_stage(
+        tmp_path, "sample", *INTERACTIVE, str(model_dir), stdin=subprocess.DEVNULL, env=ENV,
         timeout=60,
     )  # fmt: skip
     assert proc.returncode == 1
@@ -113,9 +95,3 @@ def test_bad_params_is_one_line_on_stderr(model_dir, tmp_path):
         "error: params.yaml: sample.top_p = 1.5: must be a number in [0, 1] (0 = off)"
     ]
     assert proc.stdout == ""
-
-    plain = subprocess.run(
-        stage(), capture_output=True, text=True, cwd=tmp_path, env=ENV, timeout=60
-    )  # the sample stage itself, not only --interactive
-    assert plain.returncode == 1 and "Traceback" not in plain.stderr
-    assert len(plain.stderr.splitlines()) == 1 and "sample.top_p" in plain.stderr

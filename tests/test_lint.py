@@ -3,12 +3,16 @@
 import subprocess
 import sys
 
-from conftest import REPO
+import pytest
+from helpers import REPO
+
+CHECKED = ["src", "stages", "tests", "bench"]
 
 
-def test_ruff_check_is_clean():
+@pytest.mark.parametrize("command", [["check"], ["format", "--check"]], ids=" ".join)
+def test_ruff_is_clean(command):
     proc = subprocess.run(
-        [sys.executable, "-m", "ruff", "check", "src", "stages", "tests", "bench"],
+        [sys.executable, "-m", "ruff", *command, *CHECKED],
         cwd=REPO,
         capture_output=True,
         text=True,

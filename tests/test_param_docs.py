@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from helpers import REPO
 
 from gpt2tune.errors import Gpt2tuneError
 from gpt2tune.paramdocs import END, START, render_params_yaml, render_table, stale, with_table

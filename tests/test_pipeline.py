@@ -11,23 +11,24 @@ earlier ones left, `dvc exp run --temp` last.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
-from conftest import REPO, write_official_style_model
+from helpers import (
+    commit_project,
+    git,
+    make_project,
+    run_in,
+    update_params,
+    write_official_style_model,
+)
 from httpserver import FolderServer
 from mlflowserver import MlflowServer
 
 from gpt2tune.files import RELEASE_FILES as MODEL_FILES
 
-VENV_BIN = Path(sys.executable).parent
 HP = {"n_vocab": 50257, "n_ctx": 64, "n_embd": 64, "n_head": 4, "n_layer": 2}
 STEPS = 8
 PROMPTS = ["Human reason, in one sphere of its cognition,"]
@@ -37,54 +38,16 @@ EXPERIMENT = "pipeline-test"
 FINETUNED_FILES = sorted(set(MODEL_FILES) - {"model.ckpt.meta"})
 
 
-def copy_project(dest: Path) -> None:
-    """The project's files as git sees them, less tests/, bench/ and data/ (written below)."""
-    listed = subprocess.run(
-        ["git", "-C", str(REPO), "ls-files", "-co", "--exclude-standard"],
-        capture_output=True, text=True, check=True,
-    ).stdout.splitlines()  # fmt: skip
-    for rel in listed:
-        if rel.split("/", 1)[0] in ("tests", "bench", "data"):
-            continue  # data/ may hold the real corpus and its import-url .dvc file
-        src = REPO / rel
-        if src.is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / rel)
-
-
-def git(cwd: Path, *args: str) -> str:
-    return subprocess.run(
-        ["git", *args], cwd=cwd, capture_output=True, text=True, check=True
-    ).stdout.strip()
-
-
-def commit_project(root: Path) -> None:
-    """Make `root` a git repository whose first commit holds all its files (DVC needs git)."""
-    git(root, "init", "-q")
-    git(root, "config", "user.name", "gpt2tune test")
-    git(root, "config", "user.email", "test@example.invalid")
-    git(root, "add", "-A")
-    git(root, "commit", "-q", "-m", "project under test")
-
-
 class Project:
     def __init__(self, root: Path, served: FolderServer, mlflow_url: str, served_dir: Path):
         self.root, self.served, self.mlflow_url, self.served_dir = (
             root, served, mlflow_url, served_dir,
         )  # fmt: skip
-        self.env = dict(
-            os.environ,
-            PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-            TF_CPP_MIN_LOG_LEVEL="2",
-        )
-        self.env.pop("MLFLOW_TRACKING_URI", None)
         self.timings: list[tuple[str, float]] = []
 
     def run(self, *args: str, timeout: float = 300) -> str:
         t0 = time.monotonic()
-        proc = subprocess.run(
-            args, cwd=self.root, env=self.env, capture_output=True, text=True, timeout=timeout
-        )
+        proc = run_in(self.root, *args, timeout=timeout)
         self.timings.append((" ".join(args), round(time.monotonic() - t0, 1)))
         out = proc.stdout + proc.stderr
         assert proc.returncode == 0, f"{' '.join(args)} failed ({proc.returncode}):\n{out[-6000:]}"
@@ -109,24 +72,21 @@ def project(tmp_path_factory, official_vocab_dir, kant_path):
     with MlflowServer(tmp / "mlflow") as mlflow_server:
         served_dir = tmp / "served"
         write_official_style_model(served_dir / "tiny", HP, official_vocab_dir)
-        root = tmp / "project"
-        copy_project(root)
-        (root / "data").mkdir()
         text = kant_path.read_text(encoding="utf-8")[:30_000]
-        (root / "data" / "dset.txt").write_text(text, encoding="utf-8")
-        params = yaml.safe_load((root / "params.yaml").read_text())
-        params["model"].update(name="tiny")  # base_url: set below, once the server is up
-        params["train"].update(
-            steps=STEPS, batch_size=2, learning_rate=0.001, n_ctx=32, sample_every=4,
-            sample_length=8, save_every=4, val_every=4, val_batch_count=2,
+        # model.base_url: set below, once the file server is up.
+        root = make_project(
+            tmp / "project", text,
+            train=dict(
+                steps=STEPS, batch_size=2, learning_rate=0.001, n_ctx=32, sample_every=4,
+                sample_length=8, save_every=4, val_every=4, val_batch_count=2,
+            ),
+            sample=dict(nsamples=NSAMPLES, length=8, prompts=PROMPTS),
+            mlflow=dict(tracking_uri=mlflow_server.url, experiment=EXPERIMENT),
         )  # fmt: skip
-        params["sample"].update(nsamples=NSAMPLES, length=8, prompts=PROMPTS)
-        params["mlflow"].update(tracking_uri=mlflow_server.url, experiment=EXPERIMENT)
         mlflow_server.wait_ready()
 
         with FolderServer(served_dir) as served:
-            params["model"]["base_url"] = served.url
-            (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+            update_params(root, "model", base_url=served.url)
             commit_project(root)
 
             p = Project(root, served, mlflow_server.url, served_dir)

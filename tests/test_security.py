@@ -11,7 +11,7 @@ import ast
 import time
 
 import pytest
-from conftest import REPO
+from helpers import REPO
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

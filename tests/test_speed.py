@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -15,6 +14,7 @@ import textwrap
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import free_ports
 
 from gpt2tune import Gpt2tuneError
 from gpt2tune.distribute import check_tf_config, is_chief, make_strategy, worker_run_dir
@@ -236,16 +236,6 @@ MULTI_WORKER_SCRIPT = textwrap.dedent(
                       "wte": model.params["model/wte"].numpy()[:5].tolist()}))
     """
 )
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def run_script(strategy: str, cfg: TrainParams, env: dict) -> subprocess.Popen:

@@ -19,11 +19,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-# The tiny corpus and settings of test_train.py.
-from test_train import CFG, N_CTX, SUBPROCESS_ENV, TOKENS, VAL, assert_weights_close, cfg
+# The tiny corpus and settings shared with test_train.py (helpers.py).
+from helpers import CFG, TOKENS, VAL, assert_weights_close, cfg, stage_env
 
-import gpt2tune
-from gpt2tune import Gpt2tuneError
+from gpt2tune import Gpt2tuneError, load_encoder, save_model
 from gpt2tune.checkpoint import load_model
 from gpt2tune.model import init_model
 from gpt2tune.optim import Optimizer, learning_rate_at
@@ -31,19 +30,6 @@ from gpt2tune.params import TrainParams
 from gpt2tune.runstate import NOT_FINGERPRINTED, fingerprint, load_state
 from gpt2tune.train import add_noise, fit
 from gpt2tune.trainer import is_transformer_layer
-
-
-@pytest.fixture(scope="module")
-def hp(tiny_vocab_dir):
-    n_vocab = gpt2tune.load_encoder(tiny_vocab_dir).n_vocab
-    return {"n_vocab": n_vocab, "n_ctx": N_CTX, "n_embd": 32, "n_head": 2, "n_layer": 2}
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory, hp, tiny_vocab_dir):
-    folder = tmp_path_factory.mktemp("base") / "model"
-    gpt2tune.save_model(init_model(hp, gpt2tune.load_encoder(tiny_vocab_dir), seed=0), folder)
-    return folder
 
 
 def train(base_dir, run_dir, c: TrainParams, fp: str = "fp"):
@@ -223,7 +209,7 @@ def test_restore_from_fresh_ignores_a_resumable_run(base_dir, tmp_path, capsys):
 
 def test_restore_from_a_path_starts_from_those_weights(base_dir, hp, tiny_vocab_dir, tmp_path):
     other = tmp_path / "other"
-    gpt2tune.save_model(init_model(hp, gpt2tune.load_encoder(tiny_vocab_dir), seed=7), other)
+    save_model(init_model(hp, load_encoder(tiny_vocab_dir), seed=7), other)
     # val_loss at step 0 is measured before any update: it must be the other model's.
     _, _, from_base = train(base_dir, tmp_path / "a", cfg(steps=1))
     _, _, from_other = train(base_dir, tmp_path / "b", cfg(steps=1, restore_from=str(other)))
@@ -272,6 +258,9 @@ def test_a_nan_loss_names_the_step_and_keeps_the_last_good_checkpoint(base_dir, 
     assert load_state(run)["step"] == 1
     kept = tf.train.load_checkpoint(str(run / "model-1"))
     assert all(np.isfinite(kept.get_tensor(n)).all() for n in load_model(base_dir).params)
+    # Adam diverges too, at an absurd rate; the error names the key to lower just the same.
+    with pytest.raises(Gpt2tuneError, match=r"loss became nan at step \d+; .*train\.learning_rate"):
+        train(base_dir, tmp_path / "adam", cfg(steps=5, learning_rate=1e30))
 
 
 # --- kill -9 --------------------------------------------------------------------------------
@@ -307,7 +296,7 @@ def test_kill_9_then_rerun_equals_an_uninterrupted_run(base_dir, tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-c", KILL_SCRIPT, str(base_dir), str(run),
          json.dumps(dataclasses.asdict(c))],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=SUBPROCESS_ENV,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=stage_env(),
     )  # fmt: skip
     try:
         deadline, seen = time.monotonic() + 120, 0

@@ -9,50 +9,36 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-import yaml
-from conftest import TINY_CORPUS
-from test_pipeline import copy_project
+from helpers import (
+    TINY_CORPUS,
+    free_ports,
+    make_project,
+    run_stage,
+    stage_env,
+    start_stage,
+    tiny_model,
+    update_params,
+)
 
-from gpt2tune.checkpoint import save_model
-from gpt2tune.encoder import load_encoder
-from gpt2tune.model import init_model
-
-VENV_BIN = Path(sys.executable).parent
+from gpt2tune import save_model
 
 
 class StageProject:
     def __init__(self, root: Path):
         self.root = root
-        self.env = dict(
-            os.environ,
-            PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-            TF_CPP_MIN_LOG_LEVEL="2",
-            CUDA_VISIBLE_DEVICES="",
-        )
-        self.env.pop("MLFLOW_TRACKING_URI", None)
 
     def set_train(self, **changes) -> None:
-        path = self.root / "params.yaml"
-        params = yaml.safe_load(path.read_text())
-        params["train"].update(changes)
-        path.write_text(yaml.safe_dump(params, sort_keys=False))
+        update_params(self.root, "train", **changes)
 
     def stage(self, name: str, timeout: float = 300) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, f"stages/{name}.py"], cwd=self.root, env=self.env,
-            capture_output=True, text=True, timeout=timeout,
-        )  # fmt: skip
+        return run_stage(self.root, name, timeout=timeout)
 
-    def popen(self, name: str) -> subprocess.Popen:
-        return subprocess.Popen(
-            [sys.executable, f"stages/{name}.py"], cwd=self.root, env=self.env,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
+    def popen(self, name: str, **env: str) -> subprocess.Popen:
+        return start_stage(self.root, name, env=stage_env(**env))
 
     def state(self) -> dict | None:
         try:
@@ -71,21 +57,15 @@ class StageProject:
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, tiny_vocab_dir):
-    root = tmp_path_factory.mktemp("stage") / "project"
-    copy_project(root)
-    n_vocab = load_encoder(tiny_vocab_dir).n_vocab
-    hp = {"n_vocab": n_vocab, "n_ctx": 32, "n_embd": 32, "n_head": 2, "n_layer": 2}
-    save_model(init_model(hp, load_encoder(tiny_vocab_dir), seed=0), root / "models" / "tiny")
-    (root / "data").mkdir()
-    (root / "data" / "dset.txt").write_text(TINY_CORPUS * 20, encoding="utf-8")
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params["model"]["name"] = "tiny"
-    params["train"].update(
-        steps=6, batch_size=2, learning_rate=0.001, n_ctx=16, sample_every=0, save_every=3,
-        val_every=3, val_batch_count=2,
+    root = make_project(
+        tmp_path_factory.mktemp("stage") / "project", TINY_CORPUS * 20,
+        train=dict(
+            steps=6, batch_size=2, learning_rate=0.001, n_ctx=16, sample_every=0, save_every=3,
+            val_every=3, val_batch_count=2,
+        ),
+        mlflow=dict(tracking_uri="sqlite:///mlflow.db", experiment="stage-test"),
     )  # fmt: skip
-    params["mlflow"].update(tracking_uri="sqlite:///mlflow.db", experiment="stage-test")
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    save_model(tiny_model(tiny_vocab_dir, 0, n_embd=32, n_layer=2), root / "models" / "tiny")
     p = StageProject(root)
     proc = p.stage("encode")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -194,8 +174,6 @@ def test_kill_9_then_rerun_continues_the_same_mlflow_run_without_duplicate_steps
 def test_multi_worker_stage_only_the_chief_writes(project):
     """`train.strategy: multi_worker`: two `python stages/train.py` on 127.0.0.1 with
     TF_CONFIG train together; only worker 0 writes the checkpoint, metrics and MLflow run."""
-    from test_speed import free_ports
-
     project.set_train(strategy="multi_worker", restore_from="fresh", steps=4, save_every=2)
 
     def mlflow_runs() -> list:
@@ -208,11 +186,7 @@ def test_multi_worker_stage_only_the_chief_writes(project):
     try:
         for i in range(2):
             tf_config = {"cluster": {"worker": hosts}, "task": {"type": "worker", "index": i}}
-            procs.append(subprocess.Popen(
-                [sys.executable, "stages/train.py"], cwd=project.root,
-                env=dict(project.env, TF_CONFIG=json.dumps(tf_config)),
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            ))  # fmt: skip
+            procs.append(project.popen("train", TF_CONFIG=json.dumps(tf_config)))
         (chief_out, chief_err), (other_out, other_err) = (p.communicate(timeout=300) for p in procs)
     finally:
         for p in procs:

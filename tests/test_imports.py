@@ -1,0 +1,145 @@
+"""Every module of gpt2tune imports on its own, and the modules do not import each other in a
+circle.
+
+Each module is imported alone in a fresh interpreter (a subprocess per module), so a module
+that works only because another one happened to be imported first fails here.
+
+The cycle tests build the import graph of src/gpt2tune from the source with `ast`:
+- test_no_import_cycle_at_import_time counts module-level imports only (those executed when
+  the module is imported, including ones under a module-level `if` or `try` and in class
+  bodies): a cycle there can fail with a partially initialised module.
+- test_no_import_cycle counts every import, also those inside functions (executed when the
+  function runs): a cycle there means two modules depend on each other, which the
+  one-file-per-concern layout does not allow.
+Imports under `if TYPE_CHECKING:` are never executed and count in neither. `from gpt2tune
+import name` counts as an import of the module gpt2tune/__init__.py loads `name` from (its
+lazy _API table) or, for names __init__ defines itself, of the package.
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+
+import pytest
+from helpers import REPO, run_in, stage_env
+
+PACKAGE = "gpt2tune"
+SRC = REPO / "src" / PACKAGE
+MODULES = sorted(
+    PACKAGE if p.name == "__init__.py" else f"{PACKAGE}.{p.stem}" for p in SRC.glob("*.py")
+)
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_each_module_imports_alone(module, tmp_path):
+    proc = run_in(tmp_path, sys.executable, "-c", f"import {module}", env=stage_env(), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+
+
+def lazy_api() -> dict[str, str]:
+    """gpt2tune/__init__.py's _API table: public name -> the module it is loaded from."""
+    tree = ast.parse((SRC / "__init__.py").read_text())
+    for node in tree.body:
+        targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+        if any(isinstance(t, ast.Name) and t.id == "_API" for t in targets):
+            return ast.literal_eval(node.value)
+    return {}
+
+
+def is_type_checking(node: ast.If) -> bool:
+    return ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING")
+
+
+def imports(tree: ast.Module, module: str, api: dict[str, str], module_level: bool):
+    """(imported gpt2tune module, line) for each import in `tree` (the source of `module`);
+    with module_level, only those executed when the module is imported."""
+    is_package = module == PACKAGE
+    stack: list[ast.AST] = list(reversed(tree.body))
+    while stack:
+        node = stack.pop()
+        if isinstance(node, ast.If) and is_type_checking(node):
+            stack.extend(reversed(node.orelse))
+            continue
+        if module_level and isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name == PACKAGE or alias.name.startswith(PACKAGE + "."):
+                    yield alias.name, node.lineno
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: from . import x, from .x import y
+                parent = module if is_package else module.rsplit(".", 1)[0]
+                base = ".".join([parent, *([base] if base else [])])
+            if base == PACKAGE:
+                for alias in node.names:
+                    name = alias.name
+                    if name in api:
+                        yield api[name], node.lineno
+                    elif (SRC / f"{name}.py").is_file():
+                        yield f"{PACKAGE}.{name}", node.lineno
+                    else:
+                        yield PACKAGE, node.lineno
+            elif base.startswith(PACKAGE + "."):
+                yield base, node.lineno
+        stack.extend(reversed(list(ast.iter_child_nodes(node))))
+
+
+def import_graph(module_level: bool) -> dict[str, dict[str, int]]:
+    """module -> {module it imports: line of the first such import}, within gpt2tune."""
+    api = lazy_api()
+    graph: dict[str, dict[str, int]] = {}
+    for module in MODULES:
+        path = SRC / ("__init__.py" if module == PACKAGE else f"{module.split('.')[-1]}.py")
+        edges = graph.setdefault(module, {})
+        for target, line in imports(ast.parse(path.read_text(), str(path)), module, api,
+                                    module_level):  # fmt: skip
+            if target != module:
+                edges.setdefault(target, line)
+    return graph
+
+
+def cycles(graph: dict[str, dict[str, int]]) -> list[list[str]]:
+    """Every elementary cycle found by depth-first search, each once, as a list of modules
+    starting at its smallest name."""
+    found: set[tuple[str, ...]] = set()
+
+    def visit(node: str, path: list[str]) -> None:
+        for nxt in graph.get(node, {}):
+            if nxt == path[0]:
+                found.add(tuple(path))
+            elif nxt not in path and nxt > path[0]:  # each cycle from its smallest member
+                visit(nxt, [*path, nxt])
+
+    for start in sorted(graph):
+        visit(start, [start])
+    return [list(c) for c in sorted(found)]
+
+
+def describe(cycle: list[str], graph: dict[str, dict[str, int]]) -> str:
+    steps = zip(cycle, [*cycle[1:], cycle[0]], strict=True)
+    return " -> ".join(f"{a} (line {graph[a][b]})" for a, b in steps) + f" -> {cycle[0]}"
+
+
+def test_the_graph_sees_the_imports():
+    """The graph builder itself: the package's modules do import each other."""
+    graph = import_graph(module_level=False)
+    assert set(graph) == set(MODULES) and len(MODULES) > 5
+    assert sum(len(edges) for edges in graph.values()) > len(MODULES)
+    assert "gpt2tune.errors" in graph["gpt2tune"]  # __init__'s own module-level import
+    assert cycles({"a": {"b": 1}, "b": {"c": 2}, "c": {"a": 3}}) == [["a", "b", "c"]]
+    assert cycles({"a": {"b": 1}, "b": {}}) == []
+
+
+def test_no_import_cycle_at_import_time():
+    graph = import_graph(module_level=True)
+    found = [describe(c, graph) for c in cycles(graph)]
+    assert not found, "import cycles among module-level imports:\n" + "\n".join(found)
+
+
+def test_no_import_cycle():
+    graph = import_graph(module_level=False)
+    found = [describe(c, graph) for c in cycles(graph)]
+    assert not found, "import cycles (imports inside functions included):\n" + "\n".join(found)
