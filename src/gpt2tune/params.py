@@ -93,6 +93,8 @@ class SampleParams(Sampling):
 class MlflowParams:
     tracking_uri: str
     experiment: str
+    registered_model: str = "gpt2tune"  # defaults as in params.yaml, for code and tests
+    registered_alias: str = "candidate"
 
 
 @dataclass(frozen=True)
@@ -217,6 +219,14 @@ RULES: dict[str, Rule] = {
         lambda v: not _USERINFO.search(v),
     ),
     "mlflow.experiment": Rule("a non-empty string", lambda v: bool(v.strip())),
+    "mlflow.registered_model": Rule(
+        'a model name without "/" or ":" ("" = do not register)',
+        lambda v: not v or (bool(v.strip()) and not set(v) & set("/:")),
+    ),
+    "mlflow.registered_alias": Rule(
+        'letters, digits, "_" or "-", not "latest" or v<number> ("" = no alias)',
+        lambda v: bool(re.fullmatch(r"[\w-]*", v)) and not re.fullmatch(r"(?i)latest|v\d+", v),
+    ),
 }
 
 # section -> dataclass, and section -> {key: type}: the dataclasses are the one list of names.

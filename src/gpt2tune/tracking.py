@@ -248,8 +248,12 @@ class Session:
         elif kind == "folder":
             if Path(op["path"]).is_dir():
                 c.log_artifacts(self.run_id, op["path"], op["artifact_path"])
-        elif kind == "status":
-            c.update_run(self.run_id, status=op["status"])
+        elif kind == "status":  # update_run would leave end_time unset: no duration in the UI
+            c.set_terminated(self.run_id, status=op["status"], end_time=op.get("ts"))
+        elif kind == "model":
+            from gpt2tune.servable import send_model
+
+            send_model(self.uri, self.run_id, op)
         else:
             raise ValueError(f"unknown offline record {kind!r}")
 
@@ -263,12 +267,17 @@ class Session:
             }
         return self.seen
 
-    def create_run(self, params: dict[str, object], tags: dict[str, str], name: str | None):
-        """Create the run on the server with its params; MLflow adds its usual tags."""
+    def create_run(
+        self, params: dict[str, object], tags: dict[str, str], name: str | None, start=None
+    ):
+        """Create the run on the server with its params; MLflow adds its usual tags. `start`:
+        when it began (ms), for a run made offline, so that its duration is the real one."""
         from mlflow.entities import Param
         from mlflow.tracking.context.registry import resolve_tags
 
-        run = self.client.create_run(self.experiment_id, run_name=name, tags=resolve_tags(tags))
+        run = self.client.create_run(
+            self.experiment_id, start_time=start, run_name=name, tags=resolve_tags(tags)
+        )
         self.run_id = run.info.run_id
         self.seen = set()
         items = [Param(k, _param_value(v)) for k, v in params.items()]
@@ -328,7 +337,7 @@ def _replay_file(session: Session, path: Path, offline_id: str | None) -> None:
             start = next((op for op in ops if op["op"] == "start"), None)
             if start is None:
                 raise Gpt2tuneError(f"{path} lacks the record that creates run {offline_id}")
-            session.create_run(start["params"], start["tags"], start.get("name"))
+            session.create_run(start["params"], start["tags"], start.get("name"), start.get("ts"))
             write_text_atomic(
                 _offline_dir() / f"{offline_id}.json", json.dumps({"run_id": session.run_id})
             )
@@ -380,7 +389,7 @@ def _activate(session: Session) -> Iterator[Session]:
     finally:
         _active = previous
         if not session.ended:  # end_run() already set the status
-            session.call({"op": "status", "status": status})
+            session.call({"op": "status", "status": status, "ts": int(time.time() * 1000)})
 
 
 def _write_run_file(session: Session) -> None:
@@ -417,7 +426,7 @@ def training_run(cfg: MlflowParams, params: dict, run_id: str | None = None):
             session.run_id = session.local_id = OFFLINE_PREFIX + uuid.uuid4().hex
             params = {k: _param_value(v) for k, v in params.items()}
             _append(session.buffer, {"op": "start", "params": params, "tags": run_tags(),
-                                     "name": name})  # fmt: skip
+                                     "name": name, "ts": int(time.time() * 1000)})  # fmt: skip
         session._went_offline(_reason(e))
     _write_run_file(session)
     try:
@@ -483,7 +492,7 @@ def end_run(status: str) -> None:
     """End the open run now with an MLflow status such as "KILLED" (instead of the
     FINISHED / FAILED that leaving training_run or reopen_run would set)."""
     session = _current()
-    session.call({"op": "status", "status": status})
+    session.call({"op": "status", "status": status, "ts": int(time.time() * 1000)})
     session.ended = True
 
 
@@ -505,6 +514,12 @@ def log_text(text: str, artifact_file: str) -> None:
 def log_folder(folder: str | os.PathLike, artifact_path: str) -> None:
     path = str(Path(folder).resolve())
     _current().call({"op": "folder", "path": path, "artifact_path": artifact_path})
+
+
+def log_model(folder: str | os.PathLike, spec: dict) -> None:
+    """Log `folder` as an MLflow Model, as gpt2tune.servable.log_and_register describes."""
+    path = str(Path(folder).resolve())
+    _current().call({"op": "model", "path": path, **spec})
 
 
 if __name__ == "__main__":  # python -m gpt2tune.tracking: send what was kept offline
