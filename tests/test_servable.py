@@ -70,11 +70,12 @@ def test_run_holds_one_registered_mlflow_model(logged, model_dir):
     [output] = run.outputs.model_outputs  # the model shows on the run and Logged Models page
     model = client.get_logged_model(output.model_id)
     assert model.name == "model" and model.source_run_id == logged["run_id"]
-    files = [a.path for a in client.list_logged_model_artifacts(model.model_id, "artifacts/gpt2")]
-    assert sorted(files) == sorted(f"artifacts/gpt2/{p.name}" for p in model_dir.iterdir())
+    folder = f"artifacts/{model_dir.name}"  # MLflow keeps the folder's name
+    files = [a.path for a in client.list_logged_model_artifacts(model.model_id, folder)]
+    assert sorted(files) == sorted(f"{folder}/{p.name}" for p in model_dir.iterdir())
     assert client.list_artifacts(logged["run_id"]) == []  # the weights are not uploaded twice
     version = client.get_model_version_by_alias(NAME, "candidate")
-    assert version.version == "1" and version.run_id == logged["run_id"]
+    assert str(version.version) == "1" and version.run_id == logged["run_id"]
 
 
 LOAD = """

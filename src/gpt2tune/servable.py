@@ -4,8 +4,8 @@ The assemble stage calls :func:`log_and_register`. It logs ``models/finetuned`` 
 an MLflow Model (MLflow 3 ``log_model(name="model")``, so it shows on the run and on the
 Logged Models page) with the ``python_function`` flavor, registers it as a new version of
 ``mlflow.registered_model`` and points ``mlflow.registered_alias`` at that version. The
-OpenAI-format folder is the model's one artifact (``artifacts/gpt2/``), so its weights are
-uploaded once, and anything that reads OpenAI's layout can use that folder as it is.
+OpenAI-format folder is the model's one artifact (``artifacts/finetuned/``, the folder's
+name), so its weights are uploaded once, and anything that reads OpenAI's layout can use that folder as it is.
 
 What ``predict`` takes and gives (:class:`GPT2Completer`):
 
