@@ -60,7 +60,10 @@ def expected(model_dir, prompts, **settings) -> list[str]:
 
 
 def fresh_env(uri: str) -> dict[str, str]:
-    return dict(os.environ, MLFLOW_TRACKING_URI=uri, TF_CPP_MIN_LOG_LEVEL="2")
+    """The registry's address, and the virtualenv's bin on PATH, as once it is activated
+    (`mlflow models serve` runs `uvicorn` from there)."""
+    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    return dict(os.environ, MLFLOW_TRACKING_URI=uri, TF_CPP_MIN_LOG_LEVEL="2", PATH=path)
 
 
 def test_run_holds_one_registered_mlflow_model(logged, model_dir):
@@ -147,13 +150,14 @@ def test_mlflow_models_serve_answers_invocations(logged, model_dir, tmp_path):
         server.wait(30)
     assert got == expected(model_dir, PROMPTS, length=7, seed=11, nsamples=1)
     # Each completion is 7 tokens: the sampler's own ids decode to exactly the served text.
+    # (Re-encoding the text is no count: a random model splits UTF-8 characters, which decode
+    # to U+FFFD, and re-merges tokens.)
     model = gpt2tune.load_model(model_dir)
     for prompt, text in zip(PROMPTS, got, strict=True):
         context = model.encoder.encode(prompt) if prompt else None
         kw = {**servable.defaults_of(DEFAULTS), "length": 7, "seed": 11, "nsamples": 1}
         [ids] = gpt2tune.generate_tokens(model, context, **kw)
         assert len(ids) == 7 and model.encoder.decode(ids.tolist()) == text
-        assert 1 <= len(model.encoder.encode(text)) <= 7
 
 
 def test_runs_ended_through_tracking_have_an_end_time(logged, tmp_path, monkeypatch):
