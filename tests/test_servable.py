@@ -199,3 +199,17 @@ def test_model_logged_while_the_server_was_down_is_sent_on_replay(model_dir, tmp
         assert info["status"] == "FINISHED" and int(info["end_time"]) >= int(info["start_time"])
     finally:
         server.__exit__()
+
+
+def test_a_store_without_registry_warns_in_one_line(model_dir, tmp_path, monkeypatch, capsys):
+    """MLflow 3 refuses a file-based registry unless MLFLOW_ALLOW_FILE_STORE=true: the model
+    stays logged on the run, and one warning line says how to register it later."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", (tmp_path / "registry").as_uri())
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with tracking.training_run(MlflowParams(uri, "no-registry"), {}) as run:
+        servable.log_and_register(model_dir, DEFAULTS, NAME, "candidate")
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "not registered" in line]
+    assert len(warnings) == 1 and "mlflow.register_model('models:/m-" in warnings[0], warnings
+    assert MlflowClient(uri).get_run(run.info.run_id).outputs.model_outputs

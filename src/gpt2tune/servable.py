@@ -5,7 +5,8 @@ an MLflow Model (MLflow 3 ``log_model(name="model")``, so it shows on the run an
 Logged Models page) with the ``python_function`` flavor, registers it as a new version of
 ``mlflow.registered_model`` and points ``mlflow.registered_alias`` at that version. The
 OpenAI-format folder is the model's one artifact (``artifacts/finetuned/``, the folder's
-name), so its weights are uploaded once, and anything that reads OpenAI's layout can use that folder as it is.
+name), so its weights are uploaded once, and anything that reads OpenAI's layout can use that
+folder as it is.
 
 What ``predict`` takes and gives (:class:`GPT2Completer`):
 
@@ -218,7 +219,7 @@ def _register(model_uri: str, name: str, alias: str) -> None:
             if alias:
                 mlflow.MlflowClient().set_registered_model_alias(name, alias, version)
     except MlflowException as e:
-        reason = " ".join(str(e).split())[:200]
+        reason = " ".join(str(e).split()).split(". ")[0][:200]  # MLflow's first sentence
         print(
             f"warning: the model is logged but not registered as {name!r} ({reason}); "
             f"register it later with mlflow.register_model({model_uri!r}, {name!r})",
