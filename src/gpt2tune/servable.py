@@ -46,7 +46,7 @@ import pandas as pd
 
 from gpt2tune.errors import Gpt2tuneError
 
-ARTIFACT = "gpt2"  # the model folder's key in `artifacts`, and its folder name in the model
+ARTIFACT = "gpt2"  # the folder's key in `artifacts`; it keeps its own name inside the model
 MODEL_NAME = "model"  # log_model(name=...): the model's name on the run and Logged Models page
 # The generation settings, in generate()'s keyword order; their types fix the params schema.
 PARAM_TYPES: dict[str, type] = {
@@ -188,10 +188,14 @@ def send_model(uri: str, run_id: str, op: dict) -> None:
     if not folder.is_dir():  # replayed after the folder went: say so instead of failing
         print(f"warning: {folder} is gone; MLflow run {run_id} gets no model", file=sys.stderr)
         return
+    from mlflow.exceptions import MlflowException
+
     defaults = op["defaults"]
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(uri)
     try:
+        # The fluent API logs to the active run: reopen the training's; leaving it marks the
+        # run FINISHED, and the gpt2tune session then sets its own final status.
         with mlflow.start_run(run_id=run_id), _quiet_mlflow():
             info = mlflow.pyfunc.log_model(
                 name=MODEL_NAME,
@@ -205,6 +209,11 @@ def send_model(uri: str, run_id: str, op: dict) -> None:
         print(f"logged the model to MLflow run {run_id} as {info.model_uri}")
         if op["registered_model"]:
             _register(info.model_uri, op["registered_model"], op["alias"])
+    except MlflowException as e:
+        if uri.lower().startswith(("http://", "https://")):
+            raise  # gpt2tune.tracking keeps the request for when the server answers again
+        reason = " ".join(str(e).split())[:200]
+        raise Gpt2tuneError(f"could not log {folder} to MLflow run {run_id}: {reason}") from None
     finally:
         mlflow.set_tracking_uri(previous)
 
