@@ -1,7 +1,8 @@
 """DVC stage assemble: models/finetuned = trained weights + the base model's tokenizer files.
 
 The result is an ordinary OpenAI-format model folder (what the notebooks built by hand),
-also logged as the `model/` artifact of the training's MLflow run.
+also logged to the training's MLflow run as an MLflow Model and registered (see
+gpt2tune.servable).
 """
 
 import sys
@@ -19,10 +20,11 @@ def main() -> None:
 
     from gpt2tune import tracking
     from gpt2tune.checkpoint import assemble
+    from gpt2tune.servable import log_and_register
 
     assemble(f"models/{p.model.name}", "checkpoint/run1", OUT)
     with tracking.reopen_run(p.mlflow):
-        tracking.log_folder(OUT, "model")
+        log_and_register(OUT, p.sample, p.mlflow.registered_model, p.mlflow.registered_alias)
     print(f"assembled {OUT}")
 
 

@@ -250,7 +250,8 @@ BAD = {
     ),
     "unknown key, nothing close": (
         _set("mlflow", "zzz", 1),
-        "params.yaml: mlflow.zzz: unknown key; valid: tracking_uri, experiment",
+        "params.yaml: mlflow.zzz: unknown key; valid: tracking_uri, experiment, "
+        "registered_model, registered_alias",
     ),
     "missing key": (
         _drop("train", "batch_size"),
@@ -258,7 +259,8 @@ BAD = {
     ),
     "missing section": (
         _drop(None, "mlflow"),
-        "params.yaml: mlflow: missing section (with keys tracking_uri, experiment)",
+        "params.yaml: mlflow: missing section (with keys tracking_uri, experiment, "
+        "registered_model, registered_alias)",
     ),
     "unknown section": (
         _rename(None, "sample", "sampel"),
@@ -373,6 +375,16 @@ BAD = {
     "empty experiment": (
         _set("mlflow", "experiment", ""),
         'params.yaml: mlflow.experiment = "": must be a non-empty string',
+    ),
+    "registered model name with a slash": (
+        _set("mlflow", "registered_model", "team/gpt2"),
+        'params.yaml: mlflow.registered_model = "team/gpt2": must be a model name without "/" '
+        'or ":" ("" = do not register)',
+    ),
+    "reserved alias": (
+        _set("mlflow", "registered_alias", "latest"),
+        'params.yaml: mlflow.registered_alias = "latest": must be letters, digits, "_" or "-", '
+        'not "latest" or v<number> ("" = no alias)',
     ),
 }
 

@@ -162,7 +162,11 @@ def test_repro_runs_every_stage(project):
 
     assert artifacts("samples/train") == [f"samples/train/step_{s:06d}.txt" for s in (4, STEPS)]
     assert artifacts("samples") == ["samples/samples.json", "samples/samples.md", "samples/train"]
-    assert artifacts("model") == [f"model/{name}" for name in FINETUNED_FILES]
+    [model] = run.outputs.model_outputs  # assemble's MLflow Model (gpt2tune.servable)
+    files = client.list_logged_model_artifacts(model.model_id, "artifacts/finetuned")
+    assert sorted(a.path for a in files) == [f"artifacts/finetuned/{n}" for n in FINETUNED_FILES]
+    # The weights are uploaded once, inside the MLflow Model: no `model/` folder on the run.
+    assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["samples"]
     logged = client.download_artifacts(run.info.run_id, "samples/samples.json", str(root.parent))
     assert json.loads(Path(logged).read_text()) == records
 
@@ -223,4 +227,4 @@ def test_exp_run_temp_lands_in_the_same_server(project):
     assert float(run.data.params["train.learning_rate"]) == 0.003
     assert run.data.tags["dvc.exp_name"] == ref.rsplit("/", 1)[1]
     assert run.data.tags["git.commit"] == git(project.root, "rev-parse", "HEAD")
-    assert [a.path for a in project.client().list_artifacts(run.info.run_id, "model")]
+    assert run.outputs.model_outputs  # assemble's MLflow Model

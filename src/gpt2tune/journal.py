@@ -78,7 +78,7 @@ def replay(run: MlflowRun, path: Path, offline_id: str | None) -> None:
             start = next((op for op in ops if op["op"] == "start"), None)
             if start is None:
                 raise Gpt2tuneError(f"{path} lacks the record that creates run {offline_id}")
-            run.create_run(start["params"], start["tags"], start.get("name"))
+            run.create_run(start["params"], start["tags"], start.get("name"), start.get("ts"))
             write_text_atomic(
                 offline_dir() / f"{offline_id}.json", json.dumps({"run_id": run.run_id})
             )

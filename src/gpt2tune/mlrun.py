@@ -90,12 +90,17 @@ class MlflowRun:
                 f"(params.yaml mlflow.tracking_uri): {reason(e)}"
             ) from None
 
-    def create_run(self, params: dict[str, object], tags: dict[str, str], name: str | None):
-        """Create the run on the server with its params; MLflow adds its usual tags."""
+    def create_run(
+        self, params: dict[str, object], tags: dict[str, str], name: str | None, start=None
+    ):
+        """Create the run on the server with its params; MLflow adds its usual tags. `start`:
+        when it began (ms), for a run made offline, so that its duration is the real one."""
         from mlflow.entities import Param
         from mlflow.tracking.context.registry import resolve_tags
 
-        run = self.client.create_run(self.experiment_id, run_name=name, tags=resolve_tags(tags))
+        run = self.client.create_run(
+            self.experiment_id, start_time=start, run_name=name, tags=resolve_tags(tags)
+        )
         self.run_id = run.info.run_id
         self.seen = set()
         items = [Param(k, param_value(v)) for k, v in params.items()]
@@ -119,8 +124,12 @@ class MlflowRun:
         elif kind == "folder":
             if os.path.isdir(op["path"]):
                 c.log_artifacts(self.run_id, op["path"], op["artifact_path"])
-        elif kind == "status":
-            c.update_run(self.run_id, status=op["status"])
+        elif kind == "status":  # update_run would leave end_time unset: no duration in the UI
+            c.set_terminated(self.run_id, status=op["status"], end_time=op.get("ts"))
+        elif kind == "model":
+            from gpt2tune.servable import send_model
+
+            send_model(self.uri, self.run_id, op)
         else:
             raise ValueError(f"unknown offline record {kind!r}")
 

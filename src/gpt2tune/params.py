@@ -257,6 +257,22 @@ class MlflowParams:
     experiment: str = key(
         "gpt2tune", Rule("a non-empty string", _nonempty), "MLflow experiment name"
     )
+    registered_model: str = key(
+        "gpt2tune",
+        Rule(
+            'a model name without "/" or ":" ("" = do not register)',
+            lambda v: not v or (_nonempty(v) and not set(v) & set("/:")),
+        ),
+        'assemble registers each fine-tuned model as a new version of this name ("" = not)',
+    )
+    registered_alias: str = key(
+        "candidate",
+        Rule(
+            'letters, digits, "_" or "-", not "latest" or v<number> ("" = no alias)',
+            lambda v: bool(re.fullmatch(r"[\w-]*", v)) and not re.fullmatch(r"(?i)latest|v\d+", v),
+        ),
+        "alias set on the newest registered version",
+    )
 
 
 @dataclass(frozen=True)

@@ -212,7 +212,7 @@ def _activate(session: Session) -> Iterator[Session]:
     finally:
         _active = previous
         if not session.ended:  # end_run() already set the status
-            session.call({"op": "status", "status": status})
+            session.call({"op": "status", "status": status, "ts": _now_ms()})
 
 
 def _write_run_file(session: Session) -> None:
@@ -247,7 +247,8 @@ def training_run(cfg: MlflowParams, params: dict, run_id: str | None = None):
         if not session.run_id:  # the run is made later, from the journal's first record
             session.run_id = session.local_id = journal.new_offline_id()
             params = {k: param_value(v) for k, v in params.items()}
-            start = {"op": "start", "params": params, "tags": run_tags(), "name": name}
+            start = {"op": "start", "params": params, "tags": run_tags(), "name": name,
+                     "ts": _now_ms()}  # fmt: skip
             journal.append(session.journal, start)
         session._went_offline(reason(e))
     _write_run_file(session)
@@ -314,7 +315,7 @@ def end_run(status: str) -> None:
     """End the open run now with an MLflow status such as "KILLED" (instead of the
     FINISHED / FAILED that leaving training_run or reopen_run would set)."""
     session = _current()
-    session.call({"op": "status", "status": status})
+    session.call({"op": "status", "status": status, "ts": _now_ms()})
     session.ended = True
 
 
@@ -323,7 +324,7 @@ def log_metrics(metrics: dict, step: int) -> None:
         {
             "op": "metrics",
             "step": int(step),
-            "ts": int(time.time() * 1000),
+            "ts": _now_ms(),
             "values": {k: float(v) for k, v in metrics.items()},
         }  # fmt: skip
     )
@@ -336,6 +337,15 @@ def log_text(text: str, artifact_file: str) -> None:
 def log_folder(folder: str | os.PathLike, artifact_path: str) -> None:
     path = str(Path(folder).resolve())
     _current().call({"op": "folder", "path": path, "artifact_path": artifact_path})
+
+
+def log_model(folder: str | os.PathLike, spec: dict) -> None:
+    """Log `folder` as an MLflow Model, as gpt2tune.servable.log_and_register describes."""
+    _current().call({"op": "model", "path": str(Path(folder).resolve()), **spec})
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 if __name__ == "__main__":  # python -m gpt2tune.tracking: send what was kept offline

@@ -1,0 +1,251 @@
+"""The fine-tuned model as an MLflow Model: logged to the training's run, registered, served.
+
+The assemble stage calls :func:`log_and_register`. It logs ``models/finetuned`` to the run as
+an MLflow Model (MLflow 3 ``log_model(name="model")``, so it shows on the run and on the
+Logged Models page) with the ``python_function`` flavor, registers it as a new version of
+``mlflow.registered_model`` and points ``mlflow.registered_alias`` at that version. The
+OpenAI-format folder is the model's one artifact (``artifacts/finetuned/``, the folder's
+name), so its weights are uploaded once, and anything that reads OpenAI's layout can use that
+folder as it is.
+
+What ``predict`` takes and gives (:class:`GPT2Completer`):
+
+* input: prompts, as a list of strings, a string, a 1-D array, or a DataFrame with a
+  ``prompt`` column (else its first column); ``""`` = an unconditional sample;
+* params: ``length``, ``nsamples``, ``temperature``, ``top_k``, ``top_p``, ``seed``, declared
+  in the signature with the ``sample`` section's values as defaults;
+* output: a list of completions (without the prompt), ``nsamples`` per prompt, prompt by
+  prompt. Each prompt is sampled as ``gpt2tune.generate(model, prompt, **params)`` would, so
+  a fixed seed gives the same text as the Python API.
+
+The model is "models from code" (MLflow's own recommendation): MLflow keeps a three-line
+script, :mod:`gpt2tune.mlflow_model_code`, that builds the :class:`GPT2Completer` when the model
+loads, so nothing is unpickled; it imports gpt2tune, which must be installed where the model
+is served (``--env-manager local`` in the environment that has it). The project folder is not
+needed: the weights and tokenizer come from the model's own artifact.
+
+While the tracking server is away, the request is kept in the run's offline file like every
+other record and carried out when it is replayed (see gpt2tune.tracking), from the model
+folder as it is then.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+
+from gpt2tune.errors import Gpt2tuneError
+
+ARTIFACT = "gpt2"  # the folder's key in `artifacts`; it keeps its own name inside the model
+MODEL_NAME = "model"  # log_model(name=...): the model's name on the run and Logged Models page
+# The generation settings, in generate()'s keyword order; their types fix the params schema.
+PARAM_TYPES: dict[str, type] = {
+    "length": int,
+    "nsamples": int,
+    "temperature": float,
+    "top_k": int,
+    "top_p": float,
+    "seed": int,
+}
+_CODE = Path(__file__).with_name("mlflow_model_code.py")
+_REQUIREMENTS = ("mlflow", "tensorflow", "numpy", "pandas", "regex", "tiktoken")
+
+
+class GPT2Completer(mlflow.pyfunc.PythonModel):
+    """Prompts in, completions out; see the module docstring."""
+
+    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        from gpt2tune.checkpoint import load_model
+
+        self.model = load_model(context.artifacts[ARTIFACT])
+
+    # The annotation is what MLflow's schema enforcement hands over for our column signature
+    # (lists, arrays and strings arrive as one-column DataFrames); a pandas hint also keeps
+    # MLflow 3 from deriving a second signature from the type hints.
+    def predict(
+        self,
+        context: mlflow.pyfunc.PythonModelContext,
+        model_input: pd.DataFrame,
+        params: dict[str, Any] | None = None,
+    ) -> list[str]:
+        from gpt2tune.sample import generate
+
+        settings = sampling_settings(params or {})
+        out: list[str] = []
+        for prompt in prompts_of(model_input):
+            out.extend(generate(self.model, prompt, **settings))
+        return out
+
+
+def prompts_of(model_input: Any) -> list[str]:
+    """The prompts in a pyfunc input; a missing value (None, NaN) is an empty prompt."""
+    if isinstance(model_input, pd.DataFrame):
+        if model_input.shape[1] == 0:
+            raise Gpt2tuneError("predict input has no columns: give a `prompt` column")
+        column = "prompt" if "prompt" in model_input.columns else model_input.columns[0]
+        values = model_input[column].tolist()
+    elif isinstance(model_input, str):
+        values = [model_input]
+    elif isinstance(model_input, (list, tuple, np.ndarray, pd.Series)):
+        values = np.asarray(model_input, dtype=object).ravel().tolist()
+    else:
+        raise Gpt2tuneError(
+            f"predict input of type {type(model_input).__name__}: give a list of prompt "
+            "strings or a DataFrame with a `prompt` column"
+        )
+    prompts = []
+    for v in values:
+        if v is None or (isinstance(v, float) and np.isnan(v)):
+            v = ""
+        if not isinstance(v, str):
+            raise Gpt2tuneError(f"prompt {v!r} is a {type(v).__name__}: prompts must be strings")
+        prompts.append(v)
+    return prompts
+
+
+def sampling_settings(params: dict[str, Any]) -> dict[str, Any]:
+    """generate()'s keyword arguments from pyfunc params (MLflow has added the defaults)."""
+    unknown = sorted(set(params) - set(PARAM_TYPES))
+    if unknown:
+        raise Gpt2tuneError(
+            f"unknown param(s) {', '.join(unknown)}; known: {', '.join(PARAM_TYPES)}"
+        )
+    return {k: PARAM_TYPES[k](params[k]) for k in PARAM_TYPES if k in params}
+
+
+def defaults_of(sampling: Any) -> dict[str, Any]:
+    """The six generation settings of a Sampling / SampleParams value (or a dict)."""
+    get = sampling.get if isinstance(sampling, dict) else lambda k: getattr(sampling, k)
+    return {k: t(get(k)) for k, t in PARAM_TYPES.items()}
+
+
+def signature(defaults: dict[str, Any]) -> mlflow.models.ModelSignature:
+    """One string column in, one string column out, the settings as params with defaults."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    kinds = {int: "long", float: "double"}
+    specs = [ParamSpec(k, kinds[t], defaults[k]) for k, t in PARAM_TYPES.items()]
+    return ModelSignature(
+        inputs=Schema([ColSpec("string")]),
+        outputs=Schema([ColSpec("string")]),
+        params=ParamSchema(specs),
+    )
+
+
+def pip_requirements() -> list[str]:
+    """What gpt2tune's model code imports, pinned to the versions it was logged with.
+
+    Given explicitly so that MLflow does not load the model in a subprocess to guess them.
+    gpt2tune itself is not on PyPI: install it where the model is served.
+    """
+    reqs = []
+    for name in _REQUIREMENTS:
+        try:
+            reqs.append(f"{name}=={metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            reqs.append(name)
+    return reqs
+
+
+def log_and_register(
+    model_folder: str | os.PathLike,
+    sampling_defaults: Any,
+    registered_model: str = "gpt2tune",
+    alias: str = "candidate",
+) -> None:
+    """Log `model_folder` to the open gpt2tune tracking run as an MLflow Model and, unless
+    `registered_model` is "", register it as a new version with `alias` ("" = none).
+
+    Goes through the run's session (gpt2tune.tracking.reopen_run / training_run), so while
+    the server is away the request waits in the offline file and is replayed later."""
+    from gpt2tune import tracking
+
+    folder = Path(model_folder)
+    if not folder.is_dir():
+        raise Gpt2tuneError(f"model folder {folder} does not exist; nothing to log to MLflow")
+    op = {
+        "defaults": defaults_of(sampling_defaults),
+        "registered_model": registered_model,
+        "alias": alias,
+    }
+    tracking.log_model(folder, op)
+
+
+def send_model(uri: str, run_id: str, op: dict) -> None:
+    """Carry out a "model" record of gpt2tune.tracking: log, register, set the alias."""
+    folder = Path(op["path"])
+    if not folder.is_dir():  # replayed after the folder went: say so instead of failing
+        print(f"warning: {folder} is gone; MLflow run {run_id} gets no model", file=sys.stderr)
+        return
+    from mlflow.exceptions import MlflowException
+
+    defaults = op["defaults"]
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        # The fluent API logs to the active run: reopen the training's; leaving it marks the
+        # run FINISHED, and the gpt2tune session then sets its own final status.
+        with mlflow.start_run(run_id=run_id), _quiet_mlflow():
+            info = mlflow.pyfunc.log_model(
+                name=MODEL_NAME,
+                python_model=str(_CODE),
+                artifacts={ARTIFACT: str(folder)},
+                signature=signature(defaults),
+                # A short request, so that MLflow's check that the example loads is quick.
+                input_example=(["Human reason", ""], {"length": 4, "nsamples": 1}),
+                pip_requirements=pip_requirements(),
+            )
+        print(f"logged the model to MLflow run {run_id} as {info.model_uri}")
+        if op["registered_model"]:
+            _register(info.model_uri, op["registered_model"], op["alias"])
+    except MlflowException as e:
+        if uri.lower().startswith(("http://", "https://")):
+            raise  # gpt2tune.tracking keeps the request for when the server answers again
+        reason = " ".join(str(e).split())[:200]
+        raise Gpt2tuneError(f"could not log {folder} to MLflow run {run_id}: {reason}") from None
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+def _register(model_uri: str, name: str, alias: str) -> None:
+    """A new version of `name`, with `alias` on it; a store without a registry only warns."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        with _quiet_mlflow():
+            version = mlflow.register_model(model_uri, name).version
+            if alias:
+                mlflow.MlflowClient().set_registered_model_alias(name, alias, version)
+    except MlflowException as e:
+        reason = " ".join(str(e).split()).split(". ")[0][:200]  # MLflow's first sentence
+        print(
+            f"warning: the model is logged but not registered as {name!r} ({reason}); "
+            f"register it later with mlflow.register_model({model_uri!r}, {name!r})",
+            file=sys.stderr,
+        )
+        return
+    print(f"registered {name} version {version}" + (f" as @{alias}" if alias else ""))
+
+
+@contextmanager
+def _quiet_mlflow() -> Iterator[None]:
+    """MLflow's INFO/WARNING chatter while logging (registration notes, advice) off; errors
+    still raise."""
+    logger = logging.getLogger("mlflow")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

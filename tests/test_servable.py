@@ -1,0 +1,215 @@
+"""The assembled model as an MLflow Model: logged to the run, registered, loaded and served
+with MLflow's own tools, giving exactly the text gpt2tune.generate gives.
+
+A tiny random GPT-2 is logged through gpt2tune.servable into a sqlite store in a temporary
+folder; loading and serving happen in fresh processes whose working directory is elsewhere,
+finding the model only through the registry (`models:/<name>/<version>`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from mlflow.tracking import MlflowClient
+from mlflowserver import MlflowServer, free_port
+
+import gpt2tune
+from gpt2tune import servable, tracking
+from gpt2tune.params import MlflowParams, Sampling
+
+HP = {"n_ctx": 32, "n_embd": 32, "n_head": 2, "n_layer": 2}
+DEFAULTS = Sampling(nsamples=2, length=5, temperature=0.9, top_k=20, top_p=0.0, seed=7)
+NAME = "tiny-gpt2"
+PROMPTS = ["Human reason", ""]  # "" = unconditional
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tiny_vocab_dir):
+    n_vocab = gpt2tune.load_encoder(tiny_vocab_dir).n_vocab
+    folder = tmp_path_factory.mktemp("servable") / "finetuned"
+    gpt2tune.init_model(dict(HP, n_vocab=n_vocab), tiny_vocab_dir, seed=0).save(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def logged(tmp_path_factory, model_dir):
+    """The model logged and registered through a gpt2tune run, as the assemble stage does."""
+    project = tmp_path_factory.mktemp("project")
+    uri = f"sqlite:///{project / 'mlflow.db'}"
+    cwd = os.getcwd()
+    os.chdir(project)  # the run's metrics/ files go to the project, not the checkout
+    try:
+        with tracking.training_run(MlflowParams(uri, "servable"), {"model.name": "tiny"}) as run:
+            servable.log_and_register(model_dir, DEFAULTS, NAME, "candidate")
+    finally:
+        os.chdir(cwd)
+    return {"uri": uri, "run_id": run.info.run_id, "project": project}
+
+
+def expected(model_dir, prompts, **settings) -> list[str]:
+    """What the Python API gives for these prompts, with the logged defaults under `settings`."""
+    model = gpt2tune.load_model(model_dir)
+    kw = {**servable.defaults_of(DEFAULTS), **settings}
+    return [text for p in prompts for text in gpt2tune.generate(model, p, **kw)]
+
+
+def fresh_env(uri: str) -> dict[str, str]:
+    """The registry's address, and the virtualenv's bin on PATH, as once it is activated
+    (`mlflow models serve` runs `uvicorn` from there)."""
+    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    return dict(os.environ, MLFLOW_TRACKING_URI=uri, TF_CPP_MIN_LOG_LEVEL="2", PATH=path)
+
+
+def test_run_holds_one_registered_mlflow_model(logged, model_dir):
+    client = MlflowClient(logged["uri"])
+    run = client.get_run(logged["run_id"])
+    assert run.info.status == "FINISHED"
+    [output] = run.outputs.model_outputs  # the model shows on the run and Logged Models page
+    model = client.get_logged_model(output.model_id)
+    assert model.name == "model" and model.source_run_id == logged["run_id"]
+    folder = f"artifacts/{model_dir.name}"  # MLflow keeps the folder's name
+    files = [a.path for a in client.list_logged_model_artifacts(model.model_id, folder)]
+    assert sorted(files) == sorted(f"{folder}/{p.name}" for p in model_dir.iterdir())
+    assert client.list_artifacts(logged["run_id"]) == []  # the weights are not uploaded twice
+    version = client.get_model_version_by_alias(NAME, "candidate")
+    assert str(version.version) == "1" and version.run_id == logged["run_id"]
+
+
+LOAD = """
+import json, sys
+import mlflow.pyfunc, pandas as pd
+m = mlflow.pyfunc.load_model(sys.argv[1])
+params = m.metadata.signature.params.to_dict()
+print(json.dumps({
+    "params": {p["name"]: p["default"] for p in params},
+    "list": m.predict(json.loads(sys.argv[2]), params={"length": 6, "seed": 3}),
+    "frame": m.predict(pd.DataFrame({"prompt": json.loads(sys.argv[2])})),
+}))
+"""
+
+
+def test_loads_elsewhere_and_gives_generates_text(logged, model_dir, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = subprocess.run(
+        [sys.executable, "-c", LOAD, f"models:/{NAME}/1", json.dumps(PROMPTS)],
+        cwd=elsewhere, env=fresh_env(logged["uri"]), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["params"] == servable.defaults_of(DEFAULTS)  # sample's values are the defaults
+    assert got["list"] == expected(model_dir, PROMPTS, length=6, seed=3)
+    assert len(got["list"]) == len(PROMPTS) * DEFAULTS.nsamples
+    assert got["frame"] == expected(model_dir, PROMPTS)  # no params: the logged defaults
+    assert not list(elsewhere.iterdir())  # it needed nothing from here and wrote nothing
+
+
+def post(url: str, body: dict) -> dict:
+    request = urllib.request.Request(
+        url, json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=120) as r:
+        return json.loads(r.read())
+
+
+def test_mlflow_models_serve_answers_invocations(logged, model_dir, tmp_path):
+    port = free_port()
+    cmd = [
+        sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{NAME}/1",
+        "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+    ]  # fmt: skip
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        server = subprocess.Popen(
+            cmd, cwd=tmp_path, env=fresh_env(logged["uri"]), stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,  # its uvicorn workers end with it
+        )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/ping", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert server.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "no answer on /ping:\n" + log.read_text()[-3000:]
+            time.sleep(0.5)
+        body = {"inputs": PROMPTS, "params": {"length": 7, "seed": 11, "nsamples": 1}}
+        got = post(url + "/invocations", body)["predictions"]
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(30)
+    assert got == expected(model_dir, PROMPTS, length=7, seed=11, nsamples=1)
+    # Each completion is 7 tokens: the sampler's own ids decode to exactly the served text.
+    # (Re-encoding the text is no count: a random model splits UTF-8 characters, which decode
+    # to U+FFFD, and re-merges tokens.)
+    model = gpt2tune.load_model(model_dir)
+    for prompt, text in zip(PROMPTS, got, strict=True):
+        context = model.encoder.encode(prompt) if prompt else None
+        kw = {**servable.defaults_of(DEFAULTS), "length": 7, "seed": 11, "nsamples": 1}
+        [ids] = gpt2tune.generate_tokens(model, context, **kw)
+        assert len(ids) == 7 and model.encoder.decode(ids.tolist()) == text
+
+
+def test_runs_ended_through_tracking_have_an_end_time(logged, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = MlflowParams(logged["uri"], "end-time")
+    with tracking.training_run(cfg, {}) as run:
+        tracking.end_run("KILLED")
+    client = MlflowClient(logged["uri"])
+    killed = client.get_run(run.info.run_id).info
+    finished = client.get_run(logged["run_id"]).info
+    assert killed.status == "KILLED" and killed.end_time >= killed.start_time
+    assert finished.status == "FINISHED" and finished.end_time >= finished.start_time
+
+
+def test_model_logged_while_the_server_was_down_is_sent_on_replay(model_dir, tmp_path, monkeypatch):
+    """Offline: the request waits in the run's offline file; the replay logs and registers it,
+    and the run it ends (via the REST API, what the UI reads) has an end time."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GPT2TUNE_MLFLOW_RETRY_S", "3600")
+    server = MlflowServer(tmp_path / "mlflow-later")  # its port is free: nothing answers yet
+    try:
+        cfg = MlflowParams(server.url, "offline-model")
+        with tracking.training_run(cfg, {"model.name": "tiny"}) as run:
+            servable.log_and_register(model_dir, DEFAULTS, NAME + "-offline", "")
+        kept = tmp_path / "metrics" / "mlflow_offline" / f"{run.info.run_id}.jsonl"
+        assert [json.loads(line)["op"] for line in kept.read_text().splitlines()] == [
+            "start", "model", "status",
+        ]  # fmt: skip
+        server.start()
+        server.wait_ready()
+        assert tracking.replay_pending(cfg) == 0
+        run_id = json.loads((tmp_path / "metrics" / "mlflow_run.json").read_text())["run_id"]
+        run_id = tracking.Session(cfg, run_id).run_id  # the real id the replay created
+        client = MlflowClient(server.url)
+        [version] = client.search_model_versions(f"name='{NAME}-offline'")
+        assert version.run_id == run_id and not version.aliases
+        with urllib.request.urlopen(f"{server.url}/api/2.0/mlflow/runs/get?run_id={run_id}") as r:
+            info = json.loads(r.read())["run"]["info"]
+        assert info["status"] == "FINISHED" and int(info["end_time"]) >= int(info["start_time"])
+    finally:
+        server.__exit__()
+
+
+def test_a_store_without_registry_warns_in_one_line(model_dir, tmp_path, monkeypatch, capsys):
+    """MLflow 3 refuses a file-based registry unless MLFLOW_ALLOW_FILE_STORE=true: the model
+    stays logged on the run, and one warning line says how to register it later."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", (tmp_path / "registry").as_uri())
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with tracking.training_run(MlflowParams(uri, "no-registry"), {}) as run:
+        servable.log_and_register(model_dir, DEFAULTS, NAME, "candidate")
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "not registered" in line]
+    assert len(warnings) == 1 and "mlflow.register_model('models:/m-" in warnings[0], warnings
+    assert MlflowClient(uri).get_run(run.info.run_id).outputs.model_outputs
