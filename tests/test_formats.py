@@ -112,6 +112,12 @@ def test_lines_stream_in_small_reads(tmp_path, tiny):
     whole = train_of(f, tiny, tmp_path / "whole", data_format="lines")
     assert whole == by_hand(tiny, [long, *DOCS, long])
     assert train_of(f, tiny, tmp_path / "small", data_format="lines", chunk_chars=7) == whole
+    # Words one per line: the joined documents have no cut point but the separators.
+    words = " ".join(DOCS).split()
+    f = write(tmp_path / "words.txt", "\n".join(words))
+    assert train_of(f, tiny, tmp_path / "w", data_format="lines", chunk_chars=16) == by_hand(
+        tiny, words
+    )
 
 
 # --------------------------------------------------------------------------- jsonl

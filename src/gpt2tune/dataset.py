@@ -59,9 +59,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from gpt2tune.encoder import EOT
 from gpt2tune.errors import Gpt2tuneError
 from gpt2tune.files import display_path, fsync_file
-from gpt2tune.formats import check_format, encoded_documents, separator
+from gpt2tune.formats import EncodedDocuments, check_format, separator
 from gpt2tune.text import cores, find_inputs
 
 SPLITS = ("train", "val")
@@ -114,12 +115,17 @@ def encode_corpus(
         with _progress_bar(total_bytes, progress) as bar, open(stream, "wb") as sink:
 
             def encode(paths: list[Path]) -> _Counts:
-                encoded = encoded_documents(
+                encoded = EncodedDocuments(
                     encoder, paths, data_format=data_format, field=field, encoding=encoding,
                     chunk_chars=chunk_chars, dtype=dtype, workers=workers, on_bytes=bar.update,
                 )  # fmt: skip
                 eot = separator(data_format, encoder.eot_token, dtype)
-                return _append_documents(encoded, sink, eot)
+                counts = _append_documents(encoded, sink, eot)
+                # Documents joined inside a file's pieces (lines, csv, jsonl): not counted
+                # above, and their <|endoftext|> was text, not a document's characters.
+                counts.documents += encoded.joined
+                counts.characters -= encoded.joined * len(EOT)
+                return counts
 
             train, val = encode(files), encode(val_files)
         _check_tokens(train, val, path_spec, val_path, len(files), len(val_files))

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gpt2tune.encoder import EOT
 from gpt2tune.errors import Gpt2tuneError
 from gpt2tune.files import display_path
 from gpt2tune.text import chunks, encode_pieces, numbered_pieces, read_text
@@ -61,44 +62,69 @@ def separator(data_format: str, eot_token: int, dtype: np.dtype) -> np.ndarray:
     return np.array([] if data_format == "npz" else [eot_token], dtype)
 
 
-def encoded_documents(
-    encoder,
-    paths: list[Path],
-    *,
-    data_format: str,
-    field: str,
-    encoding: str,
-    chunk_chars: int,
-    dtype: np.dtype,
-    workers: int,
-    on_bytes: Callable[[int], object],
-) -> Iterator[tuple[int, int, np.ndarray]]:
-    """(document number, characters, token ids) for every piece of every document of `paths`,
-    in order; pieces of one document share its number."""
-    if data_format == "npz":
-        return npz_tokens(paths, encoder.n_vocab, dtype, on_bytes)
-    if data_format == "text":
-        pieces = numbered_pieces(paths, encoding, chunk_chars, on_bytes)
-    else:
-        docs = (
-            doc
-            for path in paths
-            for doc in _READERS[data_format](
-                display_path(path), read_lines(path, encoding, chunk_chars, on_bytes), field
-            )
-        )
-        pieces = _numbered(docs, chunk_chars)
-    return encode_pieces(encoder, pieces, dtype, workers)
+class EncodedDocuments:
+    """(file number, characters, token ids) for every piece of every file of `paths`, in
+    order, when iterated (once). Files of many documents (lines, csv, jsonl) come as their
+    documents joined with the literal <|endoftext|>, which the encoder turns into that one
+    token, in pieces of about chunk_chars: encoding a small document at a time would cost
+    more than the encoding itself. ``joined`` counts those inner separators (documents after
+    the first of a file), so the caller can count documents and characters right."""
 
+    def __init__(
+        self,
+        encoder,
+        paths: list[Path],
+        *,
+        data_format: str,
+        field: str,
+        encoding: str,
+        chunk_chars: int,
+        dtype: np.dtype,
+        workers: int,
+        on_bytes: Callable[[int], object],
+    ) -> None:
+        self._encoder, self._paths, self._format, self._field = encoder, paths, data_format, field
+        self._encoding, self._chunk_chars, self._on_bytes = encoding, chunk_chars, on_bytes
+        self._dtype, self._workers = dtype, workers
+        self.joined = 0
 
-def _numbered(docs: Iterable[str], chunk_chars: int) -> Iterator[tuple[int, str]]:
-    """(document number, piece) for the non-empty documents, each cut at safe points."""
-    n = 0
-    for doc in docs:
-        if doc:
-            n += 1
-            for piece in chunks([doc], chunk_chars):
-                yield n, piece
+    def __iter__(self) -> Iterator[tuple[int, int, np.ndarray]]:
+        if self._format == "npz":
+            return npz_tokens(self._paths, self._encoder.n_vocab, self._dtype, self._on_bytes)
+        if self._format == "text":
+            pieces = numbered_pieces(self._paths, self._encoding, self._chunk_chars, self._on_bytes)
+        else:
+            pieces = self._joined_pieces()
+        return encode_pieces(self._encoder, pieces, self._dtype, self._workers)
+
+    def _joined_pieces(self) -> Iterator[tuple[int, str]]:
+        read = _READERS[self._format]
+        for i, path in enumerate(self._paths):
+            lines = read_lines(path, self._encoding, self._chunk_chars, self._on_bytes)
+            for piece in self._joined(read(display_path(path), lines, self._field)):
+                yield i, piece
+
+    def _joined(self, docs: Iterable[str]) -> Iterator[str]:
+        """The non-empty documents joined with <|endoftext|>, in pieces of about chunk_chars.
+        A piece ends where a document ends and the next starts with the separator: no token
+        spans a special token, so that cut changes nothing; chunks() cuts a long document."""
+        batch: list[str] = []
+        size, first = 0, True
+        for doc in docs:
+            if not doc:
+                continue
+            if not first:
+                batch.append(EOT)
+                size += len(EOT)
+                self.joined += 1
+            first = False
+            batch.append(doc)
+            size += len(doc)
+            if size >= self._chunk_chars:
+                yield from chunks(["".join(batch)], self._chunk_chars)
+                batch, size = [], 0
+        if batch:
+            yield from chunks(["".join(batch)], self._chunk_chars)
 
 
 # --------------------------------------------------------------------------- lines, csv, jsonl
