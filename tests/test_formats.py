@@ -53,11 +53,10 @@ def train_of(path: Path | str, encoder, out: Path, **kwargs) -> list[int]:
 
 
 def error_of(fn, *args, **kwargs) -> str:
-    with pytest.raises(Gpt2tuneError) as e:
+    """The one-line Gpt2tuneError message of fn(*args, **kwargs)."""
+    with pytest.raises(Gpt2tuneError, match=r"\A[^\n]+\Z") as e:
         fn(*args, **kwargs)
-    message = str(e.value)
-    assert "\n" not in message
-    return message
+    return str(e.value)
 
 
 # --------------------------------------------------------------------------- the keys

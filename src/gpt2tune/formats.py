@@ -12,7 +12,7 @@ Empty documents (blank lines, empty cells or strings) add nothing, as empty file
 ``text``; blank lines in csv and jsonl are skipped. Documents are encoded as ``text``'s are:
 a literal ``<|endoftext|>`` inside one also becomes that token. A row that does not hold the
 field stops the run with the file, line and field (e.g. ``data/raw/a.jsonl:7: no key 'text'
-...``) before anything is written: outputs are renamed into place only at the end.
+...``); the previous outputs stay, as encode renames new ones into place only at the end.
 
 ``npz`` takes tokens already encoded by nshepperd's ``encode.py`` or gpt-2-simple's
 ``encode_dataset``: ``np.savez_compressed(out, *chunks)``, 1-D integer arrays ``arr_0``,
@@ -23,8 +23,11 @@ gpt-2-simple trains on too: its chunks already separate the files they combine, 
 sampler never reads across a chunk's end, so it adds no separator either. Every id must be
 below the model's n_vocab (an archive from another vocabulary is refused, naming the array).
 
-Joining: :func:`separator` is what goes between documents, ``<|endoftext|>`` (the token
-GPT-2 saw between documents) for every format but ``npz``.
+Joining: documents are separated by ``<|endoftext|>`` (the token GPT-2 saw between
+documents) in every format but ``npz``: between files by gpt2tune.dataset (:func:`separator`),
+between the documents of one file here, as the literal text, which the encoder turns into
+that token (:class:`EncodedDocuments`). Either way the tokens are those of encoding each
+document alone and joining them with the endoftext id.
 """
 
 from __future__ import annotations
@@ -63,12 +66,13 @@ def separator(data_format: str, eot_token: int, dtype: np.dtype) -> np.ndarray:
 
 
 class EncodedDocuments:
-    """(file number, characters, token ids) for every piece of every file of `paths`, in
-    order, when iterated (once). Files of many documents (lines, csv, jsonl) come as their
-    documents joined with the literal <|endoftext|>, which the encoder turns into that one
-    token, in pieces of about chunk_chars: encoding a small document at a time would cost
-    more than the encoding itself. ``joined`` counts those inner separators (documents after
-    the first of a file), so the caller can count documents and characters right."""
+    """(file number, characters, token ids) for every piece of every file of `paths` (array
+    number for npz), in order, when iterated (once). Files of many documents (lines, csv,
+    jsonl) come as their documents joined with the literal <|endoftext|>, which the encoder
+    turns into that one token, in pieces of about chunk_chars: encoding and writing one small
+    document at a time cost five times the encoding itself. ``joined`` counts those inner
+    separators (documents after a file's first), so the caller can count documents and
+    characters right."""
 
     def __init__(
         self,
