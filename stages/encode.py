@@ -31,6 +31,8 @@ def main() -> None:
         enc,
         "data/encoded",
         encoding=p.data.encoding,
+        data_format=p.data.format,
+        field=p.data.field,
         val_fraction=p.data.val_fraction,
         val_path=p.data.val_path,
     )

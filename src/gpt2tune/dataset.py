@@ -7,12 +7,14 @@ writes
 * ``train.npy`` and ``val.npy``: 1-D token arrays (uint16 when the vocabulary fits, else int32),
   meant to be opened with ``np.load(..., mmap_mode="r")`` (:func:`load_tokens`) so that a corpus
   larger than memory costs nothing to open;
-* ``stats.json``: documents, characters, bytes, tokens, train/val tokens, n_vocab, dtype and the
-  source files (relative to the working directory).
+* ``stats.json``: documents, characters, bytes, tokens, train/val tokens, n_vocab, dtype, the
+  data.format and the source files (relative to the working directory).
 
 Documents are joined with ``<|endoftext|>`` (the token GPT-2 saw between documents). A literal
 ``<|endoftext|>`` inside a file also becomes that one token, so a single file of documents
-already separated that way keeps its separators. Empty files add no document.
+already separated that way keeps its separators. Empty files add no document. That is
+``data.format: text``; files of one document per line, CSV row or JSON object, and tokens
+encoded by gpt-2-simple (``.npz``) are read by :mod:`gpt2tune.formats`.
 
 Validation split
 ----------------
@@ -57,9 +59,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from gpt2tune.encoder import EOT
 from gpt2tune.errors import Gpt2tuneError
 from gpt2tune.files import display_path, fsync_file
-from gpt2tune.text import cores, encode_pieces, find_inputs, numbered_pieces
+from gpt2tune.formats import EncodedDocuments, check_format, separator
+from gpt2tune.text import cores, find_inputs
 
 SPLITS = ("train", "val")
 OUTPUTS = ("train.npy", "val.npy", "stats.json")
@@ -80,6 +84,8 @@ def encode_corpus(
     out_dir: str | os.PathLike = "data/encoded",
     *,
     encoding: str = "utf-8",
+    data_format: str = "text",
+    field: str = "text",
     val_fraction: float = 0.05,
     val_path: str = "",
     progress: bool | None = None,
@@ -92,9 +98,11 @@ def encode_corpus(
     force the bar on/off; None shows it for large inputs on a terminal. ``chunk_chars``:
     characters encoded at a time (memory, not result). ``workers``: threads encoding chunks
     side by side (None: one per core for inputs of PARALLEL_MIN_BYTES or more, else 1); the
-    tokens are the same for any number.
+    tokens are the same for any number. ``data_format``, ``field``: data.format and
+    data.field, how the files hold documents (:mod:`gpt2tune.formats`).
     """
     _check_options(encoding, val_fraction, chunk_chars, workers)
+    check_format(data_format, field)
     out = Path(out_dir)
     files, val_files, total_bytes = find_inputs(path_spec, val_path, out)
     if workers is None:
@@ -107,14 +115,23 @@ def encode_corpus(
         with _progress_bar(total_bytes, progress) as bar, open(stream, "wb") as sink:
 
             def encode(paths: list[Path]) -> _Counts:
-                pieces = numbered_pieces(paths, encoding, chunk_chars, bar.update)
-                encoded = encode_pieces(encoder, pieces, dtype, workers)
-                return _append_documents(encoded, sink, np.array([encoder.eot_token], dtype))
+                encoded = EncodedDocuments(
+                    encoder, paths, data_format=data_format, field=field, encoding=encoding,
+                    chunk_chars=chunk_chars, dtype=dtype, workers=workers, on_bytes=bar.update,
+                )  # fmt: skip
+                eot = separator(data_format, encoder.eot_token, dtype)
+                counts = _append_documents(encoded, sink, eot)
+                # Documents joined inside a file's pieces (lines, csv, jsonl): not counted
+                # above, and their <|endoftext|> was text, not a document's characters.
+                counts.documents += encoded.joined
+                counts.characters -= encoded.joined * len(EOT)
+                return counts
 
             train, val = encode(files), encode(val_files)
         _check_tokens(train, val, path_spec, val_path, len(files), len(val_files))
         split = _split(train.tokens, val.tokens, val_fraction, separate=bool(val_files))
         stats = _stats(train, val, split, total_bytes, encoder.n_vocab, dtype, encoding)
+        stats["format"] = data_format
         stats["files"] = [display_path(f) for f in files]
         if val_files:
             stats["val_files"] = [display_path(f) for f in val_files]
@@ -167,7 +184,8 @@ class _Counts:
 def _append_documents(
     encoded: Iterable[tuple[int, int, np.ndarray]], sink, eot: np.ndarray
 ) -> _Counts:
-    """Write each file's tokens to `sink`, an <|endoftext|> between files; count them."""
+    """Write each document's tokens to `sink`, `eot` (<|endoftext|>, or nothing for npz)
+    between documents; count them."""
     counts, last_file = _Counts(), -1
     for file_index, n_chars, ids in encoded:
         counts.characters += n_chars
@@ -176,7 +194,7 @@ def _append_documents(
             counts.documents += 1
             if counts.tokens:
                 eot.tofile(sink)
-                counts.tokens += 1
+                counts.tokens += len(eot)
         ids.tofile(sink)
         counts.tokens += len(ids)
     return counts

@@ -121,6 +121,22 @@ class DataParams:
         Rule("a text codec Python knows, such as utf-8 or latin-1", _text_codec),
         "codec of the text",
     )
+    format: str = key(
+        "text",
+        one_of({
+            "text": "each file is one document",
+            "lines": "each line is one document",
+            "csv": "each row is one document: its data.field column",
+            "jsonl": "each line is a JSON object, one document: its data.field key",
+            "npz": "tokens already encoded by gpt-2-simple / nshepperd's encode.py, used as is",
+        }),
+        "how data.path and data.val_path hold documents",
+    )  # fmt: skip
+    field: str = key(
+        "text",
+        Rule("a non-empty string", _nonempty),
+        "the CSV column or JSON key holding the text (data.format csv or jsonl)",
+    )
     val_fraction: float = key(
         0.05,
         Rule("a number in [0, 0.5)", lambda v: 0 <= v < 0.5),
