@@ -19,6 +19,7 @@ from gpt2tune.download import (
 )
 from gpt2tune.errors import Gpt2tuneError
 from gpt2tune.files import RELEASE_FILES
+from gpt2tune.manifest import MANIFEST
 
 BIG = "model.ckpt.data-00000-of-00001"
 BIG_SIZE = 300_000
@@ -40,7 +41,8 @@ def served(tmp_path) -> tuple[Path, dict[str, bytes]]:
 
 
 def assert_model(folder: Path, contents: dict[str, bytes]) -> None:
-    assert sorted(p.name for p in folder.iterdir()) == sorted(RELEASE_FILES)  # no .part left
+    # no .part left; the manifest records what was downloaded (gpt2tune.manifest)
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*RELEASE_FILES, MANIFEST])
     for name, data in contents.items():
         assert (folder / name).read_bytes() == data, name
 

@@ -222,7 +222,7 @@ BAD = {
     ),
     "negative length": (
         _set("sample", "length", -1),
-        "params.yaml: sample.length = -1: must be an integer >= 1",
+        "params.yaml: sample.length = -1: must be an integer in 1..1000000",
     ),
     "negative temperature": (
         _set("sample", "temperature", -1),
@@ -255,7 +255,7 @@ BAD = {
     ),
     "missing key": (
         _drop("train", "batch_size"),
-        "params.yaml: train.batch_size: missing; must be an integer >= 1",
+        "params.yaml: train.batch_size: missing; must be an integer in 1..100000",
     ),
     "missing section": (
         _drop(None, "mlflow"),

@@ -28,6 +28,7 @@ from httpserver import FolderServer
 from mlflowserver import MlflowServer
 
 from gpt2tune.files import RELEASE_FILES as MODEL_FILES
+from gpt2tune.manifest import MANIFEST
 
 HP = {"n_vocab": 50257, "n_ctx": 64, "n_embd": 64, "n_head": 4, "n_layer": 2}
 STEPS = 8
@@ -111,7 +112,7 @@ def test_repro_runs_every_stage(project):
 
     # The model came over HTTP, byte for byte.
     fetched = root / "models" / "tiny"
-    assert sorted(p.name for p in fetched.iterdir()) == sorted(MODEL_FILES)
+    assert sorted(p.name for p in fetched.iterdir()) == sorted([*MODEL_FILES, MANIFEST])
     for name in MODEL_FILES:
         assert (fetched / name).read_bytes() == (project.served_dir / "tiny" / name).read_bytes()
     gets = {r.path for r in project.served.requests if r.method == "GET"}

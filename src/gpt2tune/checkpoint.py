@@ -123,7 +123,16 @@ def load_model(folder: str | os.PathLike) -> GPT2:
         )
     hparams = load_hparams(folder)
     encoder = load_encoder(folder)
-    weights = _read_weights(checkpoint_prefix(folder), hparams)
+    prefix = checkpoint_prefix(folder)
+    weights = _read_weights(prefix, hparams)
+    # Blocks past n_layer would be silently left out (n_embd is checked by the shapes).
+    layers = {int(m[1]) for n, _ in tf.train.list_variables(str(prefix))
+              if (m := re.match(r"model/h(\d+)/", n))}  # fmt: skip
+    if layers and max(layers) >= hparams["n_layer"]:
+        raise Gpt2tuneError(
+            f"{prefix} has {max(layers) + 1} layers but {folder / 'hparams.json'} says "
+            f"n_layer {hparams['n_layer']}; set n_layer to {max(layers) + 1}"
+        )
     return GPT2(hparams, weights, encoder)
 
 

@@ -59,13 +59,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from gpt2tune.encoded import SPLITS, load_tokens, read_stats
 from gpt2tune.encoder import EOT
 from gpt2tune.errors import Gpt2tuneError
 from gpt2tune.files import display_path, fsync_file
 from gpt2tune.formats import EncodedDocuments, check_format, separator
 from gpt2tune.text import cores, find_inputs
 
-SPLITS = ("train", "val")
 OUTPUTS = ("train.npy", "val.npy", "stats.json")
 VAL_BLOCK_TOKENS = 1024  # largest validation block; smaller for corpora under ~100 blocks
 PROGRESS_MIN_BYTES = 8 << 20  # smaller inputs encode in a second or two: no bar
@@ -73,6 +73,7 @@ _COPY_TOKENS = 1 << 22  # tokens per copy from the temporary stream into train/v
 # Inputs from this size on are encoded by one thread per core (smaller ones are a chunk or
 # three: nothing to share out).
 PARALLEL_MIN_BYTES = 4 << 20
+__all__ = ["SPLITS", "encode_corpus", "load_tokens", "read_stats", "split_plan"]
 
 
 # --------------------------------------------------------------------------- encode_corpus
@@ -108,10 +109,11 @@ def encode_corpus(
     if workers is None:
         workers = cores() if total_bytes >= PARALLEL_MIN_BYTES else 1
     dtype = _dtype(encoder.n_vocab)
-    out.mkdir(parents=True, exist_ok=True)
     finals = [out / name for name in OUTPUTS]
     stream = out / f".tokens.{os.getpid()}.tmp"
     try:
+        out.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temps(out)
         with _progress_bar(total_bytes, progress) as bar, open(stream, "wb") as sink:
 
             def encode(paths: list[Path]) -> _Counts:
@@ -136,6 +138,12 @@ def encode_corpus(
         if val_files:
             stats["val_files"] = [display_path(f) for f in val_files]
         _write_outputs(stream, finals, split, dtype, stats)
+    except OSError as e:  # reading errors are Gpt2tuneErrors already: this is the output side
+        raise Gpt2tuneError(
+            f"could not write {display_path(e.filename or out)}: {e.strerror or e}; check "
+            f"free disk space and permissions of {display_path(out)} (its previous outputs "
+            "are unchanged)"
+        ) from None
     finally:
         for temp in [stream, *map(_temp, finals)]:
             temp.unlink(missing_ok=True)
@@ -193,9 +201,9 @@ def _append_documents(
             last_file = file_index
             counts.documents += 1
             if counts.tokens:
-                eot.tofile(sink)
+                sink.write(eot)
                 counts.tokens += len(eot)
-        ids.tofile(sink)
+        sink.write(ids)  # not ndarray.tofile, which ignores a failed write (a full disk)
         counts.tokens += len(ids)
     return counts
 
@@ -283,6 +291,25 @@ def _temp(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
+def _remove_stale_temps(out: Path) -> None:
+    """Temporary files that a killed encode (kill -9, outside DVC) left in `out`: those named
+    after a process that no longer runs (a live one may be encoding into `out` right now)."""
+    for temp in out.glob(".*.tmp"):
+        pid = temp.name.rsplit(".", 2)[-2]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            temp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
 def _write_outputs(
     stream: Path, finals: list[Path], split: _Split, dtype: np.dtype, stats: dict
 ) -> None:
@@ -307,7 +334,7 @@ def _write_npy(path: Path, source: np.ndarray, ranges: list[tuple[int, int]], dt
         np.lib.format.write_array_header_1_0(fh, header)
         for a, b in ranges:
             for s in range(a, b, _COPY_TOKENS):
-                np.ascontiguousarray(source[s : min(b, s + _COPY_TOKENS)]).tofile(fh)
+                fh.write(np.ascontiguousarray(source[s : min(b, s + _COPY_TOKENS)]))
     fsync_file(path)
 
 
@@ -316,30 +343,3 @@ def _write_json(path: Path, data: dict) -> None:
         json.dump(data, fh, indent=2, ensure_ascii=False)
         fh.write("\n")
     fsync_file(path)
-
-
-# --------------------------------------------------------------------------- reading back
-
-
-def load_tokens(out_dir: str | os.PathLike, split: str) -> np.ndarray:
-    """The token array of `split` ("train" or "val") in out_dir, memory-mapped read-only."""
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    path = Path(out_dir) / f"{split}.npy"
-    try:
-        tokens = np.load(path, mmap_mode="r", allow_pickle=False)
-    except FileNotFoundError:
-        raise Gpt2tuneError(
-            f"{display_path(path)} not found; run `dvc repro encode` to encode data.path first"
-        ) from None
-    except (ValueError, OSError, EOFError) as e:
-        raise Gpt2tuneError(
-            f"{display_path(path)} is not a readable token array ({e}); "
-            "run `dvc repro encode` again"
-        ) from None
-    if tokens.ndim != 1 or tokens.dtype.kind not in "iu":
-        raise Gpt2tuneError(
-            f"{display_path(path)} holds a {tokens.dtype} array of shape {tokens.shape}, not 1-D "
-            "token ids; run `dvc repro encode` again"
-        )
-    return tokens

@@ -7,17 +7,19 @@ the same care. ``download_file`` is the single-file primitive underneath, usable
 
 How "complete" is recorded
 --------------------------
-The final file name *is* the record. Bytes in flight go to ``<file>.part``; only when the
-whole file has arrived and its size matches what the server announced (Content-Length or
-Content-Range) -- or the source file's size, for a local copy -- is it flushed to disk and
-renamed to its final name with :func:`os.replace`, which is atomic within a folder. So no
-manifest or checksum file can disagree with the data, and:
+The final file name says the download arrived whole. Bytes in flight go to ``<file>.part``;
+only when the whole file has arrived and its size matches what the server announced
+(Content-Length or Content-Range) -- or the source file's size, for a local copy -- is it
+flushed to disk and renamed to its final name with :func:`os.replace`, which is atomic within a
+folder. Its size and SHA-256 then go into ``.gpt2tune-manifest.json`` beside it
+(:mod:`gpt2tune.manifest`), which says whether it is *still* whole:
 
-* a file present under its final name is never downloaded, checked or rewritten again
-  (delete it to force a fresh download);
-* a folder holding all seven final names and no ``.part`` is a finished model, returned
+* a file under its final name that agrees with the manifest is never downloaded again; one
+  that does not (cut short, edited) is deleted with a warning and fetched again;
+* a folder holding all seven files, whole, and no ``.part`` is a finished model, returned
   without contacting the server at all;
-* a ``.part`` left by an interrupted run is resumed with an HTTP ``Range`` request.
+* a ``.part`` left by an interrupted run is resumed with an HTTP ``Range`` request;
+* a folder left empty by a failed first download (a 404) is removed.
 
 Checksums of the tokenizer files
 --------------------------------
@@ -38,8 +40,8 @@ one-line :class:`~gpt2tune.errors.Gpt2tuneError`.
 
 from __future__ import annotations
 
-import hashlib
 import os
+import sys
 from contextlib import nullcontext
 from pathlib import Path
 from urllib.parse import quote, urlsplit
@@ -48,6 +50,7 @@ from urllib.request import url2pathname
 import requests
 from tqdm import tqdm
 
+from gpt2tune import manifest
 from gpt2tune.errors import Gpt2tuneError
 from gpt2tune.files import RELEASE_FILES, file_size, fsync_file
 from gpt2tune.transfer import CHUNK_SIZE, HttpTransfer, NotFound, Policy
@@ -81,27 +84,42 @@ def fetch_model(
     """
     _check_name(name)
     dest = Path(dest_root) / name
+    official = _is_official(base_url)
+    if dest.is_dir():
+        _remove_damaged(dest, official)
     if _is_complete(dest):
-        return dest  # a finished model is never touched again, not even with a HEAD request
+        manifest.record(dest, RELEASE_FILES)  # adopts files from before manifests
+        return dest  # a whole model is never downloaded again, not even with a HEAD request
     folder = _locate(base_url, name)
-    with requests.Session() as session:  # one session: the seven files share a connection
-        for file in RELEASE_FILES:
-            source = folder / file if isinstance(folder, Path) else folder + quote(file)
-            try:
+    try:
+        with requests.Session() as session:  # one session: the seven files share a connection
+            for file in RELEASE_FILES:
+                source = folder / file if isinstance(folder, Path) else folder + quote(file)
                 download_file(
-                    source,
-                    dest / file,
-                    official=_is_official(base_url),
-                    session=session,
-                    progress=progress,
-                    retries=retries,
-                    connect_timeout=connect_timeout,
-                    read_timeout=read_timeout,
+                    source, dest / file, official=official, session=session, progress=progress,
+                    retries=retries, connect_timeout=connect_timeout, read_timeout=read_timeout,
                     backoff=backoff,
-                )
-            except NotFound as exc:
-                raise _model_not_found(name, f"{exc.where} ({exc.detail})") from None
+                )  # fmt: skip
+    except NotFound as exc:
+        raise _model_not_found(name, f"{exc.where} ({exc.detail})") from None
+    finally:
+        if dest.is_dir() and not any(dest.iterdir()):  # a 404 on the first file, say
+            dest.rmdir()
+    manifest.record(dest, RELEASE_FILES)
     return dest
+
+
+def _remove_damaged(dest: Path, official: bool) -> None:
+    """Delete the files of a model folder that are no longer what was downloaded (see
+    gpt2tune.manifest), saying so on stderr, so that they are fetched again."""
+    present = [f for f in RELEASE_FILES if (dest / f).is_file()]
+    bad = manifest.damaged_files(
+        dest, present, lambda path, name: _checksum_mismatch(path, name, official)
+    )
+    for name, why in bad.items():
+        print(f"warning: {dest / name} is damaged ({why}); fetching it again", file=sys.stderr)
+        manifest.forget(dest, name)
+        (dest / name).unlink()
 
 
 def download_file(
@@ -195,13 +213,10 @@ def _checksum_mismatch(path: Path, name: str, official: bool) -> str | None:
     size, digest = OFFICIAL_FILES[name]
     if not official and file_size(path) != size:
         return None
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    if h.hexdigest() == digest:
+    actual = manifest.sha256_of(path)
+    if actual == digest:
         return None
-    return f"SHA-256 {h.hexdigest()} ({file_size(path)} bytes), expected {digest} ({size} bytes)"
+    return f"SHA-256 {actual} ({file_size(path)} bytes), expected {digest} ({size} bytes)"
 
 
 def _is_complete(dest: Path) -> bool:

@@ -172,7 +172,20 @@ def _parse_vocab_bpe(raw: bytes, name: str, encoder: dict[str, int]) -> list[tup
             )
         line_of[pair] = lineno
         merges.append(pair)
+    _check_all_made(encoder, merges, name)
     return merges
+
+
+def _check_all_made(encoder: dict[str, int], merges: list[tuple[str, str]], name: str) -> None:
+    """Every token but the 256 bytes and <|endoftext|> must be made by a line of vocab.bpe, or
+    it can never be produced: a vocab.bpe cut short would silently change every text's tokens."""
+    made = {a + b for a, b in merges} | set(bytes_to_unicode().values()) | {EOT}
+    if orphans := [t for t in encoder if t not in made]:
+        raise Gpt2tuneError(
+            f"{name} has {len(merges)} merges for {len(encoder)} tokens (GPT-2: 256 + merges + 1): "
+            f"no line makes {len(orphans)} of them (e.g. {orphans[0]!r}); it is cut short or "
+            "from another model: download or copy it again"
+        )
 
 
 class Encoder:

@@ -253,6 +253,21 @@ class _Loader(yaml.SafeLoader):
                 seen.add(key_node.value)
         return super().construct_mapping(node, deep=deep)
 
+    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node:
+        # An alias (*name) repeats an anchored value by reference; nested ones multiply
+        # ("billion laughs": 405 bytes became gigabytes the moment an error message showed
+        # the value). params.yaml needs no repetition, so the first alias is refused before
+        # anything is built: instant, whatever the nesting.
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None,
+                f"alias *{event.anchor}: aliases are not allowed in params files; "
+                "write the value out",
+                event.start_mark,
+            )  # fmt: skip
+        return super().compose_node(parent, index)
+
 
 # YAML 1.1 reads `learning_rate: 2e-5` as the string "2e-5" (it wants a dot); 1.2 and DVC
 # read a float. Accept the exponent form so users can write learning rates naturally.

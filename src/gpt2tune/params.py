@@ -64,6 +64,17 @@ def _names(names: list[str]) -> str:
 _RELEASE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 _SEED = int_in(0, 2**32 - 1)  # numpy's legacy seeding refuses anything outside uint32
+
+# Upper bounds of the counts that size an allocation, so a slip of the keyboard is one line
+# from the params check instead of a traceback or a 100 GiB allocation minutes later.
+_INT32 = 2**31 - 1  # the sampler takes top_k, steps and the batch as int32 tensors
+# Tokens per sample: the sampler's steps argument is int32, but already 1e6 tokens is ~1000
+# times GPT-2's context, hours of generation per sample and GiBs of output per prompt.
+_MAX_LENGTH = 10**6
+# Windows of n_ctx tokens drawn for one step (batch_size x accumulate_gradients) or one
+# validation loss: 1e5 windows of 1024 tokens are 0.8 GB of int64 indices before the model
+# sees any (1e8 asked for 96.9 GiB at once).
+_MAX_WINDOWS = 10**5
 _DECAYING = _names([n for n, spec in OPTIMIZERS.items() if spec.weight_decay != "none"])
 
 KANT = (
@@ -154,7 +165,9 @@ class TrainParams:
     """The train section. Code and tests can write ``TrainParams(steps=10, n_ctx=64)``."""
 
     steps: int = key(1000, at_least(1), "optimizer steps")
-    batch_size: int = key(1, at_least(1), "windows per micro-batch (all replicas together)")
+    batch_size: int = key(
+        1, int_in(1, _MAX_WINDOWS), "windows per micro-batch (all replicas together)"
+    )
     learning_rate: float = key(2e-5, Rule("a number > 0", lambda v: v > 0), "peak learning rate")
     seed: int = key(0, _SEED, "same seed + same data = same run")
     n_ctx: int = key(
@@ -165,16 +178,18 @@ class TrainParams:
     sample_every: int = key(
         100, at_least(0, " (0 = never)"), "steps between text samples logged to MLflow"
     )
-    sample_length: int = key(100, at_least(1), "tokens per training sample")
+    sample_length: int = key(100, int_in(1, _MAX_LENGTH), "tokens per training sample")
     save_every: int = key(1000, at_least(0, " (0 = only at the end)"), "steps between checkpoints")
     val_every: int = key(
         100, at_least(0, " (0 = only at the end)"), "steps between validation losses"
     )
     val_batch_count: int = key(
-        8, at_least(1), "windows of n_ctx tokens averaged for each validation loss"
+        8, int_in(1, _MAX_WINDOWS), "windows of n_ctx tokens averaged for each validation loss"
     )
     accumulate_gradients: int = key(
-        1, at_least(1), "micro-batches per optimizer step (bigger effective batch, same memory)"
+        1,
+        int_in(1, _MAX_WINDOWS),
+        "micro-batches per optimizer step (bigger effective batch, same memory)",
     )
     optimizer: str = key(
         "adam", one_of({n: spec.help for n, spec in OPTIMIZERS.items()}), "the update rule"
@@ -237,10 +252,17 @@ class Sampling:
     """How text is generated: one value passed through the API, the sample stage, the
     interactive loop and the sampler, so a new setting is one field here plus its use."""
 
-    nsamples: int = key(2, at_least(1), "samples per prompt, and unconditional samples")
-    length: int = key(200, at_least(1), "new tokens per sample")
+    # Samples are generated together, as one batch: the memory check names the GiB for large
+    # ones; beyond int32 the batch dimension itself would overflow.
+    nsamples: int = key(2, int_in(1, _INT32), "samples per prompt, and unconditional samples")
+    length: int = key(200, int_in(1, _MAX_LENGTH), "new tokens per sample")
     temperature: float = key(0.8, number_at_least(0, " (0 = greedy)"), "softmax temperature")
-    top_k: int = key(40, at_least(0, " (0 = off)"), "keep only the k likeliest tokens")
+    # k is clamped to the vocabulary in the sampler; the bound is that of its int32 argument.
+    top_k: int = key(
+        40,
+        Rule(f"an integer in 0..{_INT32} (0 = off)", lambda v: 0 <= v <= _INT32),
+        "keep only the k likeliest tokens",
+    )
     top_p: float = key(
         0.0,
         Rule("a number in [0, 1] (0 = off)", lambda v: 0 <= v <= 1),
@@ -357,6 +379,12 @@ def validate_params(raw: object, source: str = "params.yaml") -> Params:
 def _check_combinations(params: Params, source: str) -> None:
     """Keys that are fine alone but contradict each other."""
     t = params.train
+    if t.batch_size * t.accumulate_gradients > _MAX_WINDOWS:
+        raise Gpt2tuneError(
+            f"{source}: train.batch_size x train.accumulate_gradients = "
+            f"{t.batch_size} x {t.accumulate_gradients}: at most {_MAX_WINDOWS} windows per "
+            "step (they are drawn at once); lower one of them"
+        )
     if OPTIMIZERS[t.optimizer].weight_decay == "none" and t.weight_decay:
         # Only TF1's Adam takes no decay today; a second such optimizer would need its own why.
         raise Gpt2tuneError(

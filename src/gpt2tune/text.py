@@ -174,6 +174,12 @@ def read_text(
                 raise Gpt2tuneError(f"{name}: cannot read: {e.strerror or e}") from None
             final = not raw
             nul = raw.find(b"\0") if nul_is_binary else -1
+            if nul >= 0 and fed == 0 and _looks_like_utf16(raw):
+                raise Gpt2tuneError(
+                    f"{name}: looks like UTF-16 text (NUL bytes between the characters), not "
+                    f"{encoding}; set data.encoding in params.yaml to utf-16 (utf-16-le or "
+                    "utf-16-be if the file has no byte-order mark) or convert it to UTF-8"
+                )
             if nul >= 0:
                 raise Gpt2tuneError(
                     f"{name}: binary data, not text (a NUL byte at byte offset {fed + nul}); "
@@ -191,6 +197,11 @@ def read_text(
                     f"set data.encoding in params.yaml to the file's codec (e.g. cp1252 or "
                     f"latin-1) or convert the file to {encoding}"
                 ) from None
+            except UnicodeError as e:  # Python's utf-16/32 decoders on a file without a BOM
+                raise Gpt2tuneError(
+                    f"{name}: not valid {encoding} ({e}); set data.encoding in params.yaml to "
+                    "the byte order, such as utf-16-le or utf-16-be, or convert the file to UTF-8"
+                ) from None
             fed += len(raw)
             on_bytes(len(raw))
             if first and text:
@@ -201,6 +212,18 @@ def read_text(
                 yield text
             if final:
                 return
+
+
+def _looks_like_utf16(start: bytes) -> bool:
+    """A UTF-16 byte-order mark, or text whose every other byte is NUL (ASCII in UTF-16):
+    NULs at one parity only, in at least a third of the pairs (binary files such as .npy or
+    images have NULs in runs, at both parities)."""
+    if start[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        return True
+    head = start[: 1 << 12]
+    pairs = len(head) // 2
+    even, odd = head[0::2].count(0), head[1::2].count(0)
+    return pairs >= 2 and min(even, odd) == 0 and max(even, odd) * 3 >= pairs
 
 
 def _held_bytes(decoder: codecs.IncrementalDecoder) -> int:
