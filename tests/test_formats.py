@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import REPO
+from helpers import REPO
 
 from gpt2tune.dataset import encode_corpus, load_tokens, split_plan
 from gpt2tune.encoder import EOT, load_encoder

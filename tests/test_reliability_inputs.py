@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import REPO, TINY_CORPUS
+from helpers import REPO, TINY_CORPUS
 from httpserver import FolderServer
 
 from gpt2tune.dataset import encode_corpus, load_tokens, read_stats
