@@ -20,11 +20,10 @@ def main() -> None:
 
     from gpt2tune import tracking
     from gpt2tune.checkpoint import assemble
-    from gpt2tune.servable import log_and_register
 
     assemble(f"models/{p.model.name}", "checkpoint/run1", OUT)
     with tracking.reopen_run(p.mlflow):
-        log_and_register(OUT, p.sample, p.mlflow.registered_model, p.mlflow.registered_alias)
+        tracking.log_model(OUT, p.sample, p.mlflow.registered_model, p.mlflow.registered_alias)
     print(f"assembled {OUT}")
 
 

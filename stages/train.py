@@ -27,12 +27,16 @@ def main() -> None:
     from gpt2tune.signals import Stopped
 
     stats = dataset.read_stats("data/encoded")
+    # Ids are checked against the vocabulary they were encoded with, then the model's.
+    train_tokens = dataset.load_tokens("data/encoded", "train")
+    val_tokens = dataset.load_tokens("data/encoded", "val")
     strategy = distribute.make_strategy(p.train.strategy)
     with strategy.scope():  # variables live on every GPU when there are several
         model = checkpoint.load_model(f"models/{p.model.name}")
-    n_vocab = model.hparams["n_vocab"]  # ids beyond the model's vocabulary are refused here
-    train_tokens = dataset.load_tokens("data/encoded", "train", n_vocab)
-    val_tokens = dataset.load_tokens("data/encoded", "val", n_vocab)
+    n_vocab = model.hparams["n_vocab"]
+    if n_vocab < stats["n_vocab"]:
+        train_tokens = dataset.load_tokens("data/encoded", "train", n_vocab)
+        val_tokens = dataset.load_tokens("data/encoded", "val", n_vocab)
     fp = runstate.fingerprint(p.train, p.model.name, stats)
     if not distribute.is_chief(strategy):
         # A non-chief worker of a multi-worker run computes and all-reduces like the chief

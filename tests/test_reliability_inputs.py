@@ -338,11 +338,11 @@ def test_cut_vocab_bpe_is_refused_by_load_encoder(tmp_path, tiny_vocab_dir):
 
 
 def test_load_model_refuses_fewer_layers_than_the_checkpoint(tmp_path, tiny_vocab_dir):
-    from gpt2tune import init_model, load_model
+    from gpt2tune import init_model, load_model, save_model
 
     hp = {"n_vocab": load_encoder(tiny_vocab_dir).n_vocab, "n_ctx": 16, "n_embd": 8,
           "n_head": 2, "n_layer": 2}  # fmt: skip
-    init_model(hp, encoder_dir=tiny_vocab_dir, seed=0).save(tmp_path / "m")
+    save_model(init_model(hp, load_encoder(tiny_vocab_dir), seed=0), tmp_path / "m")
     hparams = tmp_path / "m" / "hparams.json"
     hparams.write_text(json.dumps(dict(hp, n_layer=1)))
     with pytest.raises(Gpt2tuneError, match="has 2 layers but .*n_layer 1; set n_layer to 2"):

@@ -33,7 +33,8 @@ PROMPTS = ["Human reason", ""]  # "" = unconditional
 def model_dir(tmp_path_factory, tiny_vocab_dir):
     n_vocab = gpt2tune.load_encoder(tiny_vocab_dir).n_vocab
     folder = tmp_path_factory.mktemp("servable") / "finetuned"
-    gpt2tune.init_model(dict(HP, n_vocab=n_vocab), tiny_vocab_dir, seed=0).save(folder)
+    encoder = gpt2tune.load_encoder(tiny_vocab_dir)
+    gpt2tune.save_model(gpt2tune.init_model(dict(HP, n_vocab=n_vocab), encoder, seed=0), folder)
     return folder
 
 
@@ -46,7 +47,7 @@ def logged(tmp_path_factory, model_dir):
     os.chdir(project)  # the run's metrics/ files go to the project, not the checkout
     try:
         with tracking.training_run(MlflowParams(uri, "servable"), {"model.name": "tiny"}) as run:
-            servable.log_and_register(model_dir, DEFAULTS, NAME, "candidate")
+            tracking.log_model(model_dir, DEFAULTS, NAME, "candidate")
     finally:
         os.chdir(cwd)
     return {"uri": uri, "run_id": run.info.run_id, "project": project}
@@ -181,7 +182,7 @@ def test_model_logged_while_the_server_was_down_is_sent_on_replay(model_dir, tmp
     try:
         cfg = MlflowParams(server.url, "offline-model")
         with tracking.training_run(cfg, {"model.name": "tiny"}) as run:
-            servable.log_and_register(model_dir, DEFAULTS, NAME + "-offline", "")
+            tracking.log_model(model_dir, DEFAULTS, NAME + "-offline", "")
         kept = tmp_path / "metrics" / "mlflow_offline" / f"{run.info.run_id}.jsonl"
         assert [json.loads(line)["op"] for line in kept.read_text().splitlines()] == [
             "start", "model", "status",
@@ -209,7 +210,7 @@ def test_a_store_without_registry_warns_in_one_line(model_dir, tmp_path, monkeyp
     monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     with tracking.training_run(MlflowParams(uri, "no-registry"), {}) as run:
-        servable.log_and_register(model_dir, DEFAULTS, NAME, "candidate")
+        tracking.log_model(model_dir, DEFAULTS, NAME, "candidate")
     warnings = [line for line in capsys.readouterr().err.splitlines() if "not registered" in line]
     assert len(warnings) == 1 and "mlflow.register_model('models:/m-" in warnings[0], warnings
     assert MlflowClient(uri).get_run(run.info.run_id).outputs.model_outputs

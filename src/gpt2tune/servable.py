@@ -1,7 +1,7 @@
 """The fine-tuned model as an MLflow Model: logged to the training's run, registered, served.
 
-The assemble stage calls :func:`log_and_register`. It logs ``models/finetuned`` to the run as
-an MLflow Model (MLflow 3 ``log_model(name="model")``, so it shows on the run and on the
+The assemble stage calls :func:`gpt2tune.tracking.log_model`, which logs ``models/finetuned``
+to the run as an MLflow Model (MLflow 3 ``log_model(name="model")``, so it shows on the run and on the
 Logged Models page) with the ``python_function`` flavor, registers it as a new version of
 ``mlflow.registered_model`` and points ``mlflow.registered_alias`` at that version. The
 OpenAI-format folder is the model's one artifact (``artifacts/finetuned/``, the folder's
@@ -32,7 +32,6 @@ folder as it is then.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -156,30 +155,6 @@ def pip_requirements() -> list[str]:
         except metadata.PackageNotFoundError:
             reqs.append(name)
     return reqs
-
-
-def log_and_register(
-    model_folder: str | os.PathLike,
-    sampling_defaults: Any,
-    registered_model: str = "gpt2tune",
-    alias: str = "candidate",
-) -> None:
-    """Log `model_folder` to the open gpt2tune tracking run as an MLflow Model and, unless
-    `registered_model` is "", register it as a new version with `alias` ("" = none).
-
-    Goes through the run's session (gpt2tune.tracking.reopen_run / training_run), so while
-    the server is away the request waits in the offline file and is replayed later."""
-    from gpt2tune import tracking
-
-    folder = Path(model_folder)
-    if not folder.is_dir():
-        raise Gpt2tuneError(f"model folder {folder} does not exist; nothing to log to MLflow")
-    op = {
-        "defaults": defaults_of(sampling_defaults),
-        "registered_model": registered_model,
-        "alias": alias,
-    }
-    tracking.log_model(folder, op)
 
 
 def send_model(uri: str, run_id: str, op: dict) -> None:

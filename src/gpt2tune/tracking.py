@@ -43,6 +43,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from gpt2tune import journal
 from gpt2tune.errors import Gpt2tuneError
@@ -339,9 +340,23 @@ def log_folder(folder: str | os.PathLike, artifact_path: str) -> None:
     _current().call({"op": "folder", "path": path, "artifact_path": artifact_path})
 
 
-def log_model(folder: str | os.PathLike, spec: dict) -> None:
-    """Log `folder` as an MLflow Model, as gpt2tune.servable.log_and_register describes."""
-    _current().call({"op": "model", "path": str(Path(folder).resolve()), **spec})
+def log_model(
+    folder: str | os.PathLike,
+    sampling_defaults: Any,
+    registered_model: str = "gpt2tune",
+    alias: str = "candidate",
+) -> None:
+    """Log `folder` to the open run as an MLflow Model (see gpt2tune.servable) and, unless
+    `registered_model` is "", register it as a new version with `alias` ("" = none). Like
+    every call, it waits in the offline journal while the server is away."""
+    from gpt2tune.servable import defaults_of
+
+    path = Path(folder)
+    if not path.is_dir():
+        raise Gpt2tuneError(f"model folder {path} does not exist; nothing to log to MLflow")
+    _current().call({"op": "model", "path": str(path.resolve()),
+                     "defaults": defaults_of(sampling_defaults),
+                     "registered_model": registered_model, "alias": alias})  # fmt: skip
 
 
 def _now_ms() -> int:
