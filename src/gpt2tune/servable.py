@@ -1,8 +1,8 @@
 """The fine-tuned model as an MLflow Model: logged to the training's run, registered, served.
 
 The assemble stage calls :func:`gpt2tune.tracking.log_model`, which logs ``models/finetuned``
-to the run as an MLflow Model (MLflow 3 ``log_model(name="model")``, so it shows on the run and on the
-Logged Models page) with the ``python_function`` flavor, registers it as a new version of
+to the run as an MLflow Model (MLflow 3 ``log_model(name="model")``, so it shows on the run
+and on the Logged Models page) with the ``python_function`` flavor, registers it as a new version of
 ``mlflow.registered_model`` and points ``mlflow.registered_alias`` at that version. The
 OpenAI-format folder is the model's one artifact (``artifacts/finetuned/``, the folder's
 name), so its weights are uploaded once, and anything that reads OpenAI's layout can use that
