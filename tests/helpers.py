@@ -32,7 +32,7 @@ import regex
 import tiktoken
 import yaml
 
-from gpt2tune.params import SampleParams, TrainParams
+from gpt2tune.params import SampleParams, TrainParams, default_raw
 
 REPO = Path(__file__).resolve().parents[1]
 # The official BPE files and kant.txt live beside the checkout in ../shared/data (CI has them too).
@@ -345,6 +345,8 @@ def tiny_params(**sections: dict) -> dict:
         "sample": sample,
         "mlflow": {"tracking_uri": "sqlite:///mlflow.db", "experiment": "gpt2tune"},
     }
+    for name, keys in default_raw().items():  # every other key (and section) at its default
+        params[name] = keys | params.get(name, {})
     for name, changes in sections.items():
         params[name].update(changes)
     return params
