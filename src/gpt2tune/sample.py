@@ -105,6 +105,8 @@ def _knobs(s: Sampling) -> dict[str, tf.Tensor]:
 
 
 def _build_sampler(model: GPT2) -> tf.types.experimental.GenericFunction:
+    # Over ~60 lines: the compiled loop's pieces (prompt pass, caches, seen set, while_loop)
+    # share one trace's tensors; split into functions they would only pass them all around.
     hp = model.hparams
     # Compiled once per (batch, cache size); the cache size is rounded up to CACHE_STEP.
     step = tf.function(
