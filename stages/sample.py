@@ -26,7 +26,8 @@ def main(argv: list[str]) -> None:
     p = load_params("params.yaml")
     import_tensorflow_quietly()
 
-    from gpt2tune import load_model, sample
+    from gpt2tune import load_model
+    from gpt2tune import sample_stage as sample
     from gpt2tune.files import write_text_atomic
 
     model = load_model(args.model)

@@ -187,11 +187,12 @@ def test_a_sharded_checkpoint_imports(tiny, tmp_path):
 def test_generation_config_carries_the_sample_settings(tiny, tmp_path, temperature):
     from gpt2tune.params import Sampling
 
-    s = Sampling(length=17, temperature=temperature, top_k=0, top_p=0.9)
+    s = Sampling(length=17, temperature=temperature, top_k=0, top_p=0.9, repetition_penalty=1.3)
     out = hf.export_hf(tiny[0], tmp_path / "hf", sampling=s)
     g = transformers.GenerationConfig.from_pretrained(out)
     assert g.max_new_tokens == 17
     assert g.do_sample is (temperature > 0)
+    assert g.repetition_penalty == 1.3
     if temperature:
         assert (g.temperature, g.top_k, g.top_p) == (0.7, 0, 0.9)
 

@@ -13,7 +13,8 @@ import time
 import pytest
 from helpers import run_stage, stage_env, start_stage, tiny_model, write_params
 
-from gpt2tune import save_model
+import gpt2tune
+from gpt2tune import Sampling, save_model
 
 PROMPT = "Model prompt >>> "
 ENV = stage_env(PYTHONUNBUFFERED="1")
@@ -95,3 +96,25 @@ def test_bad_params_is_one_line_on_stderr(model_dir, tmp_path):
         "error: params.yaml: sample.top_p = 1.5: must be a number in [0, 1] (0 = off)"
     ]
     assert proc.stdout == ""
+
+
+def test_repetition_penalty_and_stop_from_params_reach_the_completions(model_dir, tmp_path):
+    settings = dict(length=30, nsamples=2, top_k=0, temperature=1.0, seed=5)
+    controls = dict(repetition_penalty=1.5, stop=["e"])
+    write_params(tmp_path, sample=settings | controls)
+    proc = run_stage(
+        tmp_path, "sample", *INTERACTIVE, str(model_dir), input="Human reason\n", env=ENV,
+        timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    model = gpt2tune.load_model(model_dir)
+    texts = gpt2tune.generate(model, "Human reason", sampling=Sampling(**settings, **controls))
+    shown = "".join(f"{'=' * 40} SAMPLE {i} {'=' * 40}\n{t}\n" for i, t in enumerate(texts, 1))
+    assert shown + "=" * 90 + "\n" in proc.stdout
+    assert not any("e" in t for t in texts)
+    # Ignoring either key would show other texts: without stop they hold an "e", and the
+    # penalty alone changes them.
+    plain = gpt2tune.generate(model, "Human reason", sampling=Sampling(**settings))
+    assert any("e" in t for t in plain)
+    penalised = Sampling(**settings, repetition_penalty=1.5)
+    assert gpt2tune.generate(model, "Human reason", sampling=penalised) != plain

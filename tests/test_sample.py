@@ -1,12 +1,18 @@
 """Generation: cached sampling agrees with a plain argmax loop, is seeded, compiles once."""
 
+import json
+from dataclasses import replace
+
 import numpy as np
 import pytest
+import tensorflow as tf
+from helpers import tiny_model
 
-from gpt2tune import Gpt2tuneError, Sampling, generate_tokens
+from gpt2tune import Gpt2tuneError, Sampling, generate, generate_many, generate_tokens
 from gpt2tune.model import GPT2, variable_shapes
 from gpt2tune.params import SampleParams
-from gpt2tune.sample import records_markdown
+from gpt2tune.sample import _choose, _knobs, _penalize
+from gpt2tune.sample_stage import records_markdown, sample_records
 
 HP = {"n_vocab": 50, "n_ctx": 24, "n_embd": 32, "n_head": 2, "n_layer": 2}
 
@@ -20,15 +26,18 @@ def model():
     return GPT2(HP, w)
 
 
-def argmax_loop(model, context, length):
-    """Greedy decoding with no cache: a full forward pass for every new token."""
+def argmax_loop(model, context, length, penalty=1.0):
+    """Greedy decoding with no cache: a full forward pass for every new token, with CTRL's
+    repetition penalty on every token of the context and output so far."""
     tokens = list(context)
     for _ in range(length):
         window = (
             tokens[-HP["n_ctx"] :] if len(tokens) < HP["n_ctx"] else tokens[-HP["n_ctx"] // 2 :]
         )
-        logits = model(np.array([window], np.int32)).numpy()
-        tokens.append(int(logits[0, -1].argmax()))
+        logits = model(np.array([window], np.int32)).numpy()[0, -1]
+        seen = np.isin(np.arange(len(logits)), tokens)
+        logits = np.where(seen, np.where(logits > 0, logits / penalty, logits * penalty), logits)
+        tokens.append(int(logits.argmax()))
     return tokens[len(context) :]
 
 
@@ -68,6 +77,8 @@ def test_same_seed_same_tokens_and_no_retracing(model):
     # Other prompts, lengths, batch sizes and settings reuse the one compiled function.
     generate_tokens(model, [4, 5, 6, 7, 8, 9], length=5, nsamples=1, top_k=5, top_p=0.9, seed=1)
     generate_tokens(model, None, length=30, nsamples=2, temperature=0.5, seed=2)
+    generate_tokens(model, [1, 2], length=5, repetition_penalty=1.3, stop=("a", "b"), seed=3)
+    generate_tokens(model, [1, 2], length=5, repetition_penalty=0.5, temperature=0.0, seed=3)
     assert model._sampler.experimental_get_tracing_count() == 1
 
 
@@ -103,7 +114,9 @@ def test_prompt_longer_than_context(model):
 @pytest.mark.parametrize(
     "kw, match",
     [({"top_p": 1.5}, "top_p"), ({"temperature": -1.0}, "temperature"), ({"length": 0}, "length"),
-     ({"top_k": -2}, "top_k"), ({"nsamples": 0}, "nsamples")],
+     ({"top_k": -2}, "top_k"), ({"nsamples": 0}, "nsamples"),
+     ({"repetition_penalty": 0.0}, "repetition_penalty = 0.0"), ({"stop": [""]}, "stop"),
+     ({"stop": "abc"}, "stop = 'abc': must be a list")],
 )  # fmt: skip
 def test_bad_settings(model, kw, match):
     args = {"length": 3} | kw
@@ -130,5 +143,72 @@ def test_markdown_names_every_setting_but_nsamples():
                        prompts=("Hi",))  # fmt: skip
     records = [{"prompt": None, "index": 0, "text": "a"}, {"prompt": "Hi", "index": 0, "text": "b"}]
     md = records_markdown(records, cfg)
-    assert md.startswith("# Samples\n\nlength 5, temperature 0.5, top_k 3, top_p 0.9, seed 4\n")
+    assert md.startswith(
+        "# Samples\n\nlength 5, temperature 0.5, top_k 3, top_p 0.9, seed 4, "
+        "repetition_penalty 1.0, stop []\n"
+    )
     assert "## Prompt: Hi — sample 1\n\n**Hi**b\n" in md
+
+
+def test_repetition_penalty_follows_the_ctrl_rule():
+    logits = tf.constant([[2.0, -1.0, 0.5, -3.0], [2.0, -1.0, 0.5, -3.0]])
+    seen = tf.constant([[True, True, False, False], [False, False, True, True]])
+    out = _penalize(logits, seen, tf.constant(2.0)).numpy()
+    np.testing.assert_array_equal(out, [[1.0, -2.0, 0.5, -3.0], [2.0, -1.0, 0.25, -6.0]])
+    np.testing.assert_array_equal(_penalize(logits, seen, tf.constant(1.0)).numpy(), logits)
+    # Greedy choice after the penalty: token 0 (seen) falls below token 2 (unseen).
+    greedy = Sampling(temperature=0.0, top_k=0, repetition_penalty=5.0)
+    keys = tf.zeros([2, 2], tf.int64)
+    chosen = _choose(logits, _knobs(greedy), keys, seen).numpy()
+    assert chosen.tolist() == [2, 0]
+    plain = _choose(logits, _knobs(Sampling(temperature=0.0)), keys, seen).numpy()
+    assert plain.tolist() == [0, 0]
+
+
+def test_greedy_with_a_penalty_avoids_the_repeat_plain_greedy_makes(model):
+    ctx = [3, 14, 15, 9, 2]
+    plain = generate_tokens(model, ctx, length=15, temperature=0.0)[0].tolist()
+    assert len(set(ctx + plain)) < len(ctx + plain)  # the premise: plain greedy repeats
+    penalised = generate_tokens(model, ctx, length=15, temperature=0.0, repetition_penalty=3.0)
+    assert penalised[0].tolist() == argmax_loop(model, ctx, 15, penalty=3.0)
+    assert penalised[0].tolist() != plain
+    repeats = [len(ctx + r) - len(set(ctx + r)) for r in (plain, penalised[0].tolist())]
+    assert repeats[1] < repeats[0]
+
+
+@pytest.fixture(scope="module")
+def text_model(tiny_vocab_dir):
+    return tiny_model(tiny_vocab_dir, 0, n_ctx=24, n_embd=32, n_layer=2)
+
+
+def test_stop_cuts_each_text_before_the_first_stop_string(text_model):
+    s = Sampling(nsamples=3, length=30, temperature=1.0, top_k=0, seed=5)
+    full = generate(text_model, "Human reason", sampling=s)
+    stop = full[0][6:8]  # a string the first sample holds, at or after its 7th character
+    assert stop
+    cut = generate(text_model, "Human reason", sampling=s, stop=[stop, "never in the text"])
+    for whole, part in zip(full, cut, strict=True):
+        assert part == (whole[: whole.index(stop)] if stop in whole else whole)
+    assert len(cut[0]) <= 6 < len(full[0])
+    # Beyond the context (sliding windows): the same cut; all rows stopping ends early.
+    long = generate(text_model, None, sampling=s, length=60, stop=[stop], stop_at_endoftext=True)
+    whole = generate(text_model, None, sampling=s, length=60, stop_at_endoftext=True)
+    assert long == [t[: t.index(stop)] if stop in t else t for t in whole]
+
+
+def test_batch_size_does_not_change_the_samples(text_model):
+    enc = text_model.encoder
+    prompts = ("Human reason", "The mind", "Human reason is", "One sphere", "The mind of")
+    assert len({len(enc.encode(p)) for p in prompts}) < len(prompts)  # some share a length
+    base = SampleParams(nsamples=2, length=12, temperature=1.0, top_k=0, seed=3, prompts=prompts)
+    runs = [sample_records(text_model, replace(base, batch_size=b)) for b in (1, 3)]
+    assert json.dumps(runs[0]) == json.dumps(runs[1])
+    texts = [r["text"] for r in runs[0]]
+    assert len(set(texts)) > len(prompts)  # samples of one prompt differ from each other
+    assert [r["prompt"] for r in runs[0]] == [None, None] + [p for p in prompts for _ in "ab"]
+    # The same texts as one prompt at a time, and other settings reuse the one compiled sampler.
+    alone = [generate(text_model, p, sampling=base) for p in prompts]
+    assert generate_many(text_model, prompts, sampling=base, batch_size=2) == alone
+    generate_many(text_model, prompts, sampling=base, batch_size=4, repetition_penalty=1.5,
+                  stop=["e"])  # fmt: skip
+    assert text_model._sampler.experimental_get_tracing_count() == 1

@@ -16,6 +16,7 @@ import time
 import urllib.request
 
 import pytest
+from helpers import tiny_model
 from mlflow.tracking import MlflowClient
 from mlflowserver import MlflowServer, free_port
 
@@ -27,14 +28,13 @@ HP = {"n_ctx": 32, "n_embd": 32, "n_head": 2, "n_layer": 2}
 DEFAULTS = Sampling(nsamples=2, length=5, temperature=0.9, top_k=20, top_p=0.0, seed=7)
 NAME = "tiny-gpt2"
 PROMPTS = ["Human reason", ""]  # "" = unconditional
+TUNED = {"length": 30, "seed": 3, "repetition_penalty": 1.5, "stop": ["e"]}
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, tiny_vocab_dir):
-    n_vocab = gpt2tune.load_encoder(tiny_vocab_dir).n_vocab
     folder = tmp_path_factory.mktemp("servable") / "finetuned"
-    encoder = gpt2tune.load_encoder(tiny_vocab_dir)
-    gpt2tune.save_model(gpt2tune.init_model(dict(HP, n_vocab=n_vocab), encoder, seed=0), folder)
+    gpt2tune.save_model(tiny_model(tiny_vocab_dir, 0, **HP), folder)
     return folder
 
 
@@ -91,6 +91,7 @@ print(json.dumps({
     "params": {p["name"]: p["default"] for p in params},
     "list": m.predict(json.loads(sys.argv[2]), params={"length": 6, "seed": 3}),
     "frame": m.predict(pd.DataFrame({"prompt": json.loads(sys.argv[2])})),
+    "tuned": m.predict(json.loads(sys.argv[2]), params=json.loads(sys.argv[3])),
 }))
 """
 
@@ -99,7 +100,7 @@ def test_loads_elsewhere_and_gives_generates_text(logged, model_dir, tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     proc = subprocess.run(
-        [sys.executable, "-c", LOAD, f"models:/{NAME}/1", json.dumps(PROMPTS)],
+        [sys.executable, "-c", LOAD, f"models:/{NAME}/1", json.dumps(PROMPTS), json.dumps(TUNED)],
         cwd=elsewhere, env=fresh_env(logged["uri"]), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -109,6 +110,13 @@ def test_loads_elsewhere_and_gives_generates_text(logged, model_dir, tmp_path):
     assert len(got["list"]) == len(PROMPTS) * DEFAULTS.nsamples
     assert got["frame"] == expected(model_dir, PROMPTS)  # no params: the logged defaults
     assert not list(elsewhere.iterdir())  # it needed nothing from here and wrote nothing
+    # repetition_penalty and stop reach the sampler: the texts are the API's with them, which
+    # differ from those without (the stop string is in those, cut from these).
+    assert got["tuned"] == expected(model_dir, PROMPTS, **TUNED)
+    untuned = expected(model_dir, PROMPTS, length=TUNED["length"], seed=TUNED["seed"])
+    assert any("e" in t for t in untuned) and not any("e" in t for t in got["tuned"])
+    no_stop = expected(model_dir, PROMPTS, **{**TUNED, "stop": []})
+    assert no_stop != untuned  # the penalty alone changes the text
 
 
 def post(url: str, body: dict) -> dict:

@@ -28,6 +28,7 @@ _API = {
     "load_encoder": "gpt2tune.encoder",
     "generate": "gpt2tune.sample",
     "generate_tokens": "gpt2tune.sample",
+    "generate_many": "gpt2tune.sample",
     "Sampling": "gpt2tune.params",
 }
 

@@ -163,6 +163,9 @@ def generation_config(sampling: Any, eot: int) -> dict[str, Any]:
         out["temperature"] = sampling.temperature
         out["top_k"] = sampling.top_k  # 0 is off in both; unset would be HF's default of 50
         out["top_p"] = sampling.top_p or 1.0  # off: gpt2tune says 0, HF says 1
+    # The same CTRL rule over prompt + output, greedy or not. `stop` has no equivalent that
+    # works alone: HF's stop_strings needs the tokenizer passed to every generate() call.
+    out["repetition_penalty"] = sampling.repetition_penalty
     return out
 
 

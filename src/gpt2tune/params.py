@@ -269,10 +269,26 @@ class Sampling:
         "nucleus sampling threshold",
     )
     seed: int = key(0, _SEED, "same seed = same text")
+    # CTRL's rule on tokens already in the prompt or the output: positive logits divided by
+    # it, negative ones multiplied. Below 1 favours repeats (allowed, as in transformers);
+    # the bounds keep logits / penalty finite in float32 and are far past any useful value.
+    repetition_penalty: float = key(
+        1.0,
+        Rule("a number in [0.01, 100] (1 = off)", lambda v: 0.01 <= v <= 100),
+        "penalise tokens already seen (CTRL uses 1.2)",
+    )
+    # Whitespace is a fine stop ("\n\n"), so only "" (which would end every sample) is refused.
+    stop: tuple[str, ...] = key(
+        (),
+        Rule("a list (may be empty) of non-empty strings", lambda v: all(map(len, v))),
+        "a sample ends before the first of these strings",
+    )
 
 
 @dataclass(frozen=True)
 class SampleParams(Sampling):
+    # Rows in one batch are prompts x nsamples: the memory check names the GiB for large ones.
+    batch_size: int = key(8, int_in(1, _MAX_WINDOWS), "prompts generated together in one batch")
     # An empty prompt would give the model no tokens to condition on.
     prompts: tuple[str, ...] = key(
         (KANT,),

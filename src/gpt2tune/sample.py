@@ -12,18 +12,16 @@ in half-context strides).
 
 from __future__ import annotations
 
-import dataclasses
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import tensorflow as tf
 
 from gpt2tune.errors import Gpt2tuneError
-from gpt2tune.keys import BAD, coerce, types_of
-from gpt2tune.memory import available_memory
 from gpt2tune.model import GPT2, NEG_INF, decode_step, forward
-from gpt2tune.params import SampleParams, Sampling
+from gpt2tune.params import Sampling
+from gpt2tune.sample_checks import API_DEFAULTS, check_request, resolve_sampling  # noqa: F401
 
 CACHE_STEP = 64  # key/value caches hold prompt + new tokens rounded up to this many positions
 
@@ -51,14 +49,31 @@ def _top_p(logits: tf.Tensor, p: tf.Tensor) -> tf.Tensor:
     return tf.cond(p > 0, mask, lambda: logits)
 
 
-def _choose(logits: tf.Tensor, knobs: dict[str, tf.Tensor], seed: tf.Tensor) -> tf.Tensor:
+def _penalize(logits: tf.Tensor, seen: tf.Tensor, penalty: tf.Tensor) -> tf.Tensor:
+    """CTRL's repetition penalty (Keskar et al. 2019; transformers' rule too): a token already
+    seen (`seen` [batch, n_vocab], bool) becomes less likely whatever its logit's sign, so
+    positive logits are divided by `penalty` and negative ones multiplied. 1 changes nothing,
+    bit for bit."""
+    return tf.where(seen, tf.where(logits > 0, logits / penalty, logits * penalty), logits)
+
+
+def _choose(
+    logits: tf.Tensor, knobs: dict[str, tf.Tensor], keys: tf.Tensor, seen: tf.Tensor
+) -> tf.Tensor:
     """Next token ids [batch] from last-position logits [batch, n_vocab]; `knobs` are the
-    Sampling fields that shape each choice, as tensors (see `_knobs`)."""
+    Sampling fields that shape each choice, as tensors (see `_knobs`); `keys` [batch, 2] each
+    row's random key for this step; `seen` the tokens each row has seen (see `_penalize`)."""
+    logits = _penalize(logits, seen, knobs["repetition_penalty"])
     temperature = knobs["temperature"]
+
+    def draw(row_and_key):
+        row, key = row_and_key
+        return tf.random.stateless_categorical(row[None], 1, key, dtype=tf.int32)[0, 0]
 
     def sample():
         filtered = _top_p(_top_k(logits / temperature, knobs["top_k"]), knobs["top_p"])
-        return tf.random.stateless_categorical(filtered, 1, seed, dtype=tf.int32)[:, 0]
+        # One draw per row from its own key: a sample's text does not depend on its batch.
+        return tf.map_fn(draw, (filtered, keys), fn_output_signature=tf.int32)
 
     # temperature 0 means greedy; dividing by it would give inf/NaN logits.
     return tf.cond(
@@ -66,9 +81,18 @@ def _choose(logits: tf.Tensor, knobs: dict[str, tf.Tensor], seed: tf.Tensor) -> 
     )
 
 
+def _seen(history: tf.Tensor, n_vocab: int) -> tf.Tensor:
+    """[batch, n_vocab] bool: which tokens occur in each row of `history` [batch, seq]."""
+    rows = tf.broadcast_to(tf.range(tf.shape(history)[0])[:, None], tf.shape(history))
+    counts = tf.scatter_nd(
+        tf.stack([rows, history], -1), tf.ones_like(history), [tf.shape(history)[0], n_vocab]
+    )
+    return counts > 0
+
+
 # Sampling fields the host loop uses itself; every other one reaches `_choose` as a tensor,
 # so a new setting needs no change to the compiled sampler's signature or its call.
-HOST_FIELDS = ("nsamples", "length", "seed")
+HOST_FIELDS = ("nsamples", "length", "seed", "stop")
 _TF_TYPES = {bool: tf.bool, int: tf.int32, float: tf.float32}
 _KNOB_TYPES = {
     name: _TF_TYPES[t] for name, t in typing.get_type_hints(Sampling).items()
@@ -81,6 +105,8 @@ def _knobs(s: Sampling) -> dict[str, tf.Tensor]:
 
 
 def _build_sampler(model: GPT2) -> tf.types.experimental.GenericFunction:
+    # Over ~60 lines: the compiled loop's pieces (prompt pass, caches, seen set, while_loop)
+    # share one trace's tensors; split into functions they would only pass them all around.
     hp = model.hparams
     # Compiled once per (batch, cache size); the cache size is rounded up to CACHE_STEP.
     step = tf.function(
@@ -90,21 +116,27 @@ def _build_sampler(model: GPT2) -> tf.types.experimental.GenericFunction:
 
     @tf.function(
         input_signature=[
-            tf.TensorSpec([None, None], tf.int32),  # context [batch, seq]
+            tf.TensorSpec([None, None], tf.int32),  # context [batch, seq]: the model's window
+            tf.TensorSpec([None, None], tf.int32),  # history: every token so far, for `seen`
             tf.TensorSpec([], tf.int32),  # steps
             {name: tf.TensorSpec([], dtype) for name, dtype in _KNOB_TYPES.items()},
-            tf.TensorSpec([2], tf.int64),  # seed
+            tf.TensorSpec([None, 3], tf.int64),  # per row: seed, sample index, segment
             tf.TensorSpec([], tf.int32),  # stop token (-1 = none)
         ]
     )
-    def sample_segment(context, steps, knobs, seed, stop_token):
+    def sample_segment(context, history, steps, knobs, keys, stop_token):
         logits, past = forward(model.params, hp, context)
+        # Each row's key for this segment; step i folds in i (see pick).
+        keys = tf.map_fn(lambda k: tf.random.experimental.stateless_fold_in(k[:2], k[2]), keys)
 
-        def pick(logits, i):
-            s = tf.random.experimental.stateless_fold_in(seed, tf.cast(i, tf.int64))
-            return _choose(logits[:, -1], knobs, s)
+        def pick(logits, i, seen):
+            step_keys = tf.map_fn(
+                lambda k: tf.random.experimental.stateless_fold_in(k, tf.cast(i, tf.int64)), keys
+            )
+            return _choose(logits[:, -1], knobs, step_keys, seen)
 
-        token = pick(logits, 0)
+        seen = _seen(history, hp["n_vocab"])
+        token = pick(logits, 0, seen)
         done = tf.equal(token, stop_token)
         out = tf.TensorArray(tf.int32, size=0, dynamic_size=True).write(0, token)
         start = tf.shape(context)[1]
@@ -116,15 +148,16 @@ def _build_sampler(model: GPT2) -> tf.types.experimental.GenericFunction:
         # Once per call, not kept: training changes wte between samples.
         wte_t = tf.transpose(model.params["model/wte"])
 
-        def cond(i, caches, token, done, out):
+        def cond(i, caches, token, done, seen, out):
             return (i < steps) & ~tf.reduce_all(done)
 
-        def body(i, caches, token, done, out):
+        def body(i, caches, token, done, seen, out):
+            seen = seen | (tf.one_hot(token, hp["n_vocab"]) > 0)
             # The token sampled at step i - 1 sits at position start + i - 1.
             logits, caches = step(wte_t, token, start + i - 1, caches)
             # Finished samples keep emitting the stop token while the others go on.
-            new = tf.where(done, stop_token, pick(logits[:, None], i))
-            return i + 1, caches, new, done | tf.equal(new, stop_token), out.write(i, new)
+            new = tf.where(done, stop_token, pick(logits[:, None], i, seen))
+            return i + 1, caches, new, done | tf.equal(new, stop_token), seen, out.write(i, new)
 
         head_dim = hp["n_embd"] // hp["n_head"]
         cache = tf.TensorShape([None, hp["n_head"], None, head_dim])
@@ -133,10 +166,14 @@ def _build_sampler(model: GPT2) -> tf.types.experimental.GenericFunction:
             [(cache, cache)] * hp["n_layer"],
             tf.TensorShape([None]),
             tf.TensorShape([None]),
+            tf.TensorShape([None, hp["n_vocab"]]),
             tf.TensorShape(None),
         )
         *_, out = tf.while_loop(
-            cond, body, (tf.constant(1), caches, token, done, out), shape_invariants=invariants
+            cond,
+            body,
+            (tf.constant(1), caches, token, done, seen, out),
+            shape_invariants=invariants,
         )
         return tf.transpose(out.stack())  # [batch, generated]
 
@@ -148,24 +185,6 @@ def _sampler(model: GPT2):
     if getattr(model, "_sampler", None) is None:
         model._sampler = _build_sampler(model)
     return model._sampler
-
-
-# What `generate` and `generate_tokens` use for settings a call does not give.
-API_DEFAULTS = Sampling(nsamples=1, length=100, temperature=1.0, top_k=0, top_p=0.0, seed=None)
-
-
-def resolve_sampling(sampling: Sampling | None, length: int | None, overrides: dict) -> Sampling:
-    """`sampling` (None: API_DEFAULTS; a `SampleParams` is fine) with `length` and the
-    keyword overrides applied, checked. Seed None means fresh randomness."""
-    names = [f.name for f in dataclasses.fields(Sampling)]
-    unknown = sorted(set(overrides) - set(names))
-    if unknown:
-        raise TypeError(f"unknown sampling setting(s) {', '.join(unknown)}; known: {names}")
-    if length is not None:
-        overrides["length"] = length
-    s = dataclasses.replace(API_DEFAULTS if sampling is None else sampling, **overrides)
-    check_sampling(s)
-    return s
 
 
 def generate_tokens(
@@ -183,17 +202,35 @@ def generate_tokens(
     `length` and keyword overrides (`nsamples=2, top_k=40, ...`) on top. `context` None or
     empty means unconditional (start from <|endoftext|>). Returns int32 `[nsamples, length]`;
     with `stop_at_endoftext`, a sample that emits <|endoftext|> is padded with it to `length`.
+    `stop` strings apply to text: see `generate`.
     """
     s = resolve_sampling(sampling, length, overrides)
-    length, nsamples = s.length, s.nsamples
-    n_ctx = model.hparams["n_ctx"]
-    eot = _eot(model)
-    ctx = [eot] if context is None or len(context) == 0 else [int(t) for t in context]
-    check_request(model.hparams, len(ctx), length, nsamples)
+    ctx = _context(model, context)
+    check_request(model.hparams, len(ctx), s.length, s.nsamples)
+    return _generate_rows(model, [ctx], s, stop_at_endoftext)
+
+
+def _context(model: GPT2, context: Sequence[int] | np.ndarray | None) -> list[int]:
+    return [_eot(model)] if context is None or len(context) == 0 else [int(t) for t in context]
+
+
+def _generate_rows(
+    model: GPT2,
+    contexts: list[list[int]],
+    s: Sampling,
+    stop_at_endoftext: bool,
+    finished: Callable[[np.ndarray], bool] | None = None,
+) -> np.ndarray:
+    """`s.nsamples` rows per context (all of one length), context by context: int32
+    [rows, length]. Row j of a context draws from its own key (seed, j), so its tokens are
+    the same whatever else is in the batch. `finished(row)` true for every row stops early
+    (after a segment), leaving fewer than `length` tokens."""
+    length, n_ctx, eot = s.length, model.hparams["n_ctx"], _eot(model)
     seed = int(np.random.SeedSequence().entropy % 2**31) if s.seed is None else int(s.seed)
     fn, knobs = _sampler(model), _knobs(s)
-    tokens = np.tile(np.asarray(ctx, np.int32), (nsamples, 1))
-    new = np.zeros((nsamples, 0), np.int32)
+    tokens = np.repeat(np.asarray(contexts, np.int32), s.nsamples, axis=0)
+    index = np.tile(np.arange(s.nsamples, dtype=np.int64), len(contexts))
+    new = np.zeros((len(tokens), 0), np.int32)
     segment = 0
     while new.shape[1] < length:
         window = tokens if tokens.shape[1] < n_ctx else tokens[:, -max(1, n_ctx // 2) :]
@@ -202,23 +239,23 @@ def generate_tokens(
             raise Gpt2tuneError(
                 f"a model with a context of {n_ctx} token(s) cannot slide its window"
             )
+        keys = np.stack([np.full_like(index, seed), index, np.full_like(index, segment)], 1)
         try:
-            out = fn(
-                tf.constant(window),
-                tf.constant(steps),
-                knobs,
-                tf.constant([seed, segment], tf.int64),
-                tf.constant(eot if stop_at_endoftext else -1),
-            ).numpy()
+            # The penalty's seen set is the whole history, not just the window: a token that
+            # slid out of the model's view is still a repeat.
+            out = fn(window, tokens, tf.constant(steps), knobs, keys,
+                     tf.constant(eot if stop_at_endoftext else -1)).numpy()  # fmt: skip
         except tf.errors.ResourceExhaustedError:  # an accelerator's memory, which we can't see
             raise Gpt2tuneError(
-                f"out of memory generating {nsamples} sample(s) of {length} tokens; "
-                "lower sample.nsamples or sample.length"
+                f"out of memory generating {len(tokens)} sample(s) of {length} tokens; "
+                "lower sample.nsamples, sample.batch_size or sample.length"
             ) from None
         new = np.concatenate([new, out], axis=1)
         tokens = np.concatenate([tokens, out], axis=1)
         segment += 1
         if stop_at_endoftext and (new == eot).any(axis=1).all():
+            break
+        if finished is not None and new.shape[1] < length and all(map(finished, new)):
             break
     new = new[:, :length]
     if stop_at_endoftext:
@@ -238,137 +275,66 @@ def generate(
     stop_at_endoftext: bool = False,
     **overrides,
 ) -> list[str]:
-    """Complete `prompt` (None or "" = unconditional); returns the completions only.
-    Settings as in `generate_tokens`: `sampling`, then `length` and keyword overrides."""
+    """Complete `prompt` (None or "" = unconditional); returns the completions only, each cut
+    before the first of the `stop` strings. Settings as in `generate_tokens`: `sampling`, then
+    `length` and keyword overrides."""
+    s = resolve_sampling(sampling, length, overrides)  # checked before the prompt is encoded
+    return generate_many(model, [prompt], sampling=s, stop_at_endoftext=stop_at_endoftext)[0]
+
+
+def generate_many(
+    model: GPT2,
+    prompts: Sequence[str | None],
+    *,
+    sampling: Sampling | None = None,
+    batch_size: int = 8,
+    stop_at_endoftext: bool = False,
+    **overrides,
+) -> list[list[str]]:
+    """`generate` for each prompt, up to `batch_size` prompts (x nsamples rows) per batch:
+    per prompt its completions, the same texts `generate` gives it.
+
+    GPT-2 has no padding token, so only prompts of one token length share a batch: every row
+    is then computed exactly as alone (no padding, no mask, the same positions), and its
+    randomness is its own (see `_generate_rows`). Prompts of other lengths go in other batches.
+    """
     if model.encoder is None:
         raise Gpt2tuneError("this model has no encoder; load it with gpt2tune.load_model(folder)")
-    s = resolve_sampling(sampling, length, overrides)  # checked before the prompt is encoded
-    context = model.encoder.encode(prompt) if prompt else None
-    ids = generate_tokens(model, context, sampling=s, stop_at_endoftext=stop_at_endoftext)
-    texts = []
-    for row in ids:
-        row = row.tolist()
-        if stop_at_endoftext and _eot(model) in row:
-            row = row[: row.index(_eot(model))]
-        texts.append(model.encoder.decode(row))
+    s = resolve_sampling(sampling, None, overrides)
+    ids = [_context(model, model.encoder.encode(p) if p else None) for p in prompts]
+    by_length: dict[int, list[int]] = {}
+    for i, ctx in enumerate(ids):
+        by_length.setdefault(len(ctx), []).append(i)
+    texts: list[list[str]] = [[] for _ in prompts]
+    for group in by_length.values():
+        for at in range(0, len(group), batch_size):
+            chunk = group[at : at + batch_size]
+            check_request(model.hparams, len(ids[chunk[0]]), s.length, s.nsamples * len(chunk))
+            rows = _generate_rows(
+                model, [ids[i] for i in chunk], s, stop_at_endoftext, _stopped(model, s.stop)
+            )
+            for n, i in enumerate(chunk):
+                rows_i = rows[n * s.nsamples : (n + 1) * s.nsamples]
+                texts[i] = [_text(model, row, s.stop, stop_at_endoftext) for row in rows_i]
     return texts
+
+
+def _text(model: GPT2, row: np.ndarray, stop: Sequence[str], at_endoftext: bool) -> str:
+    """A row's text, cut at <|endoftext|> (if asked) and before the first `stop` string."""
+    row = row.tolist()
+    if at_endoftext and _eot(model) in row:
+        row = row[: row.index(_eot(model))]
+    text = model.encoder.decode(row)
+    return text[: min([text.find(x) for x in stop if x in text], default=len(text))]
+
+
+def _stopped(model: GPT2, stop: Sequence[str]) -> Callable[[np.ndarray], bool] | None:
+    # Whether a row's text already holds a stop string: rows all stopped end generation.
+    if not stop:
+        return None
+    return lambda row: any(x in model.encoder.decode(row.tolist()) for x in stop)
 
 
 def _eot(model: GPT2) -> int:
     # Without an encoder, the official convention: <|endoftext|> is the last token.
     return model.encoder.eot_token if model.encoder is not None else model.hparams["n_vocab"] - 1
-
-
-def generation_memory(hparams: dict[str, int], nsamples: int, context: int, length: int) -> int:
-    """Bytes that generating `length` tokens after `context` for `nsamples` samples at once
-    needs on top of the weights (a lower bound: float32 activations only).
-
-    The key/value cache holds 2 * n_layer * n_embd floats per sample and position, up to
-    n_ctx positions, and is copied as it grows; the prompt's forward pass holds, for the
-    layer being computed, the attention weights (n_head * context^2) and the MLP's hidden
-    layer (4 * n_embd per position), and at the end the logits (n_vocab per position).
-    """
-    n_ctx, n_layer, n_embd = hparams["n_ctx"], hparams["n_layer"], hparams["n_embd"]
-    positions = min(context + length, n_ctx)
-    cache = nsamples * n_layer * 2 * positions * n_embd
-    prompt = nsamples * context * (hparams["n_head"] * context + 4 * n_embd + hparams["n_vocab"])
-    return 4 * (2 * cache + prompt)
-
-
-def check_request(
-    hparams: dict[str, int], context: int, length: int, nsamples: int, what: str = "the prompt"
-) -> None:
-    """Refuse, before any work, a prompt longer than the model's context or a batch whose
-    generation would not fit in memory (rather than dying in TensorFlow part-way)."""
-    n_ctx = hparams["n_ctx"]
-    if context > n_ctx:
-        raise Gpt2tuneError(
-            f"{what} is {context} tokens but the model's context is {n_ctx} tokens; shorten it"
-        )
-    need, free = generation_memory(hparams, nsamples, context, length), available_memory()
-    if free is not None and need > free:
-        raise Gpt2tuneError(
-            f"generating {nsamples} sample(s) of {length} tokens after {what} needs about "
-            f"{need / 2**30:.1f} GiB of memory, but {free / 2**30:.1f} GiB is free; lower "
-            "sample.nsamples (samples are generated together) or sample.length"
-        )
-
-
-def check_sampling(s: Sampling) -> None:
-    """Raise Gpt2tuneError naming the first setting of `s` out of range: the rules are the
-    ones params.yaml's `sample` keys are declared with (gpt2tune.params.Sampling), so the API
-    and the file accept the same values. `seed=None` (fresh randomness) is the API's own."""
-    types = types_of(Sampling)
-    for f in dataclasses.fields(Sampling):
-        value, rule = getattr(s, f.name), f.metadata["rule"]
-        if f.name == "seed" and value is None:
-            continue
-        if isinstance(value, np.integer | np.floating):  # numpy scalars from callers' arrays
-            value = value.item()
-        typed = coerce(value, types[f.name])
-        if typed is BAD or not rule.ok(typed):
-            raise Gpt2tuneError(f"{f.name} = {value!r}: must be {rule.allowed}")
-
-
-# --- the sample stage and the interactive prompt -----------------------------------------
-
-
-def _generate_with(model: GPT2, prompt: str | None, sampling: Sampling) -> list[str]:
-    """`generate` with these settings; unconditional samples end at <|endoftext|>,
-    completions run the full length."""
-    return generate(model, prompt, sampling=sampling, stop_at_endoftext=not prompt)
-
-
-def sample_records(model: GPT2, cfg: SampleParams) -> list[dict]:
-    """`cfg.nsamples` unconditional samples, then as many completions of each prompt.
-
-    `cfg` is the `sample` section of params.yaml (`gpt2tune.params.SampleParams`).
-    """
-    # Every prompt is checked before the first sample is made, so a bad one fails at once.
-    for i, prompt in enumerate(cfg.prompts):
-        n = len(model.encoder.encode(prompt))
-        check_request(model.hparams, n, cfg.length, cfg.nsamples, f"sample.prompts[{i}]")
-    check_request(model.hparams, 1, cfg.length, cfg.nsamples, "the unconditional start")
-    records = []
-    for prompt in (None, *cfg.prompts):
-        texts = _generate_with(model, prompt, cfg)
-        records += [{"prompt": prompt, "index": i, "text": t} for i, t in enumerate(texts)]
-    return records
-
-
-def records_markdown(records: list[dict], cfg: Sampling) -> str:
-    # Every setting but nsamples (the samples themselves show it), in Sampling's order.
-    settings = [f.name for f in dataclasses.fields(Sampling) if f.name != "nsamples"]
-    parts = ["# Samples\n\n" + ", ".join(f"{k} {getattr(cfg, k)}" for k in settings) + "\n"]
-    for r in records:
-        title = "Unconditional" if r["prompt"] is None else f"Prompt: {r['prompt']}"
-        body = r["text"] if r["prompt"] is None else f"**{r['prompt']}**{r['text']}"
-        parts.append(f"## {title} — sample {r['index'] + 1}\n\n{body}\n")
-    return "\n".join(parts)
-
-
-def interactive(model: GPT2, cfg: Sampling, read=input, write=print) -> None:
-    """The notebooks' interactive completion: type a context, get completions, again.
-
-    Ctrl-D (end of input) or Ctrl-C leaves cleanly. An empty line samples unconditionally.
-    """
-    write("Type a context and press Enter (Ctrl-D or Ctrl-C to quit).")
-    seed = cfg.seed
-    while True:
-        try:
-            prompt = read("Model prompt >>> ")
-        except (EOFError, KeyboardInterrupt):
-            write("")
-            return
-        try:
-            texts = _generate_with(model, prompt, dataclasses.replace(cfg, seed=seed))
-        except KeyboardInterrupt:
-            write("")
-            return
-        except Gpt2tuneError as e:
-            write(f"error: {e}")
-            continue
-        seed += 1  # the same context twice gives new completions
-        for i, text in enumerate(texts, 1):
-            write(f"{'=' * 40} SAMPLE {i} {'=' * 40}\n{text}")
-        write("=" * 90)

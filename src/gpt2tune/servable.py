@@ -12,11 +12,13 @@ What ``predict`` takes and gives (:class:`GPT2Completer`):
 
 * input: prompts, as a list of strings, a string, a 1-D array, or a DataFrame with a
   ``prompt`` column (else its first column); ``""`` = an unconditional sample;
-* params: ``length``, ``nsamples``, ``temperature``, ``top_k``, ``top_p``, ``seed``, declared
-  in the signature with the ``sample`` section's values as defaults;
-* output: a list of completions (without the prompt), ``nsamples`` per prompt, prompt by
-  prompt. Each prompt is sampled as ``gpt2tune.generate(model, prompt, **params)`` would, so
-  a fixed seed gives the same text as the Python API.
+* params: ``length``, ``nsamples``, ``temperature``, ``top_k``, ``top_p``, ``seed``,
+  ``repetition_penalty`` and ``stop`` (a list of strings), declared in the signature with the
+  ``sample`` section's values as defaults;
+* output: a list of completions (without the prompt, each cut before the first ``stop``
+  string), ``nsamples`` per prompt, prompt by prompt. Each prompt is sampled as
+  ``gpt2tune.generate(model, prompt, **params)`` would, so a fixed seed gives the same text
+  as the Python API.
 
 The model is "models from code" (MLflow's own recommendation): MLflow keeps a three-line
 script, :mod:`gpt2tune.mlflow_model_code`, that builds the :class:`GPT2Completer` when the model
@@ -55,6 +57,8 @@ PARAM_TYPES: dict[str, type] = {
     "top_k": int,
     "top_p": float,
     "seed": int,
+    "repetition_penalty": float,
+    "stop": list,  # of strings; a lone string is left for check_sampling to refuse
 }
 _CODE = Path(__file__).with_name("mlflow_model_code.py")
 _REQUIREMENTS = ("mlflow", "tensorflow", "numpy", "pandas", "regex", "tiktoken")
@@ -119,13 +123,24 @@ def sampling_settings(params: dict[str, Any]) -> dict[str, Any]:
         raise Gpt2tuneError(
             f"unknown param(s) {', '.join(unknown)}; known: {', '.join(PARAM_TYPES)}"
         )
-    return {k: PARAM_TYPES[k](params[k]) for k in PARAM_TYPES if k in params}
+    return {k: _as(PARAM_TYPES[k], params[k]) for k in PARAM_TYPES if k in params}
+
+
+def _as(kind: type, value: Any) -> Any:
+    # list("abc") would split a string into letters: keep it whole, for the check to name.
+    return value if kind is list and isinstance(value, str) else kind(value)
 
 
 def defaults_of(sampling: Any) -> dict[str, Any]:
-    """The six generation settings of a Sampling / SampleParams value (or a dict)."""
-    get = sampling.get if isinstance(sampling, dict) else lambda k: getattr(sampling, k)
-    return {k: t(get(k)) for k, t in PARAM_TYPES.items()}
+    """The generation settings of a Sampling / SampleParams value (or a dict), as JSON types.
+
+    A dict from before a setting existed (an offline record written by an older gpt2tune)
+    gets that setting's declared default."""
+    from gpt2tune.params import Sampling
+
+    if isinstance(sampling, dict):
+        sampling = Sampling(**{k: v for k, v in sampling.items() if k in PARAM_TYPES})
+    return {k: _as(t, getattr(sampling, k)) for k, t in PARAM_TYPES.items()}
 
 
 def signature(defaults: dict[str, Any]) -> mlflow.models.ModelSignature:
@@ -133,8 +148,11 @@ def signature(defaults: dict[str, Any]) -> mlflow.models.ModelSignature:
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
-    kinds = {int: "long", float: "double"}
-    specs = [ParamSpec(k, kinds[t], defaults[k]) for k, t in PARAM_TYPES.items()]
+    kinds = {int: "long", float: "double", list: "string"}
+    specs = [
+        ParamSpec(k, kinds[t], defaults[k], shape=(-1,) if t is list else None)
+        for k, t in PARAM_TYPES.items()
+    ]
     return ModelSignature(
         inputs=Schema([ColSpec("string")]),
         outputs=Schema([ColSpec("string")]),
