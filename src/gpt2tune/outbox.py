@@ -62,14 +62,17 @@ class Outbox:
             self._raise_error()
             return True
 
-    def close(self, deadline_s: float) -> None:
-        """Let the sender finish for at most `deadline_s`, then spill whatever is left."""
+    def close(self, deadline_s: float) -> bool:
+        """Let the sender finish for at most `deadline_s`, then spill whatever is left;
+        False if anything was."""
         with self.cond:
             self.closing = True
             self.cond.notify_all()
-            if not self.drain(deadline_s):
+            drained = self.drain(deadline_s)
+            if not drained:
                 self._take_over()
             self._raise_error()
+            return drained
 
     def _raise_error(self) -> None:
         if self.error is not None:

@@ -136,6 +136,7 @@ class Session(MlflowRun):
         self.warned = False
         self.ended = False
         self.outbox: Outbox | None = None
+        self.abandoned = False
 
     @property
     def info(self) -> Session:  # `run.info.run_id`, as on an mlflow Run
@@ -161,7 +162,8 @@ class Session(MlflowRun):
         """Give the sender at most wait_s() to send what is queued (with one more try of a
         store that is away); journal what is left."""
         self.next_try = 0.0
-        self.outbox.close(wait_s())
+        # A sender still busy after the deadline starts nothing new (the process may exit).
+        self.abandoned = not self.outbox.close(wait_s())
 
     def _deliver(self, op: dict) -> bool:
         """(Sender thread.) Send one operation; False if it is to be kept in the journal."""
@@ -195,7 +197,7 @@ class Session(MlflowRun):
         the journals are sent); False while the store is away or before next_try."""
         if not self.offline and not self.kept():
             return True
-        if self.offline and time.monotonic() < self.next_try:
+        if self.abandoned or (self.offline and time.monotonic() < self.next_try):
             return False
         was_offline = self.offline
         try:
