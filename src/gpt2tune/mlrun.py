@@ -11,6 +11,7 @@ recorded.
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -94,6 +95,34 @@ def param_value(v) -> str:
     # MLflow caps a param value at 6000 characters; long prompt lists are cut, not rejected.
     s = str(v)
     return s if len(s) <= 6000 else s[:5997] + "..."
+
+
+def resolve_tracking_uri(uri: str) -> str:
+    """params' tracking_uri made absolute: "" = $MLFLOW_TRACKING_URI or the project's mlflow.db."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI", "") or "sqlite:///mlflow.db"
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + str(project_root() / uri[len(prefix) :])
+    return uri
+
+
+def run_tags() -> dict[str, str]:
+    """DVC experiment name and git commit, so an MLflow run leads back to its code."""
+    tags = {}
+    if os.environ.get("DVC_EXP_NAME"):
+        tags["dvc.exp_name"] = os.environ["DVC_EXP_NAME"]
+    commit = os.environ.get("DVC_EXP_BASELINE_REV")
+    if not commit:
+        try:
+            commit = subprocess.run(
+                ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+            ).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            commit = ""
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+        tags["git.commit"] = commit
+    return tags
 
 
 class MlflowRun:

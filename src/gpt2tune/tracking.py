@@ -8,28 +8,23 @@ every experiment lands in the same `mlflow.db` that `mlflow ui` shows.
 
 When the tracking store is away
 -------------------------------
-Tracking never holds up a training step: the stages' calls are queued and sent by a
-background thread (:mod:`gpt2tune.outbox`), and a stage waits for the store at most
-``GPT2TUNE_MLFLOW_WAIT_S`` seconds (default 3) at its start (one HTTP timeout, no retries) and
-as long again at its end, to let the queue drain.
-
-A store that does not answer -- an http(s) server that is down, dies mid-run, accepts and never
-answers, or a sqlite store another process holds locked -- never stops a stage. Whatever could
-not be sent (the run's creation with its params and tags, metrics, texts, folders to upload,
-the final status) is appended, one JSON line per call, to
-``metrics/mlflow_offline/<run id>.jsonl`` at the project root, and a warning on stderr names
-that file. A run created while offline gets a local id ``offline-<hex>`` (in
-`metrics/mlflow_run.json` and the checkpoint's state). The file is replayed, in order, as soon
-as the store answers again: retried with a backoff from 0.5 s up to every
-``GPT2TUNE_MLFLOW_RETRY_S`` seconds (default 60) while logging, at the end of the stage, and
-by every later stage (assemble, sample) or ``python -m gpt2tune.tracking``. Replaying creates
-the run if needed (``metrics/mlflow_offline/<offline id>.json`` then maps the local id to the
-real one), skips (metric, step) pairs the run already holds, and deletes the file when
-everything is in, so a replay that is itself interrupted is simply repeated. Folders are
-uploaded from where they are at replay time. Other failures of a sqlite or file store, and a
-deleted experiment, fail loudly instead, since nothing will bring them back by waiting. The
-journal files are :mod:`gpt2tune.journal`'s, the MLflow calls :mod:`gpt2tune.mlrun`'s; this
-module decides between them (:class:`Session`) and holds the functions the stages call.
+Tracking never holds up a training step: calls are queued for a sender thread
+(:mod:`gpt2tune.outbox`), and a stage waits for the store at most ``GPT2TUNE_MLFLOW_WAIT_S``
+seconds (default 3) at its start (one HTTP timeout, no retry) and as long at its end. A store
+that does not answer (an http(s) server down, dying, silent; a sqlite store another process
+holds locked) never stops a stage: what it missed (the run's creation with params and tags,
+metrics, texts, folders to upload, the status) goes, one JSON line per call, to
+``metrics/mlflow_offline/<run id>.jsonl``, named in a warning. A run created offline has a
+local id ``offline-<hex>`` (in `metrics/mlflow_run.json` and the checkpoint's state). The
+file is replayed in order once the store answers: retried with a backoff from 0.5 s up to
+every ``GPT2TUNE_MLFLOW_RETRY_S`` seconds (default 60) while logging, at the stage's end, by
+later stages or ``python -m gpt2tune.tracking``. Replaying creates the run if needed
+(``<offline id>.json`` maps the local id to the real one), skips (metric, step) pairs the run
+holds, and deletes the file when all is in, so an interrupted replay is simply repeated.
+Folders are uploaded as they are at replay time. Other failures of a sqlite or file store,
+and a deleted experiment, fail loudly: waiting will not cure them. The journal files are
+:mod:`gpt2tune.journal`'s, the MLflow calls :mod:`gpt2tune.mlrun`'s; this module decides
+between them (:class:`Session`) and holds the functions the stages call.
 
 Resumed runs: a training that reopens its run logs no (metric, step) pair twice, so the loss
 curve of a resumed training has each step once, with the value first recorded.
@@ -43,7 +38,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -52,7 +46,7 @@ from pathlib import Path
 
 from gpt2tune import journal
 from gpt2tune.errors import Gpt2tuneError
-from gpt2tune.files import display_path, project_root, write_text_atomic
+from gpt2tune.files import display_path, write_text_atomic
 from gpt2tune.journal import OFFLINE_PREFIX
 from gpt2tune.mlrun import (
     MlflowRun,
@@ -60,6 +54,8 @@ from gpt2tune.mlrun import (
     missing,
     param_value,
     reason,
+    resolve_tracking_uri,
+    run_tags,
     start_timeouts,
     transient,
     wait_s,
@@ -69,34 +65,6 @@ from gpt2tune.params import MlflowParams
 from gpt2tune.urls import redact
 
 RUN_FILE = Path("metrics/mlflow_run.json")
-
-
-def resolve_tracking_uri(uri: str) -> str:
-    """params' tracking_uri made absolute: "" = $MLFLOW_TRACKING_URI or the project's mlflow.db."""
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI", "") or "sqlite:///mlflow.db"
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        return prefix + str(project_root() / uri[len(prefix) :])
-    return uri
-
-
-def run_tags() -> dict[str, str]:
-    """DVC experiment name and git commit, so an MLflow run leads back to its code."""
-    tags = {}
-    if os.environ.get("DVC_EXP_NAME"):
-        tags["dvc.exp_name"] = os.environ["DVC_EXP_NAME"]
-    commit = os.environ.get("DVC_EXP_BASELINE_REV")
-    if not commit:
-        try:
-            commit = subprocess.run(
-                ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-            ).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            commit = ""
-    if commit:
-        tags["mlflow.source.git.commit"] = commit
-        tags["git.commit"] = commit
-    return tags
 
 
 class Session(MlflowRun):
@@ -121,8 +89,7 @@ class Session(MlflowRun):
     * No call is sent while a journal of the run exists (the stage's thread may have spilled
       calls into it while online): the journal is sent first, so the store sees the calls in
       the order they were made.
-    * Other failures of a sqlite or file store are never taken for the store being away:
-      they raise, in the stage's thread at its next call.
+    * Other failures of a sqlite or file store raise, in the stage's thread at its next call.
     """
 
     def __init__(self, cfg: MlflowParams, run_id: str) -> None:
