@@ -57,11 +57,13 @@ def server(tmp_path_factory):
 
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):
+    """A project folder of its own, with the store's waits and retries short."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("DVC_ROOT", raising=False)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setenv("GPT2TUNE_MLFLOW_WAIT_S", str(WAIT_S))
-    monkeypatch.setenv("GPT2TUNE_MLFLOW_RETRY_S", "1")
+    for name in ("DVC_ROOT", "MLFLOW_TRACKING_URI"):
+        monkeypatch.delenv(name, raising=False)
+    short = {"GPT2TUNE_MLFLOW_WAIT_S": str(WAIT_S), "GPT2TUNE_MLFLOW_RETRY_S": "1"}
+    for name, value in short.items():
+        monkeypatch.setenv(name, value)
     return tmp_path
 
 
