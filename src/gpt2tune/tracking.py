@@ -8,21 +8,21 @@ every experiment lands in the same `mlflow.db` that `mlflow ui` shows.
 
 When the tracking store is away
 -------------------------------
-Tracking never holds up a training step: calls are queued for a sender thread
-(:mod:`gpt2tune.outbox`), and a stage waits for the store at most ``GPT2TUNE_MLFLOW_WAIT_S``
-seconds (default 3) at its start (one HTTP timeout, no retry) and as long at its end. A store
-that does not answer (an http(s) server down, dying, silent; a sqlite store another process
-holds locked) never stops a stage: what it missed (the run's creation with params and tags,
-metrics, texts, folders to upload, the status) goes, one JSON line per call, to
-``metrics/mlflow_offline/<run id>.jsonl``, named in a warning. A run created offline has a
-local id ``offline-<hex>`` (in `metrics/mlflow_run.json` and the checkpoint's state). The
-file is replayed in order once the store answers: retried with a backoff from 0.5 s up to
-every ``GPT2TUNE_MLFLOW_RETRY_S`` seconds (default 60) while logging, at the stage's end, by
-later stages or ``python -m gpt2tune.tracking``. Replaying creates the run if needed
-(``<offline id>.json`` maps the local id to the real one), skips (metric, step) pairs the run
-holds, and deletes the file when all is in, so an interrupted replay is simply repeated.
-Folders are uploaded as they are at replay time. Other failures of a sqlite or file store,
-and a deleted experiment, fail loudly: waiting will not cure them. The journal files are
+Tracking never holds up a training step: training's calls are queued for a sender thread
+(:mod:`gpt2tune.outbox`; reopened runs call directly), and a stage waits for the store at most
+``GPT2TUNE_MLFLOW_WAIT_S`` seconds (default 3) at its start (one HTTP timeout, no retry) and as
+long at its end. A store that does not answer (an http(s) server down, dying, silent; a sqlite
+store another process holds locked) never stops a stage: what it missed (the run's creation
+with params and tags, metrics, texts, folders to upload, the status) goes, one JSON line per
+call, to ``metrics/mlflow_offline/<run id>.jsonl``, named in a warning. A run created offline
+has a local id ``offline-<hex>`` (in `metrics/mlflow_run.json` and the checkpoint's state). The
+file is replayed in order once the store answers: retried with a backoff from 0.5 s up to every
+``GPT2TUNE_MLFLOW_RETRY_S`` seconds (default 60) while logging, at the stage's end, by later
+stages or ``python -m gpt2tune.tracking``. Replaying creates the run if needed (``<offline
+id>.json`` maps the local id to the real one), skips (metric, step) pairs the run holds, and
+deletes the file when all is in, so an interrupted replay is simply repeated. Folders are
+uploaded as they are at replay time. Other failures of a sqlite or file store, and a deleted
+experiment, fail loudly: waiting will not cure them. The journal files are
 :mod:`gpt2tune.journal`'s, the MLflow calls :mod:`gpt2tune.mlrun`'s; this module decides
 between them (:class:`Session`) and holds the functions the stages call.
 
@@ -122,15 +122,20 @@ class Session(MlflowRun):
         self.outbox = Outbox(self._deliver, self._spill)
 
     def call(self, op: dict) -> None:
-        """Queue one operation for MLflow (it never waits on the network)."""
-        self.outbox.put(op)
+        """Queue one operation for MLflow (it never waits on the network); without a sender
+        thread, send it now or keep it."""
+        if self.outbox is not None:
+            self.outbox.put(op)
+        elif not self._deliver(op):
+            journal.append(self.journal, op)
 
     def finish(self) -> None:
         """Give the sender at most wait_s() to send what is queued (with one more try of a
         store that is away); journal what is left."""
-        self.next_try = 0.0
-        # A sender still busy after the deadline starts nothing new (the process may exit).
-        self.abandoned = not self.outbox.close(wait_s())
+        if self.outbox is not None:
+            self.next_try = 0.0
+            # A sender still busy after the deadline starts nothing new (the process may exit).
+            self.abandoned = not self.outbox.close(wait_s())
 
     def _deliver(self, op: dict) -> bool:
         """(Sender thread.) Send one operation; False if it is to be kept in the journal."""
@@ -174,6 +179,11 @@ class Session(MlflowRun):
         except Unreachable as e:
             self._went_offline(None if was_offline else str(e))
             return False
+        except Gpt2tuneError as e:  # e.g. the experiment was deleted meanwhile: stop trying
+            self.offline, self.next_try = True, float("inf")
+            print(f"warning: {e}; the records are kept in {display_path(self.journal)}",
+                  file=sys.stderr)  # fmt: skip
+            return False
         if was_offline:
             print(
                 f"MLflow store {redact(self.uri)} is back; the kept records are in run "
@@ -187,7 +197,7 @@ class Session(MlflowRun):
         again after a backoff: 0.5 s, doubling up to GPT2TUNE_MLFLOW_RETRY_S."""
         self.offline = True
         cap = float(os.environ.get("GPT2TUNE_MLFLOW_RETRY_S", "60"))
-        self.next_try = time.monotonic() + min(cap, 0.5 * 2**self.failures)
+        self.next_try = time.monotonic() + min(cap, 0.5 * 2 ** min(self.failures, 16))
         self.failures += 1
         if why is not None and not self.warned:
             self.warned = True
@@ -223,9 +233,10 @@ _active: Session | None = None
 
 
 @contextmanager
-def _activate(session: Session) -> Iterator[Session]:
+def _activate(session: Session, background: bool) -> Iterator[Session]:
     global _active
-    session.start_sending()
+    if background:
+        session.start_sending()
     previous, _active = _active, session
     status = "FAILED"
     try:
@@ -236,9 +247,11 @@ def _activate(session: Session) -> Iterator[Session]:
         raise
     finally:
         _active = previous
-        if not session.ended:  # end_run() already set the status
-            session.call({"op": "status", "status": status})
-        session.finish()
+        try:
+            if not session.ended:  # end_run() already set the status
+                session.call({"op": "status", "status": status})
+        finally:
+            session.finish()
 
 
 def _write_run_file(session: Session) -> None:
@@ -291,7 +304,7 @@ def training_run(cfg: MlflowParams, params: dict, run_id: str | None = None):
                                          "name": name})  # fmt: skip
     _write_run_file(session)
     try:
-        with _activate(session):
+        with _activate(session, background=True):
             yield session
     finally:  # also after a failure or a stop: what was kept is sent if the server is back
         _wind_up(session)
@@ -335,14 +348,19 @@ def reopen_run(cfg: MlflowParams, run_file: Path = RUN_FILE):
                 ) from None
 
     _open(session, prepare)
-    with _activate(session):
+    # No training steps to keep going here, and a model folder's upload may take minutes:
+    # calls are made in the stage's thread. A store found away at the start is not tried
+    # again within the stage (the next one, or `python -m gpt2tune.tracking`, replays).
+    session.next_try = float("inf") if session.offline else 0.0
+    with _activate(session, background=False):
         yield session
 
 
 def flush(timeout_s: float = 60.0) -> bool:
     """Wait at most `timeout_s` until every call made so far is sent or kept in the journal
     (True if so). Stages need not call it: leaving the run does, with a short deadline."""
-    return _current().outbox.drain(timeout_s)
+    outbox = _current().outbox
+    return outbox is None or outbox.drain(timeout_s)
 
 
 def _current() -> Session:
