@@ -74,7 +74,7 @@ def train(base_dir, run_dir, uri: str, experiment: str, during=None):
     start = time.monotonic()
     with tracking.training_run(cfg, PARAMS) as run:
         if during is not None:
-            during()
+            during(run)
         fit(model, TOKENS, TOKENS[:100], TRAIN, run_dir, run_fingerprint="fp",
             log_metrics=tracking.log_metrics,
             log_sample=lambda text, step: tracking.log_text(text, f"samples/{step}.txt"),
@@ -187,7 +187,7 @@ def test_locked_sqlite_store_is_journaled_then_replayed(workdir, base_dir):
     uri = "sqlite:///mlflow.db"
     locker = None
 
-    def lock() -> None:
+    def lock(run) -> None:
         nonlocal locker
         locker = subprocess.Popen([sys.executable, "-c", LOCKER, "mlflow.db", str(LOCK_S)],
                                   stdout=subprocess.PIPE, text=True)  # fmt: skip
@@ -205,6 +205,33 @@ def test_locked_sqlite_store_is_journaled_then_replayed(workdir, base_dir):
     client = MlflowClient(tracking.resolve_tracking_uri(uri))
     assert metric_steps(client, run.info.run_id, "loss") == list(range(1, STEPS + 1))
     assert client.get_run(run.info.run_id).info.status == "FINISHED"
+
+
+def test_sqlite_store_locked_at_the_start_gets_an_offline_run(workdir, base_dir, capsys):
+    uri = "sqlite:///mlflow.db"
+    client = MlflowClient(tracking.resolve_tracking_uri(uri))
+    client.create_experiment("locked-start")  # the store exists, then another process locks it
+    # Longer than LOCK_S: the model is loaded and MLflow's 20 s busy wait runs out meanwhile.
+    hold = LOCK_S + 12
+    locker = subprocess.Popen([sys.executable, "-c", LOCKER, "mlflow.db", str(hold)],
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert locker.stdout.readline().strip() == "locked"
+        ids = []
+        _, run = train(base_dir, workdir / "run", uri, "locked-start",
+                       during=lambda run: ids.append(run.info.run_id))  # fmt: skip
+        offline_id = ids[0]  # the run is made from the journal once the store answers
+        assert offline_id.startswith("offline-")
+        err = capsys.readouterr().err
+        assert "locked by another process" in err and f"{offline_id}.jsonl" in err, err
+        run.outbox.thread.join(timeout=60)
+    finally:
+        assert locker.wait(timeout=hold + 30) == 0
+    assert tracking.replay_pending(MlflowParams(tracking_uri=uri, experiment="locked-start")) == 0
+    run_id = tracking.journal.mapped_run_id(offline_id)
+    assert run_id and not list((workdir / "metrics" / "mlflow_offline").glob("*.jsonl"))
+    assert metric_steps(client, run_id, "loss") == list(range(1, STEPS + 1))
+    assert client.get_run(run_id).data.params["train.steps"] == str(STEPS)
 
 
 STAGE = textwrap.dedent("""

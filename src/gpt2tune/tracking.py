@@ -263,9 +263,10 @@ def _write_run_file(session: Session) -> None:
     write_text_atomic(RUN_FILE, json.dumps(info, indent=2) + "\n")
 
 
-def _open(session: Session, prepare) -> None:
+def _open(session: Session, prepare) -> str | None:
     """Reach the store and run `prepare` (which may create the run) within start_timeouts();
-    a store that is away leaves the session offline. Errors that waiting cannot cure raise."""
+    the reason if the store is away (the session is then offline). Errors that waiting
+    cannot cure raise."""
     try:
         with start_timeouts():
             session.connect()
@@ -274,7 +275,8 @@ def _open(session: Session, prepare) -> None:
     except Exception as e:
         if isinstance(e, Gpt2tuneError) or not transient(session.uri, e):
             raise
-        session._went_offline(reason(e))
+        return reason(e)
+    return None
 
 
 @contextmanager
@@ -296,12 +298,14 @@ def training_run(cfg: MlflowParams, params: dict, run_id: str | None = None):
         if not session.run_id:
             session.create_run(params, run_tags(), name)
 
-    _open(session, prepare)
-    if session.offline and not session.run_id:  # made later, from the journal's first record
+    why = _open(session, prepare)
+    if why is not None and not session.run_id:  # made later, from the journal's first record
         session.run_id = session.local_id = journal.new_offline_id()
         kept = {k: param_value(v) for k, v in params.items()}
         journal.append(session.journal, {"op": "start", "params": kept, "tags": run_tags(),
                                          "name": name})  # fmt: skip
+    if why is not None:
+        session._went_offline(why)
     _write_run_file(session)
     try:
         with _activate(session, background=True):
@@ -347,7 +351,9 @@ def reopen_run(cfg: MlflowParams, run_file: Path = RUN_FILE):
                     f"{redact(session.uri)}; rerun training with `dvc repro -f train`"
                 ) from None
 
-    _open(session, prepare)
+    why = _open(session, prepare)
+    if why is not None:
+        session._went_offline(why)
     # No training steps to keep going here, and a model folder's upload may take minutes:
     # calls are made in the stage's thread. A store found away at the start is not tried
     # again within the stage (the next one, or `python -m gpt2tune.tracking`, replays).
