@@ -183,7 +183,7 @@ LOCKER = textwrap.dedent("""
 LOCK_S = 22
 
 
-def test_locked_sqlite_store_is_journaled_then_replayed(workdir, base_dir):
+def test_locked_sqlite_store_is_journaled_then_replayed(workdir, base_dir, capsys):
     uri = "sqlite:///mlflow.db"
     locker = None
 
@@ -192,13 +192,13 @@ def test_locked_sqlite_store_is_journaled_then_replayed(workdir, base_dir):
         locker = subprocess.Popen([sys.executable, "-c", LOCKER, "mlflow.db", str(LOCK_S)],
                                   stdout=subprocess.PIPE, text=True)  # fmt: skip
         assert locker.stdout.readline().strip() == "locked"
+        # At once, so that MLflow's busy wait for it runs out while the lock is held.
+        tracking.log_text("locked", "samples/locked.txt")
 
     try:
-        seconds, run = train(base_dir, workdir / "run", uri, "locked", during=lock)
-        # Training ended (without an exception) while the store was still locked.
-        assert locker.poll() is None, "the lock was released before training ended"
-        assert run.kept()
-        run.outbox.thread.join(timeout=60)  # the sender's call in flight gives up or goes in
+        _, run = train(base_dir, workdir / "run", uri, "locked", during=lock)  # no error
+        run.outbox.thread.join(timeout=60)  # its call in flight may still be in the busy wait
+        assert "locked by another process" in capsys.readouterr().err
     finally:
         assert locker.wait(timeout=LOCK_S + 30) == 0
     assert tracking.replay_pending(MlflowParams(tracking_uri=uri, experiment="locked")) == 0
@@ -212,7 +212,7 @@ def test_sqlite_store_locked_at_the_start_gets_an_offline_run(workdir, base_dir,
     client = MlflowClient(tracking.resolve_tracking_uri(uri))
     client.create_experiment("locked-start")  # the store exists, then another process locks it
     # Longer than LOCK_S: the model is loaded and MLflow's 20 s busy wait runs out meanwhile.
-    hold = LOCK_S + 12
+    hold = LOCK_S + 20
     locker = subprocess.Popen([sys.executable, "-c", LOCKER, "mlflow.db", str(hold)],
                               stdout=subprocess.PIPE, text=True)  # fmt: skip
     try:
