@@ -73,9 +73,11 @@ def test_server_dying_mid_run_loses_nothing(workdir, server, monkeypatch, capsys
         run_id = run.info.run_id
         log_steps([1, 2, 3])
         tracking.log_text("sample at 3", "samples/train/step_000003.txt")
+        assert tracking.flush()  # sent before the server dies
         server.kill()
         log_steps([4, 5, 6])  # the first of these finds the server gone, the others are kept
         tracking.log_text("sample at 6", "samples/train/step_000006.txt")
+        assert tracking.flush()  # the sender thread has tried, and kept, them
         kept = workdir / "metrics" / "mlflow_offline" / f"{run_id}.jsonl"
         err = capsys.readouterr().err
         assert "unreachable" in err and str(kept.relative_to(workdir)) in err, err
@@ -85,6 +87,7 @@ def test_server_dying_mid_run_loses_nothing(workdir, server, monkeypatch, capsys
         # The server is back: the next call, once the retry interval is over, sends all.
         time.sleep(1.1)
         log_steps([7])
+        assert tracking.flush()
         assert not kept.exists()
         client = MlflowClient(server.url)
         assert steps_of(client, run_id, "loss") == list(range(1, 8))

@@ -5,13 +5,16 @@ Each call that could not be sent is appended as one JSON line to
 a local id ``offline-<hex>``; once replayed, ``<offline id>.json`` maps it to the real id.
 Replaying a journal sends its calls in order (creating the run first if only the journal knows
 it) and deletes the file when everything is in, so a replay that is itself interrupted is
-simply repeated. When the journal is written and replayed is gpt2tune.tracking's business.
+simply repeated; calls appended while a replay runs (by the training thread, see
+gpt2tune.outbox) are kept and replayed in turn. When the journal is written and replayed is
+gpt2tune.tracking's business.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import threading
 import uuid
 from pathlib import Path
 
@@ -21,6 +24,9 @@ from gpt2tune.mlrun import MlflowRun, Unreachable, reason
 
 OFFLINE_DIR = Path("metrics/mlflow_offline")  # below the project root
 OFFLINE_PREFIX = "offline-"
+# Appending and deleting a journal are local file operations that the training thread and
+# the sender thread both make; the lock keeps a replay from deleting what was just appended.
+_lock = threading.Lock()
 
 
 def offline_dir() -> Path:
@@ -42,15 +48,21 @@ def pending() -> list[Path]:
 
 
 def append(path: Path, op: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(op, ensure_ascii=False) + "\n")
-        fh.flush()  # a crash right after loses nothing the call reported as kept
+    line = json.dumps(op, ensure_ascii=False) + "\n"
+    with _lock:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(line)
+            fh.flush()  # a crash right after loses nothing the call reported as kept
 
 
 def read_ops(path: Path) -> list[dict]:
+    return _parse(path.read_bytes())
+
+
+def _parse(data: bytes) -> list[dict]:
     ops = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in data.decode("utf-8", "replace").splitlines():
         try:
             ops.append(json.loads(line))
         except ValueError:
@@ -70,9 +82,25 @@ def replay(run: MlflowRun, path: Path, offline_id: str | None) -> None:
     """Send the calls kept in `path` to `run`'s server, then delete the file. With the
     `offline_id` the run still has, the run is created first from the journal's "start"
     record. Unreachable if the server fails part-way (the file is kept, to be replayed again)."""
-    if not path.exists():
-        return
-    ops = read_ops(path)
+    while path.exists():
+        _replay_once(run, path, offline_id)
+
+
+def _consume(path: Path, size: int) -> None:
+    """Drop the first `size` bytes of the journal (sent); delete it if nothing came after."""
+    with _lock:
+        data = path.read_bytes()
+        if len(data) <= size:
+            path.unlink()
+        else:
+            path.with_suffix(".tmp").write_bytes(data[size:])
+            path.with_suffix(".tmp").replace(path)
+
+
+def _replay_once(run: MlflowRun, path: Path, offline_id: str | None) -> None:
+    with _lock:  # whole lines only: never half of one being appended
+        data = path.read_bytes()
+    ops = _parse(data)
     try:
         if offline_id and run.run_id == offline_id:  # the run itself is still to be made
             start = next((op for op in ops if op["op"] == "start"), None)
@@ -89,5 +117,5 @@ def replay(run: MlflowRun, path: Path, offline_id: str | None) -> None:
         raise
     except Exception as e:
         raise Unreachable(reason(e)) from None
-    path.unlink()
+    _consume(path, len(data))
     print(f"sent {len(ops)} kept MLflow record(s) from {display_path(path)}", file=sys.stderr)

@@ -11,6 +11,9 @@ recorded.
 from __future__ import annotations
 
 import os
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from gpt2tune.errors import Gpt2tuneError
 from gpt2tune.files import project_root
@@ -19,10 +22,37 @@ from gpt2tune.urls import redact
 METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
 PARAMS_PER_BATCH = 100  # and its limit for params
 
-# MLflow's HTTP defaults retry for minutes; a tool should say "unreachable" in seconds.
+# MLflow's HTTP defaults retry for minutes; a tool should say "unreachable" in seconds. These
+# are for the calls the sender thread makes during training (gpt2tune.outbox), which never
+# hold up a step; the calls a stage waits for get start_timeouts() instead. Set for this
+# process only (a user's own values win), since MLflow reads them at every request.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+
+
+def wait_s() -> float:
+    """Seconds a stage waits for an unresponsive store at its start, and again at its end."""
+    return float(os.environ.get("GPT2TUNE_MLFLOW_WAIT_S", "3"))
+
+
+@contextmanager
+def start_timeouts() -> Iterator[None]:
+    """MLflow HTTP calls without retries and with a wait_s() timeout, for the calls a stage
+    makes before it starts (reach the server, create the run): a server that accepts and
+    never answers then costs one timeout, not three. Only while nothing else of ours calls
+    MLflow (the sender thread is started after)."""
+    keys = ("MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+    saved = {k: os.environ.get(k) for k in keys}
+    os.environ.update({keys[0]: str(max(1, round(wait_s()))), keys[1]: "0"})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 class Unreachable(Exception):
@@ -34,6 +64,17 @@ def is_server(uri: str) -> bool:
     return uri.lower().startswith(("http://", "https://"))
 
 
+def transient(uri: str, e: BaseException) -> bool:
+    """A failure that waiting may cure: any failure of an http(s) server, or a sqlite store
+    that another process holds locked ("database is locked" after MLflow's busy timeout)."""
+    return is_server(uri) or isinstance(e, Unreachable) or "database is locked" in str(e)
+
+
+def missing(e: BaseException) -> bool:
+    """MLflow's answer for a run (or experiment) the store does not hold."""
+    return getattr(e, "error_code", "") == "RESOURCE_DOES_NOT_EXIST"
+
+
 def reason(e: BaseException) -> str:
     """One short, credential-free line about a failed MLflow call."""
     text = " ".join(str(e).split())
@@ -41,6 +82,8 @@ def reason(e: BaseException) -> str:
         return text  # already made by reason()
     if "NewConnectionError" in text or "Connection refused" in text:
         return "connection refused"
+    if "database is locked" in text:
+        return "the sqlite store is locked by another process"
     if "too many 5" in text:  # urllib3's "too many 500 error responses"
         return "the server keeps answering HTTP 5xx"
     if "timed out" in text.lower():
@@ -52,6 +95,34 @@ def param_value(v) -> str:
     # MLflow caps a param value at 6000 characters; long prompt lists are cut, not rejected.
     s = str(v)
     return s if len(s) <= 6000 else s[:5997] + "..."
+
+
+def resolve_tracking_uri(uri: str) -> str:
+    """params' tracking_uri made absolute: "" = $MLFLOW_TRACKING_URI or the project's mlflow.db."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI", "") or "sqlite:///mlflow.db"
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + str(project_root() / uri[len(prefix) :])
+    return uri
+
+
+def run_tags() -> dict[str, str]:
+    """DVC experiment name and git commit, so an MLflow run leads back to its code."""
+    tags = {}
+    if os.environ.get("DVC_EXP_NAME"):
+        tags["dvc.exp_name"] = os.environ["DVC_EXP_NAME"]
+    commit = os.environ.get("DVC_EXP_BASELINE_REV")
+    if not commit:
+        try:
+            commit = subprocess.run(
+                ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+            ).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            commit = ""
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+        tags["git.commit"] = commit
+    return tags
 
 
 class MlflowRun:
@@ -68,10 +139,13 @@ class MlflowRun:
         Gpt2tuneError for a store that is misconfigured."""
         from mlflow.tracking import MlflowClient
 
+        deleted, self.experiment_id = None, None
         try:
             self.client = MlflowClient(tracking_uri=self.uri)
             exp = self.client.get_experiment_by_name(self.experiment)
-            if exp is not None:
+            if exp is not None and exp.lifecycle_stage == "deleted":
+                deleted = exp.experiment_id
+            elif exp is not None:
                 self.experiment_id = exp.experiment_id
             else:
                 location = None
@@ -83,12 +157,18 @@ class MlflowRun:
                     self.experiment, artifact_location=location
                 )
         except Exception as e:
-            if is_server(self.uri):
+            if transient(self.uri, e):
                 raise Unreachable(reason(e)) from None
             raise Gpt2tuneError(
                 f"cannot use the MLflow tracking store {redact(self.uri)} "
                 f"(params.yaml mlflow.tracking_uri): {reason(e)}"
             ) from None
+        if self.experiment_id is None:  # waiting would not bring a deleted experiment back
+            raise Gpt2tuneError(
+                f"MLflow experiment {self.experiment!r} (params.yaml mlflow.experiment) is "
+                f"deleted in {redact(self.uri)}: restore it with `mlflow experiments restore "
+                f"--experiment-id {deleted}` or set another mlflow.experiment"
+            )
 
     def create_run(
         self, params: dict[str, object], tags: dict[str, str], name: str | None, start=None

@@ -6,24 +6,25 @@ fine-tuning stay together. Relative `sqlite:///` stores resolve against the DVC 
 (`$DVC_ROOT`, which DVC sets to the main workspace also for `dvc exp run --temp/--queue`), so
 every experiment lands in the same `mlflow.db` that `mlflow ui` shows.
 
-When the tracking server is away
---------------------------------
-An http(s) tracking server that cannot be reached -- down when training starts, or dying
-mid-run -- never stops a stage. Whatever could not be sent (the run's creation with its
-params and tags, metrics, texts, folders to upload, the final status) is appended, one JSON
-line per call, to ``metrics/mlflow_offline/<run id>.jsonl`` at the project root, and a
-warning on stderr names that file. A run created while offline gets a local id
-``offline-<hex>`` (in `metrics/mlflow_run.json` and the checkpoint's state). The file is
-replayed, in order, as soon as the server answers again: tried at most every
-``GPT2TUNE_MLFLOW_RETRY_S`` seconds (default 60) while logging, at the end of the stage, and
-by every later stage (assemble, sample) or ``python -m gpt2tune.tracking``. Replaying
-creates the run if needed (``metrics/mlflow_offline/<offline id>.json`` then maps the local
-id to the real one), skips (metric, step) pairs the run already holds, and deletes the file
-when everything is in, so a replay that is itself interrupted is simply repeated. Folders are
-uploaded from where they are at replay time. A store that is not an http(s) server (sqlite,
-a folder) fails loudly instead, since nothing will bring it back by waiting. The journal
-files are :mod:`gpt2tune.journal`'s, the MLflow calls :mod:`gpt2tune.mlrun`'s; this module
-decides between them (:class:`Session`) and holds the functions the stages call.
+When the tracking store is away
+-------------------------------
+Tracking never holds up a training step: training's calls are queued for a sender thread
+(:mod:`gpt2tune.outbox`; reopened runs call directly), and a stage waits for the store at most
+``GPT2TUNE_MLFLOW_WAIT_S`` seconds (default 3) at its start (one HTTP timeout, no retry) and as
+long at its end. A store that does not answer (an http(s) server down, dying, silent; a sqlite
+store another process holds locked) never stops a stage: what it missed (the run's creation
+with params and tags, metrics, texts, folders to upload, the status) goes, one JSON line per
+call, to ``metrics/mlflow_offline/<run id>.jsonl``, named in a warning. A run created offline
+has a local id ``offline-<hex>`` (in `metrics/mlflow_run.json` and the checkpoint's state). The
+file is replayed in order once the store answers: retried with a backoff from 0.5 s up to every
+``GPT2TUNE_MLFLOW_RETRY_S`` seconds (default 60) while logging, at the stage's end, by later
+stages or ``python -m gpt2tune.tracking``. Replaying creates the run if needed (``<offline
+id>.json`` maps the local id to the real one), skips (metric, step) pairs the run holds, and
+deletes the file when all is in, so an interrupted replay is simply repeated. Folders are
+uploaded as they are at replay time. Other failures of a sqlite or file store, and a deleted
+experiment, fail loudly: waiting will not cure them. The journal files are
+:mod:`gpt2tune.journal`'s, the MLflow calls :mod:`gpt2tune.mlrun`'s; this module decides
+between them (:class:`Session`) and holds the functions the stages call.
 
 Resumed runs: a training that reopens its run logs no (metric, step) pair twice, so the loss
 curve of a resumed training has each step once, with the value first recorded.
@@ -37,7 +38,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -47,60 +47,50 @@ from typing import Any
 
 from gpt2tune import journal
 from gpt2tune.errors import Gpt2tuneError
-from gpt2tune.files import display_path, project_root, write_text_atomic
+from gpt2tune.files import display_path, write_text_atomic
 from gpt2tune.journal import OFFLINE_PREFIX
-from gpt2tune.mlrun import MlflowRun, Unreachable, is_server, param_value, reason
+from gpt2tune.mlrun import (
+    MlflowRun,
+    Unreachable,
+    missing,
+    param_value,
+    reason,
+    resolve_tracking_uri,
+    run_tags,
+    start_timeouts,
+    transient,
+    wait_s,
+)
+from gpt2tune.outbox import Outbox
 from gpt2tune.params import MlflowParams
 from gpt2tune.urls import redact
 
 RUN_FILE = Path("metrics/mlflow_run.json")
 
 
-def resolve_tracking_uri(uri: str) -> str:
-    """params' tracking_uri made absolute: "" = $MLFLOW_TRACKING_URI or the project's mlflow.db."""
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI", "") or "sqlite:///mlflow.db"
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        return prefix + str(project_root() / uri[len(prefix) :])
-    return uri
-
-
-def run_tags() -> dict[str, str]:
-    """DVC experiment name and git commit, so an MLflow run leads back to its code."""
-    tags = {}
-    if os.environ.get("DVC_EXP_NAME"):
-        tags["dvc.exp_name"] = os.environ["DVC_EXP_NAME"]
-    commit = os.environ.get("DVC_EXP_BASELINE_REV")
-    if not commit:
-        try:
-            commit = subprocess.run(
-                ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-            ).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            commit = ""
-    if commit:
-        tags["mlflow.source.git.commit"] = commit
-        tags["git.commit"] = commit
-    return tags
-
-
 class Session(MlflowRun):
     """One open run: sends each call to MLflow, or to the run's offline journal while the
-    server is away. ``run.info.run_id`` is the run's id (``offline-...`` until the server has
+    store is away. ``run.info.run_id`` is the run's id (``offline-...`` until the store has
     created it).
+
+    Once :meth:`start_sending` has run, the stage's thread only queues calls (:meth:`call`);
+    the outbox's sender thread makes every MLflow call and owns the state below, except that
+    the stage's thread appends to the journal when the queue overflows or the stage ends.
 
     The offline state, which every method upholds:
 
-    * ``offline`` is True from the Session's creation and from any failed attempt to reach an
-      http(s) server, until the server has answered *and* every journal of this run (that of
-      its local ``offline-...`` id, then its own) has been sent in full and deleted; only
-      :meth:`_catch_up` sets it False, as its last step.
+    * ``offline`` is True from the Session's creation and from any failed attempt to reach a
+      store that may come back (:func:`gpt2tune.mlrun.transient`), until the store has
+      answered *and* every journal of this run (that of its local ``offline-...`` id, then its
+      own) has been sent in full and deleted; only :meth:`_catch_up` sets it False, as its
+      last step.
     * While offline nothing is sent: every call is appended to :attr:`journal`, so the
-      journals hold, in order, every call made since the server was last reached. The server
+      journals hold, in order, every call made since the store was last reached. The store
       is tried again no sooner than ``next_try``.
-    * While online, no call waits in a journal, so a call sent now is sent after every older
-      one: the server sees the calls in the order they were made.
-    * A store that is not an http(s) server is never used offline: its failures raise.
+    * No call is sent while a journal of the run exists (the stage's thread may have spilled
+      calls into it while online): the journal is sent first, so the store sees the calls in
+      the order they were made.
+    * Other failures of a sqlite or file store raise, in the stage's thread at its next call.
     """
 
     def __init__(self, cfg: MlflowParams, run_id: str) -> None:
@@ -110,8 +100,11 @@ class Session(MlflowRun):
         super().__init__(resolve_tracking_uri(cfg.tracking_uri), cfg.experiment, run_id)
         self.offline = True  # not reached yet
         self.next_try = 0.0
+        self.failures = 0  # in a row, for the backoff
         self.warned = False
         self.ended = False
+        self.outbox: Outbox | None = None
+        self.abandoned = False
 
     @property
     def info(self) -> Session:  # `run.info.run_id`, as on an mlflow Run
@@ -121,17 +114,45 @@ class Session(MlflowRun):
     def journal(self) -> Path:
         return journal.journal_path(self.run_id)
 
+    def kept(self) -> bool:
+        """Whether a journal of this run holds calls not sent yet."""
+        local = self.local_id and journal.journal_path(self.local_id).exists()
+        return bool(local) or self.journal.exists()
+
+    def start_sending(self) -> None:
+        self.outbox = Outbox(self._deliver, self._spill)
+
     def call(self, op: dict) -> None:
-        """Send one operation to MLflow, or append it to the journal."""
+        """Queue one operation for MLflow (it never waits on the network); without a sender
+        thread, send it now or keep it."""
+        if self.outbox is not None:
+            self.outbox.put(op)
+        elif not self._deliver(op):
+            journal.append(self.journal, op)
+
+    def finish(self) -> None:
+        """Give the sender at most wait_s() to send what is queued (with one more try of a
+        store that is away); journal what is left."""
+        if self.outbox is not None:
+            self.next_try = 0.0
+            # A sender still busy after the deadline starts nothing new (the process may exit).
+            self.abandoned = not self.outbox.close(wait_s())
+
+    def _deliver(self, op: dict) -> bool:
+        """(Sender thread.) Send one operation; False if it is to be kept in the journal."""
         if self._try_online():
             try:
                 self.send(op)
-                return
+                return True
             except Exception as e:
-                if not is_server(self.uri):
+                if not transient(self.uri, e):
                     raise
                 self._went_offline(reason(e))
-        journal.append(self.journal, op)
+        return False
+
+    def _spill(self, ops: list[dict]) -> None:
+        for op in ops:
+            journal.append(self.journal, op)
 
     def _catch_up(self) -> None:
         """Send this run's journals, oldest first, creating the run if only they know it;
@@ -142,34 +163,47 @@ class Session(MlflowRun):
         if not self.run_id.startswith(OFFLINE_PREFIX):
             journal.replay(self, self.journal, None)
         self.offline = False
+        self.failures = 0
 
     def _try_online(self) -> bool:
-        """True if online, or back online now (the server answers again and the journals are
-        sent); False while the server is away or before next_try."""
-        if not self.offline:
+        """True if online with nothing kept, or back online now (the store answers again and
+        the journals are sent); False while the store is away or before next_try."""
+        if not self.offline and not self.kept():
             return True
-        if time.monotonic() < self.next_try:
+        if self.abandoned or (self.offline and time.monotonic() < self.next_try):
             return False
+        was_offline = self.offline
         try:
-            self.connect()
+            if was_offline:
+                self.connect()
             self._catch_up()
-        except Unreachable:
-            self._went_offline(None)
+        except Unreachable as e:
+            self._went_offline(None if was_offline else str(e))
             return False
-        print(
-            f"MLflow server {redact(self.uri)} is back; the kept records are in run {self.run_id}",
-            file=sys.stderr,
-        )
+        except Gpt2tuneError as e:  # e.g. the experiment was deleted meanwhile: stop trying
+            self.offline, self.next_try = True, float("inf")
+            print(f"warning: {e}; the records are kept in {display_path(self.journal)}",
+                  file=sys.stderr)  # fmt: skip
+            return False
+        if was_offline:
+            print(
+                f"MLflow store {redact(self.uri)} is back; the kept records are in run "
+                f"{self.run_id}",
+                file=sys.stderr,
+            )
         return True
 
     def _went_offline(self, why: str | None) -> None:
-        """The server failed (`why`, warned about once; None: a retry failed again)."""
+        """The store failed (`why`, warned about once; None: a retry failed again). Tried
+        again after a backoff: 0.5 s, doubling up to GPT2TUNE_MLFLOW_RETRY_S."""
         self.offline = True
-        self.next_try = time.monotonic() + float(os.environ.get("GPT2TUNE_MLFLOW_RETRY_S", "60"))
+        cap = float(os.environ.get("GPT2TUNE_MLFLOW_RETRY_S", "60"))
+        self.next_try = time.monotonic() + min(cap, 0.5 * 2 ** min(self.failures, 16))
+        self.failures += 1
         if why is not None and not self.warned:
             self.warned = True
             print(
-                f"warning: MLflow tracking server {redact(self.uri)} is unreachable ({why}); "
+                f"warning: MLflow tracking store {redact(self.uri)} is unreachable ({why}); "
                 f"carrying on, with what it misses kept in {display_path(self.journal)} and "
                 "sent when it answers again (or by the next stage, or "
                 "`python -m gpt2tune.tracking`)",
@@ -200,8 +234,10 @@ _active: Session | None = None
 
 
 @contextmanager
-def _activate(session: Session) -> Iterator[Session]:
+def _activate(session: Session, background: bool) -> Iterator[Session]:
     global _active
+    if background:
+        session.start_sending()
     previous, _active = _active, session
     status = "FAILED"
     try:
@@ -212,62 +248,78 @@ def _activate(session: Session) -> Iterator[Session]:
         raise
     finally:
         _active = previous
-        if not session.ended:  # end_run() already set the status
-            session.call({"op": "status", "status": status, "ts": _now_ms()})
+        try:
+            if not session.ended:  # end_run() already set the status
+                session.call({"op": "status", "status": status, "ts": _now_ms()})
+        finally:
+            session.finish()
 
 
 def _write_run_file(session: Session) -> None:
     RUN_FILE.parent.mkdir(parents=True, exist_ok=True)
     info = {"run_id": session.run_id, "experiment_id": session.experiment_id,
             "tracking_uri": redact(session.uri)}  # fmt: skip
-    if session.offline:
+    if session.offline or session.kept():
         info["offline_file"] = display_path(session.journal)
     write_text_atomic(RUN_FILE, json.dumps(info, indent=2) + "\n")
+
+
+def _open(session: Session, prepare) -> str | None:
+    """Reach the store and run `prepare` (which may create the run) within start_timeouts();
+    the reason if the store is away (the session is then offline). Errors that waiting
+    cannot cure raise."""
+    try:
+        with start_timeouts():
+            session.connect()
+            prepare()
+            session._catch_up()  # creates an offline-made run; sends what was kept
+    except Exception as e:
+        if isinstance(e, Gpt2tuneError) or not transient(session.uri, e):
+            raise
+        return reason(e)
+    return None
 
 
 @contextmanager
 def training_run(cfg: MlflowParams, params: dict, run_id: str | None = None):
     """Start (or, given `run_id` of a resumed training, reopen) the run and record its id
-    in metrics/mlflow_run.json. A server that is away does not stop training (see above)."""
+    in metrics/mlflow_run.json. A store that is away does not stop training (see above)."""
     session = Session(cfg, run_id or "")
     name = os.environ.get("DVC_EXP_NAME") if run_id is None else None
-    try:
-        session.connect()
+
+    def prepare() -> None:
         if session.run_id and not session.run_id.startswith(OFFLINE_PREFIX):
             try:
                 session.client.get_run(session.run_id)
                 session.client.update_run(session.run_id, status="RUNNING")
-            except Exception:
+            except Exception as e:
+                if not missing(e):
+                    raise
                 session.run_id = session.local_id = ""  # the store was reset: a new run
         if not session.run_id:
             session.create_run(params, run_tags(), name)
-        session._catch_up()  # creates an offline-made run; sends what was kept
-    except Exception as e:
-        if isinstance(e, Gpt2tuneError) or not is_server(session.uri):
-            raise
-        if not session.run_id:  # the run is made later, from the journal's first record
-            session.run_id = session.local_id = journal.new_offline_id()
-            params = {k: param_value(v) for k, v in params.items()}
-            start = {"op": "start", "params": params, "tags": run_tags(), "name": name,
-                     "ts": _now_ms()}  # fmt: skip
-            journal.append(session.journal, start)
-        session._went_offline(reason(e))
+
+    why = _open(session, prepare)
+    if why is not None and not session.run_id:  # made later, from the journal's first record
+        session.run_id = session.local_id = journal.new_offline_id()
+        kept = {k: param_value(v) for k, v in params.items()}
+        journal.append(session.journal, {"op": "start", "params": kept, "tags": run_tags(),
+                                         "name": name, "ts": _now_ms()})  # fmt: skip
+    if why is not None:
+        session._went_offline(why)
     _write_run_file(session)
     try:
-        with _activate(session):
+        with _activate(session, background=True):
             yield session
     finally:  # also after a failure or a stop: what was kept is sent if the server is back
         _wind_up(session)
 
 
 def _wind_up(session: Session) -> None:
-    if session.offline:
-        session.next_try = 0.0  # one last try before the stage ends
-        session._try_online()
-    _write_run_file(session)  # the real id, if the server came back during training
-    if session.offline:
+    _write_run_file(session)  # the real id, if the store came back during training
+    if session.offline or session.kept():
         print(
-            f"warning: MLflow server {redact(session.uri)} is still unreachable; this "
+            f"warning: MLflow store {redact(session.uri)} is still unreachable; this "
             f"training's records are kept in {display_path(session.journal)} and are sent by the "
             "next stage that reaches it (assemble, sample) or `python -m gpt2tune.tracking`",
             file=sys.stderr,
@@ -287,23 +339,35 @@ def reopen_run(cfg: MlflowParams, run_file: Path = RUN_FILE):
             f"{run_file} is missing or unreadable: run `dvc repro train` first"
         ) from None
     session = Session(cfg, run_id)
-    try:
-        session.connect()
+
+    def prepare() -> None:
         if not session.run_id.startswith(OFFLINE_PREFIX):
             try:
                 session.client.get_run(session.run_id)
-            except Exception:
+            except Exception as e:
+                if not missing(e):
+                    raise
                 raise Gpt2tuneError(
                     f"MLflow run {session.run_id} named in {run_file} is not in "
                     f"{redact(session.uri)}; rerun training with `dvc repro -f train`"
                 ) from None
-        session._catch_up()
-    except Exception as e:
-        if isinstance(e, Gpt2tuneError) or not is_server(session.uri):
-            raise
-        session._went_offline(reason(e))
-    with _activate(session):
+
+    why = _open(session, prepare)
+    if why is not None:
+        session._went_offline(why)
+    # No training steps to keep going here, and a model folder's upload may take minutes:
+    # calls are made in the stage's thread. A store found away at the start is not tried
+    # again within the stage (the next one, or `python -m gpt2tune.tracking`, replays).
+    session.next_try = float("inf") if session.offline else 0.0
+    with _activate(session, background=False):
         yield session
+
+
+def flush(timeout_s: float = 60.0) -> bool:
+    """Wait at most `timeout_s` until every call made so far is sent or kept in the journal
+    (True if so). Stages need not call it: leaving the run does, with a short deadline."""
+    outbox = _current().outbox
+    return outbox is None or outbox.drain(timeout_s)
 
 
 def _current() -> Session:
