@@ -71,7 +71,7 @@ def evaluate_command(p: Params, model_dir: str, data: str, log: bool) -> dict:
     model = load_model(model_dir)
     print(f"evaluating {model_dir} on {data} ({len(tokens):,} tokens)...", file=sys.stderr)
     result = evaluate_loss(model, tokens, p)
-    print(f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.2f}  "
+    print(f"loss {result['loss']:.6f}  perplexity {result['perplexity']:.4f}  "
           f"({result['windows']} windows, {result['tokens']:,} tokens predicted)")  # fmt: skip
     if log:
         from gpt2tune import tracking
