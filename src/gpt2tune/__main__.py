@@ -4,4 +4,5 @@ import sys
 
 from gpt2tune.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # importing the module alone (tests/test_imports.py) runs nothing
+    sys.exit(main())
