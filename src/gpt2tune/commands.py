@@ -163,7 +163,6 @@ def sample(p: Params, args: argparse.Namespace) -> None:
         sampling.interactive(model, p.sample)
         return
 
-    _say(f"sampling {p.sample.nsamples} x {len(p.sample.prompts) + 1} text(s) from {args.model}...")
     records = sampling.sample_records(model, p.sample)
     out = Path("samples")
     out.mkdir(exist_ok=True)

@@ -13,6 +13,7 @@ in half-context strides).
 from __future__ import annotations
 
 import dataclasses
+import sys
 import typing
 from collections.abc import Sequence
 
@@ -330,6 +331,7 @@ def sample_records(model: GPT2, cfg: SampleParams) -> list[dict]:
         n = len(model.encoder.encode(prompt))
         check_request(model.hparams, n, cfg.length, cfg.nsamples, f"sample.prompts[{i}]")
     check_request(model.hparams, 1, cfg.length, cfg.nsamples, "the unconditional start")
+    print(f"sampling {cfg.nsamples} x {len(cfg.prompts) + 1} text(s)...", file=sys.stderr)
     records = []
     # A bar per prompt on a terminal (tqdm's disable=None): each is minutes at 124M on a CPU.
     for prompt in tqdm((None, *cfg.prompts), desc="sample", unit="prompt", disable=None):

@@ -351,7 +351,12 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-if __name__ == "__main__":  # python -m gpt2tune.tracking: the same as `gpt2tune replay`
-    from gpt2tune.cli import main
+if __name__ == "__main__":  # python -m gpt2tune.tracking: what `gpt2tune replay` does
+    from gpt2tune.params import load_params
+    from gpt2tune.stage import run_stage
 
-    sys.exit(main(["replay", *sys.argv[1:]]))
+    def _main() -> None:
+        left = replay_pending(load_params("params.yaml").mlflow)
+        print("all kept MLflow records are sent" if not left else f"{left} file(s) left")
+
+    sys.exit(run_stage(_main))
