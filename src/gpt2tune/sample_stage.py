@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 
 from gpt2tune.errors import Gpt2tuneError
 from gpt2tune.model import GPT2
@@ -31,6 +32,8 @@ def sample_records(model: GPT2, cfg: SampleParams) -> list[dict]:
         n = len(model.encoder.encode(prompt))
         check_request(model.hparams, n, cfg.length, rows, f"sample.prompts[{i}]")
     check_request(model.hparams, 1, cfg.length, cfg.nsamples, "the unconditional start")
+    # Minutes at 124M on a CPU: say what is going on (stderr, so stdout stays the result).
+    print(f"sampling {cfg.nsamples} x {len(cfg.prompts) + 1} text(s)...", file=sys.stderr)
     texts = [_generate_with(model, None, cfg)]
     texts += generate_many(model, cfg.prompts, sampling=cfg, batch_size=cfg.batch_size)
     return [

@@ -18,7 +18,7 @@ call, to ``metrics/mlflow_offline/<run id>.jsonl``, named in a warning. A run cr
 has a local id ``offline-<hex>`` (in `metrics/mlflow_run.json` and the checkpoint's state). The
 file is replayed in order once the store answers: retried with a backoff from 0.5 s up to every
 ``GPT2TUNE_MLFLOW_RETRY_S`` seconds (default 60) while logging, at the stage's end, by later
-stages or ``python -m gpt2tune.tracking``. Replaying creates the run if needed (``<offline
+stages or ``gpt2tune replay``. Replaying creates the run if needed (``<offline
 id>.json`` maps the local id to the real one), skips (metric, step) pairs the run holds, and
 deletes the file when all is in, so an interrupted replay is simply repeated. Folders are
 uploaded as they are at replay time. Other failures of a sqlite or file store, and a deleted
@@ -206,7 +206,7 @@ class Session(MlflowRun):
                 f"warning: MLflow tracking store {redact(self.uri)} is unreachable ({why}); "
                 f"carrying on, with what it misses kept in {display_path(self.journal)} and "
                 "sent when it answers again (or by the next stage, or "
-                "`python -m gpt2tune.tracking`)",
+                "`gpt2tune replay`)",
                 file=sys.stderr,
             )
 
@@ -281,9 +281,10 @@ def _open(session: Session, prepare) -> str | None:
 
 
 @contextmanager
-def training_run(cfg: MlflowParams, params: dict, run_id: str | None = None):
+def training_run(cfg: MlflowParams, params: dict, run_id: str | None = None, record: bool = True):
     """Start (or, given `run_id` of a resumed training, reopen) the run and record its id
-    in metrics/mlflow_run.json. A store that is away does not stop training (see above)."""
+    in metrics/mlflow_run.json (not with `record=False`: a run of its own, such as
+    `gpt2tune evaluate --mlflow`). A store that is away does not stop training (see above)."""
     session = Session(cfg, run_id or "")
     name = os.environ.get("DVC_EXP_NAME") if run_id is None else None
 
@@ -307,21 +308,23 @@ def training_run(cfg: MlflowParams, params: dict, run_id: str | None = None):
                                          "name": name, "ts": _now_ms()})  # fmt: skip
     if why is not None:
         session._went_offline(why)
-    _write_run_file(session)
+    if record:
+        _write_run_file(session)
     try:
         with _activate(session, background=True):
             yield session
     finally:  # also after a failure or a stop: what was kept is sent if the server is back
-        _wind_up(session)
+        _wind_up(session, record)
 
 
-def _wind_up(session: Session) -> None:
-    _write_run_file(session)  # the real id, if the store came back during training
+def _wind_up(session: Session, record: bool = True) -> None:
+    if record:
+        _write_run_file(session)  # the real id, if the store came back during training
     if session.offline or session.kept():
         print(
             f"warning: MLflow store {redact(session.uri)} is still unreachable; this "
             f"training's records are kept in {display_path(session.journal)} and are sent by the "
-            "next stage that reaches it (assemble, sample) or `python -m gpt2tune.tracking`",
+            "next stage that reaches it (assemble, sample) or `gpt2tune replay`",
             file=sys.stderr,
         )
 
@@ -427,7 +430,7 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-if __name__ == "__main__":  # python -m gpt2tune.tracking: send what was kept offline
+if __name__ == "__main__":  # python -m gpt2tune.tracking: what `gpt2tune replay` does
     from gpt2tune.params import load_params
     from gpt2tune.stage import run_stage
 
