@@ -84,7 +84,9 @@ def _build_sampler(model: GPT2) -> tf.types.experimental.GenericFunction:
     hp = model.hparams
     # Compiled once per (batch, cache size); the cache size is rounded up to CACHE_STEP.
     step = tf.function(
-        lambda wte_t, token, pos, caches: decode_step(model.params, hp, wte_t, token, pos, caches),
+        lambda wte_t, token, pos, caches: decode_step(
+            model.forward_params(), hp, wte_t, token, pos, caches
+        ),
         jit_compile=True,
     )
 
@@ -98,7 +100,7 @@ def _build_sampler(model: GPT2) -> tf.types.experimental.GenericFunction:
         ]
     )
     def sample_segment(context, steps, knobs, seed, stop_token):
-        logits, past = forward(model.params, hp, context)
+        logits, past = forward(model.forward_params(), hp, context)
 
         def pick(logits, i):
             s = tf.random.experimental.stateless_fold_in(seed, tf.cast(i, tf.int64))
