@@ -3,6 +3,7 @@
     python bench/memory.py                      # 12 layers, 256 wide, 512-token windows, batch 4
     python bench/memory.py --n_embd 768 --n_ctx 1024 --batch 1
     python bench/memory.py --table              # the README's computed GPU-memory table
+    python bench/memory.py --lora_rank 8        # full fine-tuning vs LoRA instead
 
 Each setting runs in its own process (peak RSS only ever grows), builds the model and the
 train step, notes its peak RSS, runs a few steps, and notes it again: the difference is what
@@ -20,7 +21,8 @@ import time
 
 import numpy as np
 
-from gpt2tune.memory import n_params, step_bytes
+from gpt2tune.memory import n_params, step_bytes, training_bytes
+from gpt2tune.params import TrainParams
 
 
 def peak_mb() -> float:
@@ -31,13 +33,13 @@ def child(args: argparse.Namespace) -> dict:
 
     from gpt2tune.distribute import make_strategy
     from gpt2tune.model import init_model
-    from gpt2tune.params import TrainParams
     from gpt2tune.trainer import Trainer
 
     hp = {"n_vocab": 50257, "n_ctx": args.n_ctx, "n_embd": args.n_embd,
           "n_head": args.n_head, "n_layer": args.n_layer}  # fmt: skip
     cfg = TrainParams(steps=args.steps, batch_size=args.batch, n_ctx=args.n_ctx,
-                      memory_saving_gradients=args.recompute, precision=args.precision)  # fmt: skip
+                      memory_saving_gradients=bool(args.recompute), precision=args.precision,
+                      lora_rank=args.lora)  # fmt: skip
     strategy = make_strategy("one")
     model = init_model(hp, seed=0)
     trainer = Trainer(model, cfg, strategy)
@@ -50,9 +52,13 @@ def child(args: argparse.Namespace) -> dict:
         trainer.step(rng.integers(0, 50256, shape))
         times.append(time.perf_counter() - t0)
     after = peak_mb()
-    computed = step_bytes(hp, args.batch * args.n_ctx, args.n_ctx, bool(args.recompute), 4)
-    return {"recompute": args.recompute, "peak_mb": round(after), "before_steps_mb": round(before),
-            "steps_mb": round(after - before), "computed_steps_mb": round(computed / 2**20),
+    tokens = args.batch * args.n_ctx
+    computed = step_bytes(hp, tokens, args.n_ctx, bool(args.recompute), 4)
+    computed += tokens * args.n_layer * args.lora * len(cfg.lora_targets) * 4  # LoRA's x A
+    return {"recompute": args.recompute, "lora_rank": args.lora, "peak_mb": round(after),
+            "before_steps_mb": round(before), "steps_mb": round(after - before),
+            "computed_steps_mb": round(computed / 2**20),
+            "formula_mb": round(training_bytes(hp, cfg) / 2**20),
             "s_per_step": round(float(np.median(times[1:] or times)), 2)}  # fmt: skip
 
 
@@ -69,40 +75,55 @@ def hparams_of(size: str) -> dict:
     return {"n_vocab": 50257, "n_ctx": 1024, "n_embd": e, "n_head": a, "n_layer": n}
 
 
-def total_gib(size: str, batch: int, recompute: bool, mixed: bool) -> float:
-    """Weights, gradients, Adam m and v in float32 (16 bytes/param; mixed precision adds a
-    2-byte low-precision copy of the weights), activations, logits, overhead."""
-    hp = hparams_of(size)
-    states = n_params(hp) * (18 if mixed else 16)
-    acts = step_bytes(hp, batch * 1024, 1024, recompute, 2 if mixed else 4)
-    return (states + acts) / 2**30 + OVERHEAD_GIB
+LORA_RANK = 8  # the LoRA column: rank 8 on all four dense layers of every block
+LORA_GPUS_GIB = (16, 24)
 
 
-def max_batch(size: str, gib: float, recompute: bool, mixed: bool) -> int:
+def train_cfg(batch: int, recompute: bool, mixed: bool, lora: bool) -> TrainParams:
+    return TrainParams(batch_size=batch, n_ctx=1024, memory_saving_gradients=recompute,
+                       precision="mixed_bfloat16" if mixed else "float32",
+                       lora_rank=LORA_RANK if lora else 0)  # fmt: skip
+
+
+def total_gib(size: str, batch: int, recompute: bool, mixed: bool, lora: bool = False) -> float:
+    """gpt2tune.memory.training_bytes (weights, gradients, Adam m and v in float32 for what
+    trains, frozen weights alone with LoRA, activations, logits) + overhead."""
+    cfg = train_cfg(batch, recompute, mixed, lora)
+    return training_bytes(hparams_of(size), cfg) / 2**30 + OVERHEAD_GIB
+
+
+def max_batch(size: str, gib: float, recompute: bool, mixed: bool, lora: bool = False) -> int:
     b = 0
-    while b < 64 and total_gib(size, b + 1, recompute, mixed) <= gib:
+    while b < 64 and total_gib(size, b + 1, recompute, mixed, lora) <= gib:
         b += 1
     return b
 
 
 def table() -> str:
-    """Markdown: the largest batch of 1024-token windows that fits, per model, GPU and options."""
+    """Markdown: the largest batch of 1024-token windows that fits, per model, GPU and options;
+    the last column: LoRA (rank 8, all four layers) with the same options, on 16 and 24 GB."""
     options = [("float32", False, False), ("float32 + recompute", True, False),
                ("mixed + recompute", True, True)]  # fmt: skip
     head = "| model | weights + grads + Adam | options | batch 1 needs | "
-    head += " | ".join(f"{g} GB" for g in GPUS_GIB) + " |"
-    rows = [head, "|" + "---|" * (4 + len(GPUS_GIB))]
+    head += " | ".join(f"{g} GB" for g in GPUS_GIB) + " | LoRA r8: batch 1 needs; 16 / 24 GB |"
+    rows = [head, "|" + "---|" * (5 + len(GPUS_GIB))]
     for size in SIZES:
         p = n_params(hparams_of(size))
         for name, recompute, mixed in options:
             cells = [max_batch(size, g, recompute, mixed) for g in GPUS_GIB]
             need = total_gib(size, 1, recompute, mixed)
+            lora = [_cell(max_batch(size, g, recompute, mixed, True)) for g in LORA_GPUS_GIB]
+            lora_need = total_gib(size, 1, recompute, mixed, True)
             rows.append(
                 f"| {size} | {16 * p / 2**30:.1f} GiB | {name} | {need:.1f} GiB | "
-                + " | ".join(f"{c}{'+' if c == 64 else ''}" if c else "no" for c in cells)
-                + " |"
+                + " | ".join(_cell(c) for c in cells)
+                + f" | {lora_need:.1f} GiB; {' / '.join(lora)} |"
             )
     return "\n".join(rows)
+
+
+def _cell(c: int) -> str:
+    return f"{c}{'+' if c == 64 else ''}" if c else "no"
 
 
 def main() -> None:
@@ -115,7 +136,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="steps per setting (first compiles)")
     ap.add_argument("--precision", default="float32")
     ap.add_argument("--table", action="store_true", help="print the computed GPU table")
+    ap.add_argument("--lora_rank", type=int, default=0, help="compare full with LoRA of rank")
     ap.add_argument("--recompute", type=int, choices=(0, 1), help=argparse.SUPPRESS)
+    ap.add_argument("--lora", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.table:
         print(table())
@@ -123,17 +146,21 @@ def main() -> None:
     if args.recompute is not None:  # the child process
         print(json.dumps(child(args)))
         return
+    # (recompute, LoRA rank) of the two runs: recompute off and on, or full and LoRA.
+    settings = [(0, 0), (0, args.lora_rank)] if args.lora_rank else [(0, 0), (1, 0)]
     rows = []
-    for recompute in (0, 1):
-        argv = [a for a in sys.argv[1:]] + ["--recompute", str(recompute)]
+    for recompute, rank in settings:
+        argv = [*sys.argv[1:], "--recompute", str(recompute), "--lora", str(rank)]
         out = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True,
                              check=True).stdout  # fmt: skip
         rows.append(json.loads(out.strip().splitlines()[-1]))
         print(rows[-1], flush=True)
-    plain, saving = rows
-    print(f"steps needed {plain['steps_mb']} MB without recompute, {saving['steps_mb']} MB with "
-          f"({1 - saving['steps_mb'] / plain['steps_mb']:.0%} less); whole process "
-          f"{plain['peak_mb']} -> {saving['peak_mb']} MB")  # fmt: skip
+    plain, other = rows
+    what = f"LoRA rank {args.lora_rank}" if args.lora_rank else "recompute"
+    print(f"steps needed {plain['steps_mb']} MB without {what}, {other['steps_mb']} MB with "
+          f"({1 - other['steps_mb'] / plain['steps_mb']:.0%} less); whole process "
+          f"{plain['peak_mb']} -> {other['peak_mb']} MB; formula {plain['formula_mb']} -> "
+          f"{other['formula_mb']} MB")  # fmt: skip
     print(json.dumps({**vars(args), "runs": rows}))
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
+from gpt2tune import lora
 from gpt2tune.encoder import load_encoder
 from gpt2tune.errors import Gpt2tuneError
 from gpt2tune.files import MODEL_FOLDER_FILES, fsync_file, write_text_atomic
@@ -154,11 +155,18 @@ def assemble(base: str | os.PathLike, run_dir: str | os.PathLike, out: str | os.
 
     This is the notebooks' "copy the checkpoint into a model folder" step: the result is an
     ordinary OpenAI-format folder. Adam's slots in the training checkpoint are left behind.
+    A LoRA run folder holds only adapters: they are merged into the base model's weights
+    (w[0] += alpha / rank * A B, lora.merge), so the folder is the same ordinary layout.
     """
     hparams = load_hparams(base)
     if not (Path(run_dir) / "checkpoint").is_file():
         raise Gpt2tuneError(f"{run_dir} holds no training checkpoint: run `dvc repro train` first")
-    weights = _read_weights(checkpoint_prefix(run_dir), hparams)
+    prefix = checkpoint_prefix(run_dir)
+    adapted = lora.read_adapters(prefix, hparams) if Path(f"{prefix}.index").is_file() else None
+    if adapted:
+        weights = lora.merge(_read_weights(checkpoint_prefix(base), hparams), *adapted)
+    else:
+        weights = _read_weights(prefix, hparams)
     model = GPT2(hparams, weights, load_encoder(base))
     save_model(model, out)
     return model

@@ -39,18 +39,36 @@ def step_bytes(
     return tokens * (kept + 12 * hparams["n_vocab"])
 
 
+def lora_params(hparams: Mapping[str, int], rank: int, targets) -> int:
+    """Numbers in LoRA's adapters: rank * (in + out) per targeted layer of every block."""
+    e = hparams["n_embd"]
+    sizes = {"attn/c_attn": e + 3 * e, "attn/c_proj": 2 * e, "mlp/c_fc": 5 * e, "mlp/c_proj": 5 * e}
+    return hparams["n_layer"] * rank * sum(sizes[t] for t in targets)
+
+
 def training_bytes(hparams: Mapping[str, int], cfg, replicas: int = 1) -> int:
     """Bytes one device needs to train with the `train` section `cfg`, weights included:
     float32 weights and gradients, the optimizer's float32 slots (OPTIMIZERS: two for Adam), a
-    low-precision copy of the weights under mixed precision, and one micro-batch's activations."""
-    per_param = 8 + 4 * len(OPTIMIZERS[cfg.optimizer].slots)
+    low-precision copy of the weights under mixed precision, and one micro-batch's activations.
+
+    With LoRA (train.lora_rank) the model is frozen: its weights cost 4 bytes/param (+2 for the
+    mixed copy), with no gradient and no slots; the adapters cost what trained weights cost.
+    The activations are the same as full fine-tuning's: the backward pass still goes through
+    every layer, to reach the adapters below it, and needs each layer's input and the gradient
+    of its output. The adapters add rank values per target per token and layer (x A).
+    """
+    trained = 8 + 4 * len(OPTIMIZERS[cfg.optimizer].slots)
     mixed = cfg.precision != "float32"
-    per_param += 2 if mixed else 0
+    low = 2 if mixed else 0
     windows = max(1, cfg.batch_size // replicas)
-    acts = step_bytes(
-        hparams, windows * cfg.n_ctx, cfg.n_ctx, cfg.memory_saving_gradients, 2 if mixed else 4
-    )
-    return n_params(hparams) * per_param + acts
+    tokens = windows * cfg.n_ctx
+    act = 2 if mixed else 4
+    acts = step_bytes(hparams, tokens, cfg.n_ctx, cfg.memory_saving_gradients, act)
+    if not cfg.lora_rank:
+        return n_params(hparams) * (trained + low) + acts
+    adapters = lora_params(hparams, cfg.lora_rank, cfg.lora_targets)
+    x_a = tokens * hparams["n_layer"] * cfg.lora_rank * len(cfg.lora_targets) * act
+    return n_params(hparams) * (4 + low) + adapters * (trained + low) + acts + x_a
 
 
 def available_memory() -> int | None:

@@ -87,11 +87,26 @@ def norm(x: tf.Tensor, g: tf.Tensor, b: tf.Tensor, epsilon: float = 1e-5) -> tf.
     return tf.cast(y, x.dtype)
 
 
-def conv1d(x: tf.Tensor, w: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
+def conv1d(
+    x: tf.Tensor, w: tf.Tensor, b: tf.Tensor, lora: tuple[tf.Tensor, tf.Tensor] | None = None
+) -> tf.Tensor:
     # OpenAI stores dense layers as 1x1 convolutions: w is [1, nx, nf].
     *start, nx = tf.unstack(tf.shape(x))
-    y = tf.matmul(tf.reshape(x, [-1, nx]), w[0]) + b
+    x = tf.reshape(x, [-1, nx])
+    y = tf.matmul(x, w[0]) + b
+    if lora is not None:
+        # A LoRA adapter (lora.py): A [nx, r], B [r, nf] already scaled by alpha / r. x A B
+        # is two thin matmuls; the [nx, nf] product A B is never formed.
+        y += tf.matmul(tf.matmul(x, lora[0]), lora[1])
     return tf.reshape(y, start + [tf.shape(w)[-1]])
+
+
+def dense(x: tf.Tensor, p: Mapping[str, tf.Tensor], layer: str) -> tf.Tensor:
+    """The block's dense `layer` ("attn/c_attn", ...), with its LoRA adapter if p has one."""
+    a = p.get(layer + "/lora_a")
+    return conv1d(
+        x, p[layer + "/w"], p[layer + "/b"], None if a is None else (a, p[layer + "/lora_b"])
+    )
 
 
 def split_heads(x: tf.Tensor, n_head: int) -> tf.Tensor:
@@ -152,19 +167,19 @@ def slot_caches(caches: list[tuple[tf.Tensor, tf.Tensor]], pos: tf.Tensor) -> li
 
 
 def attn(x: tf.Tensor, p: Mapping[str, tf.Tensor], n_head: int, cache: KVCache):
-    c = conv1d(x, p["attn/c_attn/w"], p["attn/c_attn/b"])
+    c = dense(x, p, "attn/c_attn")
     q, k, v = (split_heads(t, n_head) for t in tf.split(c, 3, axis=2))
     k, v, mask, present = cache(k, v)
     w = tf.cast(tf.matmul(q, k, transpose_b=True), tf.float32)  # softmax in float32: the
     w = w * tf.math.rsqrt(tf.cast(tf.shape(v)[-1], tf.float32))  # -1e10 mask overflows float16
     w = tf.nn.softmax(tf.where(mask, w, NEG_INF), axis=-1)
     a = merge_heads(tf.matmul(tf.cast(w, v.dtype), v))
-    return conv1d(a, p["attn/c_proj/w"], p["attn/c_proj/b"]), present
+    return dense(a, p, "attn/c_proj"), present
 
 
 def mlp(x: tf.Tensor, p: Mapping[str, tf.Tensor]) -> tf.Tensor:
-    h = gelu(conv1d(x, p["mlp/c_fc/w"], p["mlp/c_fc/b"]))
-    return conv1d(h, p["mlp/c_proj/w"], p["mlp/c_proj/b"])
+    h = gelu(dense(x, p, "mlp/c_fc"))
+    return dense(h, p, "mlp/c_proj")
 
 
 def block(x: tf.Tensor, p: Mapping[str, tf.Tensor], n_head: int, cache: KVCache | None = None):
@@ -309,10 +324,21 @@ class GPT2(tf.Module):
                     f"tensor {name} has shape {list(value.shape)} but hparams need {list(shape)}"
                 )
             self.params[name] = tf.Variable(value, name=name)
+        self.set_extra_tensors(None)
+
+    def set_extra_tensors(self, extra: Callable[[], Mapping[str, tf.Tensor]] | None) -> None:
+        """Tensors the forward pass reads besides the weights (`lora.attach`: the adapters),
+        made by `extra()` inside each traced call; the compiled functions are rebuilt."""
+        self._extra = extra
+        self._sampler = None  # sample.py's compiled sampler, built on first use
         self._logits_fn = tf.function(
-            lambda tokens: forward(self.params, self.hparams, tokens)[0],
+            lambda tokens: forward(self.forward_params(), self.hparams, tokens)[0],
             input_signature=[tf.TensorSpec([None, None], tf.int32)],
         )
+
+    def forward_params(self) -> Mapping[str, tf.Tensor]:
+        """What the forward pass reads: the weights, plus any extra tensors (adapters)."""
+        return self.params if self._extra is None else {**self.params, **self._extra()}
 
     def _tokens(self, tokens, past_len: int = 0) -> tf.Tensor:
         tokens = tf.convert_to_tensor(tokens)
@@ -335,7 +361,7 @@ class GPT2(tf.Module):
     def forward(self, tokens, past: tf.Tensor | None = None) -> tuple[tf.Tensor, tf.Tensor]:
         """Like __call__ but with a key/value cache: returns (logits, present); see `forward`."""
         past_len = 0 if past is None else int(past.shape[-2])
-        return forward(self.params, self.hparams, self._tokens(tokens, past_len), past)
+        return forward(self.forward_params(), self.hparams, self._tokens(tokens, past_len), past)
 
     def weights_numpy(self) -> dict[str, np.ndarray]:
         return {k: v.numpy() for k, v in self.params.items()}

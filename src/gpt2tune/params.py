@@ -77,6 +77,10 @@ _MAX_LENGTH = 10**6
 # validation loss: 1e5 windows of 1024 tokens are 0.8 GB of int64 indices before the model
 # sees any (1e8 asked for 96.9 GiB at once).
 _MAX_WINDOWS = 10**5
+# A rank beyond min(in, out) of the layer (768 for 124M's attention) adds nothing.
+_MAX_LORA_RANK = 1024
+# The dense layers of a block LoRA may adapt (lora.TARGETS; lora.py imports TensorFlow).
+LORA_TARGETS = ("attn/c_attn", "attn/c_proj", "mlp/c_fc", "mlp/c_proj")
 _DECAYING = _names([n for n, spec in OPTIMIZERS.items() if spec.weight_decay != "none"])
 
 KANT = (
@@ -212,6 +216,25 @@ class TrainParams:
         0.0,
         Rule("a number in [0, 1) (share of input tokens replaced)", lambda v: 0 <= v < 1),
         "regularizer",
+    )
+    lora_rank: int = key(
+        0,
+        Rule(
+            f"an integer in 0..{_MAX_LORA_RANK} (0 = full fine-tuning)",
+            lambda v: 0 <= v <= _MAX_LORA_RANK,
+        ),
+        "LoRA: rank of the adapters trained instead of the frozen model (0 = off)",
+    )
+    lora_alpha: float = key(
+        16.0, Rule("a number > 0", lambda v: v > 0), "LoRA: the adapters' update is alpha/rank A B"
+    )
+    lora_targets: tuple[str, ...] = key(
+        LORA_TARGETS,
+        Rule(
+            f"a non-empty list of distinct layers among {', '.join(LORA_TARGETS)}",
+            lambda v: bool(v) and len(set(v)) == len(v) and set(v) <= set(LORA_TARGETS),
+        ),
+        "LoRA: the layers of each block given adapters",
     )
     only_train_transformer_layers: bool = key(
         False, SWITCH, "freeze embeddings and final layer norm (less memory)"
@@ -402,6 +425,11 @@ def _check_combinations(params: Params, source: str) -> None:
             f"{source}: train.batch_size x train.accumulate_gradients = "
             f"{t.batch_size} x {t.accumulate_gradients}: at most {_MAX_WINDOWS} windows per "
             "step (they are drawn at once); lower one of them"
+        )
+    if t.lora_rank and t.only_train_transformer_layers:
+        raise Gpt2tuneError(
+            f"{source}: train.only_train_transformer_layers = true: has no effect with "
+            f"train.lora_rank = {t.lora_rank} (only the adapters train); set it to false"
         )
     if OPTIMIZERS[t.optimizer].weight_decay == "none" and t.weight_decay:
         # Only TF1's Adam takes no decay today; a second such optimizer would need its own why.

@@ -42,6 +42,9 @@ NOT_FINGERPRINTED = (
 )  # fmt: skip
 
 
+LORA_KEYS = ("lora_rank", "lora_alpha", "lora_targets")
+
+
 def fingerprint(cfg: TrainParams, base: str, data_stats: dict) -> str:
     """What must be equal for a saved run to be continued rather than restarted.
 
@@ -49,6 +52,11 @@ def fingerprint(cfg: TrainParams, base: str, data_stats: dict) -> str:
     finished run; but a cosine schedule depends on `steps`, so there it counts.
     """
     train = {k: v for k, v in asdict(cfg).items() if k not in NOT_FINGERPRINTED}
+    if not cfg.lora_rank:  # full fine-tuning: the other LoRA keys change nothing, and a run
+        for k in LORA_KEYS:  # saved before they existed keeps its fingerprint
+            del train[k]
+    else:
+        train["lora_targets"] = sorted(cfg.lora_targets)  # a list or tuple, in any order
     if cfg.lr_schedule == "cosine":
         train["steps"] = cfg.steps
     blob = json.dumps({"train": train, "base": base, "data": data_stats}, sort_keys=True)
@@ -56,9 +64,9 @@ def fingerprint(cfg: TrainParams, base: str, data_stats: dict) -> str:
 
 
 def run_tensors(trainer: Trainer) -> dict[str, tf.Variable]:
-    """Everything a resumed run needs: the weights, the optimizer's slots and its step, and
-    float16's loss scale."""
-    tensors = {**trainer.model.params, **trainer.opt.slots()}
+    """Everything a resumed run needs: the weights (with LoRA only the adapters: the base is
+    models/<name>), the optimizer's slots and its step, and float16's loss scale."""
+    tensors = {**trainer.saved(), **trainer.opt.slots()}
     if trainer.loss_scale is not None:
         tensors["loss_scale"] = trainer.loss_scale.scale
         tensors["loss_scale_good_steps"] = trainer.loss_scale.good_steps

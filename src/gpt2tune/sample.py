@@ -110,7 +110,9 @@ def _build_sampler(model: GPT2) -> tf.types.experimental.GenericFunction:
     hp = model.hparams
     # Compiled once per (batch, cache size); the cache size is rounded up to CACHE_STEP.
     step = tf.function(
-        lambda wte_t, token, pos, caches: decode_step(model.params, hp, wte_t, token, pos, caches),
+        lambda wte_t, token, pos, caches: decode_step(
+            model.forward_params(), hp, wte_t, token, pos, caches
+        ),
         jit_compile=True,
     )
 
@@ -125,7 +127,7 @@ def _build_sampler(model: GPT2) -> tf.types.experimental.GenericFunction:
         ]
     )
     def sample_segment(context, history, steps, knobs, keys, stop_token):
-        logits, past = forward(model.params, hp, context)
+        logits, past = forward(model.forward_params(), hp, context)
         # Each row's key for this segment; step i folds in i (see pick).
         keys = tf.map_fn(lambda k: tf.random.experimental.stateless_fold_in(k[:2], k[2]), keys)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
+from gpt2tune import lora
 from gpt2tune.errors import Gpt2tuneError
 from gpt2tune.model import GPT2, forward
 from gpt2tune.optim import Optimizer
@@ -80,13 +81,9 @@ class Trainer:
                 f"params.yaml: train.batch_size = {cfg.batch_size}: must be a multiple of the "
                 f"{self.replicas} replicas (GPUs) in use"
             )
-        self.trained = {
-            n: v
-            for n, v in model.params.items()
-            if is_transformer_layer(n) or not cfg.only_train_transformer_layers
-        }
         self.dtype = COMPUTE_DTYPES[cfg.precision]
         with strategy.scope():
+            self.trained = self._trained_variables(model, cfg)
             self.opt = Optimizer(self.trained, cfg, strategy)
             float16 = cfg.precision == "mixed_float16"
             self.loss_scale = DynamicLossScale() if float16 else None
@@ -107,6 +104,28 @@ class Trainer:
             self._eval_step, input_signature=[tf.TensorSpec([None, None], tf.int32)]
         )
 
+    def _trained_variables(self, model: GPT2, cfg: TrainParams) -> dict[str, tf.Variable]:
+        """What the optimizer updates: with train.lora_rank, only new LoRA adapters (the model's
+        weights stay frozen and get no gradients or slots; lora.py); else the model's weights,
+        or only its blocks' with only_train_transformer_layers."""
+        self.adapters = None
+        if cfg.lora_rank:
+            self.adapters = lora.Adapters(
+                model.hparams, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.seed
+            )
+            lora.attach(model, self.adapters)  # evaluation and samples see them too
+            return self.adapters.variables
+        return {
+            n: v
+            for n, v in model.params.items()
+            if is_transformer_layer(n) or not cfg.only_train_transformer_layers
+        }
+
+    def saved(self) -> dict[str, tf.Variable]:
+        """The trained state a run folder keeps besides the optimizer's: the model's weights,
+        or with LoRA only the adapters (the base model stays in models/<name>)."""
+        return self.model.params if self.adapters is None else self.adapters.saved()
+
     def _shard(self, windows: tf.Tensor):
         n = self.replicas
         return self.strategy.experimental_distribute_values_from_function(
@@ -117,7 +136,8 @@ class Trainer:
         # The variables are read here, outside XLA: a jit-compiled function that reads a
         # MirroredVariable's copy on another device fails ("Trying to access resource ...
         # located in device CPU:1 from device CPU:0", an XLA known issue); tensors are fine.
-        values = {n: tf.convert_to_tensor(v) for n, v in self.model.params.items()}
+        variables = {**self.model.params, **self.trained}  # the model's, unless LoRA's
+        values = {n: tf.convert_to_tensor(v) for n, v in variables.items()}
         scale = tf.constant(1.0) if self.loss_scale is None else tf.identity(self.loss_scale.scale)
         return self._grads_fn(values, windows, inputs, scale)
 
@@ -128,6 +148,8 @@ class Trainer:
         trained = [values[n] for n in self.trained]
         with tf.GradientTape() as tape:
             tape.watch(trained)
+            if self.adapters is not None:  # B times alpha / rank, inside the tape
+                values = lora.scaled(values, self.adapters.scale)
             loss = lm_loss(
                 values, self.model.hparams, windows, inputs,
                 dtype=self.dtype, recompute=self.cfg.memory_saving_gradients,
@@ -164,7 +186,8 @@ class Trainer:
         return float(self.train_step(tf.constant(windows, tf.int32), tf.constant(inputs, tf.int32)))
 
     def _eval_step(self, windows: tf.Tensor) -> tf.Tensor:
-        return lm_loss(self.model.params, self.model.hparams, windows, dtype=self.dtype)
+        params = self.model.forward_params()  # with LoRA's adapters when there are
+        return lm_loss(params, self.model.hparams, windows, dtype=self.dtype)
 
     def eval_loss(self, windows: np.ndarray) -> float:
         """Mean loss over windows [k, len], evaluated batch_size at a time."""
