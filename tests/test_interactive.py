@@ -118,3 +118,17 @@ def test_repetition_penalty_and_stop_from_params_reach_the_completions(model_dir
     assert any("e" in t for t in plain)
     penalised = Sampling(**settings, repetition_penalty=1.5)
     assert gpt2tune.generate(model, "Human reason", sampling=penalised) != plain
+
+
+def test_bytes_the_locale_cannot_decode_are_one_line_and_the_loop_goes_on(model_dir, workdir):
+    # A strict UTF-8 locale (PYTHONIOENCODING=utf-8:strict): stdin's decoder raises on \xff.
+    env = stage_env(PYTHONUNBUFFERED="1", PYTHONIOENCODING="utf-8:strict")
+    proc = run_stage(
+        workdir, "sample", *INTERACTIVE, str(model_dir),
+        input=b"\xff\xfe broken\nHuman reason\n", env=env, timeout=120, text=False,
+    )  # fmt: skip
+    out, err = proc.stdout.decode(), proc.stderr.decode()
+    assert proc.returncode == 0, err[-3000:]
+    assert "Traceback" not in out + err
+    assert "error: that line is not valid utf-8 text" in out
+    assert out.count(" SAMPLE 1 ") == 1  # the next, valid line is still answered

@@ -59,7 +59,21 @@ def _show(value: object) -> str:
     return json.dumps(list(value), ensure_ascii=False) if isinstance(value, tuple) else str(value)
 
 
-def interactive(model: GPT2, cfg: Sampling, read=input, write=print) -> None:
+def read_line(prompt: str) -> str:
+    """`input(prompt)`, but from a pipe each line is decoded on its own, so a line the
+    locale's codec cannot decode is reported (UnicodeDecodeError) and the next one still read
+    (input() would have decoded, and lost, the whole buffered rest of the input with it)."""
+    if sys.stdin.isatty() or not hasattr(sys.stdin, "buffer"):
+        return input(prompt)
+    sys.stdout.write(prompt)
+    sys.stdout.flush()
+    raw = sys.stdin.buffer.readline()
+    if not raw:
+        raise EOFError
+    return raw.decode(sys.stdin.encoding or "utf-8").rstrip("\r\n")
+
+
+def interactive(model: GPT2, cfg: Sampling, read=read_line, write=print) -> None:
     """The notebooks' interactive completion: type a context, get completions, again.
 
     Ctrl-D (end of input) or Ctrl-C leaves cleanly. An empty line samples unconditionally.
@@ -72,6 +86,9 @@ def interactive(model: GPT2, cfg: Sampling, read=input, write=print) -> None:
         except (EOFError, KeyboardInterrupt):
             write("")
             return
+        except UnicodeDecodeError as e:  # bytes the terminal's locale cannot decode
+            write(f"error: that line is not valid {e.encoding} text ({e.reason}); type it again")
+            continue
         try:
             texts = _generate_with(model, prompt, dataclasses.replace(cfg, seed=seed))
         except KeyboardInterrupt:
