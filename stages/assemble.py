@@ -6,6 +6,7 @@ gpt2tune.servable).
 """
 
 import sys
+from pathlib import Path
 
 from gpt2tune.stage import import_tensorflow_quietly, run_stage
 
@@ -20,12 +21,18 @@ def main() -> None:
 
     from gpt2tune import tracking
     from gpt2tune.checkpoint import assemble
+    from gpt2tune.keeping import assembled_checkpoint
+    from gpt2tune.runstate import load_state
     from gpt2tune.servable import log_and_register
 
-    assemble(f"models/{p.model.name}", "checkpoint/run1", OUT)
+    run_dir = Path("checkpoint/run1")
+    prefix, step, words = assembled_checkpoint(run_dir, load_state(run_dir), p.assemble.checkpoint)
+    assemble(f"models/{p.model.name}", run_dir, OUT, prefix)
     with tracking.reopen_run(p.mlflow):
+        tracking.set_tag("gpt2tune.assembled_step", str(step))
+        tracking.set_tag("gpt2tune.assembled_checkpoint", p.assemble.checkpoint)
         log_and_register(OUT, p.sample, p.mlflow.registered_model, p.mlflow.registered_alias)
-    print(f"assembled {OUT}")
+    print(f"assembled {OUT} from {words}")
 
 
 if __name__ == "__main__":

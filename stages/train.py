@@ -57,6 +57,7 @@ def main() -> None:
                 run_fingerprint=fp,
                 log_metrics=tracking.log_metrics,
                 log_sample=log_sample,
+                log_tag=tracking.set_tag,
                 state_extra={"mlflow_run_id": run.info.run_id},
             )  # fmt: skip
         except Stopped:  # saved and resumable: killed, not failed (a NaN fails it)
