@@ -1,5 +1,9 @@
 """DVC stage assemble: models/finetuned = trained weights + the base model's tokenizer files.
 
+Which weights: `assemble.checkpoint` (gpt2tune.keeping): the best checkpoint of
+checkpoint/run1 (the latest when the run had no validation loss) or the latest; the step is
+printed and tagged on the MLflow run as gpt2tune.assembled_step.
+
 The result is an ordinary OpenAI-format model folder (what the notebooks built by hand),
 also logged to the training's MLflow run as an MLflow Model and registered (see
 gpt2tune.servable).
