@@ -408,12 +408,12 @@ def test_long_values_are_cut_short(raw):
         (
             None,
             "params.yaml: file is empty; expected sections "
-            "model, data, train, sample, mlflow, export",
+            "model, data, train, assemble, sample, mlflow, export",
         ),
         (
             ["model"],
             "params.yaml: top level must be a mapping of sections "
-            "(model, data, train, sample, mlflow, export), got a list",
+            "(model, data, train, assemble, sample, mlflow, export), got a list",
         ),
     ],
 )

@@ -118,6 +118,7 @@ def test_fit_lowers_the_loss_and_logs_every_step(trained):
 def test_run_folder_holds_the_newest_checkpoint_and_state(trained, hp):
     model, run_dir, _, history, _, _ = trained
     assert sorted(p.name for p in run_dir.iterdir()) == [
+        "best",  # the lowest val_loss's weights (test_stopping.py)
         "checkpoint",
         "history.json",
         "model-12.data-00000-of-00001",
@@ -126,7 +127,10 @@ def test_run_folder_holds_the_newest_checkpoint_and_state(trained, hp):
     ]  # model-5 and model-10 were removed, no temporary files are left
     assert 'model_checkpoint_path: "model-12"' in (run_dir / "checkpoint").read_text()
     state = json.loads((run_dir / "train_state.json").read_text())
-    assert state == {"step": 12, "mlflow_run_id": "abc", "fingerprint": "fp-trained"}
+    assert {k: state.pop(k) for k in ("best", "early_stopping")}  # test_stopping.py
+    assert state == {
+        "step": 12, "mlflow_run_id": "abc", "fingerprint": "fp-trained", "checkpoints": [12],
+    }  # fmt: skip
     assert json.loads((run_dir / "history.json").read_text()) == history
 
     reader = tf.train.load_checkpoint(str(run_dir / "model-12"))

@@ -150,8 +150,15 @@ def read_weights(path: str | os.PathLike, hparams: dict[str, int]) -> dict[str, 
     )
 
 
-def assemble(base: str | os.PathLike, run_dir: str | os.PathLike, out: str | os.PathLike) -> GPT2:
-    """The trained weights from `run_dir` beside the base model's hparams and tokenizer files.
+def assemble(
+    base: str | os.PathLike,
+    run_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    prefix: str | os.PathLike | None = None,
+) -> GPT2:
+    """The trained weights from `run_dir` beside the base model's hparams and tokenizer files:
+    those its `checkpoint` file names, or those of the checkpoint `prefix` (keeping.py picks
+    the best or the latest).
 
     This is the notebooks' "copy the checkpoint into a model folder" step: the result is an
     ordinary OpenAI-format folder. Adam's slots in the training checkpoint are left behind.
@@ -161,7 +168,7 @@ def assemble(base: str | os.PathLike, run_dir: str | os.PathLike, out: str | os.
     hparams = load_hparams(base)
     if not (Path(run_dir) / "checkpoint").is_file():
         raise Gpt2tuneError(f"{run_dir} holds no training checkpoint: run `dvc repro train` first")
-    prefix = checkpoint_prefix(run_dir)
+    prefix = Path(prefix) if prefix else checkpoint_prefix(run_dir)
     adapted = lora.read_adapters(prefix, hparams) if Path(f"{prefix}.index").is_file() else None
     if adapted:
         weights = lora.merge(_read_weights(checkpoint_prefix(base), hparams), *adapted)

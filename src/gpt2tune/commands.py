@@ -124,6 +124,7 @@ def train(p: Params, args: argparse.Namespace) -> None:
                 run_fingerprint=fp,
                 log_metrics=tracking.log_metrics,
                 log_sample=log_sample,
+                log_tag=tracking.set_tag,
                 state_extra={"mlflow_run_id": run.info.run_id},
             )  # fmt: skip
         except Stopped:  # saved and resumable: killed, not failed (a NaN fails it)
@@ -145,13 +146,19 @@ def assemble(p: Params, args: argparse.Namespace) -> None:
 
     from gpt2tune import tracking
     from gpt2tune.checkpoint import assemble as assemble_folder
+    from gpt2tune.keeping import assembled_checkpoint
+    from gpt2tune.runstate import load_state
 
-    assemble_folder(f"models/{p.model.name}", RUN_DIR.as_posix(), FINETUNED)
+    # Which weights: assemble.checkpoint, the best (the latest without validation) or latest.
+    prefix, step, words = assembled_checkpoint(RUN_DIR, load_state(RUN_DIR), p.assemble.checkpoint)
+    assemble_folder(f"models/{p.model.name}", RUN_DIR.as_posix(), FINETUNED, prefix)
     with tracking.reopen_run(p.mlflow):
+        tracking.set_tag("gpt2tune.assembled_step", str(step))
+        tracking.set_tag("gpt2tune.assembled_checkpoint", p.assemble.checkpoint)
         tracking.log_model(
             FINETUNED, p.sample, p.mlflow.registered_model, p.mlflow.registered_alias
         )
-    print(f"assembled {FINETUNED}")
+    print(f"assembled {FINETUNED} from {words}")
 
 
 def sample(p: Params, args: argparse.Namespace) -> None:

@@ -250,6 +250,18 @@ class TrainParams:
     max_minutes: float = key(
         0.0, number_at_least(0, " (0 = no limit)"), "wall-clock budget, stops with a checkpoint"
     )
+    # Stopping and keeping (keeping.py).
+    early_stopping_patience: int = key(
+        0,
+        at_least(0, " (0 = off; needs a validation loss and train.val_every > 0)"),
+        "validations without an improvement of early_stopping_min_delta before training stops",
+    )
+    early_stopping_min_delta: float = key(
+        0.0, number_at_least(0), "smallest drop of val_loss that counts as an improvement"
+    )
+    keep_checkpoints: int = key(
+        1, at_least(1), "newest checkpoints kept in checkpoint/run1 (the best is kept apart)"
+    )
     precision: str = key(
         "float32",
         one_of({
@@ -269,6 +281,18 @@ class TrainParams:
             "multi_worker": "several machines, configured by TF_CONFIG",
         }),
         "devices to train on",
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class AssembleParams:
+    checkpoint: str = key(
+        "best",
+        one_of({
+            "best": "the lowest validation loss (the latest when the run had no validation)",
+            "latest": "the last step trained",
+        }),
+        "which checkpoint of checkpoint/run1 becomes models/finetuned",
     )  # fmt: skip
 
 
@@ -370,6 +394,9 @@ class Params:
     model: ModelParams = section(ModelParams, "pretrained GPT-2 to start from (stage: fetch_model)")
     data: DataParams = section(DataParams, "training text (stage: encode)")
     train: TrainParams = section(TrainParams, "fine-tuning loop (stage: train)")
+    assemble: AssembleParams = section(
+        AssembleParams, "the fine-tuned model folder (stage: assemble)"
+    )
     sample: SampleParams = section(
         SampleParams, "text generation from the fine-tuned model (stage: sample)"
     )
@@ -430,6 +457,11 @@ def _check_combinations(params: Params, source: str) -> None:
         raise Gpt2tuneError(
             f"{source}: train.only_train_transformer_layers = true: has no effect with "
             f"train.lora_rank = {t.lora_rank} (only the adapters train); set it to false"
+        )
+    if t.early_stopping_patience and not t.val_every:
+        raise Gpt2tuneError(
+            f"{source}: train.early_stopping_patience = {t.early_stopping_patience}: needs "
+            "train.val_every > 0 (validation only at the end never stops early); set both"
         )
     if OPTIMIZERS[t.optimizer].weight_decay == "none" and t.weight_decay:
         # Only TF1's Adam takes no decay today; a second such optimizer would need its own why.

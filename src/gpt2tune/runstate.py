@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,6 +25,7 @@ import tensorflow as tf
 from gpt2tune.checkpoint import read_weights, write_checkpoint
 from gpt2tune.errors import Gpt2tuneError
 from gpt2tune.files import write_text_atomic
+from gpt2tune.keeping import prune
 from gpt2tune.params import TrainParams
 
 if TYPE_CHECKING:
@@ -39,6 +41,7 @@ HISTORY_FILE = "history.json"
 NOT_FINGERPRINTED = (
     "steps", "sample_every", "sample_length", "save_every", "val_every", "val_batch_count",
     "max_minutes", "memory_saving_gradients", "xla", "strategy",
+    "early_stopping_patience", "early_stopping_min_delta", "keep_checkpoints",
 )  # fmt: skip
 
 
@@ -73,18 +76,24 @@ def run_tensors(trainer: Trainer) -> dict[str, tf.Variable]:
     return tensors
 
 
-def save_state(run_dir: Path, trainer: Trainer, step: int, history: dict, extra: dict) -> None:
+def save_state(
+    run_dir: Path,
+    trainer: Trainer,
+    step: int,
+    history: dict,
+    extra: dict,
+    keep_steps: Iterable[int] = (),
+) -> None:
     """Write the history, weights + slots as `model-{step}` (and point `checkpoint` at it),
-    and last the state, which is what makes the new step count."""
+    and last the state, which is what makes the new step count. Then delete the checkpoints
+    other than this one and `keep_steps` (train.keep_checkpoints, keeping.py)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     tensors = run_tensors(trainer)
     prefix = f"model-{step}"
     write_text_atomic(run_dir / HISTORY_FILE, json.dumps(history))
     write_checkpoint(run_dir, prefix, tensors)
     write_text_atomic(run_dir / STATE_FILE, json.dumps({"step": step, **extra}, indent=2))
-    for old in run_dir.glob("model-*"):  # only the newest checkpoint is kept
-        if not old.name.startswith(prefix + "."):
-            old.unlink()
+    prune(run_dir, {step, *keep_steps})
 
 
 def load_state(run_dir: Path) -> dict | None:

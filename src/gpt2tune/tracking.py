@@ -398,6 +398,10 @@ def log_metrics(metrics: dict, step: int) -> None:
     )
 
 
+def set_tag(key: str, value: str) -> None:
+    _current().call({"op": "tags", "tags": {key: str(value)}})
+
+
 def log_text(text: str, artifact_file: str) -> None:
     _current().call({"op": "text", "text": text, "file": artifact_file})
 

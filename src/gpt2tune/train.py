@@ -35,10 +35,11 @@ from tqdm import tqdm
 
 from gpt2tune.batches import eval_windows, random_windows, window_length
 from gpt2tune.errors import Gpt2tuneError
+from gpt2tune.keeping import STOPPED_TAG, Keeper, finished_early, stop_reason
 from gpt2tune.model import GPT2
 from gpt2tune.optim import learning_rate_at
 from gpt2tune.params import TrainParams
-from gpt2tune.runstate import save_state, start_point, summary
+from gpt2tune.runstate import load_state, restore, save_state, start_point, summary
 from gpt2tune.signals import Stopped, stop_on_signals
 from gpt2tune.trainer import Trainer
 
@@ -54,6 +55,7 @@ def fit(
     run_fingerprint: str = "",
     log_metrics: Callable[[dict, int], None] = lambda metrics, step: None,
     log_sample: Callable[[str, int], None] = lambda text, step: None,
+    log_tag: Callable[[str, str], None] = lambda key, value: None,
     state_extra: dict | None = None,
     progress: bool | None = None,
 ) -> tuple[dict, dict]:
@@ -65,17 +67,32 @@ def fit(
     `log_metrics({"loss": ...}, step)` is called every step and with `val_loss` every
     `cfg.val_every` steps; `log_sample(text, step)` every `cfg.sample_every`. Ctrl-C and
     SIGTERM stop after the current step, save it, and raise `Stopped`; reaching
-    `cfg.max_minutes` saves and returns early (the summary's `steps` says where it ended).
+    `cfg.max_minutes` saves and returns early (the summary's `steps` says where it ended), and
+    so does early stopping (keeping.py), which also calls `log_tag(STOPPED_TAG, why)`. A run
+    in `run_dir` that stopped early and would stop again is complete: its weights are loaded
+    into `model` and nothing is trained.
     """
     started_at = time.monotonic()
     strategy = strategy or tf.distribute.get_strategy()
     length = check_fits(model, train_tokens, cfg, strategy.num_replicas_in_sync)
+    if cfg.early_stopping_patience and len(val_tokens) < 2:
+        raise Gpt2tuneError(
+            f"params.yaml: train.early_stopping_patience = {cfg.early_stopping_patience}: "
+            "needs a validation loss, but there are no validation tokens; set "
+            "data.val_fraction > 0 or data.val_path, or set it to 0"
+        )
     trainer = Trainer(model, cfg, strategy)
-    run = _Run(trainer, Path(run_dir), val_tokens, log_metrics, log_sample,
+    run = _Run(trainer, Path(run_dir), val_tokens, (log_metrics, log_sample, log_tag),
                dict(state_extra or {}, fingerprint=run_fingerprint))  # fmt: skip
+    if cfg.restore_from != "fresh" and finished_early(
+        run.run_dir, run.on_disk, run_fingerprint, cfg
+    ):
+        return run.reuse()
     start, run.history = start_point(run.run_dir, trainer, cfg, run_fingerprint)
     if start == 0:
         run.validate(0)
+    else:  # start_point resumed the run on disk
+        run.resume()
     deadline = started_at + cfg.max_minutes * 60 if cfg.max_minutes else math.inf
     end = run.loop(train_tokens, length, start, deadline, progress)
     run.validate(end)
@@ -92,13 +109,14 @@ class _Run:
         trainer: Trainer,
         run_dir: Path,
         val_tokens: np.ndarray,
-        log_metrics: Callable[[dict, int], None],
-        log_sample: Callable[[str, int], None],
+        loggers: tuple[Callable, Callable, Callable],  # log_metrics, log_sample, log_tag
         extra: dict,
     ):
         self.trainer, self.cfg, self.model = trainer, trainer.cfg, trainer.model
         self.run_dir, self.extra = run_dir, extra
-        self.log_metrics, self.log_sample = log_metrics, log_sample
+        self.log_metrics, self.log_sample, self.log_tag = loggers
+        self.on_disk = load_state(run_dir)  # before this run writes: another run's, or resumed
+        self.keeper = Keeper(run_dir, self.cfg, self.on_disk)
         n = self.cfg.val_batch_count
         self.val = eval_windows(val_tokens, self.cfg.n_ctx, n) if len(val_tokens) >= 2 else None
         self.history: dict[str, list] = {"loss": [], "val_loss": []}
@@ -126,6 +144,10 @@ class _Run:
                     break
                 # Checked after the logging, so a stopped run's history matches an
                 # uninterrupted one.
+                if self.keeper.stop_due(step):
+                    self.stop_early(step)
+                    bar.close()
+                    return step
                 if stop.signal:
                     self.save(step)
                     bar.close()
@@ -179,13 +201,37 @@ class _Run:
         return loss
 
     def validate(self, step: int) -> None:
-        if self.val is not None:
+        done = self.history["val_loss"] and self.history["val_loss"][-1][0] == step
+        if self.val is not None and not done:  # done: the loop stopped after validating
             if step == 0:  # minutes at 124M on a CPU, before the bar starts
                 print(f"validating the base model ({len(self.val)} windows)...", file=sys.stderr,
                       flush=True)  # fmt: skip
             v = self.trainer.eval_loss(self.val)
             self.history["val_loss"].append([step, v])
             self.log_metrics({"val_loss": v}, step)
+            self.keeper.validated(step, v, self.trainer.saved())  # with LoRA: the adapters
+
+    def stop_early(self, step: int) -> None:
+        why = stop_reason(step, self.cfg)
+        self.extra["stopped_early"] = why  # fit saves it: a rerun knows the run is complete
+        self.log_tag(STOPPED_TAG, why)
+        print(f"\nstopped early at {why}; the best checkpoint is step "
+              f"{self.keeper.watch.best_step}")  # fmt: skip
+
+    def resume(self) -> None:
+        self.keeper.resume(self.on_disk)
+        if self.on_disk.get("stopped_early"):  # continued with a raised patience
+            self.log_tag(STOPPED_TAG, f"{self.on_disk['stopped_early']} (then continued)")
+
+    def reuse(self) -> tuple[dict, dict]:
+        """`fit` of a run that stopped early and is complete: its weights, nothing trained."""
+        state = self.on_disk
+        self.history = restore(self.run_dir, self.trainer, state["step"])
+        print(f"the run in {self.run_dir} stopped early ({state['stopped_early']}) and is "
+              "complete; nothing to train (raise train.early_stopping_patience, or set it to "
+              "0, to continue it)")  # fmt: skip
+        self.log_tag(STOPPED_TAG, state["stopped_early"])
+        return summary(self.history, state["step"], 0.0), self.history
 
     def sample(self, step: int) -> None:
         # Shepperd's training samples: temperature 1, top_k 40, from <|endoftext|>.
@@ -196,7 +242,10 @@ class _Run:
         self.log_sample(text, step)
 
     def save(self, step: int) -> None:
-        save_state(self.run_dir, self.trainer, step, self.history, self.extra)
+        kept = self.keeper.saving(step)
+        extra = dict(self.extra, **kept)
+        save_state(self.run_dir, self.trainer, step, self.history, extra, kept["checkpoints"])
+        self.keeper.saved()
 
     def tokens_per_s(self) -> float:
         return self.timed_tokens / self.timed_seconds if self.timed_seconds else 0.0
