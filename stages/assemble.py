@@ -1,12 +1,11 @@
 """DVC stage assemble: models/finetuned = trained weights + the base model's tokenizer files.
 
-The result is an ordinary OpenAI-format model folder (what the notebooks built by hand),
-also logged to the training's MLflow run as an MLflow Model and registered (see
-gpt2tune.servable).
+The same as `gpt2tune assemble`; the body is gpt2tune.commands.assemble.
 """
 
 import sys
 
+<<<<<<< HEAD
 from gpt2tune.stage import import_tensorflow_quietly, run_stage
 
 OUT = "models/finetuned"
@@ -26,6 +25,9 @@ def main() -> None:
         tracking.log_model(OUT, p.sample, p.mlflow.registered_model, p.mlflow.registered_alias)
     print(f"assembled {OUT}")
 
+=======
+from gpt2tune.cli import stage
+>>>>>>> p2-cli
 
 if __name__ == "__main__":
-    sys.exit(run_stage(main))
+    sys.exit(stage("assemble"))

@@ -1,13 +1,10 @@
 """DVC stage train: fine-tune models/<name> on data/encoded, tracked in one MLflow run.
 
-Writes checkpoint/run1/ (resumable: rerun to continue an interrupted training), the DVC
-metrics metrics/train.json, the plot data metrics/loss.tsv and metrics/val_loss.tsv, and the
-MLflow run id in metrics/mlflow_run.json for the assemble and sample stages. With
-`train.strategy: multi_worker` only the chief (worker 0) writes any of these.
+The same as `gpt2tune train`; the body is gpt2tune.commands.train.
 """
 
-import json
 import sys
+<<<<<<< HEAD
 import tempfile
 from pathlib import Path
 
@@ -71,7 +68,10 @@ def main() -> None:
     runstate.write_plots(history, "metrics")
     write_text_atomic("metrics/train.json", json.dumps(metrics, indent=2) + "\n")
     print(json.dumps(metrics))
+=======
+>>>>>>> p2-cli
 
+from gpt2tune.cli import stage
 
 if __name__ == "__main__":
-    sys.exit(run_stage(main))
+    sys.exit(stage("train"))

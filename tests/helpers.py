@@ -32,7 +32,7 @@ import regex
 import tiktoken
 import yaml
 
-from gpt2tune.params import TrainParams
+from gpt2tune.params import TrainParams, default_raw
 
 REPO = Path(__file__).resolve().parents[1]
 # The official BPE files and kant.txt live beside the checkout in ../shared/data (CI has them too).
@@ -327,8 +327,6 @@ def tiny_params(**sections: dict) -> dict:
     """A complete, valid params.yaml as a dict, sized for tests: model `tiny`, two training
     steps on 16-token windows, no intermediate samples, checkpoints or validation. Each keyword
     (model=..., train=...) updates that section's keys."""
-    from gpt2tune.params import default_raw
-
     params = default_raw()  # every key declared, at its default; then sized for tests
     params["model"].update(name="tiny", base_url="http://127.0.0.1:9/models")  # nothing there
     params["train"].update(

@@ -42,8 +42,7 @@ one thread per core encodes pieces side by side (tiktoken releases the GIL), a f
 flight, results taken in order. Tokens stream to a temporary file and are then copied into the
 two ``.npy`` files. Every output goes to a temporary file in ``out_dir`` first and is renamed
 over the old one with ``os.replace``, so an error or Ctrl-C part-way leaves the previous
-outputs as they were. A tqdm bar (bytes read) shows for inputs of 8 MiB or more when stderr is
-a terminal.
+outputs as they were. A tqdm bar (bytes read) shows when stderr is a terminal.
 """
 
 from __future__ import annotations
@@ -68,7 +67,6 @@ from gpt2tune.text import cores, find_inputs
 
 OUTPUTS = ("train.npy", "val.npy", "stats.json")
 VAL_BLOCK_TOKENS = 1024  # largest validation block; smaller for corpora under ~100 blocks
-PROGRESS_MIN_BYTES = 8 << 20  # smaller inputs encode in a second or two: no bar
 _COPY_TOKENS = 1 << 22  # tokens per copy from the temporary stream into train/val.npy
 # Inputs from this size on are encoded by one thread per core (smaller ones are a chunk or
 # three: nothing to share out).
@@ -96,7 +94,7 @@ def encode_corpus(
     """Encode the text of ``path_spec`` into out_dir/train.npy, val.npy and stats.json, and
     return the stats. ``val_path`` (data.val_path): a separate validation text; then all of
     ``path_spec`` is training data and ``val_fraction`` is not used. ``progress``: True/False
-    force the bar on/off; None shows it for large inputs on a terminal. ``chunk_chars``:
+    force the bar on/off; None shows it on a terminal. ``chunk_chars``:
     characters encoded at a time (memory, not result). ``workers``: threads encoding chunks
     side by side (None: one per core for inputs of PARALLEL_MIN_BYTES or more, else 1); the
     tokens are the same for any number. ``data_format``, ``field``: data.format and
@@ -255,10 +253,7 @@ def _split(n_train: int, n_val: int, val_fraction: float, *, separate: bool) -> 
 
 
 def _progress_bar(total_bytes: int, progress: bool | None) -> tqdm:
-    if progress is None:
-        disable = None if total_bytes >= PROGRESS_MIN_BYTES else True
-    else:
-        disable = not progress
+    disable = None if progress is None else not progress  # tqdm: None = only on a terminal
     return tqdm(
         total=total_bytes, desc="encode", unit="B", unit_scale=True, unit_divisor=1024,
         disable=disable,

@@ -1,7 +1,8 @@
 """Fetch a released GPT-2 checkpoint: the ``fetch_model`` pipeline step.
 
 ``fetch_model("124M")`` downloads the seven files of an OpenAI GPT-2 model from
-``{base_url}/{name}/`` into ``{dest_root}/{name}/`` with one tqdm progress bar per file.
+``{base_url}/{name}/`` into ``{dest_root}/{name}/`` with one tqdm progress bar per file (the old
+names 117M and 345M fetch 124M and 355M, into a folder of the old name: :data:`OLD_NAMES`).
 ``base_url`` may also be a local folder (a path or a ``file://`` URL), which is copied with
 the same care. ``download_file`` is the single-file primitive underneath, usable on its own.
 
@@ -56,6 +57,10 @@ from gpt2tune.files import RELEASE_FILES, file_size, fsync_file
 from gpt2tune.transfer import CHUNK_SIZE, HttpTransfer, NotFound, Policy
 
 OFFICIAL_MODELS: tuple[str, ...] = ("124M", "355M", "774M", "1558M")
+# OpenAI's first names of two releases, still in gpt-2-simple and old notebooks: the same files,
+# published under the new names. The folder keeps the name asked for (DVC's out is
+# models/${model.name}); the download is the release under its new name.
+OLD_NAMES: dict[str, str] = {"117M": "124M", "345M": "355M"}
 DEFAULT_BASE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/models"
 # name -> (size in bytes, SHA-256) of the tokenizer files shared by all official releases
 OFFICIAL_FILES: dict[str, tuple[int, str]] = {
@@ -90,7 +95,16 @@ def fetch_model(
     if _is_complete(dest):
         manifest.record(dest, RELEASE_FILES)  # adopts files from before manifests
         return dest  # a whole model is never downloaded again, not even with a HEAD request
-    folder = _locate(base_url, name)
+    release = OLD_NAMES.get(name, name)
+    if release != name:
+        print(f"model {name} is OpenAI's old name of {release}: fetching {release} into {dest}",
+              file=sys.stderr)  # fmt: skip
+    try:
+        folder = _locate(base_url, release)
+    except Gpt2tuneError:
+        if release == name:
+            raise
+        folder = _locate(base_url, name)  # a local copy kept under the old name
     try:
         with requests.Session() as session:  # one session: the seven files share a connection
             for file in RELEASE_FILES:

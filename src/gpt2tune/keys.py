@@ -291,6 +291,11 @@ def read_yaml(path: str | os.PathLike) -> Any:
         raise Gpt2tuneError(f"{source}: not UTF-8 text (byte {e.start})") from None
     except OSError as e:
         raise Gpt2tuneError(f"{source}: cannot read: {e.strerror or e}") from None
+    return parse_yaml(text, source)
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """Parse params YAML with the strict loader; a problem is one line naming `source`."""
     try:
         raw = yaml.load(text, Loader=_Loader)  # _Loader derives from SafeLoader
     except yaml.YAMLError as e:
@@ -303,3 +308,27 @@ def read_yaml(path: str | os.PathLike) -> Any:
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise Gpt2tuneError(f"{where}: invalid YAML: {problem}") from None
     return raw
+
+
+def apply_overrides(raw: Any, overrides: list[str], root: type) -> dict:
+    """A copy of parsed params `raw` with each ``section.key=value`` of `overrides` (the
+    command line's --set) in place; a value is parsed as YAML by the file's own loader, so
+    `--set train.steps=5` is an integer and `--set sample.prompts=[a, b]` a list. Whether the
+    values are allowed is left to the validation, which then names --set."""
+    merged = {s: dict(b) if isinstance(b, dict) else b for s, b in raw.items()}
+    sections = types_of(root)
+    home = {k: f"{s}.{k}" for s, cls in sections.items() for k in types_of(cls)}
+    for item in overrides:
+        name, eq, text = item.partition("=")
+        part, _, short = name.strip().partition(".")
+        if not eq or not short:
+            raise Gpt2tuneError(f"--set {item}: expected section.key=value, e.g. train.steps=10")
+        if part not in sections:
+            raise _unknown("--set", part, list(sections), home)
+        if short not in types_of(sections[part]):
+            raise _unknown("--set", name.strip(), list(types_of(sections[part])), home)
+        value = parse_yaml(text, f"--set {name.strip()}")
+        if not isinstance(merged.get(part), dict):
+            merged[part] = {}
+        merged[part][short] = value
+    return merged

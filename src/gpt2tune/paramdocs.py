@@ -115,6 +115,20 @@ def render_table() -> str:
     return "\n".join(rows + [END])
 
 
+def render_help(sections: tuple[str, ...]) -> str:
+    """The parameters a command reads, for its --help: per section its help, then one line per
+    key, ``section.key = default  (help)`` (long defaults cut short, as in the table)."""
+    ref, lines = reference(), ["parameters read (params.yaml, or --params; change with --set):"]
+    for section in sections:
+        help_, keys = ref[section]
+        lines.append(f"  {section}: {help_}")
+        for k in keys:
+            value = yaml_value(k.default)
+            value = value if len(value) <= 60 else value[:56] + " ..."
+            lines.append(f"    {section}.{k.name} = {value}  ({k.help})")
+    return "\n".join(lines)
+
+
 _TABLE = re.compile(re.escape(START) + r".*?" + re.escape(END), re.DOTALL)
 
 

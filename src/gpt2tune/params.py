@@ -20,6 +20,7 @@ import dataclasses
 import json
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,7 @@ from gpt2tune.keys import (
     SWITCH,
     Key,
     Rule,
+    apply_overrides,
     at_least,
     check_sections,
     describe,
@@ -393,6 +395,12 @@ def _check_combinations(params: Params, source: str) -> None:
         )
 
 
-def load_params(path: str | os.PathLike = "params.yaml") -> Params:
-    """Read, parse and validate the params file; every problem is one-line Gpt2tuneError."""
-    return validate_params(read_yaml(path), str(path))
+def load_params(path: str | os.PathLike = "params.yaml", overrides: Sequence[str] = ()) -> Params:
+    """Read, parse and validate the params file; every problem is one-line Gpt2tuneError.
+    `overrides`: the command line's ``--set section.key=value``, checked after the file (so an
+    error in the file names the file, one in an override names --set)."""
+    raw = read_yaml(path)
+    params = validate_params(raw, str(path))
+    if overrides:
+        params = validate_params(apply_overrides(raw, list(overrides), Params), "--set")
+    return params

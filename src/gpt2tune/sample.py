@@ -13,11 +13,13 @@ in half-context strides).
 from __future__ import annotations
 
 import dataclasses
+import sys
 import typing
 from collections.abc import Sequence
 
 import numpy as np
 import tensorflow as tf
+from tqdm import tqdm
 
 from gpt2tune.errors import Gpt2tuneError
 from gpt2tune.keys import BAD, coerce, types_of
@@ -329,8 +331,10 @@ def sample_records(model: GPT2, cfg: SampleParams) -> list[dict]:
         n = len(model.encoder.encode(prompt))
         check_request(model.hparams, n, cfg.length, cfg.nsamples, f"sample.prompts[{i}]")
     check_request(model.hparams, 1, cfg.length, cfg.nsamples, "the unconditional start")
+    print(f"sampling {cfg.nsamples} x {len(cfg.prompts) + 1} text(s)...", file=sys.stderr)
     records = []
-    for prompt in (None, *cfg.prompts):
+    # A bar per prompt on a terminal (tqdm's disable=None): each is minutes at 124M on a CPU.
+    for prompt in tqdm((None, *cfg.prompts), desc="sample", unit="prompt", disable=None):
         texts = _generate_with(model, prompt, cfg)
         records += [{"prompt": prompt, "index": i, "text": t} for i, t in enumerate(texts)]
     return records

@@ -16,7 +16,7 @@ warning on stderr names that file. A run created while offline gets a local id
 ``offline-<hex>`` (in `metrics/mlflow_run.json` and the checkpoint's state). The file is
 replayed, in order, as soon as the server answers again: tried at most every
 ``GPT2TUNE_MLFLOW_RETRY_S`` seconds (default 60) while logging, at the end of the stage, and
-by every later stage (assemble, sample) or ``python -m gpt2tune.tracking``. Replaying
+by every later stage (assemble, sample) or ``gpt2tune replay``. Replaying
 creates the run if needed (``metrics/mlflow_offline/<offline id>.json`` then maps the local
 id to the real one), skips (metric, step) pairs the run already holds, and deletes the file
 when everything is in, so a replay that is itself interrupted is simply repeated. Folders are
@@ -172,7 +172,7 @@ class Session(MlflowRun):
                 f"warning: MLflow tracking server {redact(self.uri)} is unreachable ({why}); "
                 f"carrying on, with what it misses kept in {display_path(self.journal)} and "
                 "sent when it answers again (or by the next stage, or "
-                "`python -m gpt2tune.tracking`)",
+                "`gpt2tune replay`)",
                 file=sys.stderr,
             )
 
@@ -226,9 +226,10 @@ def _write_run_file(session: Session) -> None:
 
 
 @contextmanager
-def training_run(cfg: MlflowParams, params: dict, run_id: str | None = None):
+def training_run(cfg: MlflowParams, params: dict, run_id: str | None = None, record: bool = True):
     """Start (or, given `run_id` of a resumed training, reopen) the run and record its id
-    in metrics/mlflow_run.json. A server that is away does not stop training (see above)."""
+    in metrics/mlflow_run.json (not with `record=False`: a run of its own, such as
+    `gpt2tune evaluate --mlflow`). A server that is away does not stop training (see above)."""
     session = Session(cfg, run_id or "")
     name = os.environ.get("DVC_EXP_NAME") if run_id is None else None
     try:
@@ -252,24 +253,26 @@ def training_run(cfg: MlflowParams, params: dict, run_id: str | None = None):
                      "ts": _now_ms()}  # fmt: skip
             journal.append(session.journal, start)
         session._went_offline(reason(e))
-    _write_run_file(session)
+    if record:
+        _write_run_file(session)
     try:
         with _activate(session):
             yield session
     finally:  # also after a failure or a stop: what was kept is sent if the server is back
-        _wind_up(session)
+        _wind_up(session, record)
 
 
-def _wind_up(session: Session) -> None:
+def _wind_up(session: Session, record: bool = True) -> None:
     if session.offline:
         session.next_try = 0.0  # one last try before the stage ends
         session._try_online()
-    _write_run_file(session)  # the real id, if the server came back during training
+    if record:
+        _write_run_file(session)  # the real id, if the server came back during training
     if session.offline:
         print(
             f"warning: MLflow server {redact(session.uri)} is still unreachable; this "
             f"training's records are kept in {display_path(session.journal)} and are sent by the "
-            "next stage that reaches it (assemble, sample) or `python -m gpt2tune.tracking`",
+            "next stage that reaches it (assemble, sample) or `gpt2tune replay`",
             file=sys.stderr,
         )
 
@@ -363,7 +366,7 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-if __name__ == "__main__":  # python -m gpt2tune.tracking: send what was kept offline
+if __name__ == "__main__":  # python -m gpt2tune.tracking: what `gpt2tune replay` does
     from gpt2tune.params import load_params
     from gpt2tune.stage import run_stage
 

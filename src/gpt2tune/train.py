@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -102,6 +103,7 @@ class _Run:
         self.val = eval_windows(val_tokens, self.cfg.n_ctx, n) if len(val_tokens) >= 2 else None
         self.history: dict[str, list] = {"loss": [], "val_loss": []}
         self.timed_tokens, self.timed_seconds = 0, 0.0
+        self.logged: dict = {}  # the last step's metrics, for the progress bar
 
     def loop(
         self, tokens: np.ndarray, length: int, start: int, deadline: float, progress: bool | None
@@ -113,8 +115,9 @@ class _Run:
         with bar, stop_on_signals() as stop:
             for step in range(start + 1, cfg.steps + 1):
                 loss = self.train_step(tokens, length, step, timed=step > start + 1)
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.3f}")
+                bar.update(1)  # tqdm shows the time left; the rest is the step's own
+                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{self.logged['learning_rate']:.2e}",
+                                tok_s=f"{self.logged['tokens_per_s']:,.0f}")  # fmt: skip
                 if cfg.val_every and step % cfg.val_every == 0 and step != cfg.steps:
                     self.validate(step)
                 if cfg.sample_every and step % cfg.sample_every == 0:
@@ -172,10 +175,14 @@ class _Run:
         if self.trainer.loss_scale is not None:  # float16: a scale stuck low = skipped steps
             logged["loss_scale"] = float(self.trainer.loss_scale.scale.numpy())
         self.log_metrics(logged, step)
+        self.logged = logged  # for the progress bar
         return loss
 
     def validate(self, step: int) -> None:
         if self.val is not None:
+            if step == 0:  # minutes at 124M on a CPU, before the bar starts
+                print(f"validating the base model ({len(self.val)} windows)...", file=sys.stderr,
+                      flush=True)  # fmt: skip
             v = self.trainer.eval_loss(self.val)
             self.history["val_loss"].append([step, v])
             self.log_metrics({"val_loss": v}, step)

@@ -1,0 +1,163 @@
+"""The `gpt2tune` command (also `python -m gpt2tune`): one subcommand per pipeline step.
+
+    gpt2tune fetch | encode | train | assemble | sample | export   # the DVC stages, by hand
+    gpt2tune chat [--model DIR]                                     # type a context, get text
+    gpt2tune evaluate --model DIR --data PATH [--mlflow]            # loss and perplexity
+    gpt2tune replay                                                 # send offline MLflow records
+
+Each subcommand is the very code of its DVC stage: ``stages/<stage>.py`` is a thin call of
+:func:`stage` (so ``dvc repro`` and the command cannot drift apart), and its bodies live in
+:mod:`gpt2tune.commands`. ``--set section.key=value`` overrides params.yaml for one run
+(checked like the file), ``--params PATH`` reads another file; ``--help`` lists every key the
+command reads, with its default and meaning, rendered from the declarations in params.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from gpt2tune.stage import run_stage
+
+
+@dataclass(frozen=True)
+class Command:
+    summary: str  # one line, for `gpt2tune --help`
+    sections: tuple[str, ...]  # the params.yaml sections it reads (a test checks dvc.yaml's)
+    stage: str = ""  # its DVC stage (stages/<stage>.py), if it is one
+    options: Callable[[argparse.ArgumentParser], None] = lambda ap: None
+
+
+def _model_option(default: str) -> Callable[[argparse.ArgumentParser], None]:
+    def add(ap: argparse.ArgumentParser) -> None:
+        ap.add_argument("--model", default=default, help=f"model folder (default {default})")
+
+    return add
+
+
+def _sample_options(ap: argparse.ArgumentParser) -> None:
+    _model_option("models/finetuned")(ap)
+    ap.add_argument("--interactive", action="store_true", help="the same as `gpt2tune chat`")
+
+
+def _export_options(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--model", help="OpenAI-layout model folder (default models/finetuned)")
+    ap.add_argument("--out", help="folder to write (default models/finetuned-hf)")
+
+
+def _evaluate_options(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--model", required=True, help="model folder (OpenAI layout)")
+    ap.add_argument("--data", required=True, help="text file, folder or glob (in data.format)")
+    ap.add_argument("--mlflow", action="store_true", help="log the result as a new MLflow run")
+
+
+# The one list of commands, and which params.yaml sections each reads.
+COMMANDS: dict[str, Command] = {
+    "fetch": Command("download GPT-2 model.name into models/<name>", ("model",), "fetch_model"),
+    "encode": Command(
+        "tokenize data.path into data/encoded (train.npy, val.npy)", ("model", "data"), "encode"
+    ),
+    "train": Command(
+        "fine-tune models/<name> on data/encoded into checkpoint/run1, tracked in MLflow",
+        ("model", "train", "mlflow"),
+        "train",
+    ),
+    "assemble": Command(
+        "checkpoint/run1 -> models/finetuned, logged and registered in MLflow",
+        ("model", "sample", "mlflow"),
+        "assemble",
+    ),
+    "sample": Command(
+        "samples/samples.json and samples.md from models/finetuned",
+        ("sample", "mlflow"),
+        "sample",
+        _sample_options,
+    ),
+    "chat": Command(
+        "type a context, get completions, again (Ctrl-D to quit)",
+        ("sample",),
+        options=_model_option("models/finetuned"),
+    ),
+    "evaluate": Command(
+        "loss and perplexity of a model folder on a text, with training's validation windows",
+        ("data", "train", "mlflow"),
+        options=_evaluate_options,
+    ),
+    "export": Command(
+        "models/finetuned -> models/finetuned-hf for Hugging Face transformers",
+        ("export", "sample"),
+        "export",
+        _export_options,
+    ),
+    "replay": Command("send the MLflow records kept offline to the server", ("mlflow",)),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not argparse's usage block
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _add_common(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument(
+        "--params", default="params.yaml", metavar="PATH", help="params file (default params.yaml)"
+    )
+    ap.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a key for this run only, e.g. --set train.steps=10 (repeatable; "
+        "not tracked by DVC: use `dvc exp run -S` for experiments)",
+    )
+
+
+def _configure(ap: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    """Command `name`'s options, its --help ending with every key its sections declare."""
+    from gpt2tune.paramdocs import render_help
+
+    cmd = COMMANDS[name]
+    ap.description, ap.epilog = cmd.summary, render_help(cmd.sections)
+    ap.formatter_class = argparse.RawDescriptionHelpFormatter
+    _add_common(ap)
+    cmd.options(ap)
+    return ap
+
+
+def main_parser() -> argparse.ArgumentParser:
+    ap = _Parser(
+        prog="gpt2tune",
+        description="Fine-tune GPT-2 on your own text: the steps of the DVC pipeline as commands.",
+        epilog="`gpt2tune <command> --help` lists every parameter the command reads.",
+    )
+    sub = ap.add_subparsers(
+        dest="command", required=True, metavar="<command>", parser_class=_Parser
+    )
+    for name, cmd in COMMANDS.items():
+        _configure(sub.add_parser(name, help=cmd.summary), name)
+    return ap
+
+
+def dispatch(name: str, args: argparse.Namespace) -> None:
+    """Load the params (file, then --set) and run command `name`'s body."""
+    from gpt2tune import commands
+    from gpt2tune.params import load_params
+
+    p = load_params(args.params, args.overrides)
+    getattr(commands, name)(p, args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The console script `gpt2tune`."""
+    args = main_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    return run_stage(dispatch, args.command, args)
+
+
+def stage(name: str, argv: list[str] | None = None) -> int:
+    """What stages/<stage>.py runs: command `name`, its arguments from the command line."""
+    ap = _configure(_Parser(prog=f"stages/{COMMANDS[name].stage}.py"), name)
+    args = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    return run_stage(dispatch, name, args)

@@ -1,0 +1,222 @@
+"""The bodies of the `gpt2tune` subcommands, which are also the DVC stages (stages/*.py).
+
+Each takes the validated params (params.yaml, or --params, with --set applied) and the parsed
+command line (gpt2tune.cli), and runs from the repository root. TensorFlow is imported only
+once the params are known to be good, so a typo costs a second, not TF's start-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from gpt2tune.params import Params
+from gpt2tune.stage import import_tensorflow_quietly
+
+RUN_DIR = Path("checkpoint/run1")
+FINETUNED = "models/finetuned"
+OFF_NOTE = (
+    "export.hf is false in params.yaml, so no Hugging Face export was written here.\n"
+    "Set it to true and run `dvc repro export`, or export by hand:\n"
+    "    gpt2tune export --model models/finetuned\n"
+)
+
+
+def _say(line: str) -> None:
+    """A progress line on stderr, where it does not mix with a command's results."""
+    print(line, file=sys.stderr, flush=True)
+
+
+def fetch(p: Params, args: argparse.Namespace) -> None:
+    """DVC stage fetch_model: download GPT-2 `model.name` from `model.base_url` into
+    models/<name>/; resumes interrupted files and skips finished ones."""
+    from gpt2tune.download import fetch_model
+
+    if p.model.name.startswith("hf:"):  # a Hugging Face GPT-2 folder, converted to OpenAI's layout
+        import_tensorflow_quietly()
+        from gpt2tune.hf import fetch_hf
+
+        folder = fetch_hf(p.model.name, "models")
+    else:
+        folder = fetch_model(p.model.name, p.model.base_url, "models")
+    print(f"model {p.model.name} is in {folder}")
+
+
+def encode(p: Params, args: argparse.Namespace) -> None:
+    """DVC stage encode: data.path (+ data.val_path) -> data/encoded/{train,val}.npy +
+    stats.json, with the tokenizer of models/<model.name>/ (see gpt2tune.dataset)."""
+    from gpt2tune.dataset import encode_corpus
+    from gpt2tune.encoder import load_encoder
+    from gpt2tune.errors import Gpt2tuneError
+
+    folder = Path("models") / p.model.name
+    if not (folder / "encoder.json").is_file():
+        raise Gpt2tuneError(
+            f"{folder.as_posix()}/encoder.json not found (model.name = {p.model.name}); "
+            "run `dvc repro fetch_model` first"
+        )
+    enc = load_encoder(folder)
+    s = encode_corpus(
+        p.data.path,
+        enc,
+        "data/encoded",
+        encoding=p.data.encoding,
+        data_format=p.data.format,
+        field=p.data.field,
+        val_fraction=p.data.val_fraction,
+        val_path=p.data.val_path,
+    )
+    print(
+        f"encoded {s['documents']} document(s), {s['bytes']:,} bytes -> {s['tokens']:,} tokens "
+        f"(train {s['train_tokens']:,}, val {s['val_tokens']:,}) in data/encoded"
+    )
+
+
+def train(p: Params, args: argparse.Namespace) -> None:
+    """DVC stage train: fine-tune models/<name> on data/encoded, tracked in one MLflow run.
+
+    Writes checkpoint/run1/ (resumable), metrics/train.json, metrics/loss.tsv and
+    val_loss.tsv, and the MLflow run id in metrics/mlflow_run.json for assemble and sample.
+    With `train.strategy: multi_worker` only the chief (worker 0) writes any of these.
+    """
+    import_tensorflow_quietly()
+
+    from gpt2tune import checkpoint, dataset, distribute, runstate, tracking
+    from gpt2tune import train as training
+    from gpt2tune.files import write_text_atomic
+    from gpt2tune.signals import Stopped
+
+    stats = dataset.read_stats("data/encoded")
+    strategy = distribute.make_strategy(p.train.strategy)
+    with strategy.scope():  # variables live on every GPU when there are several
+        model = checkpoint.load_model(f"models/{p.model.name}")
+    n_vocab = model.hparams["n_vocab"]  # ids beyond the model's vocabulary are refused here
+    train_tokens = dataset.load_tokens("data/encoded", "train", n_vocab)
+    val_tokens = dataset.load_tokens("data/encoded", "val", n_vocab)
+    fp = runstate.fingerprint(p.train, p.model.name, stats)
+    if not distribute.is_chief(strategy):
+        # A non-chief worker of a multi-worker run computes and all-reduces like the chief
+        # but keeps nothing: checkpoints go to a temporary copy of the run folder (TF's
+        # pattern), metrics and MLflow are the chief's alone.
+        with tempfile.TemporaryDirectory() as tmp:
+            run_dir = distribute.worker_run_dir(RUN_DIR, tmp)
+            training.fit(model, train_tokens, val_tokens, p.train, run_dir,
+                         strategy=strategy, run_fingerprint=fp)  # fmt: skip
+        return
+    resumed = runstate.resumable_state(RUN_DIR, fp, p.train.steps)
+    run_id = resumed.get("mlflow_run_id") if resumed else None
+
+    def log_sample(text: str, step: int) -> None:
+        tracking.log_text(text, f"samples/train/step_{step:06d}.txt")
+
+    with tracking.training_run(p.mlflow, p.flat(), run_id) as run:
+        try:
+            metrics, history = training.fit(
+                model, train_tokens, val_tokens, p.train, RUN_DIR,
+                strategy=strategy,
+                run_fingerprint=fp,
+                log_metrics=tracking.log_metrics,
+                log_sample=log_sample,
+                state_extra={"mlflow_run_id": run.info.run_id},
+            )  # fmt: skip
+        except Stopped:  # saved and resumable: killed, not failed (a NaN fails it)
+            tracking.end_run("KILLED")
+            raise
+        if "val_perplexity" in metrics:
+            tracking.log_metrics({"val_perplexity": metrics["val_perplexity"]}, p.train.steps)
+    runstate.write_plots(history, "metrics")
+    write_text_atomic("metrics/train.json", json.dumps(metrics, indent=2) + "\n")
+    print(json.dumps(metrics))
+
+
+def assemble(p: Params, args: argparse.Namespace) -> None:
+    """DVC stage assemble: models/finetuned = trained weights + the base model's tokenizer
+    files, an OpenAI-format folder, also logged to the training's MLflow run as an MLflow
+    Model and registered (see gpt2tune.servable)."""
+    _say(f"assembling {FINETUNED} from {RUN_DIR} and models/{p.model.name}...")
+    import_tensorflow_quietly()
+
+    from gpt2tune import tracking
+    from gpt2tune.checkpoint import assemble as assemble_folder
+    from gpt2tune.servable import log_and_register
+
+    assemble_folder(f"models/{p.model.name}", RUN_DIR.as_posix(), FINETUNED)
+    with tracking.reopen_run(p.mlflow):
+        log_and_register(FINETUNED, p.sample, p.mlflow.registered_model, p.mlflow.registered_alias)
+    print(f"assembled {FINETUNED}")
+
+
+def sample(p: Params, args: argparse.Namespace) -> None:
+    """DVC stage sample: unconditional samples and prompt completions from models/finetuned
+    into samples/samples.json and samples.md (`--interactive`: the chat loop instead)."""
+    import_tensorflow_quietly()
+
+    from gpt2tune import load_model
+    from gpt2tune import sample as sampling
+    from gpt2tune.files import write_text_atomic
+
+    model = load_model(args.model)
+    if args.interactive:
+        sampling.interactive(model, p.sample)
+        return
+
+    records = sampling.sample_records(model, p.sample)
+    out = Path("samples")
+    out.mkdir(exist_ok=True)
+    write_text_atomic(
+        out / "samples.json", json.dumps(records, indent=2, ensure_ascii=False) + "\n"
+    )
+    write_text_atomic(out / "samples.md", sampling.records_markdown(records, p.sample))
+
+    from gpt2tune import tracking
+
+    with tracking.reopen_run(p.mlflow):
+        tracking.log_folder(out, "samples")
+    print(f"wrote {len(records)} samples to {out}/samples.json and {out}/samples.md")
+
+
+def chat(p: Params, args: argparse.Namespace) -> None:
+    """Type a context, get completions from --model, again (`stages/sample.py --interactive`)."""
+    sample(p, argparse.Namespace(**vars(args), interactive=True))
+
+
+def export(p: Params, args: argparse.Namespace) -> None:
+    """DVC stage export: models/finetuned -> models/finetuned-hf, a Hugging Face
+    `transformers` folder; with `export.hf: false` (and no --model/--out) only a note."""
+    enabled = p.export.hf
+    out = Path(args.out or "models/finetuned-hf")
+    if not (enabled or args.model or args.out):
+        from gpt2tune.files import write_text_atomic
+
+        if out.is_dir() and (out / "model.safetensors").exists():
+            import shutil
+
+            shutil.rmtree(out)  # an export from earlier settings must not pass for current
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / "README.txt", OFF_NOTE)
+        print(f"export.hf is false: nothing exported (note in {out}/README.txt)")
+        return
+    import_tensorflow_quietly()
+
+    from gpt2tune.hf import export_hf
+
+    export_hf(args.model or FINETUNED, out, sampling=p.sample)
+    print(f"exported {args.model or FINETUNED} to {out} (Hugging Face transformers)")
+
+
+def evaluate(p: Params, args: argparse.Namespace) -> None:
+    """Loss and perplexity of --model on --data (see gpt2tune.evaluate)."""
+    from gpt2tune.evaluate import evaluate_command
+
+    evaluate_command(p, args.model, args.data, args.mlflow)
+
+
+def replay(p: Params, args: argparse.Namespace) -> None:
+    """Send what was kept offline (metrics/mlflow_offline) to the MLflow server."""
+    from gpt2tune.tracking import replay_pending
+
+    left = replay_pending(p.mlflow)
+    print("all kept MLflow records are sent" if not left else f"{left} file(s) left")
