@@ -90,12 +90,17 @@ def train(p: Params, args: argparse.Namespace) -> None:
     from gpt2tune.signals import Stopped
 
     stats = dataset.read_stats("data/encoded")
+    # Ids are checked against the vocabulary they were encoded with before the model loads,
+    # then against the model's if that is smaller.
+    train_tokens = dataset.load_tokens("data/encoded", "train")
+    val_tokens = dataset.load_tokens("data/encoded", "val")
     strategy = distribute.make_strategy(p.train.strategy)
     with strategy.scope():  # variables live on every GPU when there are several
         model = checkpoint.load_model(f"models/{p.model.name}")
-    n_vocab = model.hparams["n_vocab"]  # ids beyond the model's vocabulary are refused here
-    train_tokens = dataset.load_tokens("data/encoded", "train", n_vocab)
-    val_tokens = dataset.load_tokens("data/encoded", "val", n_vocab)
+    n_vocab = model.hparams["n_vocab"]
+    if n_vocab < stats["n_vocab"]:
+        train_tokens = dataset.load_tokens("data/encoded", "train", n_vocab)
+        val_tokens = dataset.load_tokens("data/encoded", "val", n_vocab)
     fp = runstate.fingerprint(p.train, p.model.name, stats)
     if not distribute.is_chief(strategy):
         # A non-chief worker of a multi-worker run computes and all-reduces like the chief
@@ -141,11 +146,12 @@ def assemble(p: Params, args: argparse.Namespace) -> None:
 
     from gpt2tune import tracking
     from gpt2tune.checkpoint import assemble as assemble_folder
-    from gpt2tune.servable import log_and_register
 
     assemble_folder(f"models/{p.model.name}", RUN_DIR.as_posix(), FINETUNED)
     with tracking.reopen_run(p.mlflow):
-        log_and_register(FINETUNED, p.sample, p.mlflow.registered_model, p.mlflow.registered_alias)
+        tracking.log_model(
+            FINETUNED, p.sample, p.mlflow.registered_model, p.mlflow.registered_alias
+        )
     print(f"assembled {FINETUNED}")
 
 
