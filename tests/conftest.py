@@ -63,3 +63,14 @@ def base_dir(tmp_path_factory, hp, tiny_vocab_dir) -> Path:
     folder = tmp_path_factory.mktemp("base") / "model"
     save_model(init_model(hp, load_encoder(tiny_vocab_dir), seed=0), folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A real `mlflow server` on loopback, one per test module; tests may kill it and leave
+    it running when they end."""
+    from mlflowserver import MlflowServer
+
+    with MlflowServer(tmp_path_factory.mktemp("mlflow")) as srv:
+        srv.wait_ready()
+        yield srv

@@ -11,21 +11,12 @@ import time
 
 import pytest
 from mlflow.tracking import MlflowClient
-from mlflowserver import MlflowServer
 
 from gpt2tune import tracking
 from gpt2tune.params import MlflowParams
 
 PARAMS = {"train.steps": 8, "model.name": "tiny"}
 SECRET = "s3cret-pw"
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """One server for the module; tests may kill it, and leave it running when they end."""
-    with MlflowServer(tmp_path_factory.mktemp("mlflow")) as srv:
-        srv.wait_ready()
-        yield srv
 
 
 @pytest.fixture

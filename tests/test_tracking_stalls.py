@@ -21,11 +21,11 @@ import numpy as np
 import pytest
 from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
-from mlflowserver import MlflowServer
 
 import gpt2tune
 from gpt2tune import tracking
-from gpt2tune.checkpoint import load_model
+from gpt2tune.checkpoint import load_model, save_model
+from gpt2tune.encoder import load_encoder
 from gpt2tune.model import init_model
 from gpt2tune.params import MlflowParams, TrainParams
 from gpt2tune.train import fit
@@ -44,15 +44,8 @@ def base_dir(tmp_path_factory, tiny_vocab_dir):
     n_vocab = gpt2tune.load_encoder(tiny_vocab_dir).n_vocab
     hp = {"n_vocab": n_vocab, "n_ctx": 16, "n_embd": 32, "n_head": 2, "n_layer": 2}
     folder = tmp_path_factory.mktemp("base") / "model"
-    init_model(hp, tiny_vocab_dir, seed=0).save(folder)
+    save_model(init_model(hp, load_encoder(tiny_vocab_dir), seed=0), folder)
     return folder
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with MlflowServer(tmp_path_factory.mktemp("mlflow")) as srv:
-        srv.wait_ready()
-        yield srv
 
 
 @pytest.fixture
