@@ -1,8 +1,10 @@
 """DVC stage train: fine-tune models/<name> on data/encoded, tracked in one MLflow run.
 
 Writes checkpoint/run1/ (resumable: rerun to continue an interrupted training), the DVC
-metrics metrics/train.json, the plot data metrics/loss.tsv and metrics/val_loss.tsv, and the
-MLflow run id in metrics/mlflow_run.json for the assemble and sample stages. With
+metrics metrics/train.json, the plot data metrics/loss.tsv and metrics/val_loss.tsv, the chart
+metrics/loss.png, timings in metrics/timing.json, and the MLflow run id in
+metrics/mlflow_run.json for the assemble and sample stages. Every check comes before the
+first change on disk; a complete run with the same settings is reported, not retrained. With
 `train.strategy: multi_worker` only the chief (worker 0) writes any of these.
 """
 
@@ -22,8 +24,9 @@ def main() -> None:
     p = load_params("params.yaml")
     import_tensorflow_quietly()
 
-    from gpt2tune import checkpoint, dataset, distribute, runstate, tracking, train
-    from gpt2tune.files import write_text_atomic
+    from gpt2tune import checkpoint, dataset, distribute, runlock, runstate, tracking, train
+    from gpt2tune import trainreport as report
+    from gpt2tune.batches import window_length
     from gpt2tune.signals import Stopped
 
     stats = dataset.read_stats("data/encoded")
@@ -34,6 +37,9 @@ def main() -> None:
     train_tokens = dataset.load_tokens("data/encoded", "train", n_vocab)
     val_tokens = dataset.load_tokens("data/encoded", "val", n_vocab)
     fp = runstate.fingerprint(p.train, p.model.name, stats)
+    # --- checks before the first change on disk (fit repeats them; they are cheap)
+    train.check_fits(model, train_tokens, p.train, strategy.num_replicas_in_sync)
+    runstate.check_restore_from(p.train, model.hparams)
     if not distribute.is_chief(strategy):
         # A non-chief worker of a multi-worker run computes and all-reduces like the chief
         # but keeps nothing: checkpoints go to a temporary copy of the run folder (TF's
@@ -43,29 +49,38 @@ def main() -> None:
             train.fit(model, train_tokens, val_tokens, p.train, run_dir,
                       strategy=strategy, run_fingerprint=fp)  # fmt: skip
         return
-    resumed = runstate.resumable_state(RUN_DIR, fp, p.train.steps)
-    run_id = resumed.get("mlflow_run_id") if resumed else None
+    with runlock.hold(RUN_DIR):  # one training per run folder; the first change on disk
+        runlock.clean_leftovers(RUN_DIR)
+        latest = p.train.restore_from != "fresh"
+        finished = latest and runstate.finished_state(RUN_DIR, fp, p.train.steps)
+        resumed = finished or (latest and runstate.resumable_state(RUN_DIR, fp, p.train.steps))
+        run_id = resumed.get("mlflow_run_id") if resumed else None
 
-    def log_sample(text: str, step: int) -> None:
-        tracking.log_text(text, f"samples/train/step_{step:06d}.txt")
+        def log_sample(text: str, step: int) -> None:
+            tracking.log_text(text, f"samples/train/step_{step:06d}.txt")
 
-    with tracking.training_run(p.mlflow, p.flat(), run_id) as run:
-        try:
-            metrics, history = train.fit(
-                model, train_tokens, val_tokens, p.train, RUN_DIR,
-                strategy=strategy,
-                run_fingerprint=fp,
-                log_metrics=tracking.log_metrics,
-                log_sample=log_sample,
-                state_extra={"mlflow_run_id": run.info.run_id},
-            )  # fmt: skip
-        except Stopped:  # saved and resumable: killed, not failed (a NaN fails it)
-            tracking.end_run("KILLED")
-            raise
-        if "val_perplexity" in metrics:
-            tracking.log_metrics({"val_perplexity": metrics["val_perplexity"]}, p.train.steps)
-    runstate.write_plots(history, "metrics")
-    write_text_atomic("metrics/train.json", json.dumps(metrics, indent=2) + "\n")
+        with tracking.training_run(p.mlflow, p.flat(), run_id, name=report.run_name(p),
+                                   tags=report.run_description(p, stats)) as run:  # fmt: skip
+            if finished:
+                seen = train.tokens_seen(p.train, window_length(len(train_tokens), p.train.n_ctx),
+                                         finished["step"])  # fmt: skip
+                metrics, history = report.reuse_finished(RUN_DIR, finished, seen)
+            else:
+                try:
+                    metrics, history = train.fit(
+                        model, train_tokens, val_tokens, p.train, RUN_DIR,
+                        strategy=strategy,
+                        run_fingerprint=fp,
+                        log_metrics=tracking.log_metrics,
+                        log_sample=log_sample,
+                        state_extra={"mlflow_run_id": run.info.run_id},
+                    )  # fmt: skip
+                except Stopped:  # saved and resumable: killed, not failed (a NaN fails it)
+                    tracking.end_run("KILLED")
+                    raise
+            metrics, timing = report.split_timing(metrics)
+            chart = report.write_outputs(metrics, timing, history, "metrics")
+            report.log_final(metrics, timing, chart, tracking.log_metrics, tracking.log_file)
     print(json.dumps(metrics))
 
 

@@ -124,6 +124,9 @@ class MlflowRun:
         elif kind == "folder":
             if os.path.isdir(op["path"]):
                 c.log_artifacts(self.run_id, op["path"], op["artifact_path"])
+        elif kind == "file":
+            if os.path.isfile(op["path"]):
+                c.log_artifact(self.run_id, op["path"], op.get("artifact_path"))
         elif kind == "status":  # update_run would leave end_time unset: no duration in the UI
             c.set_terminated(self.run_id, status=op["status"], end_time=op.get("ts"))
         elif kind == "model":

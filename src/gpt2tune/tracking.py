@@ -225,11 +225,20 @@ def _write_run_file(session: Session) -> None:
 
 
 @contextmanager
-def training_run(cfg: MlflowParams, params: dict, run_id: str | None = None):
+def training_run(
+    cfg: MlflowParams,
+    params: dict,
+    run_id: str | None = None,
+    *,
+    name: str | None = None,
+    tags: dict[str, str] | None = None,
+):
     """Start (or, given `run_id` of a resumed training, reopen) the run and record its id
-    in metrics/mlflow_run.json. A server that is away does not stop training (see above)."""
+    in metrics/mlflow_run.json. A server that is away does not stop training (see above).
+    A new run is called `name` (default: the DVC experiment's name) and gets `tags` too."""
     session = Session(cfg, run_id or "")
-    name = os.environ.get("DVC_EXP_NAME") if run_id is None else None
+    name = (name or os.environ.get("DVC_EXP_NAME")) if run_id is None else None
+    all_tags = {**run_tags(), **(tags or {})}
     try:
         session.connect()
         if session.run_id and not session.run_id.startswith(OFFLINE_PREFIX):
@@ -239,7 +248,7 @@ def training_run(cfg: MlflowParams, params: dict, run_id: str | None = None):
             except Exception:
                 session.run_id = session.local_id = ""  # the store was reset: a new run
         if not session.run_id:
-            session.create_run(params, run_tags(), name)
+            session.create_run(params, all_tags, name)
         session._catch_up()  # creates an offline-made run; sends what was kept
     except Exception as e:
         if isinstance(e, Gpt2tuneError) or not is_server(session.uri):
@@ -247,7 +256,7 @@ def training_run(cfg: MlflowParams, params: dict, run_id: str | None = None):
         if not session.run_id:  # the run is made later, from the journal's first record
             session.run_id = session.local_id = journal.new_offline_id()
             params = {k: param_value(v) for k, v in params.items()}
-            start = {"op": "start", "params": params, "tags": run_tags(), "name": name,
+            start = {"op": "start", "params": params, "tags": all_tags, "name": name,
                      "ts": _now_ms()}  # fmt: skip
             journal.append(session.journal, start)
         session._went_offline(reason(e))
@@ -337,6 +346,13 @@ def log_text(text: str, artifact_file: str) -> None:
 def log_folder(folder: str | os.PathLike, artifact_path: str) -> None:
     path = str(Path(folder).resolve())
     _current().call({"op": "folder", "path": path, "artifact_path": artifact_path})
+
+
+def log_file(path: str | os.PathLike, artifact_path: str | None = None) -> None:
+    """Upload one file (such as a chart) to the run's artifacts, under `artifact_path`."""
+    _current().call(
+        {"op": "file", "path": str(Path(path).resolve()), "artifact_path": artifact_path}
+    )
 
 
 def log_model(folder: str | os.PathLike, spec: dict) -> None:
