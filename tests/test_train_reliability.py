@@ -95,7 +95,7 @@ def finished(encoded, tmp_path_factory) -> Path:
     killed(run_stage(root, "train", kill_at="stages/train.py:replace:loss.tsv:1"))
     assert json.loads((root / "checkpoint/run1/train_state.json").read_text())["step"] == STEPS
     assert not (root / "metrics/train.json").exists()
-    root.joinpath("run1-before").write_text(json.dumps(snapshot(root / "checkpoint")))
+    root.joinpath("run1-before").write_text(json.dumps(snapshot(root / "checkpoint/run1")))
     root.joinpath("rerun.out").write_text(ok(run_stage(root, "train")).stdout)
     return root
 
@@ -105,7 +105,7 @@ def test_a_run_killed_after_its_last_checkpoint_is_reported_not_retrained(finish
     assert f"already holds this run's {STEPS} steps" in out, out
     assert "training from the base model" not in out
     # No step recomputed: the run folder is byte-identical, and MLflow has each step once.
-    assert snapshot(finished / "checkpoint") == json.loads(
+    assert snapshot(finished / "checkpoint/run1") == json.loads(
         finished.joinpath("run1-before").read_text()
     )
     runs = all_runs(finished)
