@@ -109,7 +109,11 @@ def test_fit_lowers_the_loss_and_logs_every_step(trained):
     assert history["loss"] == [list(e) for e in losses]
     assert history["val_loss"] == [list(e) for e in val]
     assert metrics["steps"] == 12
-    assert metrics["loss"] == pytest.approx(np.mean([loss for _, loss in losses[-10:]]))
+    assert metrics["loss_last10"] == pytest.approx(np.mean([loss for _, loss in losses[-10:]]))
+    assert metrics["base_val_loss"] == val[0][1]
+    assert metrics["tokens_seen"] == 12 * 2 * N_CTX
+    base = [m for s, m in metric_calls if "base_val_loss" in m]
+    assert base == [{"val_loss": val[0][1], "base_val_loss": val[0][1]}]  # at step 0 only
     assert metrics["val_loss"] == val[-1][1]
     assert metrics["val_perplexity"] == pytest.approx(math.exp(val[-1][1]))
     assert metrics["tokens_per_s"] > 0
@@ -119,15 +123,15 @@ def test_run_folder_holds_the_newest_checkpoint_and_state(trained, hp):
     model, run_dir, _, history, _, _ = trained
     assert sorted(p.name for p in run_dir.iterdir()) == [
         "checkpoint",
-        "history.json",
         "model-12.data-00000-of-00001",
+        "model-12.history.json",
         "model-12.index",
         "train_state.json",
     ]  # model-5 and model-10 were removed, no temporary files are left
     assert 'model_checkpoint_path: "model-12"' in (run_dir / "checkpoint").read_text()
     state = json.loads((run_dir / "train_state.json").read_text())
     assert state == {"step": 12, "mlflow_run_id": "abc", "fingerprint": "fp-trained"}
-    assert json.loads((run_dir / "history.json").read_text()) == history
+    assert json.loads((run_dir / "model-12.history.json").read_text()) == history
 
     reader = tf.train.load_checkpoint(str(run_dir / "model-12"))
     names = set(reader.get_variable_to_shape_map())
@@ -204,9 +208,10 @@ def test_resumed_run_equals_uninterrupted_one(base_dir, tmp_path, capsys):
 
 
 def test_resume_after_a_crash_half_way_through_saving(base_dir, tmp_path):
-    """save_state writes history.json, model-N, `checkpoint`, then train_state.json. A crash
-    (or a second Ctrl-C) before the last leaves the state at the previous step M while the
-    other files already speak of N; the resume must continue from M's checkpoint and history."""
+    """save_state writes model-N, `checkpoint`, model-N.history.json, then train_state.json.
+    A crash (or a second Ctrl-C) before the last leaves the state at the previous step M while
+    the other files already speak of N; the resume must continue from M's checkpoint and
+    history."""
     c = cfg(steps=4, val_every=3)
     straight = load_model(base_dir)
     _, hist_a = fit(straight, TOKENS, VAL, c, tmp_path / "a", run_fingerprint="fp", progress=False)
@@ -216,7 +221,7 @@ def test_resume_after_a_crash_half_way_through_saving(base_dir, tmp_path):
         progress=False)  # fmt: skip
     for f in (tmp_path / "a").glob("model-4.*"):  # step 4's files, as if just written
         shutil.copy(f, b / f.name)
-    shutil.copy(tmp_path / "a" / "history.json", b / "history.json")
+    shutil.copy(tmp_path / "a" / "model-4.history.json", b / "model-4.history.json")
     (b / "checkpoint").write_text('model_checkpoint_path: "model-4"\n')
     assert json.loads((b / "train_state.json").read_text())["step"] == 2
 
@@ -360,7 +365,7 @@ def test_no_validation_tokens_trains_without_val_loss(base_dir, tmp_path):
     )  # fmt: skip
     assert history["val_loss"] == [] and "val_loss" not in metrics
     assert all("val_loss" not in m for m in calls)
-    assert metrics["steps"] == 2 and math.isfinite(metrics["loss"])
+    assert metrics["steps"] == 2 and math.isfinite(metrics["loss_last10"])
 
 
 # A diverging loss (nan) is in test_train_options.py, with the checkpoint it keeps.
