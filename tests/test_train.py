@@ -43,6 +43,10 @@ def weights(model) -> dict[str, np.ndarray]:
     return model.weights_numpy()
 
 
+def losses(entries: list) -> list[float]:
+    return [v for _, v in entries]
+
+
 # --- Adam -----------------------------------------------------------------------------------
 
 
@@ -237,11 +241,13 @@ def test_resume_after_a_crash_half_way_through_saving(base_dir, tmp_path):
     resumed = load_model(base_dir)
     _, hist_b = fit(resumed, TOKENS, VAL, c, b, run_fingerprint="fp", progress=False)
     assert [s for s, _ in hist_b["loss"]] == [1, 2, 3, 4]
-    assert [s for s, _ in hist_b["val_loss"]] == [s for s, _ in hist_a["val_loss"]] == [0, 3, 4]
-    for key in ("loss", "val_loss"):
-        np.testing.assert_allclose(
-            [v for _, v in hist_b[key]], [v for _, v in hist_a[key]], rtol=1e-5
-        )
+    np.testing.assert_allclose(losses(hist_b["loss"]), losses(hist_a["loss"]), rtol=1e-5)
+    # b's own history of step 2 (model-2.history.json), not a's: it has the validation that
+    # ended b's 2-step run, then those of steps 3 and 4, as a has them.
+    assert [s for s, _ in hist_b["val_loss"]] == [0, 2, 3, 4]
+    assert [s for s, _ in hist_a["val_loss"]] == [0, 3, 4]
+    del hist_b["val_loss"][1]
+    np.testing.assert_allclose(losses(hist_b["val_loss"]), losses(hist_a["val_loss"]), rtol=1e-5)
     assert_weights_close(weights(resumed), weights(straight))
 
 
@@ -348,7 +354,7 @@ def test_two_replicas_train_like_one(hp):
     proc = subprocess.run(
         [sys.executable, "-c", MULTI_REPLICA_SCRIPT, json.dumps(hp),
          json.dumps(dataclasses.asdict(c))],
-        capture_output=True, text=True, env=stage_env(), timeout=120,
+        capture_output=True, text=True, env=stage_env(), timeout=600,  # minutes under load
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("SAME") == 2

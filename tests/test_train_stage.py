@@ -135,8 +135,8 @@ def test_kill_9_then_rerun_continues_the_same_mlflow_run_without_duplicate_steps
 
     The kill comes at an exact point, right before step 10's train_state.json is renamed in
     (step 5 is the saved one, steps 6-10 are logged), so the test depends neither on timing
-    nor on the tests before it (`fresh`: whatever run folder they left is replaced)."""
-    project.set_train(seed=1, steps=12, save_every=5, val_every=5, restore_from="fresh")
+    nor on the tests before it (seed 1: a run of its own, whatever run folder they left)."""
+    project.set_train(seed=1, steps=12, save_every=5, val_every=5)
     try:
         kill = "stages/train.py:replace:train_state.json:2"
         proc = run_stage(project.root, "train", kill_at=kill)
@@ -146,12 +146,12 @@ def test_kill_9_then_rerun_continues_the_same_mlflow_run_without_duplicate_steps
         done = max(m.step for m in project.client().get_metric_history(run_id, "loss"))
         assert done == 10  # steps 6-10 are redone after the resume
 
-        project.set_train(restore_from="latest")
         rerun = project.stage("train")
     finally:
-        project.set_train(seed=0, restore_from="latest")
+        project.set_train(seed=0)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"resuming from step {saved}" in rerun.stdout
+    assert "removed 1 temporary file(s)" in rerun.stdout  # the killed save's .tmp
     assert project.run_id() == run_id
     client = project.client()
     assert client.get_run(run_id).info.status == "FINISHED"
