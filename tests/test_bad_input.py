@@ -12,6 +12,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 from helpers import TINY_CORPUS, make_project, run_stage, tiny_model, update_params
 
@@ -33,6 +34,7 @@ def prepared(tmp_path_factory, tiny_vocab_dir) -> Path:
     save_model(model, root / "models" / "tiny")
     (root / "models" / "tiny" / "model.ckpt.meta").write_bytes(b"")  # the release has one
     save_model(model, root / "models" / "finetuned")
+    save_model(tiny_model(tiny_vocab_dir, 0, n_embd=32), root / "models" / "wide")
     good = run_stage(root, "encode")
     assert good.returncode == 0, good.stderr
     return root
@@ -80,6 +82,14 @@ def all_of(*edits: Callable[[Path], None]) -> Callable[[Path], None]:
 
 def delete(rel: str) -> Callable[[Path], None]:
     return lambda root: (root / rel).unlink()
+
+
+def bad_token_id(root: Path) -> None:
+    """data/encoded/train.npy with one id past the vocabulary, as a stale encode could leave."""
+    path = root / "data" / "encoded" / "train.npy"
+    tokens = np.load(path)
+    tokens[3] = np.iinfo(tokens.dtype).max
+    np.save(path, tokens)
 
 
 BROKEN_YAML = edit_text("params.yaml", "  name: tiny\n", "  name: tiny\n   base: [\n")
@@ -162,6 +172,29 @@ CASES: dict[str, tuple[tuple[str, ...], Callable[[Path], None], tuple[str, ...]]
         set_param("sample", "prompts", ["reason " * 40]),
         ("sample.prompts[0]",),
     ),
+    # The train stage checks these before it opens an MLflow run or writes anything: a run
+    # refused late used to leave a FAILED MLflow run and a new metrics/mlflow_run.json (a DVC
+    # output, so reverting the typo reran train, assemble and sample).
+    "train.n_ctx beyond the model": (
+        ("train",),
+        set_param("train", "n_ctx", 64),
+        ("params.yaml: train.n_ctx = 64", "(32)"),
+    ),
+    "restore_from without a model": (
+        ("train",),
+        set_param("train", "restore_from", "models/nowhere"),
+        ("params.yaml: train.restore_from = 'models/nowhere'",),
+    ),
+    "restore_from a model of another shape": (
+        ("train",),
+        set_param("train", "restore_from", "models/wide"),
+        ("train.restore_from = 'models/wide'", "shape"),
+    ),
+    "token id past the vocabulary": (
+        ("train",),
+        bad_token_id,
+        ("data/encoded/train.npy: token id", "at position 3 is out of range"),
+    ),
     "nsamples too big for memory": (
         ("sample",),
         set_param("sample", "nsamples", 10**9),
@@ -184,3 +217,24 @@ def test_bad_input_is_refused_cleanly(prepared, tmp_path, case):
         assert len(lines) == 1 and lines[0].startswith("error: "), (stage, lines)
         assert all(word in lines[0] for word in expected), (stage, lines[0])
         assert snapshot(root) == before, stage
+
+
+def test_train_batch_too_big_for_memory_is_refused_cleanly(prepared, tmp_path):
+    """The memory estimate refuses before anything is written (where RAM allows a refusal:
+    the largest allowed batch of the tiny model needs ~20 GiB)."""
+    from gpt2tune.memory import available_memory, training_bytes
+    from gpt2tune.params import TrainParams
+
+    hp = {"n_vocab": 377, "n_ctx": 32, "n_embd": 16, "n_head": 2, "n_layer": 1}
+    big = TrainParams(batch_size=10**5, n_ctx=32)
+    if training_bytes(hp, big) <= available_memory():
+        pytest.skip("this machine has the RAM to train the largest batch allowed")
+    root = tmp_path / "project"
+    shutil.copytree(prepared, root, symlinks=True)
+    update_params(root, "train", batch_size=10**5, n_ctx=32)
+    before = snapshot(root)
+    proc = run_stage(root, "train", timeout=180)
+    lines = (proc.stdout + proc.stderr).strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1, lines
+    assert "train.batch_size = 100000" in lines[0] and "GiB" in lines[0], lines[0]
+    assert snapshot(root) == before

@@ -132,7 +132,8 @@ def test_repro_runs_every_stage(project):
 
     # DVC metrics.
     metrics = json.loads((root / "metrics" / "train.json").read_text())
-    assert {"loss", "val_loss", "val_perplexity", "steps", "tokens_per_s"} <= set(metrics)
+    assert {"loss_last10", "base_val_loss", "val_loss", "val_perplexity", "steps"} <= set(metrics)
+    assert "tokens_per_s" in json.loads((root / "metrics" / "timing.json").read_text())
     assert metrics["steps"] == STEPS
     assert np.isclose(metrics["val_perplexity"], np.exp(metrics["val_loss"]))
 

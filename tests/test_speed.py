@@ -14,7 +14,7 @@ import textwrap
 import numpy as np
 import pytest
 import tensorflow as tf
-from helpers import free_ports
+from helpers import free_ports, rounding_atol
 
 from gpt2tune import Gpt2tuneError
 from gpt2tune.distribute import check_tf_config, is_chief, make_strategy, worker_run_dir
@@ -156,8 +156,22 @@ def test_xla_compiles_the_train_step_with_the_same_losses():
     losses = [xla.step(windows(s)) for s in range(3)]
     np.testing.assert_allclose(losses, [plain.step(windows(s)) for s in range(3)],
                                rtol=1e-5)  # fmt: skip
-    for name, var in plain.model.params.items():
-        np.testing.assert_allclose(xla.model.params[name].numpy(), var.numpy(), atol=1e-5)
+    # The weights start equal, so they differ only by their updates (3 steps of at most
+    # about lr each). XLA fuses the step, so its additions come in another order, and it
+    # brings its own exp/log/tanh (a few ulps each: k = 32 instead of 8). The longest
+    # reductions are over the batch's 2 x 12 positions of the MLP's 4 * n_embd wide layer.
+    # An element whose gradient is itself at the rounding level (terms that cancel) is
+    # different: Adam divides by the gradient's own size, so its update may differ by up to
+    # 2 * lr per step in either computation. Such elements are few (measured: 7 of 120320
+    # beyond 1e-6); they are bounded by the update size, and all others by the rounding.
+    steps, lr = 3, CFG.learning_rate
+    bulk = rounding_atol(2 * 12 * 4 * HP["n_embd"], steps * lr, k=32)
+    diff = np.concatenate([
+        np.abs(xla.model.params[name].numpy() - var.numpy()).ravel()
+        for name, var in plain.model.params.items()
+    ])  # fmt: skip
+    assert diff.max() <= 2 * steps * lr, diff.max()
+    assert (diff > bulk).mean() <= 1e-3, (bulk, np.sort(diff)[-20:])
 
 
 # --- strategies -----------------------------------------------------------------------------

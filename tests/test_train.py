@@ -17,7 +17,16 @@ import time
 import numpy as np
 import pytest
 import tensorflow as tf
-from helpers import CFG, N_CTX, TOKENS, VAL, assert_weights_close, cfg, stage_env
+from helpers import (
+    CFG,
+    N_CTX,
+    TOKENS,
+    VAL,
+    assert_weights_close,
+    cfg,
+    rounding_atol,
+    stage_env,
+)
 
 from gpt2tune import Gpt2tuneError
 from gpt2tune.batches import random_windows
@@ -32,6 +41,10 @@ from gpt2tune.trainer import Trainer, lm_loss
 
 def weights(model) -> dict[str, np.ndarray]:
     return model.weights_numpy()
+
+
+def losses(entries: list) -> list[float]:
+    return [v for _, v in entries]
 
 
 # --- Adam -----------------------------------------------------------------------------------
@@ -109,7 +122,11 @@ def test_fit_lowers_the_loss_and_logs_every_step(trained):
     assert history["loss"] == [list(e) for e in losses]
     assert history["val_loss"] == [list(e) for e in val]
     assert metrics["steps"] == 12
-    assert metrics["loss"] == pytest.approx(np.mean([loss for _, loss in losses[-10:]]))
+    assert metrics["loss_last10"] == pytest.approx(np.mean([loss for _, loss in losses[-10:]]))
+    assert metrics["base_val_loss"] == val[0][1]
+    assert metrics["tokens_seen"] == 12 * 2 * N_CTX
+    base = [m for s, m in metric_calls if "base_val_loss" in m]
+    assert base == [{"val_loss": val[0][1], "base_val_loss": val[0][1]}]  # at step 0 only
     assert metrics["val_loss"] == val[-1][1]
     assert metrics["val_perplexity"] == pytest.approx(math.exp(val[-1][1]))
     assert metrics["tokens_per_s"] > 0
@@ -120,8 +137,8 @@ def test_run_folder_holds_the_newest_checkpoint_and_state(trained, hp):
     assert sorted(p.name for p in run_dir.iterdir()) == [
         "best",  # the lowest val_loss's weights (test_stopping.py)
         "checkpoint",
-        "history.json",
         "model-12.data-00000-of-00001",
+        "model-12.history.json",
         "model-12.index",
         "train_state.json",
     ]  # model-5 and model-10 were removed, no temporary files are left
@@ -131,7 +148,7 @@ def test_run_folder_holds_the_newest_checkpoint_and_state(trained, hp):
     assert state == {
         "step": 12, "mlflow_run_id": "abc", "fingerprint": "fp-trained", "checkpoints": [12],
     }  # fmt: skip
-    assert json.loads((run_dir / "history.json").read_text()) == history
+    assert json.loads((run_dir / "model-12.history.json").read_text()) == history
 
     reader = tf.train.load_checkpoint(str(run_dir / "model-12"))
     names = set(reader.get_variable_to_shape_map())
@@ -208,9 +225,10 @@ def test_resumed_run_equals_uninterrupted_one(base_dir, tmp_path, capsys):
 
 
 def test_resume_after_a_crash_half_way_through_saving(base_dir, tmp_path):
-    """save_state writes history.json, model-N, `checkpoint`, then train_state.json. A crash
-    (or a second Ctrl-C) before the last leaves the state at the previous step M while the
-    other files already speak of N; the resume must continue from M's checkpoint and history."""
+    """save_state writes model-N, `checkpoint`, model-N.history.json, then train_state.json.
+    A crash (or a second Ctrl-C) before the last leaves the state at the previous step M while
+    the other files already speak of N; the resume must continue from M's checkpoint and
+    history."""
     c = cfg(steps=4, val_every=3)
     straight = load_model(base_dir)
     _, hist_a = fit(straight, TOKENS, VAL, c, tmp_path / "a", run_fingerprint="fp", progress=False)
@@ -220,18 +238,20 @@ def test_resume_after_a_crash_half_way_through_saving(base_dir, tmp_path):
         progress=False)  # fmt: skip
     for f in (tmp_path / "a").glob("model-4.*"):  # step 4's files, as if just written
         shutil.copy(f, b / f.name)
-    shutil.copy(tmp_path / "a" / "history.json", b / "history.json")
+    shutil.copy(tmp_path / "a" / "model-4.history.json", b / "model-4.history.json")
     (b / "checkpoint").write_text('model_checkpoint_path: "model-4"\n')
     assert json.loads((b / "train_state.json").read_text())["step"] == 2
 
     resumed = load_model(base_dir)
     _, hist_b = fit(resumed, TOKENS, VAL, c, b, run_fingerprint="fp", progress=False)
     assert [s for s, _ in hist_b["loss"]] == [1, 2, 3, 4]
-    assert [s for s, _ in hist_b["val_loss"]] == [s for s, _ in hist_a["val_loss"]] == [0, 3, 4]
-    for key in ("loss", "val_loss"):
-        np.testing.assert_allclose(
-            [v for _, v in hist_b[key]], [v for _, v in hist_a[key]], rtol=1e-5
-        )
+    np.testing.assert_allclose(losses(hist_b["loss"]), losses(hist_a["loss"]), rtol=1e-5)
+    # b's own history of step 2 (model-2.history.json), not a's: it has the validation that
+    # ended b's 2-step run, then those of steps 3 and 4, as a has them.
+    assert [s for s, _ in hist_b["val_loss"]] == [0, 2, 3, 4]
+    assert [s for s, _ in hist_a["val_loss"]] == [0, 3, 4]
+    del hist_b["val_loss"][1]
+    np.testing.assert_allclose(losses(hist_b["val_loss"]), losses(hist_a["val_loss"]), rtol=1e-5)
     assert_weights_close(weights(resumed), weights(straight))
 
 
@@ -263,11 +283,18 @@ def test_accumulated_micro_batches_equal_one_big_batch(hp):
                     big.opt.m[name].numpy(), 0.1 * tf.convert_to_tensor(g).numpy(), atol=1e-7
                 )
     # m and v depend on the gradient's scale (the first update nearly does not), so a sum
-    # instead of a mean over micro-batches would show here.
+    # instead of a mean over micro-batches would show here (a factor of 2, or 4 in v).
     assert_weights_close(weights(acc_model), weights(big_model))
+    # The two differ only in the order of additions: each gradient is a sum over the batch's
+    # 2 x 16 positions of terms that went through reductions over the width (32). An element
+    # of m or v can be a difference of two larger terms (0.09 g1 + 0.1 g2 with opposite
+    # signs), so its error is of the size of the tensor's terms, not of the element itself:
+    # an absolute tolerance on the tensor's scale, no relative one.
+    n = 2 * N_CTX * hp["n_embd"]
     for name, slot in big.opt.slots().items():
-        np.testing.assert_allclose(acc.opt.slots()[name].numpy(), slot.numpy(),
-                                   rtol=1e-4, atol=1e-9, err_msg=name)  # fmt: skip
+        scale = float(np.abs(slot.numpy()).max())
+        np.testing.assert_allclose(acc.opt.slots()[name].numpy(), slot.numpy(), rtol=0,
+                                   atol=rounding_atol(n, scale), err_msg=name)  # fmt: skip
 
 
 MULTI_REPLICA_SCRIPT = textwrap.dedent(
@@ -331,7 +358,7 @@ def test_two_replicas_train_like_one(hp):
     proc = subprocess.run(
         [sys.executable, "-c", MULTI_REPLICA_SCRIPT, json.dumps(hp),
          json.dumps(dataclasses.asdict(c))],
-        capture_output=True, text=True, env=stage_env(), timeout=120,
+        capture_output=True, text=True, env=stage_env(), timeout=600,  # minutes under load
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("SAME") == 2
@@ -364,7 +391,7 @@ def test_no_validation_tokens_trains_without_val_loss(base_dir, tmp_path):
     )  # fmt: skip
     assert history["val_loss"] == [] and "val_loss" not in metrics
     assert all("val_loss" not in m for m in calls)
-    assert metrics["steps"] == 2 and math.isfinite(metrics["loss"])
+    assert metrics["steps"] == 2 and math.isfinite(metrics["loss_last10"])
 
 
 # A diverging loss (nan) is in test_train_options.py, with the checkpoint it keeps.

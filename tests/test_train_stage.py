@@ -5,7 +5,6 @@ SIGTERM checkpoints, exits 143 and marks the run killed; the rerun resumes in th
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -132,42 +131,34 @@ def test_sigterm_checkpoints_exits_143_and_the_rerun_continues_the_same_run(proj
 
 def test_kill_9_then_rerun_continues_the_same_mlflow_run_without_duplicate_steps(project):
     """kill -9 after the loop has logged steps past its last checkpoint: the rerun resumes
-    from the checkpoint, redoes those steps, and logs each step to the same run once."""
-    project.set_train(seed=1, steps=100_000, save_every=5, val_every=5)  # a new run
-    old_run = project.run_id()
-    proc = project.popen("train")
-    try:
-        deadline, state, logged = time.monotonic() + 180, None, []
-        while time.monotonic() < deadline and proc.poll() is None:
-            if project.run_id() != old_run and (state := project.state()):
-                if state["step"] >= 5 and state.get("mlflow_run_id") == project.run_id():
-                    logged = project.client().get_metric_history(project.run_id(), "loss")
-                    if len(logged) > state["step"] + 1:  # steps past the checkpoint
-                        break
-            time.sleep(0.2)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    saved, run_id = project.state()["step"], project.run_id()
-    done = max(m.step for m in project.client().get_metric_history(run_id, "loss"))
-    assert done > saved  # these steps are redone after the resume
+    from the checkpoint, redoes those steps, and logs each step to the same run once.
 
-    project.set_train(steps=done + 2)
-    rerun = project.stage("train")
+    The kill comes at an exact point, right before step 10's train_state.json is renamed in
+    (step 5 is the saved one, steps 6-10 are logged), so the test depends neither on timing
+    nor on the tests before it (seed 1: a run of its own, whatever run folder they left)."""
+    project.set_train(seed=1, steps=12, save_every=5, val_every=5)
+    try:
+        kill = "stages/train.py:replace:train_state.json:2"
+        proc = run_stage(project.root, "train", kill_at=kill)
+        assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+        saved, run_id = project.state()["step"], project.run_id()
+        assert saved == 5 and project.state()["mlflow_run_id"] == run_id
+        done = max(m.step for m in project.client().get_metric_history(run_id, "loss"))
+        assert done == 10  # steps 6-10 are redone after the resume
+
+        rerun = project.stage("train")
+    finally:
+        project.set_train(seed=0)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"resuming from step {saved}" in rerun.stdout
+    assert "removed 1 temporary file(s)" in rerun.stdout  # the killed save's .tmp
     assert project.run_id() == run_id
     client = project.client()
     assert client.get_run(run_id).info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(run_id, "loss")]
-    assert sorted(steps) == list(range(1, done + 3))  # each step exactly once
+    assert sorted(steps) == list(range(1, 13))  # each step exactly once
     val_steps = sorted(m.step for m in client.get_metric_history(run_id, "val_loss"))
-    assert len(val_steps) == len(set(val_steps)) and val_steps[-1] == done + 2
-    project.set_train(seed=0)
+    assert val_steps == [0, 5, 10, 12]
 
 
 @pytest.mark.slow  # two TensorFlow + MLflow processes: ~40 s on 2 idle cores

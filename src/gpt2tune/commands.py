@@ -78,16 +78,73 @@ def encode(p: Params, args: argparse.Namespace) -> None:
 def train(p: Params, args: argparse.Namespace) -> None:
     """DVC stage train: fine-tune models/<name> on data/encoded, tracked in one MLflow run.
 
-    Writes checkpoint/run1/ (resumable), metrics/train.json, metrics/loss.tsv and
-    val_loss.tsv, and the MLflow run id in metrics/mlflow_run.json for assemble and sample.
-    With `train.strategy: multi_worker` only the chief (worker 0) writes any of these.
+    Writes checkpoint/run1/ (resumable), metrics/train.json (what two identical runs agree
+    on), metrics/timing.json, loss.tsv, val_loss.tsv and loss.png, and the MLflow run id in
+    metrics/mlflow_run.json for assemble and sample. Everything checkable is checked before
+    the first change on disk. With `train.strategy: multi_worker` only the chief (worker 0)
+    writes any of these.
     """
     import_tensorflow_quietly()
 
-    from gpt2tune import checkpoint, dataset, distribute, runstate, tracking
+    from gpt2tune import distribute, runlock, runstate, tracking
     from gpt2tune import train as training
-    from gpt2tune.files import write_text_atomic
+    from gpt2tune import trainreport as report
+    from gpt2tune.batches import window_length
     from gpt2tune.signals import Stopped
+
+    model, strategy, train_tokens, val_tokens, stats = _training_inputs(p)
+    fp = runstate.fingerprint(p.train, p.model.name, stats)
+    if not distribute.is_chief(strategy):
+        # A non-chief worker of a multi-worker run computes and all-reduces like the chief
+        # but keeps nothing: checkpoints go to a temporary copy of the run folder (TF's
+        # pattern), metrics and MLflow are the chief's alone.
+        with tempfile.TemporaryDirectory() as tmp:
+            run_dir = distribute.worker_run_dir(RUN_DIR, tmp)
+            training.fit(model, train_tokens, val_tokens, p.train, run_dir,
+                         strategy=strategy, run_fingerprint=fp)  # fmt: skip
+        return
+    with runlock.hold(RUN_DIR):  # one training per run folder; the first change on disk
+        runlock.clean_leftovers(RUN_DIR)
+        latest = p.train.restore_from != "fresh"
+        finished = latest and runstate.finished_state(RUN_DIR, fp, p.train.steps)
+        resumed = finished or (latest and runstate.resumable_state(RUN_DIR, fp, p.train.steps))
+        run_id = resumed.get("mlflow_run_id") if resumed else None
+
+        def log_sample(text: str, step: int) -> None:
+            tracking.log_text(text, f"samples/train/step_{step:06d}.txt")
+
+        with tracking.training_run(p.mlflow, p.flat(), run_id, name=report.run_name(p),
+                                   tags=report.run_description(p, stats)) as run:  # fmt: skip
+            if finished:  # killed after its last checkpoint: report it, retrain nothing
+                seen = training.tokens_seen(
+                    p.train, window_length(len(train_tokens), p.train.n_ctx), finished["step"]
+                )
+                metrics, history = report.reuse_finished(RUN_DIR, finished, seen)
+            else:
+                try:
+                    metrics, history = training.fit(
+                        model, train_tokens, val_tokens, p.train, RUN_DIR,
+                        strategy=strategy,
+                        run_fingerprint=fp,
+                        log_metrics=tracking.log_metrics,
+                        log_sample=log_sample,
+                        log_tag=tracking.set_tag,
+                        state_extra={"mlflow_run_id": run.info.run_id},
+                    )  # fmt: skip
+                except Stopped:  # saved and resumable: killed, not failed (a NaN fails it)
+                    tracking.end_run("KILLED")
+                    raise
+            metrics, timing = report.split_timing(metrics)
+            chart = report.write_outputs(metrics, timing, history, "metrics")
+            report.log_final(metrics, timing, chart, tracking.log_metrics, tracking.log_file)
+    print(json.dumps(metrics))
+
+
+def _training_inputs(p: Params):
+    """The model, strategy, token arrays and data stats of a training, every check that
+    needs no change on disk done (fit repeats the cheap ones)."""
+    from gpt2tune import checkpoint, dataset, distribute, runstate
+    from gpt2tune import train as training
 
     stats = dataset.read_stats("data/encoded")
     # Ids are checked against the vocabulary they were encoded with, then the model's.
@@ -100,41 +157,9 @@ def train(p: Params, args: argparse.Namespace) -> None:
     if n_vocab < stats["n_vocab"]:
         train_tokens = dataset.load_tokens("data/encoded", "train", n_vocab)
         val_tokens = dataset.load_tokens("data/encoded", "val", n_vocab)
-    fp = runstate.fingerprint(p.train, p.model.name, stats)
-    if not distribute.is_chief(strategy):
-        # A non-chief worker of a multi-worker run computes and all-reduces like the chief
-        # but keeps nothing: checkpoints go to a temporary copy of the run folder (TF's
-        # pattern), metrics and MLflow are the chief's alone.
-        with tempfile.TemporaryDirectory() as tmp:
-            run_dir = distribute.worker_run_dir(RUN_DIR, tmp)
-            training.fit(model, train_tokens, val_tokens, p.train, run_dir,
-                         strategy=strategy, run_fingerprint=fp)  # fmt: skip
-        return
-    resumed = runstate.resumable_state(RUN_DIR, fp, p.train.steps)
-    run_id = resumed.get("mlflow_run_id") if resumed else None
-
-    def log_sample(text: str, step: int) -> None:
-        tracking.log_text(text, f"samples/train/step_{step:06d}.txt")
-
-    with tracking.training_run(p.mlflow, p.flat(), run_id) as run:
-        try:
-            metrics, history = training.fit(
-                model, train_tokens, val_tokens, p.train, RUN_DIR,
-                strategy=strategy,
-                run_fingerprint=fp,
-                log_metrics=tracking.log_metrics,
-                log_sample=log_sample,
-                log_tag=tracking.set_tag,
-                state_extra={"mlflow_run_id": run.info.run_id},
-            )  # fmt: skip
-        except Stopped:  # saved and resumable: killed, not failed (a NaN fails it)
-            tracking.end_run("KILLED")
-            raise
-        if "val_perplexity" in metrics:
-            tracking.log_metrics({"val_perplexity": metrics["val_perplexity"]}, p.train.steps)
-    runstate.write_plots(history, "metrics")
-    write_text_atomic("metrics/train.json", json.dumps(metrics, indent=2) + "\n")
-    print(json.dumps(metrics))
+    training.check_fits(model, train_tokens, p.train, strategy.num_replicas_in_sync)
+    runstate.check_restore_from(p.train, model.hparams)
+    return model, strategy, train_tokens, val_tokens, stats
 
 
 def assemble(p: Params, args: argparse.Namespace) -> None:

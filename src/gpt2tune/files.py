@@ -45,7 +45,12 @@ def file_size(path: str | os.PathLike) -> int:
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Replace `path` with `text` (UTF-8) in one rename; readers see the old or the new file.
+    """Replace `path` with `text` (UTF-8) in one rename; see `write_bytes_atomic`."""
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Replace `path` with `data` in one rename; readers see the old or the new file.
 
     The data is flushed to disk before the rename, so not even a power cut right after it
     leaves an empty file. A failed write (a full disk) is a one-line Gpt2tuneError, and the
@@ -54,8 +59,8 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        with open(tmp, "wb") as fh:
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)

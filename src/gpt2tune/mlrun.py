@@ -207,6 +207,9 @@ class MlflowRun:
         elif kind == "tags":
             for k, v in op["tags"].items():
                 c.set_tag(self.run_id, k, v)
+        elif kind == "file":
+            if os.path.isfile(op["path"]):
+                c.log_artifact(self.run_id, op["path"], op.get("artifact_path"))
         elif kind == "status":  # update_run would leave end_time unset: no duration in the UI
             c.set_terminated(self.run_id, status=op["status"], end_time=op.get("ts"))
         elif kind == "model":

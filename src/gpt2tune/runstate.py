@@ -33,7 +33,8 @@ if TYPE_CHECKING:
     from gpt2tune.trainer import Trainer
 
 STATE_FILE = "train_state.json"
-HISTORY_FILE = "history.json"
+HISTORY_FILE = "history.json"  # older run folders: one history, any step
+HISTORY_SUFFIX = ".history.json"  # model-<step>.history.json: the history up to <step>
 
 
 # Settings that change when or how a run is observed, or how fast it goes, but not the
@@ -84,16 +85,23 @@ def save_state(
     extra: dict,
     keep_steps: Iterable[int] = (),
 ) -> None:
-    """Write the history, weights + slots as `model-{step}` (and point `checkpoint` at it),
-    and last the state, which is what makes the new step count. Then delete the checkpoints
-    other than this one and `keep_steps` (train.keep_checkpoints, keeping.py)."""
+    """Write weights + slots as `model-{step}` (and point `checkpoint` at it), then the loss
+    history beside it, and last the state, which is what makes the new step count. Then
+    delete the checkpoints other than this one and `keep_steps` (train.keep_checkpoints,
+    keeping.py), each with its history.
+
+    The history belongs to its checkpoint (`model-{step}.history.json`, removed with it): a
+    save that fails part-way, even one of a different run, leaves the state, the checkpoint
+    and the history it names as they were.
+    """
     run_dir.mkdir(parents=True, exist_ok=True)
     tensors = run_tensors(trainer)
     prefix = f"model-{step}"
-    write_text_atomic(run_dir / HISTORY_FILE, json.dumps(history))
     write_checkpoint(run_dir, prefix, tensors)
+    write_text_atomic(run_dir / f"{prefix}{HISTORY_SUFFIX}", json.dumps(history))
     write_text_atomic(run_dir / STATE_FILE, json.dumps({"step": step, **extra}, indent=2))
     prune(run_dir, {step, *keep_steps})
+    (run_dir / HISTORY_FILE).unlink(missing_ok=True)  # the one history of older run folders
 
 
 def load_state(run_dir: Path) -> dict | None:
@@ -105,8 +113,20 @@ def load_state(run_dir: Path) -> dict | None:
 
 def resumable_state(run_dir: Path, run_fingerprint: str, steps: int) -> dict | None:
     """The saved state if it is this run's and stopped short of `steps`, else None."""
+    state = _own_state(run_dir, run_fingerprint)
+    return state if state and state["step"] < steps else None
+
+
+def finished_state(run_dir: Path, run_fingerprint: str, steps: int) -> dict | None:
+    """The saved state if it is this run's and has exactly `steps` steps: a complete run,
+    whose metrics can be written again without recomputing a step."""
+    state = _own_state(run_dir, run_fingerprint)
+    return state if state and state["step"] == steps else None
+
+
+def _own_state(run_dir: Path, run_fingerprint: str) -> dict | None:
     state = load_state(Path(run_dir))
-    if state and state.get("fingerprint") == run_fingerprint and state["step"] < steps:
+    if state and state.get("fingerprint") == run_fingerprint and isinstance(state["step"], int):
         # Only if its checkpoint is really there (someone may have deleted model-N.*).
         if Path(run_dir, f"model-{state['step']}.index").is_file():
             return state
@@ -125,7 +145,21 @@ def restore(run_dir: Path, trainer: Trainer, step: int) -> dict:
     reader = tf.train.load_checkpoint(str(Path(run_dir) / f"model-{step}"))
     for name, var in run_tensors(trainer).items():
         var.assign(reader.get_tensor(name))
-    return history_upto(json.loads((Path(run_dir) / HISTORY_FILE).read_text()), step)
+    return load_history(run_dir, step)
+
+
+def load_history(run_dir: Path, step: int) -> dict:
+    """The loss history saved with checkpoint `step` (a run folder from before per-checkpoint
+    histories: its history.json, up to `step`)."""
+    own = Path(run_dir) / f"model-{step}{HISTORY_SUFFIX}"
+    path = own if own.is_file() else Path(run_dir) / HISTORY_FILE
+    try:
+        return history_upto(json.loads(path.read_text()), step)
+    except (OSError, ValueError) as e:
+        raise Gpt2tuneError(
+            f"{path}: the loss history of step {step} is unreadable ({e}); delete {run_dir} "
+            "to train from the start"
+        ) from None
 
 
 def start_point(
@@ -161,13 +195,24 @@ def start_point(
     return 0, {"loss": [], "val_loss": []}
 
 
+def check_restore_from(cfg: TrainParams, hparams: dict) -> None:
+    """Refuse a `restore_from` path that does not hold weights for this model, before the
+    training makes its first change on disk."""
+    if cfg.restore_from not in ("latest", "fresh"):
+        _read_restore_from(cfg.restore_from, hparams)
+
+
+def _read_restore_from(path: str, hparams: dict) -> dict:
+    try:
+        return read_weights(path, hparams)
+    except Gpt2tuneError as e:
+        raise Gpt2tuneError(f"params.yaml: train.restore_from = {path!r}: {e}") from None
+
+
 def load_weights(model: GPT2, path: str) -> None:
     """restore_from: <path>: start from the weights of a model folder, run folder or checkpoint
     prefix (only the weights: the optimizer starts afresh, as in nshepperd's train.py)."""
-    try:
-        weights = read_weights(path, model.hparams)
-    except Gpt2tuneError as e:
-        raise Gpt2tuneError(f"params.yaml: train.restore_from = {path!r}: {e}") from None
+    weights = _read_restore_from(path, model.hparams)
     for name, var in model.params.items():
         var.assign(weights[name])
 
@@ -176,15 +221,27 @@ def history_upto(history: dict, step: int) -> dict:
     return {k: [e for e in v if e[0] <= step] for k, v in history.items()}
 
 
-def summary(history: dict, steps: int, tokens_per_s: float) -> dict:
-    """DVC metrics: final train loss (mean of the last 10 steps), validation loss, perplexity."""
+def summary(history: dict, steps: int, tokens_per_s: float, tokens_seen: int = 0) -> dict:
+    """The run's results: what two identical runs reproduce, plus `tokens_per_s` (a timing;
+    the train stage keeps it out of the DVC metrics, see `TIMING_KEYS`).
+
+    `loss_last10` is the mean training loss of the last 10 steps (one step's loss is noisy);
+    `base_val_loss` the validation loss of the starting weights, before step 1.
+    """
     last = [loss for _, loss in history["loss"][-10:]]
-    out = {"steps": steps, "loss": float(np.mean(last)) if last else None}
-    out["tokens_per_s"] = tokens_per_s
-    if history["val_loss"]:
-        v = history["val_loss"][-1][1]
+    out = {"steps": steps, "tokens_seen": tokens_seen}
+    out["loss_last10"] = float(np.mean(last)) if last else None
+    val = history["val_loss"]
+    if val and val[0][0] == 0:
+        out["base_val_loss"] = val[0][1]
+    if val:
+        v = val[-1][1]
         out.update(val_loss=v, val_perplexity=math.exp(min(v, 700)))
+    out["tokens_per_s"] = tokens_per_s
     return out
+
+
+TIMING_KEYS = ("tokens_per_s", "train_seconds")  # in `summary` but not reproducible
 
 
 def write_plots(history: dict, folder: str | os.PathLike) -> None:

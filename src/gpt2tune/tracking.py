@@ -281,12 +281,22 @@ def _open(session: Session, prepare) -> str | None:
 
 
 @contextmanager
-def training_run(cfg: MlflowParams, params: dict, run_id: str | None = None, record: bool = True):
+def training_run(
+    cfg: MlflowParams,
+    params: dict,
+    run_id: str | None = None,
+    record: bool = True,
+    *,
+    name: str | None = None,
+    tags: dict[str, str] | None = None,
+):
     """Start (or, given `run_id` of a resumed training, reopen) the run and record its id
     in metrics/mlflow_run.json (not with `record=False`: a run of its own, such as
-    `gpt2tune evaluate --mlflow`). A store that is away does not stop training (see above)."""
+    `gpt2tune evaluate --mlflow`). A store that is away does not stop training (see above).
+    A new run is called `name` (default: the DVC experiment's name) and gets `tags` too."""
     session = Session(cfg, run_id or "")
-    name = os.environ.get("DVC_EXP_NAME") if run_id is None else None
+    name = (name or os.environ.get("DVC_EXP_NAME")) if run_id is None else None
+    all_tags = {**run_tags(), **(tags or {})}
 
     def prepare() -> None:
         if session.run_id and not session.run_id.startswith(OFFLINE_PREFIX):
@@ -298,13 +308,13 @@ def training_run(cfg: MlflowParams, params: dict, run_id: str | None = None, rec
                     raise
                 session.run_id = session.local_id = ""  # the store was reset: a new run
         if not session.run_id:
-            session.create_run(params, run_tags(), name)
+            session.create_run(params, all_tags, name)
 
     why = _open(session, prepare)
     if why is not None and not session.run_id:  # made later, from the journal's first record
         session.run_id = session.local_id = journal.new_offline_id()
         kept = {k: param_value(v) for k, v in params.items()}
-        journal.append(session.journal, {"op": "start", "params": kept, "tags": run_tags(),
+        journal.append(session.journal, {"op": "start", "params": kept, "tags": all_tags,
                                          "name": name, "ts": _now_ms()})  # fmt: skip
     if why is not None:
         session._went_offline(why)
@@ -409,6 +419,13 @@ def log_text(text: str, artifact_file: str) -> None:
 def log_folder(folder: str | os.PathLike, artifact_path: str) -> None:
     path = str(Path(folder).resolve())
     _current().call({"op": "folder", "path": path, "artifact_path": artifact_path})
+
+
+def log_file(path: str | os.PathLike, artifact_path: str | None = None) -> None:
+    """Upload one file (such as a chart) to the run's artifacts, under `artifact_path`."""
+    _current().call(
+        {"op": "file", "path": str(Path(path).resolve()), "artifact_path": artifact_path}
+    )
 
 
 def log_model(

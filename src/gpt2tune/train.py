@@ -97,7 +97,14 @@ def fit(
     end = run.loop(train_tokens, length, start, deadline, progress)
     run.validate(end)
     run.save(end)
-    return summary(run.history, end, run.tokens_per_s()), run.history
+    metrics = summary(run.history, end, run.tokens_per_s(), tokens_seen(cfg, length, end))
+    metrics["train_seconds"] = round(time.monotonic() - started_at, 3)
+    return metrics, run.history
+
+
+def tokens_seen(cfg: TrainParams, length: int, steps: int) -> int:
+    """Tokens predicted in `steps` optimizer steps on windows of `length` tokens."""
+    return steps * cfg.batch_size * cfg.accumulate_gradients * (length - 1)
 
 
 class _Run:
@@ -208,7 +215,8 @@ class _Run:
                       flush=True)  # fmt: skip
             v = self.trainer.eval_loss(self.val)
             self.history["val_loss"].append([step, v])
-            self.log_metrics({"val_loss": v}, step)
+            # Before step 1, the starting weights' loss: the line training has to beat.
+            self.log_metrics({"val_loss": v, **({"base_val_loss": v} if step == 0 else {})}, step)
             self.keeper.validated(step, v, self.trainer.saved())  # with LoRA: the adapters
 
     def stop_early(self, step: int) -> None:
