@@ -42,10 +42,12 @@ def main(argv: list[str]) -> None:
     )
     write_text_atomic(out / "samples.md", sample.records_markdown(records, p.sample))
 
-    from gpt2tune import tracking
+    from gpt2tune import sampletable, tracking
 
     with tracking.reopen_run(p.mlflow):
         tracking.log_folder(out, "samples")
+        rows = sampletable.sample_stage_rows(records, p.sample, p.train.steps)
+        tracking.log_table(rows, sampletable.TABLE)
     print(f"wrote {len(records)} samples to {out}/samples.json and {out}/samples.md")
 
 

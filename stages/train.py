@@ -22,7 +22,7 @@ def main() -> None:
     p = load_params("params.yaml")
     import_tensorflow_quietly()
 
-    from gpt2tune import checkpoint, dataset, distribute, runstate, tracking, train
+    from gpt2tune import checkpoint, dataset, distribute, runstate, sampletable, tracking, train
     from gpt2tune.files import write_text_atomic
     from gpt2tune.signals import Stopped
 
@@ -48,6 +48,7 @@ def main() -> None:
 
     def log_sample(text: str, step: int) -> None:
         tracking.log_text(text, f"samples/train/step_{step:06d}.txt")
+        tracking.log_table(sampletable.training_rows(text, step, p.train), sampletable.TABLE)
 
     with tracking.training_run(p.mlflow, p.flat(), run_id) as run:
         try:
