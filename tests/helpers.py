@@ -32,7 +32,7 @@ import regex
 import tiktoken
 import yaml
 
-from gpt2tune.params import SampleParams, TrainParams
+from gpt2tune.params import TrainParams, default_raw
 
 REPO = Path(__file__).resolve().parents[1]
 # The official BPE files and kant.txt live beside the checkout in ../shared/data (CI has them too).
@@ -326,25 +326,15 @@ def copy_project(dest: Path) -> None:
 def tiny_params(**sections: dict) -> dict:
     """A complete, valid params.yaml as a dict, sized for tests: model `tiny`, two training
     steps on 16-token windows, no intermediate samples, checkpoints or validation. Each keyword
-    (model=..., train=...) updates that section's keys."""
-    train = dataclasses.asdict(TrainParams())
-    train.update(
+    (model=..., train=...) updates that section's keys. Every other key has its declared
+    default (params.default_raw), so a key added to gpt2tune.params needs nothing here."""
+    params = default_raw()
+    params["model"].update(name="tiny", base_url="http://127.0.0.1:9/models")  # nothing there
+    params["train"].update(
         steps=2, batch_size=1, n_ctx=16, sample_every=0, sample_length=8, save_every=0,
         val_every=0, val_batch_count=2,
     )  # fmt: skip
-    sample = dict(dataclasses.asdict(SampleParams()), length=8, prompts=[])
-    params = {
-        "model": {"name": "tiny", "base_url": "http://127.0.0.1:9/models"},  # nothing there
-        "data": {
-            "path": "data/dset.txt",
-            "encoding": "utf-8",
-            "val_fraction": 0.05,
-            "val_path": "",
-        },  # fmt: skip
-        "train": train,
-        "sample": sample,
-        "mlflow": {"tracking_uri": "sqlite:///mlflow.db", "experiment": "gpt2tune"},
-    }
+    params["sample"].update(length=8, prompts=[])
     for name, changes in sections.items():
         params[name].update(changes)
     return params
