@@ -23,6 +23,7 @@ from helpers import (
     git,
     make_project,
     run_in,
+    stage_env,
     update_params,
     write_official_style_model,
 )
@@ -269,8 +270,10 @@ EXP_SHOW = ("exp", "show", "--no-pager", "--only-changed", "--drop", r".*/|sampl
 def test_documented_exp_show_is_narrow(project):
     readme = (REPO / "README.md").read_text()
     assert f"dvc exp show --only-changed --drop '{EXP_SHOW[-1]}'" in readme
-    full = project.dvc("exp", "show", "--no-pager")
-    out = project.dvc(*EXP_SHOW)
+    # As on a terminal wide enough for everything (rich cuts tables to $COLUMNS, 80 in a pipe).
+    wide = stage_env(COLUMNS="10000")
+    full, out = (run_in(project.root, "dvc", *args, env=wide).stdout
+                 for args in (("exp", "show", "--no-pager"), EXP_SHOW))  # fmt: skip
     print(f"dvc exp show: {max(map(len, full.splitlines()))} wide; documented:\n{out}")
     assert max(map(len, out.splitlines())) < 200, out
     for column in ("src/gpt2tune", "data/encoded", "stages/train.py", "sample.prompts"):
