@@ -11,6 +11,7 @@ earlier ones left, `dvc exp run --temp` last.
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from collections import Counter
 from pathlib import Path
@@ -321,7 +322,13 @@ def exp_names(shown: object) -> dict[str, float]:
 def test_queued_sweep_runs_both_experiments(project):
     # After test_exp_run_temp_lands_in_the_same_server: the model and data are committed.
     project.dvc("exp", "run", "--queue", "-S", "train.learning_rate=1e-5,5e-5")
-    project.dvc("queue", "start")
+    # The worker `dvc queue start` leaves running inherits its output: a file, not a pipe,
+    # whose end would never come.
+    log = project.root.parent / "queue-start.log"
+    with open(log, "w") as fh:
+        started = run_in(project.root, "dvc", "queue", "start", capture_output=False,
+                         stdout=fh, stderr=subprocess.STDOUT, timeout=60)  # fmt: skip
+    assert started.returncode == 0, log.read_text()
     deadline = time.monotonic() + 600
     while True:
         status = project.dvc("queue", "status")
