@@ -319,6 +319,7 @@ def exp_names(shown: object) -> dict[str, float]:
     return found
 
 
+@pytest.mark.slow  # two whole experiments one after the other: ~110 s on a quiet machine
 def test_queued_sweep_runs_both_experiments(project):
     # After test_exp_run_temp_lands_in_the_same_server: the model and data are committed.
     project.dvc("exp", "run", "--queue", "-S", "train.learning_rate=1e-5,5e-5")
