@@ -11,16 +11,20 @@ earlier ones left, `dvc exp run --temp` last.
 from __future__ import annotations
 
 import json
+import subprocess
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 from helpers import (
+    REPO,
     commit_project,
     git,
     make_project,
     run_in,
+    stage_env,
     update_params,
     write_official_style_model,
 )
@@ -163,7 +167,9 @@ def test_repro_runs_every_stage(project):
         return sorted(a.path for a in client.list_artifacts(run.info.run_id, path))
 
     assert artifacts("samples/train") == [f"samples/train/step_{s:06d}.txt" for s in (4, STEPS)]
-    assert artifacts("samples") == ["samples/samples.json", "samples/samples.md", "samples/train"]
+    assert artifacts("samples") == [
+        "samples/samples.json", "samples/samples.md", "samples/table.json", "samples/train",
+    ]  # fmt: skip
     [model] = run.outputs.model_outputs  # assemble's MLflow Model (gpt2tune.servable)
     files = client.list_logged_model_artifacts(model.model_id, "artifacts/finetuned")
     assert sorted(a.path for a in files) == [f"artifacts/finetuned/{n}" for n in FINETUNED_FILES]
@@ -172,6 +178,35 @@ def test_repro_runs_every_stage(project):
     logged = client.download_artifacts(run.info.run_id, "samples/samples.json", str(root.parent))
     assert json.loads(Path(logged).read_text()) == records
 
+    # Every sample is also a row of one MLflow table: training's, then the sample stage's.
+    table = download_table(client, run.info.run_id, root.parent)
+    train_rows, stage_rows = table[:2], table[2:]
+    assert [r["step"] for r in train_rows] == [4, STEPS]
+    for r in train_rows:
+        text = client.download_artifacts(
+            run.info.run_id, f"samples/train/step_{r['step']:06d}.txt", str(root.parent)
+        )
+        assert r["text"] == Path(text).read_text()
+        assert (r["prompt"], r["temperature"], r["top_k"], r["length"], r["seed"]) == (
+            "", 1.0, 40, 8, r["step"],
+        )  # fmt: skip
+    assert [(r["prompt"] or None, r["index"], r["text"]) for r in stage_rows] == [
+        (r["prompt"], r["index"], r["text"]) for r in records
+    ]
+    assert {(r["step"], r["temperature"], r["length"], r["nsamples"]) for r in stage_rows} == {
+        (STEPS, 0.8, 8, NSAMPLES)
+    }
+    assert run.data.tags["mlflow.loggedArtifacts"] == json.dumps(
+        [{"path": "samples/table.json", "type": "table"}]
+    )
+
+
+def download_table(client, run_id: str, dest: Path) -> list[dict]:
+    """The run's samples table (MLflow's split orientation) as one dict per row."""
+    path = client.download_artifacts(run_id, "samples/table.json", str(dest))
+    table = json.loads(Path(path).read_text())
+    return [dict(zip(table["columns"], row, strict=True)) for row in table["data"]]
+
 
 def test_second_repro_runs_nothing(project):
     requests = len(project.served.requests)
@@ -179,6 +214,18 @@ def test_second_repro_runs_nothing(project):
     assert "Running stage" not in out, out
     assert "up to date" in out, out
     assert len(project.served.requests) == requests
+
+
+def test_tracking_settings_rerun_nothing(project):
+    # Where runs are tracked changes no output: dvc.yaml lists no mlflow.* params.
+    params = project.root / "params.yaml"
+    before = params.read_text()
+    update_params(project.root, "mlflow", tracking_uri="sqlite:///elsewhere.db", experiment="x")
+    try:
+        out = project.dvc("status", "sample")  # what the fixture's `dvc repro sample` ran
+        assert "Data and pipelines are up to date" in out, out
+    finally:
+        params.write_text(before)
 
 
 def test_exp_run_is_a_second_mlflow_run(project):
@@ -210,6 +257,31 @@ def test_metrics_and_plots_show(project):
     assert index.is_file()
     assert "loss" in index.read_text()
 
+    # One chart, "Loss per step", drawing both curves (not one chart per file).
+    plots = json.loads(project.dvc("plots", "show", "--json"))["data"]
+    assert list(plots) == ["Loss per step"], list(plots)
+    (plot,) = plots["Loss per step"]
+    series = Counter(v["filename::field"] for v in plot["content"]["data"]["values"])
+    assert series == {"loss.tsv::loss": STEPS, "val_loss.tsv::val_loss": 3}, series
+
+
+# What README's "Experiments" section gives for a table that fits a screen.
+EXP_SHOW = ("exp", "show", "--no-pager", "--only-changed", "--drop", r".*/|sample\.prompts")
+
+
+def test_documented_exp_show_is_narrow(project):
+    readme = (REPO / "README.md").read_text()
+    assert f"dvc exp show --only-changed --drop '{EXP_SHOW[-1]}'" in readme
+    # As on a terminal wide enough for everything (rich cuts tables to $COLUMNS, 80 in a pipe).
+    wide = stage_env(COLUMNS="10000")
+    full, out = (run_in(project.root, "dvc", *args, env=wide).stdout
+                 for args in (("exp", "show", "--no-pager"), EXP_SHOW))  # fmt: skip
+    print(f"dvc exp show: {max(map(len, full.splitlines()))} wide; documented:\n{out}")
+    assert max(map(len, out.splitlines())) < 200, out
+    for column in ("src/gpt2tune", "data/encoded", "stages/train.py", "sample.prompts"):
+        assert column in full and column not in out, column
+    assert "train.learning_rate" in out and "val_loss" in out, out  # what the experiments vary
+
 
 def test_exp_run_temp_lands_in_the_same_server(project):
     # What a user does before queueing experiments: commit the pipeline's state, so the
@@ -230,3 +302,92 @@ def test_exp_run_temp_lands_in_the_same_server(project):
     assert run.data.tags["dvc.exp_name"] == ref.rsplit("/", 1)[1]
     assert run.data.tags["git.commit"] == git(project.root, "rev-parse", "HEAD")
     assert run.outputs.model_outputs  # assemble's MLflow Model
+
+
+def exp_names(shown: object) -> dict[str, float]:
+    """{experiment name: train.learning_rate} of every experiment in `dvc exp show --json`."""
+    found = {}
+    if isinstance(shown, list):
+        for item in shown:
+            found.update(exp_names(item))
+    elif isinstance(shown, dict):
+        params = ((shown.get("data") or {}).get("params") or {}).get("params.yaml") or {}
+        lr = (params.get("data") or {}).get("train", {}).get("learning_rate")
+        if shown.get("name") and lr is not None:
+            found[shown["name"]] = float(lr)
+        for value in shown.values():
+            found.update(exp_names(value))
+    return found
+
+
+@pytest.mark.slow  # two whole experiments one after the other: ~110 s on a quiet machine
+def test_queued_sweep_runs_both_experiments(project):
+    # After test_exp_run_temp_lands_in_the_same_server: the model and data are committed.
+    project.dvc("exp", "run", "--queue", "-S", "train.learning_rate=1e-5,5e-5")
+    # The worker `dvc queue start` leaves running inherits its output: a file, not a pipe,
+    # whose end would never come.
+    log = project.root.parent / "queue-start.log"
+    with open(log, "w") as fh:
+        started = run_in(project.root, "dvc", "queue", "start", capture_output=False,
+                         stdout=fh, stderr=subprocess.STDOUT, timeout=60)  # fmt: skip
+    assert started.returncode == 0, log.read_text()
+    deadline = time.monotonic() + 600
+    while True:
+        status = project.dvc("queue", "status")
+        if not any(word in status for word in ("Queued", "Running")):
+            break
+        assert time.monotonic() < deadline, status
+        time.sleep(3)
+    assert "Failed" not in status, status
+    swept = {
+        name: lr
+        for name, lr in exp_names(json.loads(project.dvc("exp", "show", "--json"))).items()
+        if lr in (1e-5, 5e-5)
+    }
+    assert sorted(swept.values()) == [1e-5, 5e-5], (swept, status)
+    client = project.client()
+    exp_id = project.run_info()["experiment_id"]
+    for name, lr in swept.items():
+        (run,) = client.search_runs([exp_id], f"tags.`dvc.exp_name` = '{name}'")
+        assert float(run.data.params["train.learning_rate"]) == lr
+        assert run.info.status == "FINISHED" and run.outputs.model_outputs
+
+
+def test_pushed_outputs_serve_another_clone(project, tmp_path):
+    root = project.root
+    project.dvc("remote", "add", "-d", "local", str(tmp_path / "remote"))
+    git(root, "commit", "-q", "-am", "a DVC remote")
+    project.dvc("push")
+    clone = tmp_path / "clone"
+    git(tmp_path, "clone", "-q", str(root), str(clone))
+    requests = len(project.served.requests)
+    other = Project(clone, project.served, project.mlflow_url, project.served_dir)
+
+    other.dvc("pull")
+    for folder in ("models/tiny", "data/encoded", "models/finetuned", "samples"):
+        assert any((clone / folder).iterdir()), folder
+    status = json.loads(other.dvc("status", "--json"))
+    print("dvc status after pull:", status)
+    # Only training's checkpoint (not cached: 3x the model, kept out of git and the remote)
+    # is missing, and `--allow-missing` lets repro skip what it would only rebuild.
+    assert status == {
+        "train": [{"changed outs": {"checkpoint/run1": "deleted"}}],
+        "assemble": [{"changed deps": {"checkpoint/run1": "deleted"}}],
+    }
+    out = other.dvc("repro", "--allow-missing")
+    assert "Running stage" not in out, out
+    out = other.run("python", "stages/sample.py")
+    assert "wrote" in out, out
+    assert json.loads((clone / "samples" / "samples.json").read_text()) == json.loads(
+        (root / "samples" / "samples.json").read_text()
+    )
+    assert len(project.served.requests) == requests  # nothing downloaded again
+
+
+def test_identical_runs_give_identical_metrics(project):
+    # HEAD holds the first results (test_exp_run_temp_lands_in_the_same_server); training
+    # again with the same params must give the same metrics.
+    project.dvc("repro", "-f", "-s", "train")
+    diff = json.loads(project.dvc("metrics", "diff", "--json"))
+    print("dvc metrics diff:", diff)
+    assert diff == {}, diff

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -102,6 +103,8 @@ def test_server_down_at_start_is_replayed_by_the_next_stage(workdir, server, mon
         assert offline_id.startswith("offline-")
         log_steps(range(1, 5))
         tracking.log_text("a sample", "samples/train/step_000004.txt")
+        for step in (4, 8):  # kept, then appended to the one table in order when replayed
+            tracking.log_table({"step": [step], "text": [f"at {step}"]}, "samples/table.json")
     info = json.loads((workdir / "metrics" / "mlflow_run.json").read_text())
     assert info["run_id"] == offline_id
     kept = workdir / "metrics" / "mlflow_offline" / f"{offline_id}.jsonl"
@@ -124,6 +127,10 @@ def test_server_down_at_start_is_replayed_by_the_next_stage(workdir, server, mon
     assert got.data.params == {k: str(v) for k, v in PARAMS.items()}
     assert steps_of(client, run_id, "loss") == [1, 2, 3, 4]
     assert [a.path for a in client.list_artifacts(run_id, "model")] == ["model/hparams.json"]
+    table = json.loads(
+        Path(client.download_artifacts(run_id, "samples/table.json", "t")).read_text()
+    )
+    assert table == {"columns": ["step", "text"], "data": [[4, "at 4"], [8, "at 8"]]}
     assert got.info.status == "FINISHED"
 
     # A resumed training with the local id lands in the same run, without repeating steps.

@@ -86,7 +86,7 @@ def train(p: Params, args: argparse.Namespace) -> None:
     """
     import_tensorflow_quietly()
 
-    from gpt2tune import distribute, runlock, runstate, tracking
+    from gpt2tune import distribute, runlock, runstate, sampletable, tracking
     from gpt2tune import train as training
     from gpt2tune import trainreport as report
     from gpt2tune.batches import window_length
@@ -112,6 +112,7 @@ def train(p: Params, args: argparse.Namespace) -> None:
 
         def log_sample(text: str, step: int) -> None:
             tracking.log_text(text, f"samples/train/step_{step:06d}.txt")
+            tracking.log_table(sampletable.training_rows(text, step, p.train), sampletable.TABLE)
 
         with tracking.training_run(p.mlflow, p.flat(), run_id, name=report.run_name(p),
                                    tags=report.run_description(p, stats)) as run:  # fmt: skip
@@ -208,10 +209,12 @@ def sample(p: Params, args: argparse.Namespace) -> None:
     )
     write_text_atomic(out / "samples.md", sampling.records_markdown(records, p.sample))
 
-    from gpt2tune import tracking
+    from gpt2tune import sampletable, tracking
 
     with tracking.reopen_run(p.mlflow):
         tracking.log_folder(out, "samples")
+        rows = sampletable.sample_stage_rows(records, p.sample, p.train.steps)
+        tracking.log_table(rows, sampletable.TABLE)
     print(f"wrote {len(records)} samples to {out}/samples.json and {out}/samples.md")
 
 

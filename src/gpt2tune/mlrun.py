@@ -201,6 +201,8 @@ class MlflowRun:
             seen.update((k, op["step"]) for k in fresh)
         elif kind == "text":
             c.log_text(self.run_id, op["text"], op["file"])
+        elif kind == "table":  # appended to the run's table of that name
+            c.log_table(self.run_id, op["data"], op["file"])
         elif kind == "folder":
             if os.path.isdir(op["path"]):
                 c.log_artifacts(self.run_id, op["path"], op["artifact_path"])

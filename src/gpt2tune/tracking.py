@@ -416,6 +416,11 @@ def log_text(text: str, artifact_file: str) -> None:
     _current().call({"op": "text", "text": text, "file": artifact_file})
 
 
+def log_table(data: dict[str, list], artifact_file: str) -> None:
+    """Append rows (column -> values) to the run's MLflow table `artifact_file` (a .json)."""
+    _current().call({"op": "table", "data": data, "file": artifact_file})
+
+
 def log_folder(folder: str | os.PathLike, artifact_path: str) -> None:
     path = str(Path(folder).resolve())
     _current().call({"op": "folder", "path": path, "artifact_path": artifact_path})
