@@ -1,6 +1,6 @@
 """One MLflow run on a tracking store, through MlflowClient: reach the store and the
 experiment, create the run, and send the calls gpt2tune makes (metrics, texts, folders, the
-status). It knows nothing of a server being away; gpt2tune.tracking.Session adds that.
+status). It knows nothing of a server being away; gpt2tune.session.Session adds that.
 
 Calls are plain dicts (``{"op": "metrics", ...}``) so that the same record can be sent now or
 written to the offline journal and sent later. A metric (key, step) the run already holds is
