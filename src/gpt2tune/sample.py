@@ -104,6 +104,8 @@ def _knobs(s: Sampling) -> dict[str, tf.Tensor]:
     return {name: tf.constant(getattr(s, name), dtype) for name, dtype in _KNOB_TYPES.items()}
 
 
+# Over 60 lines: the decoding loop is one tf.function whose while_loop body and condition
+# must close over the same tensors; its parts are named inner functions.
 def _build_sampler(model: GPT2) -> tf.types.experimental.GenericFunction:
     # Over ~60 lines: the compiled loop's pieces (prompt pass, caches, seen set, while_loop)
     # share one trace's tensors; split into functions they would only pass them all around.
