@@ -66,7 +66,7 @@ COMMANDS: dict[str, Command] = {
     ),
     "assemble": Command(
         "checkpoint/run1 -> models/finetuned, logged and registered in MLflow",
-        ("model", "sample", "mlflow"),
+        ("model", "assemble", "sample", "mlflow"),
         "assemble",
     ),
     "sample": Command(

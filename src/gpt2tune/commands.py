@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
 from gpt2tune.params import Params
-from gpt2tune.stage import import_tensorflow_quietly
+from gpt2tune.stage import import_tensorflow_quietly, say
 
 RUN_DIR = Path("checkpoint/run1")
 FINETUNED = "models/finetuned"
@@ -23,11 +22,6 @@ OFF_NOTE = (
     "Set it to true and run `dvc repro export`, or export by hand:\n"
     "    gpt2tune export --model models/finetuned\n"
 )
-
-
-def _say(line: str) -> None:
-    """A progress line on stderr, where it does not mix with a command's results."""
-    print(line, file=sys.stderr, flush=True)
 
 
 def fetch(p: Params, args: argparse.Namespace) -> None:
@@ -169,7 +163,7 @@ def assemble(p: Params, args: argparse.Namespace) -> None:
     """DVC stage assemble: models/finetuned = trained weights + the base model's tokenizer
     files, an OpenAI-format folder, also logged to the training's MLflow run as an MLflow
     Model and registered (see gpt2tune.servable)."""
-    _say(f"assembling {FINETUNED} from {RUN_DIR} and models/{p.model.name}...")
+    say(f"assembling {FINETUNED} from {RUN_DIR} and models/{p.model.name}...")
     import_tensorflow_quietly()
 
     from gpt2tune import tracking

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import tensorflow as tf
 
-from gpt2tune.checkpoint import write_checkpoint
+from gpt2tune.checkpoint import checkpoint_prefix, write_checkpoint
 from gpt2tune.errors import Gpt2tuneError
 from gpt2tune.params import TrainParams
 
@@ -165,8 +165,12 @@ class Keeper:
 def assembled_checkpoint(run_dir: Path, state: Mapping | None, which: str) -> tuple[Path, int, str]:
     """(checkpoint prefix, its step, in words) for assemble: `which` is "best" or "latest";
     best falls back to latest when the run had no validation loss."""
-    if not state:
-        raise Gpt2tuneError(f"{run_dir} holds no training state: run `dvc repro train` first")
+    if not state:  # a bare checkpoint (copied in, or from before train_state.json): its latest
+        if not (run_dir / "checkpoint").is_file():
+            raise Gpt2tuneError(f"{run_dir} holds no training state: run `dvc repro train` first")
+        prefix = checkpoint_prefix(run_dir)
+        step = int(m[1]) if (m := _STEP.match(prefix.name + ".")) else 0
+        return prefix, step, f"the latest checkpoint ({prefix.name}; the run has no state file)"
     best = state.get("best")
     if which == "best" and best:
         prefix = run_dir / BEST_DIR / f"model-{best['step']}"

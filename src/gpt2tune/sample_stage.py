@@ -11,6 +11,7 @@ from gpt2tune.model import GPT2
 from gpt2tune.params import SampleParams, Sampling
 from gpt2tune.sample import generate, generate_many
 from gpt2tune.sample_checks import check_request
+from gpt2tune.stage import say
 
 
 def _generate_with(model: GPT2, prompt: str | None, sampling: Sampling) -> list[str]:
@@ -33,7 +34,7 @@ def sample_records(model: GPT2, cfg: SampleParams) -> list[dict]:
         check_request(model.hparams, n, cfg.length, rows, f"sample.prompts[{i}]")
     check_request(model.hparams, 1, cfg.length, cfg.nsamples, "the unconditional start")
     # Minutes at 124M on a CPU: say what is going on (stderr, so stdout stays the result).
-    print(f"sampling {cfg.nsamples} x {len(cfg.prompts) + 1} text(s)...", file=sys.stderr)
+    say(f"sampling {cfg.nsamples} x {len(cfg.prompts) + 1} text(s)...")
     texts = [_generate_with(model, None, cfg)]
     texts += generate_many(model, cfg.prompts, sampling=cfg, batch_size=cfg.batch_size)
     return [

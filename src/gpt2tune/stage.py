@@ -55,3 +55,11 @@ def run_stage(main, *args, **kwargs) -> int:
         print("interrupted", file=sys.stderr)
         return getattr(e, "exit_code", 130)
     return 0
+
+
+def say(line: str) -> None:
+    """A progress line on stderr, only on a terminal: where a step takes minutes before any
+    bar starts (validating, assembling, sampling at 124M on a CPU). Pipes and logs stay quiet,
+    so a failing stage's stderr is its one error line."""
+    if sys.stderr.isatty():
+        print(line, file=sys.stderr, flush=True)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -41,6 +40,7 @@ from gpt2tune.optim import learning_rate_at
 from gpt2tune.params import TrainParams
 from gpt2tune.runstate import load_state, restore, save_state, start_point, summary
 from gpt2tune.signals import Stopped, stop_on_signals
+from gpt2tune.stage import say
 from gpt2tune.trainer import Trainer
 
 
@@ -211,8 +211,7 @@ class _Run:
         done = self.history["val_loss"] and self.history["val_loss"][-1][0] == step
         if self.val is not None and not done:  # done: the loop stopped after validating
             if step == 0:  # minutes at 124M on a CPU, before the bar starts
-                print(f"validating the base model ({len(self.val)} windows)...", file=sys.stderr,
-                      flush=True)  # fmt: skip
+                say(f"validating the base model ({len(self.val)} windows)...")
             v = self.trainer.eval_loss(self.val)
             self.history["val_loss"].append([step, v])
             # Before step 1, the starting weights' loss: the line training has to beat.
