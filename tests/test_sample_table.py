@@ -9,7 +9,8 @@ from helpers import TOKENS, VAL, cfg
 
 from gpt2tune import load_model
 from gpt2tune.params import SampleParams, Sampling
-from gpt2tune.sample import generate, sample_records
+from gpt2tune.sample import generate
+from gpt2tune.sample_stage import sample_records
 from gpt2tune.sampletable import rows, sample_stage_rows, training_rows
 from gpt2tune.train import fit
 
