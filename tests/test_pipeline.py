@@ -174,7 +174,7 @@ def test_repro_runs_every_stage(project):
     files = client.list_logged_model_artifacts(model.model_id, "artifacts/finetuned")
     assert sorted(a.path for a in files) == [f"artifacts/finetuned/{n}" for n in FINETUNED_FILES]
     # The weights are uploaded once, inside the MLflow Model: no `model/` folder on the run.
-    assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["samples"]
+    assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["loss.png", "samples"]
     logged = client.download_artifacts(run.info.run_id, "samples/samples.json", str(root.parent))
     assert json.loads(Path(logged).read_text()) == records
 

@@ -46,7 +46,10 @@ def logged(tmp_path_factory, model_dir):
     cwd = os.getcwd()
     os.chdir(project)  # the run's metrics/ files go to the project, not the checkout
     try:
-        with tracking.training_run(MlflowParams(uri, "servable"), {"model.name": "tiny"}) as run:
+        cfg = MlflowParams(uri, "servable")
+        with tracking.training_run(cfg, {"model.name": "tiny"}) as run:
+            pass  # the training's run, recorded in metrics/mlflow_run.json
+        with tracking.reopen_run(cfg):  # assemble reopens it and logs the model directly
             tracking.log_model(model_dir, DEFAULTS, NAME, "candidate")
     finally:
         os.chdir(cwd)

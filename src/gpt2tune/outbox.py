@@ -18,6 +18,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+DRAIN_CAP_S = 120.0  # the longest a stage's end waits for a store that keeps answering
 QUEUE_LIMIT = 10_000  # calls; a metrics call is a few hundred bytes, so a few MB at most
 
 
@@ -37,6 +38,7 @@ class Outbox:
         self.inflight: dict | None = None
         self.epoch = 0  # bumped when the training thread takes the calls over
         self.closing = False
+        self.handled = 0  # calls the sender has finished with (sent or kept): its progress
         self.error: Exception | None = None  # a failure that is not the store being away
         self.thread = threading.Thread(target=self._run, name="mlflow-sender", daemon=True)
         self.thread.start()
@@ -51,14 +53,19 @@ class Outbox:
             self.cond.notify_all()
 
     def drain(self, timeout_s: float) -> bool:
-        """Wait at most `timeout_s` until every queued call is sent or spilled; True if so."""
-        end = time.monotonic() + timeout_s
+        """Wait until every queued call is sent or spilled, for at most `timeout_s` without a
+        call getting through (a store that does not answer costs timeout_s; a slow one that
+        answers, such as a busy sqlite file, is waited for, up to DRAIN_CAP_S); True if so."""
+        start = time.monotonic()
+        end, seen = start + timeout_s, self.handled
         with self.cond:
             while self.queue or self.inflight is not None:
-                left = end - time.monotonic()
-                if left <= 0:
+                now = time.monotonic()
+                if self.handled != seen:  # progress: the store answers, give it more time
+                    seen, end = self.handled, min(now + timeout_s, start + DRAIN_CAP_S)
+                if end - now <= 0:
                     return False
-                self.cond.wait(left)
+                self.cond.wait(end - now)
             self._raise_error()
             return True
 
@@ -102,6 +109,7 @@ class Outbox:
             except Exception as e:  # handed to the training thread at its next call
                 sent, error = False, e
             with self.cond:
+                self.handled += 1
                 if epoch == self.epoch:  # else the training thread has spilled it already
                     self.inflight = None
                     if not sent:
