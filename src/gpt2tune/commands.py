@@ -85,7 +85,6 @@ def train(p: Params, args: argparse.Namespace) -> None:
     from gpt2tune import distribute, runlock, runstate, sampletable, tracking
     from gpt2tune import train as training
     from gpt2tune import trainreport as report
-    from gpt2tune.batches import window_length
     from gpt2tune.signals import Stopped
 
     model, strategy, train_tokens, val_tokens, stats = _training_inputs(p)
@@ -102,8 +101,8 @@ def train(p: Params, args: argparse.Namespace) -> None:
     with runlock.hold(RUN_DIR):  # one training per run folder; the first change on disk
         runlock.clean_leftovers(RUN_DIR)
         latest = p.train.restore_from != "fresh"
-        finished = latest and runstate.finished_state(RUN_DIR, fp, p.train.steps)
-        resumed = finished or (latest and runstate.resumable_state(RUN_DIR, fp, p.train.steps))
+        complete = latest and runstate.complete_state(RUN_DIR, fp, p.train)
+        resumed = complete or (latest and runstate.resumable_state(RUN_DIR, fp, p.train.steps))
         run_id = resumed.get("mlflow_run_id") if resumed else None
 
         def log_sample(text: str, step: int) -> None:
@@ -112,25 +111,19 @@ def train(p: Params, args: argparse.Namespace) -> None:
 
         with tracking.training_run(p.mlflow, p.flat(), run_id, name=report.run_name(p),
                                    tags=report.run_description(p, stats)) as run:  # fmt: skip
-            if finished:  # killed after its last checkpoint: report it, retrain nothing
-                seen = training.tokens_seen(
-                    p.train, window_length(len(train_tokens), p.train.n_ctx), finished["step"]
-                )
-                metrics, history = report.reuse_finished(RUN_DIR, finished, seen)
-            else:
-                try:
-                    metrics, history = training.fit(
-                        model, train_tokens, val_tokens, p.train, RUN_DIR,
-                        strategy=strategy,
-                        run_fingerprint=fp,
-                        log_metrics=tracking.log_metrics,
-                        log_sample=log_sample,
-                        log_tag=tracking.set_tag,
-                        state_extra={"mlflow_run_id": run.info.run_id},
-                    )  # fmt: skip
-                except Stopped:  # saved and resumable: killed, not failed (a NaN fails it)
-                    tracking.end_run("KILLED")
-                    raise
+            try:  # a complete run (killed after its last checkpoint) is reported, not retrained
+                metrics, history = training.fit(
+                    model, train_tokens, val_tokens, p.train, RUN_DIR,
+                    strategy=strategy,
+                    run_fingerprint=fp,
+                    log_metrics=tracking.log_metrics,
+                    log_sample=log_sample,
+                    log_tag=tracking.set_tag,
+                    state_extra={"mlflow_run_id": run.info.run_id},
+                )  # fmt: skip
+            except Stopped:  # saved and resumable: killed, not failed (a NaN fails it)
+                tracking.end_run("KILLED")
+                raise
             metrics, timing = report.split_timing(metrics)
             chart = report.write_outputs(metrics, timing, history, "metrics")
             report.log_final(metrics, timing, chart, tracking.log_metrics, tracking.log_file)

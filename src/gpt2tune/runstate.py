@@ -25,7 +25,7 @@ import tensorflow as tf
 from gpt2tune.checkpoint import read_weights, write_checkpoint
 from gpt2tune.errors import Gpt2tuneError
 from gpt2tune.files import write_text_atomic
-from gpt2tune.keeping import prune
+from gpt2tune.keeping import finished_early, prune
 from gpt2tune.params import TrainParams
 
 if TYPE_CHECKING:
@@ -117,11 +117,15 @@ def resumable_state(run_dir: Path, run_fingerprint: str, steps: int) -> dict | N
     return state if state and state["step"] < steps else None
 
 
-def finished_state(run_dir: Path, run_fingerprint: str, steps: int) -> dict | None:
-    """The saved state if it is this run's and has exactly `steps` steps: a complete run,
-    whose metrics can be written again without recomputing a step."""
+def complete_state(run_dir: Path, run_fingerprint: str, cfg: TrainParams) -> dict | None:
+    """The saved state if it is this run's and complete: it has exactly `cfg.steps` steps, or
+    it stopped early and would stop again (keeping.finished_early). Its metrics can be written
+    again without recomputing a step."""
     state = _own_state(run_dir, run_fingerprint)
-    return state if state and state["step"] == steps else None
+    if not state:
+        return None
+    done = state["step"] == cfg.steps or finished_early(run_dir, state, run_fingerprint, cfg)
+    return state if done else None
 
 
 def _own_state(run_dir: Path, run_fingerprint: str) -> dict | None:

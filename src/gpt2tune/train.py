@@ -34,11 +34,19 @@ from tqdm import tqdm
 
 from gpt2tune.batches import eval_windows, random_windows, window_length
 from gpt2tune.errors import Gpt2tuneError
-from gpt2tune.keeping import STOPPED_TAG, Keeper, finished_early, stop_reason
+from gpt2tune.keeping import STOPPED_TAG, Keeper, stop_reason
 from gpt2tune.model import GPT2
 from gpt2tune.optim import learning_rate_at
 from gpt2tune.params import TrainParams
-from gpt2tune.runstate import load_state, restore, save_state, start_point, summary
+from gpt2tune.runstate import (
+    TIMING_KEYS,
+    complete_state,
+    load_state,
+    restore,
+    save_state,
+    start_point,
+    summary,
+)
 from gpt2tune.signals import Stopped, stop_on_signals
 from gpt2tune.stage import say
 from gpt2tune.trainer import Trainer
@@ -68,9 +76,10 @@ def fit(
     `cfg.val_every` steps; `log_sample(text, step)` every `cfg.sample_every`. Ctrl-C and
     SIGTERM stop after the current step, save it, and raise `Stopped`; reaching
     `cfg.max_minutes` saves and returns early (the summary's `steps` says where it ended), and
-    so does early stopping (keeping.py), which also calls `log_tag(STOPPED_TAG, why)`. A run
-    in `run_dir` that stopped early and would stop again is complete: its weights are loaded
-    into `model` and nothing is trained.
+    so does early stopping (keeping.py), which also calls `log_tag(STOPPED_TAG, why)`. A
+    complete run in `run_dir` (all `cfg.steps` steps, or stopped early and would stop again)
+    is reused: its weights are loaded into `model`, its figures returned (without timings),
+    and nothing is trained.
     """
     started_at = time.monotonic()
     strategy = strategy or tf.distribute.get_strategy()
@@ -84,10 +93,10 @@ def fit(
     trainer = Trainer(model, cfg, strategy)
     run = _Run(trainer, Path(run_dir), val_tokens, (log_metrics, log_sample, log_tag),
                dict(state_extra or {}, fingerprint=run_fingerprint))  # fmt: skip
-    if cfg.restore_from != "fresh" and finished_early(
-        run.run_dir, run.on_disk, run_fingerprint, cfg
-    ):
-        return run.reuse()
+    fresh = cfg.restore_from == "fresh"
+    complete = not fresh and complete_state(run.run_dir, run_fingerprint, cfg)
+    if complete:  # e.g. killed after its last checkpoint, or stopped early: nothing to train
+        return run.reuse(complete, tokens_seen(cfg, length, complete["step"]))
     start, run.history = start_point(run.run_dir, trainer, cfg, run_fingerprint)
     if start == 0:
         run.validate(0)
@@ -230,15 +239,21 @@ class _Run:
         if self.on_disk.get("stopped_early"):  # continued with a raised patience
             self.log_tag(STOPPED_TAG, f"{self.on_disk['stopped_early']} (then continued)")
 
-    def reuse(self) -> tuple[dict, dict]:
-        """`fit` of a run that stopped early and is complete: its weights, nothing trained."""
-        state = self.on_disk
-        self.history = restore(self.run_dir, self.trainer, state["step"])
-        print(f"the run in {self.run_dir} stopped early ({state['stopped_early']}) and is "
-              "complete; nothing to train (raise train.early_stopping_patience, or set it to "
-              "0, to continue it)")  # fmt: skip
-        self.log_tag(STOPPED_TAG, state["stopped_early"])
-        return summary(self.history, state["step"], 0.0), self.history
+    def reuse(self, state: dict, seen: int) -> tuple[dict, dict]:
+        """`fit` of a complete run (`complete_state`): its weights and figures, nothing trained
+        and no step timed."""
+        step = state["step"]
+        self.history = restore(self.run_dir, self.trainer, step)
+        if state.get("stopped_early"):
+            print(f"the run in {self.run_dir} stopped early ({state['stopped_early']}) and is "
+                  "complete; nothing to train (raise train.early_stopping_patience, or set it "
+                  "to 0, to continue it)")  # fmt: skip
+            self.log_tag(STOPPED_TAG, state["stopped_early"])
+        else:
+            print(f"{self.run_dir} already holds this run's {step} steps: reporting them, "
+                  "nothing retrained")  # fmt: skip
+        metrics = summary(self.history, step, 0.0, seen)
+        return {k: v for k, v in metrics.items() if k not in TIMING_KEYS}, self.history
 
     def sample(self, step: int) -> None:
         # Shepperd's training samples: temperature 1, top_k 40, from <|endoftext|>.

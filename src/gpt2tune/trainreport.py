@@ -6,8 +6,7 @@ steps, the tokens seen, `loss_last10` (the mean training loss of the last 10 ste
 `loss` is each step's own), `base_val_loss` (the starting weights' validation loss, before
 step 1), the final `val_loss` and `val_perplexity`. Timings differ from run to run, so they go
 to `metrics/timing.json` (a plain output, not a metric) and to MLflow. A finished run found
-again in the run folder (same settings, same steps) is reported from what was saved with
-its checkpoint, without recomputing a step (`reuse_finished`).
+again in the run folder is reported from what was saved with its checkpoint (train.fit).
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ from pathlib import Path
 
 from gpt2tune.files import write_bytes_atomic, write_text_atomic
 from gpt2tune.params import Params
-from gpt2tune.runstate import TIMING_KEYS, load_history, summary, write_plots
+from gpt2tune.runstate import TIMING_KEYS, write_plots
 
 CHART = "loss.png"
 
@@ -39,17 +38,6 @@ def run_description(p: Params, stats: dict) -> dict[str, str]:
         f"tokens, {stats['val_tokens']} validation tokens (data/encoded)."
     )
     return {"mlflow.note.content": note}
-
-
-def reuse_finished(run_dir: Path, state: dict, tokens_seen: int) -> tuple[dict, dict]:
-    """(metrics, history) of the complete run saved in `run_dir` at `state`'s step."""
-    step = state["step"]
-    history = load_history(run_dir, step)
-    print(f"{run_dir} already holds this run's {step} steps: reporting them, nothing retrained")
-    metrics = summary(history, step, 0.0, tokens_seen)
-    for key in TIMING_KEYS:
-        metrics.pop(key, None)  # no step was timed
-    return metrics, history
 
 
 def split_timing(metrics: dict) -> tuple[dict, dict]:
