@@ -58,6 +58,25 @@ def test_resumed_run_logs_each_step_once(workdir):
     assert client.get_run(run_id).info.status == "FINISHED"
 
 
+def test_logged_history_fills_only_the_steps_the_run_lacks(workdir):
+    """What a kill -9 kept in the sender's queue is in the saved history: logged again in
+    one call, it fills the run's gaps and leaves what the run holds as it is."""
+    cfg = MlflowParams(tracking_uri="sqlite:///mlflow.db", experiment="history")
+    client = MlflowClient(tracking.resolve_tracking_uri(cfg.tracking_uri))
+    with tracking.training_run(cfg, PARAMS) as run:
+        tracking.log_metrics({"val_loss": 4.0, "base_val_loss": 4.0}, 0)
+        log_steps([1, 2])  # steps 3 and 4 never reached the store
+        run_id = run.info.run_id
+    history = {"loss": [[s, 50.0 + s] for s in (1, 2, 3, 4)], "val_loss": [[0, 9.0], [4, 3.5]]}
+    with tracking.training_run(cfg, PARAMS, run_id):
+        tracking.log_history(history)
+    loss = {m.step: m.value for m in client.get_metric_history(run_id, "loss")}
+    assert loss == {1: 9.0, 2: 8.0, 3: 53.0, 4: 54.0}  # one value a step, the first kept
+    val = {m.step: m.value for m in client.get_metric_history(run_id, "val_loss")}
+    assert val == {0: 4.0, 4: 3.5}
+    assert [m.value for m in client.get_metric_history(run_id, "base_val_loss")] == [4.0]
+
+
 def test_server_dying_mid_run_loses_nothing(workdir, server, monkeypatch, capsys):
     cfg = MlflowParams(tracking_uri=server.url, experiment="dies-mid-run")
     monkeypatch.setenv("GPT2TUNE_MLFLOW_RETRY_S", "1")

@@ -124,6 +124,7 @@ def train(p: Params, args: argparse.Namespace) -> None:
             except Stopped:  # saved and resumable: killed, not failed (a NaN fails it)
                 tracking.end_run("KILLED")
                 raise
+            tracking.log_history(history)  # steps a kill -9 kept from the run, if any
             metrics, timing = report.split_timing(metrics)
             chart = report.write_outputs(metrics, timing, history, "metrics")
             report.log_final(metrics, timing, chart, tracking.log_metrics, tracking.log_file)

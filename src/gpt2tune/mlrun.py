@@ -192,13 +192,17 @@ class MlflowRun:
         from mlflow.entities import Metric
 
         kind, c = op["op"], self.client
-        if kind == "metrics":
+        if kind in ("metrics", "history"):
+            if kind == "metrics":
+                points = [(k, op["step"], v) for k, v in op["values"].items()]
+            else:  # a saved loss history logged again: only the steps the run lacks go out
+                points = [tuple(point) for point in op["points"]]
             seen = self._seen()
-            fresh = {k: v for k, v in op["values"].items() if (k, op["step"]) not in seen}
-            metrics = [Metric(k, float(v), op["ts"], op["step"]) for k, v in fresh.items()]
+            fresh = [(k, step, v) for k, step, v in points if (k, step) not in seen]
+            metrics = [Metric(k, float(v), op["ts"], step) for k, step, v in fresh]
             for i in range(0, len(metrics), METRICS_PER_BATCH):
                 c.log_batch(self.run_id, metrics=metrics[i : i + METRICS_PER_BATCH])
-            seen.update((k, op["step"]) for k in fresh)
+            seen.update((k, step) for k, step, _ in fresh)
         elif kind == "text":
             c.log_text(self.run_id, op["text"], op["file"])
         elif kind == "table":  # appended to the run's table of that name

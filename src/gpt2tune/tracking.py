@@ -263,6 +263,15 @@ def log_metrics(metrics: dict, step: int) -> None:
     )
 
 
+def log_history(history: dict) -> None:
+    """Log a training's loss history (`{"loss": [[step, value], ...], "val_loss": ...}`)
+    again, in one call: the run keeps the values it holds, and gains the steps it lacks, such
+    as those still queued when a kill -9 stopped the training that saved this history."""
+    points = [(key, int(s), float(v)) for key in ("loss", "val_loss") for s, v in history[key]]
+    points += [("base_val_loss", 0, float(v)) for s, v in history["val_loss"] if s == 0]
+    _current().call({"op": "history", "ts": _now_ms(), "points": points})
+
+
 def set_tag(key: str, value: str) -> None:
     _current().call({"op": "tags", "tags": {key: str(value)}})
 
