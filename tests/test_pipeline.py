@@ -385,8 +385,11 @@ def test_pushed_outputs_serve_another_clone(project, tmp_path):
 
 
 def test_identical_runs_give_identical_metrics(project):
-    # HEAD holds the first results (test_exp_run_temp_lands_in_the_same_server); training
-    # again with the same params must give the same metrics.
+    # Commit what the workspace holds (the fixture's results, or an earlier test's), so that
+    # `dvc metrics diff` compares a second training with the same params against it.
+    project.dvc("repro", "sample")  # up to date unless an earlier test changed params
+    git(project.root, "add", "-A")
+    git(project.root, "commit", "-q", "--allow-empty", "-m", "results to compare against")
     project.dvc("repro", "-f", "-s", "train")
     diff = json.loads(project.dvc("metrics", "diff", "--json"))
     print("dvc metrics diff:", diff)
