@@ -74,3 +74,20 @@ def server(tmp_path_factory):
     with MlflowServer(tmp_path_factory.mktemp("mlflow")) as srv:
         srv.wait_ready()
         yield srv
+
+
+# The files that take longest (end-to-end DVC, MLflow and training stages; about 20 s to 3 min
+# each on 2 cores), in that order. Run first, so that pytest-xdist's two workers share them
+# out and the short files fill the gaps at the end, instead of one worker finishing a long
+# file alone. Any file not listed runs after them, in the usual order.
+LONGEST_FIRST = (
+    "test_pipeline.py", "test_tracking_stalls.py", "test_train_reliability.py",
+    "test_faults.py", "test_train.py", "test_train_stage.py", "test_servable.py",
+    "test_cli.py", "test_bad_input.py", "test_train_options.py", "test_lora.py",
+    "test_interactive.py", "test_speed.py", "test_stopping.py", "test_tracking.py",
+)  # fmt: skip
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept

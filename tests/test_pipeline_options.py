@@ -50,6 +50,7 @@ def dvc(root, *args: str) -> str:
     return out
 
 
+@pytest.mark.slow  # a second whole pipeline: ~50 s on 2 idle cores
 def test_jsonl_early_stopping_and_the_best_checkpoint_through_dvc(project):
     from mlflow.tracking import MlflowClient
 

@@ -220,7 +220,10 @@ def test_a_store_without_registry_warns_in_one_line(model_dir, tmp_path, monkeyp
     monkeypatch.setenv("MLFLOW_REGISTRY_URI", (tmp_path / "registry").as_uri())
     monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    with tracking.training_run(MlflowParams(uri, "no-registry"), {}) as run:
+    cfg = MlflowParams(uri, "no-registry")
+    with tracking.training_run(cfg, {}) as run:
+        pass
+    with tracking.reopen_run(cfg):  # as assemble does: the call made in this thread
         tracking.log_model(model_dir, DEFAULTS, NAME, "candidate")
     warnings = [line for line in capsys.readouterr().err.splitlines() if "not registered" in line]
     assert len(warnings) == 1 and "mlflow.register_model('models:/m-" in warnings[0], warnings

@@ -200,6 +200,7 @@ def test_locked_sqlite_store_is_journaled_then_replayed(workdir, base_dir, capsy
     assert client.get_run(run.info.run_id).info.status == "FINISHED"
 
 
+@pytest.mark.slow  # holds the lock past MLflow's 20 s busy wait: ~45 s
 def test_sqlite_store_locked_at_the_start_gets_an_offline_run(workdir, base_dir, capsys):
     uri = "sqlite:///mlflow.db"
     client = MlflowClient(tracking.resolve_tracking_uri(uri))

@@ -352,6 +352,7 @@ MULTI_REPLICA_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # two trainings on two logical CPU devices: ~25 s
 def test_two_replicas_train_like_one(hp):
     # Two micro-batches of 2 windows, one window per replica: sharding and accumulation.
     c = cfg(learning_rate=1e-3, accumulate_gradients=2)
