@@ -283,6 +283,7 @@ def test_documented_exp_show_is_narrow(project):
     assert "train.learning_rate" in out and "val_loss" in out, out  # what the experiments vary
 
 
+@pytest.mark.slow  # a third pipeline run, in DVC's temporary workspace: ~40 s
 def test_exp_run_temp_lands_in_the_same_server(project):
     # What a user does before queueing experiments: commit the pipeline's state, so the
     # temporary workspace checks the model and the encoded data out of the DVC cache.
@@ -322,7 +323,10 @@ def exp_names(shown: object) -> dict[str, float]:
 
 @pytest.mark.slow  # two whole experiments one after the other: ~110 s on a quiet machine
 def test_queued_sweep_runs_both_experiments(project):
-    # After test_exp_run_temp_lands_in_the_same_server: the model and data are committed.
+    # Queued experiments run in temporary workspaces, which check the model and the encoded
+    # data out of the DVC cache: commit the pipeline's state first, as a user would.
+    git(project.root, "add", "-A")
+    git(project.root, "commit", "-q", "--allow-empty", "-m", "results before the sweep")
     project.dvc("exp", "run", "--queue", "-S", "train.learning_rate=1e-5,5e-5")
     # The worker `dvc queue start` leaves running inherits its output: a file, not a pipe,
     # whose end would never come.

@@ -266,6 +266,7 @@ def result(proc: subprocess.Popen) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # two TensorFlow workers over gRPC: ~20 s
 def test_two_workers_on_loopback_train_like_one_process():
     """A real MultiWorkerMirroredStrategy: two worker processes on 127.0.0.1 configured by
     TF_CONFIG, global batch 2 (one window each), versus one process at batch 2."""

@@ -176,6 +176,7 @@ LOCKER = textwrap.dedent("""
 LOCK_S = 22
 
 
+@pytest.mark.slow  # waits out MLflow's 20 s sqlite busy wait: ~25 s
 def test_locked_sqlite_store_is_journaled_then_replayed(workdir, base_dir, capsys):
     uri = "sqlite:///mlflow.db"
     locker = None

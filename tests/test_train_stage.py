@@ -93,6 +93,7 @@ def test_nan_loss_fails_the_mlflow_run_and_keeps_the_last_checkpoint(project):
     assert run.info.status == "FAILED"
 
 
+@pytest.mark.slow  # two train stages; test_train.py stops fit by signal in-process: ~25 s
 def test_sigterm_checkpoints_exits_143_and_the_rerun_continues_the_same_run(project):
     project.set_train(steps=100_000, save_every=0)
     proc = project.popen("train")
