@@ -16,6 +16,7 @@ one another.
 
 from __future__ import annotations
 
+import atexit
 import collections
 import dataclasses
 import json
@@ -25,6 +26,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -360,10 +362,34 @@ def tiny_params(**sections: dict) -> dict:
 
 
 def write_params(root: Path, **sections: dict) -> dict:
-    """root/params.yaml from tiny_params(**sections); returns what it wrote."""
+    """root/params.yaml from tiny_params(**sections); returns what it wrote. An MLflow
+    sqlite store in the project (the default) starts as an empty one (seed_mlflow_store)."""
     params = tiny_params(**sections)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    uri = params["mlflow"]["tracking_uri"]
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):  # relative path
+        seed_mlflow_store(root / uri.removeprefix("sqlite:///"))
     return params
+
+
+_EMPTY_STORE: list[Path] = []  # made once per test process
+
+
+def seed_mlflow_store(path: Path) -> None:
+    """An empty MLflow sqlite store at `path`, unless one is there: a copy of one that MLflow
+    made in this test process. MLflow makes a new store by running its schema migrations,
+    4-5 s of CPU every time; a copy holds the same tables and the Default experiment."""
+    if path.exists():
+        return
+    if not _EMPTY_STORE:
+        from mlflow.tracking import MlflowClient
+
+        folder = Path(tempfile.mkdtemp(prefix="gpt2tune-empty-mlflow-"))
+        atexit.register(shutil.rmtree, folder, True)
+        MlflowClient(f"sqlite:///{folder / 'mlflow.db'}").search_experiments()
+        _EMPTY_STORE.append(folder / "mlflow.db")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(_EMPTY_STORE[0], path)
 
 
 def update_params(root: Path, section: str, **changes) -> None:

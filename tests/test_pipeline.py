@@ -360,7 +360,10 @@ def test_queued_sweep_runs_both_experiments(project):
 def test_pushed_outputs_serve_another_clone(project, tmp_path):
     root = project.root
     project.dvc("remote", "add", "-d", "local", str(tmp_path / "remote"))
-    git(root, "commit", "-q", "-am", "a DVC remote")
+    project.dvc("repro")  # every stage's outputs (the fixture's repro stops at sample)
+    # What a user commits before sharing: dvc.lock (the pipeline's results) and the remote.
+    git(root, "add", "-A")
+    git(root, "commit", "-q", "-m", "results and a DVC remote")
     project.dvc("push")
     clone = tmp_path / "clone"
     git(tmp_path, "clone", "-q", str(root), str(clone))

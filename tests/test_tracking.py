@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import seed_mlflow_store
 from mlflow.tracking import MlflowClient
 
 from gpt2tune import tracking
@@ -25,6 +26,7 @@ def workdir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("DVC_ROOT", raising=False)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    seed_mlflow_store(tmp_path / "mlflow.db")
     return tmp_path
 
 
