@@ -163,6 +163,17 @@ def dvc_project(tmp_path_factory, tiny_vocab_dir):
     return root, ref
 
 
+def complete_pipeline(root: Path, ref: Path) -> None:
+    """root's pipeline run to its end, and its assemble and sample outputs kept in ref as the
+    undisturbed ones that the kill tests compare against (once per module)."""
+    if (ref / "samples").exists():
+        return
+    proc = run_in(root, "dvc", "repro")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for out in ("models/finetuned", "samples"):
+        shutil.copytree(root / out, ref / out)
+
+
 def assert_killed(proc: subprocess.CompletedProcess) -> None:
     out = proc.stdout + proc.stderr
     # -9 when run directly; under DVC, its report of the stage's exit.
@@ -179,13 +190,12 @@ def test_kill_during_encode_then_repro(dvc_project):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert same_tree(root / "data" / "encoded", ref / "data" / "encoded")
     assert list((root / "data" / "encoded").glob(".*")) == []  # no temporary files left
-    # Keep the undisturbed assemble and sample outputs to compare the next tests against.
-    for out in ("models/finetuned", "samples"):
-        shutil.copytree(root / out, ref / out)
+    complete_pipeline(root, ref)  # the next tests compare against these outputs
 
 
 def test_kill_while_moving_the_assembled_model_in(dvc_project):
     root, ref = dvc_project
+    complete_pipeline(root, ref)
     # DVC removed the old output before the stage ran; killed with the new model complete
     # in models/.finetuned.tmp-* but not yet renamed to models/finetuned.
     kill = "stages/assemble.py:rename:finetuned:1"
@@ -200,6 +210,7 @@ def test_kill_while_moving_the_assembled_model_in(dvc_project):
 
 def test_kill_during_sample_then_repro(dvc_project):
     root, ref = dvc_project
+    complete_pipeline(root, ref)
     kill = "stages/sample.py:replace:samples.md:1"  # samples.json written, samples.md not
     assert_killed(run_in(root, "dvc", "repro", "-f", "-s", "sample", kill_at=kill))
     proc = run_in(root, "dvc", "repro")
@@ -209,6 +220,7 @@ def test_kill_during_sample_then_repro(dvc_project):
 
 def test_second_repro_at_once_is_refused(dvc_project, tmp_path):
     root, ref = dvc_project
+    complete_pipeline(root, ref)
     # The first repro's assemble is held just before it renames the new model into place,
     # until the test has tried the second one.
     go = tmp_path / "go"
