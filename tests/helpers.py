@@ -19,6 +19,7 @@ from __future__ import annotations
 import atexit
 import collections
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -372,24 +373,36 @@ def write_params(root: Path, **sections: dict) -> dict:
     return params
 
 
-_EMPTY_STORE: list[Path] = []  # made once per test process
-
-
 def seed_mlflow_store(path: Path) -> None:
     """An empty MLflow sqlite store at `path`, unless one is there: a copy of one that MLflow
     made in this test process. MLflow makes a new store by running its schema migrations,
     4-5 s of CPU every time; a copy holds the same tables and the Default experiment."""
     if path.exists():
         return
-    if not _EMPTY_STORE:
-        from mlflow.tracking import MlflowClient
-
-        folder = Path(tempfile.mkdtemp(prefix="gpt2tune-empty-mlflow-"))
-        atexit.register(shutil.rmtree, folder, True)
-        MlflowClient(f"sqlite:///{folder / 'mlflow.db'}").search_experiments()
-        _EMPTY_STORE.append(folder / "mlflow.db")
     path.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(_EMPTY_STORE[0], path)
+    shutil.copyfile(_empty_mlflow_store(), path)
+
+
+@functools.cache  # once per test process
+def _empty_mlflow_store() -> Path:
+    from mlflow.tracking import MlflowClient
+
+    folder = Path(tempfile.mkdtemp(prefix="gpt2tune-empty-mlflow-"))
+    atexit.register(shutil.rmtree, folder, True)
+    MlflowClient(f"sqlite:///{folder / 'mlflow.db'}").search_experiments()
+    return folder / "mlflow.db"
+
+
+def project_mlflow(root: Path):
+    """An MlflowClient on the project's own sqlite store (root/mlflow.db)."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+
+
+def training_run_id(root: Path) -> str:
+    """The MLflow run id the train stage recorded in root/metrics/mlflow_run.json."""
+    return json.loads((root / "metrics/mlflow_run.json").read_text())["run_id"]
 
 
 def update_params(root: Path, section: str, **changes) -> None:

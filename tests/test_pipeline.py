@@ -61,6 +61,11 @@ class Project:
     def dvc(self, *args: str) -> str:
         return self.run("dvc", *args)
 
+    def commit(self, message: str) -> None:
+        """Commit what the workspace holds (dvc.lock: the pipeline's results), as a user would."""
+        git(self.root, "add", "-A")
+        git(self.root, "commit", "-q", "--allow-empty", "-m", message)
+
     def run_info(self) -> dict:
         return json.loads((self.root / "metrics" / "mlflow_run.json").read_text())
 
@@ -287,8 +292,7 @@ def test_documented_exp_show_is_narrow(project):
 def test_exp_run_temp_lands_in_the_same_server(project):
     # What a user does before queueing experiments: commit the pipeline's state, so the
     # temporary workspace checks the model and the encoded data out of the DVC cache.
-    git(project.root, "add", "-A")
-    git(project.root, "commit", "-q", "-m", "first results")
+    project.commit("first results")
     before = set(git(project.root, "for-each-ref", "--format=%(refname)", "refs/exps").split())
     out = project.dvc("exp", "run", "--temp", "-S", "train.learning_rate=0.003")
     assert "Running stage 'train'" in out, out[-3000:]
@@ -325,8 +329,7 @@ def exp_names(shown: object) -> dict[str, float]:
 def test_queued_sweep_runs_both_experiments(project):
     # Queued experiments run in temporary workspaces, which check the model and the encoded
     # data out of the DVC cache: commit the pipeline's state first, as a user would.
-    git(project.root, "add", "-A")
-    git(project.root, "commit", "-q", "--allow-empty", "-m", "results before the sweep")
+    project.commit("results before the sweep")
     project.dvc("exp", "run", "--queue", "-S", "train.learning_rate=1e-5,5e-5")
     # The worker `dvc queue start` leaves running inherits its output: a file, not a pipe,
     # whose end would never come.
@@ -362,8 +365,7 @@ def test_pushed_outputs_serve_another_clone(project, tmp_path):
     project.dvc("remote", "add", "-d", "local", str(tmp_path / "remote"))
     project.dvc("repro")  # every stage's outputs (the fixture's repro stops at sample)
     # What a user commits before sharing: dvc.lock (the pipeline's results) and the remote.
-    git(root, "add", "-A")
-    git(root, "commit", "-q", "-m", "results and a DVC remote")
+    project.commit("results and a DVC remote")
     project.dvc("push")
     clone = tmp_path / "clone"
     git(tmp_path, "clone", "-q", str(root), str(clone))
@@ -395,8 +397,7 @@ def test_identical_runs_give_identical_metrics(project):
     # Commit what the workspace holds (the fixture's results, or an earlier test's), so that
     # `dvc metrics diff` compares a second training with the same params against it.
     project.dvc("repro", "sample")  # up to date unless an earlier test changed params
-    git(project.root, "add", "-A")
-    git(project.root, "commit", "-q", "--allow-empty", "-m", "results to compare against")
+    project.commit("results to compare against")
     project.dvc("repro", "-f", "-s", "train")
     diff = json.loads(project.dvc("metrics", "diff", "--json"))
     print("dvc metrics diff:", diff)

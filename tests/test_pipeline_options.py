@@ -13,7 +13,14 @@ import json
 import numpy as np
 import pytest
 import tensorflow as tf
-from helpers import commit_project, make_project, run_in, write_official_style_model
+from helpers import (
+    commit_project,
+    make_project,
+    project_mlflow,
+    run_in,
+    training_run_id,
+    write_official_style_model,
+)
 
 from gpt2tune.checkpoint import load_model
 
@@ -52,8 +59,6 @@ def dvc(root, *args: str) -> str:
 
 @pytest.mark.slow  # a second whole pipeline: ~50 s on 2 idle cores
 def test_jsonl_early_stopping_and_the_best_checkpoint_through_dvc(project):
-    from mlflow.tracking import MlflowClient
-
     out = dvc(project, "repro", "sample")
     for stage in ("encode", "train", "assemble", "sample"):
         assert f"Running stage '{stage}'" in out, out[-3000:]
@@ -66,8 +71,7 @@ def test_jsonl_early_stopping_and_the_best_checkpoint_through_dvc(project):
     why = f"step {end}: no val_loss improvement >= 0.5 in 2 validations"
     assert state["stopped_early"] == why
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
-    run_id = json.loads((project / "metrics/mlflow_run.json").read_text())["run_id"]
+    client, run_id = project_mlflow(project), training_run_id(project)
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags["gpt2tune.stopped_early"] == why

@@ -20,10 +20,12 @@ import pytest
 from helpers import (
     TINY_CORPUS,
     make_project,
+    project_mlflow,
     run_stage,
     stage_env,
     start_stage,
     tiny_model,
+    training_run_id,
     update_params,
 )
 
@@ -60,23 +62,13 @@ def killed(proc: subprocess.CompletedProcess) -> None:
     assert proc.returncode == -9, proc.stdout[-2000:] + proc.stderr[-3000:]
 
 
-def client(root: Path):
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
-
-
-def run_id(root: Path) -> str:
-    return json.loads((root / "metrics/mlflow_run.json").read_text())["run_id"]
-
-
 def all_runs(root: Path) -> list:
-    c = client(root)
+    c = project_mlflow(root)
     return c.search_runs([c.get_experiment_by_name("reliability").experiment_id])
 
 
 def metric_steps(root: Path, rid: str, key: str) -> list[int]:
-    return sorted(m.step for m in client(root).get_metric_history(rid, key))
+    return sorted(m.step for m in project_mlflow(root).get_metric_history(rid, key))
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -109,9 +101,9 @@ def test_a_run_killed_after_its_last_checkpoint_is_reported_not_retrained(finish
         finished.joinpath("run1-before").read_text()
     )
     runs = all_runs(finished)
-    assert len(runs) == 1 and runs[0].info.run_id == run_id(finished)  # no second run
+    assert len(runs) == 1 and runs[0].info.run_id == training_run_id(finished)  # no second run
     assert runs[0].info.status == "FINISHED"
-    assert metric_steps(finished, run_id(finished), "loss") == list(range(1, STEPS + 1))
+    assert metric_steps(finished, training_run_id(finished), "loss") == list(range(1, STEPS + 1))
     metrics = json.loads((finished / "metrics/train.json").read_text())
     assert metrics["steps"] == STEPS and metrics["val_perplexity"] > 1
     rows = (finished / "metrics/loss.tsv").read_text().splitlines()
@@ -124,7 +116,7 @@ def test_train_json_holds_base_val_loss_and_perplexity_also_in_mlflow(finished):
         "steps", "tokens_seen", "loss_last10", "base_val_loss", "val_loss", "val_perplexity"
     }  # fmt: skip
     assert metrics["tokens_seen"] == STEPS * 2 * 16  # 2 windows of 16 predicted tokens a step
-    c, rid = client(finished), run_id(finished)
+    c, rid = project_mlflow(finished), training_run_id(finished)
     (base,) = c.get_metric_history(rid, "base_val_loss")
     assert base.step == 0 and base.value == pytest.approx(metrics["base_val_loss"])
     first_val = min(c.get_metric_history(rid, "val_loss"), key=lambda m: m.step)
@@ -140,14 +132,14 @@ def test_train_json_holds_base_val_loss_and_perplexity_also_in_mlflow(finished):
 def test_loss_chart_in_metrics_and_in_mlflow(finished, tmp_path):
     png = (finished / "metrics/loss.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000
-    c, rid = client(finished), run_id(finished)
+    c, rid = project_mlflow(finished), training_run_id(finished)
     assert "loss.png" in [a.path for a in c.list_artifacts(rid)]
     logged = Path(c.download_artifacts(rid, "loss.png", str(tmp_path)))
     assert logged.read_bytes() == png
 
 
 def test_run_name_and_description(finished):
-    run = client(finished).get_run(run_id(finished))
+    run = project_mlflow(finished).get_run(training_run_id(finished))
     assert run.info.run_name == "tiny 4 steps lr 0.001"
     stats = json.loads((finished / "data/encoded/stats.json").read_text())
     note = run.data.tags["mlflow.note.content"]
@@ -159,7 +151,7 @@ def test_dvc_experiment_name_is_the_run_name(encoded, tmp_path):
     root = copy_of(encoded, tmp_path / "project")
     update_params(root, "train", steps=1, val_every=0, save_every=0)
     ok(run_stage(root, "train", env=stage_env(DVC_EXP_NAME="tidy-lamb")))
-    assert client(root).get_run(run_id(root)).info.run_name == "tidy-lamb"
+    assert project_mlflow(root).get_run(training_run_id(root)).info.run_name == "tidy-lamb"
 
 
 def test_two_identical_runs_give_byte_identical_metrics(finished, encoded, tmp_path):

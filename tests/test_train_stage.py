@@ -16,10 +16,12 @@ from helpers import (
     TINY_CORPUS,
     free_ports,
     make_project,
+    project_mlflow,
     run_stage,
     stage_env,
     start_stage,
     tiny_model,
+    training_run_id,
     update_params,
 )
 
@@ -46,12 +48,10 @@ class StageProject:
             return None
 
     def client(self):
-        from mlflow.tracking import MlflowClient
-
-        return MlflowClient(tracking_uri=f"sqlite:///{self.root / 'mlflow.db'}")
+        return project_mlflow(self.root)
 
     def run_id(self) -> str:
-        return json.loads((self.root / "metrics/mlflow_run.json").read_text())["run_id"]
+        return training_run_id(self.root)
 
 
 @pytest.fixture(scope="module")
