@@ -16,6 +16,7 @@ import sys
 import textwrap
 import threading
 import time
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -60,36 +61,42 @@ def workdir(tmp_path, monkeypatch):
     return tmp_path
 
 
+class Waits(NamedTuple):
+    """Where a tracked training's wall time went, in seconds."""
+
+    start: float  # entering training_run: reaching the store, creating the run
+    in_calls: float  # inside the tracking calls the training loop makes
+    end: float  # leaving training_run: sending what is queued, or keeping it offline
+
+
 def train(base_dir, run_dir, uri: str, experiment: str, during=None):
-    """One tracked training as stages/train.py runs it; (seconds, session)."""
+    """One tracked training as stages/train.py runs it; (Waits, session)."""
     model = load_model(base_dir)
     cfg = MlflowParams(tracking_uri=uri, experiment=experiment)
-    start = time.monotonic()
+    in_calls = 0.0
+
+    def timed(call):
+        def timed_call(*args):
+            nonlocal in_calls
+            start = time.monotonic()
+            try:
+                return call(*args)
+            finally:
+                in_calls += time.monotonic() - start
+
+        return timed_call
+
+    t0 = time.monotonic()
     with tracking.training_run(cfg, PARAMS) as run:
+        t1 = time.monotonic()
         if during is not None:
             during(run)
         fit(model, TOKENS, TOKENS[:100], TRAIN, run_dir, run_fingerprint="fp",
-            log_metrics=tracking.log_metrics,
-            log_sample=lambda text, step: tracking.log_text(text, f"samples/{step}.txt"),
+            log_metrics=timed(tracking.log_metrics),
+            log_sample=timed(lambda text, step: tracking.log_text(text, f"samples/{step}.txt")),
             state_extra={"mlflow_run_id": run.info.run_id}, progress=False)  # fmt: skip
-    return time.monotonic() - start, run
-
-
-@pytest.fixture(scope="module")
-def sqlite_seconds(base_dir, tmp_path_factory):
-    """The same training against a local sqlite store, after an untracked warm-up (the first
-    training in a process also traces TensorFlow's functions)."""
-    root = tmp_path_factory.mktemp("sqlite")
-    fit(load_model(base_dir), TOKENS, TOKENS[:100], TRAIN, root / "warm", progress=False)
-    mp = pytest.MonkeyPatch()
-    mp.chdir(root)
-    mp.delenv("DVC_ROOT", raising=False)
-    try:
-        seconds, run = train(base_dir, root / "run", "sqlite:///mlflow.db", "stalls")
-    finally:
-        mp.undo()
-    assert not run.kept()
-    return seconds
+        t2 = time.monotonic()
+    return Waits(t1 - t0, in_calls, time.monotonic() - t2), run
 
 
 class BlackHole:
@@ -128,19 +135,20 @@ def metric_steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
 
 
 @pytest.mark.parametrize("mode", ["accept", "backlog"])
-def test_black_hole_server_costs_no_training_time(
-    mode, workdir, base_dir, sqlite_seconds, server, capsys
-):
+def test_black_hole_server_costs_no_training_time(mode, workdir, base_dir, server, capsys):
     hole = BlackHole(mode)
     try:
-        seconds, run = train(base_dir, workdir / "run", hole.url, "black-hole")
+        waits, run = train(base_dir, workdir / "run", hole.url, "black-hole")
     finally:
         hole.close()
-    # Before, every call waited 3 x 20 s for the server. Now the stage waits at most WAIT_S
-    # at its start (one HTTP timeout, no retry: `start_timeouts`) and WAIT_S at its end (the
-    # queue's deadline); every step only queues. Hence 10% of the sqlite time plus those two
-    # waits and 1 s for starting the sender thread and writing the journal.
-    assert seconds <= 1.1 * sqlite_seconds + 2 * WAIT_S + 1, (seconds, sqlite_seconds)
+    # Before, every call waited 3 x 20 s for the server. Now the stage waits one HTTP timeout
+    # of WAIT_S at its start (no retry: `start_timeouts`) and at most WAIT_S at its end (the
+    # queue's deadline), and the training loop's calls only queue. Each bound is half a
+    # timeout above what it allows: a second timeout, or one call waiting on the network,
+    # breaks it whatever the machine's load (the whole training's wall time, compared with
+    # a sqlite store's, is in the README's reliability table).
+    assert waits.start < 1.5 * WAIT_S and waits.end < 1.5 * WAIT_S, waits
+    assert waits.in_calls < 0.5 * WAIT_S, waits
     offline_id = run.info.run_id
     assert offline_id.startswith("offline-") and run.kept()
     err = capsys.readouterr().err
