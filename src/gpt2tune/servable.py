@@ -68,6 +68,9 @@ class GPT2Completer(mlflow.pyfunc.PythonModel):
     """Prompts in, completions out; see the module docstring."""
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        from gpt2tune.stage import import_tensorflow_quietly
+
+        import_tensorflow_quietly()  # without Keras: a model server starts ~3 s sooner
         from gpt2tune.checkpoint import load_model
 
         self.model = load_model(context.artifacts[ARTIFACT])
