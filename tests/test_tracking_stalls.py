@@ -3,23 +3,22 @@ whose accept queue is full, a sqlite store another process holds locked, and a d
 experiment. Real sockets and processes on 127.0.0.1, a real `mlflow server`, real TensorFlow
 on a tiny model trained through `train.fit` with the tracking functions the train stage uses.
 
-What is measured is what a user would notice: training time, the stage's exit, and whether
-every step reaches the store in the end.
+What is checked is what a user would notice: where a training's time goes (the stage's waits
+at its start and end, the training loop's tracking calls), the stage's exit, and whether every
+step reaches the store in the end. The whole training's wall time against each store, sqlite
+included, is measured by bench/tracking.py.
 """
 
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import textwrap
-import threading
-import time
-from typing import NamedTuple
 
 import numpy as np
 import pytest
+from helpers import BlackHole, tracked_training
 from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
@@ -29,7 +28,6 @@ from gpt2tune.checkpoint import load_model, save_model
 from gpt2tune.encoder import load_encoder
 from gpt2tune.model import init_model
 from gpt2tune.params import MlflowParams, TrainParams
-from gpt2tune.train import fit
 
 STEPS = 40
 TRAIN = TrainParams(steps=STEPS, batch_size=2, learning_rate=3e-3, seed=0, n_ctx=16,
@@ -61,73 +59,11 @@ def workdir(tmp_path, monkeypatch):
     return tmp_path
 
 
-class Waits(NamedTuple):
-    """Where a tracked training's wall time went, in seconds."""
-
-    start: float  # entering training_run: reaching the store, creating the run
-    in_calls: float  # inside the tracking calls the training loop makes
-    end: float  # leaving training_run: sending what is queued, or keeping it offline
-
-
 def train(base_dir, run_dir, uri: str, experiment: str, during=None):
     """One tracked training as stages/train.py runs it; (Waits, session)."""
-    model = load_model(base_dir)
     cfg = MlflowParams(tracking_uri=uri, experiment=experiment)
-    in_calls = 0.0
-
-    def timed(call):
-        def timed_call(*args):
-            nonlocal in_calls
-            start = time.monotonic()
-            try:
-                return call(*args)
-            finally:
-                in_calls += time.monotonic() - start
-
-        return timed_call
-
-    t0 = time.monotonic()
-    with tracking.training_run(cfg, PARAMS) as run:
-        t1 = time.monotonic()
-        if during is not None:
-            during(run)
-        fit(model, TOKENS, TOKENS[:100], TRAIN, run_dir, run_fingerprint="fp",
-            log_metrics=timed(tracking.log_metrics),
-            log_sample=timed(lambda text, step: tracking.log_text(text, f"samples/{step}.txt")),
-            state_extra={"mlflow_run_id": run.info.run_id}, progress=False)  # fmt: skip
-        t2 = time.monotonic()
-    return Waits(t1 - t0, in_calls, time.monotonic() - t2), run
-
-
-class BlackHole:
-    """A TCP port on 127.0.0.1 that never answers: it accepts connections and reads nothing
-    ("accept"), or never accepts, with its accept queue already full ("backlog")."""
-
-    def __init__(self, mode: str) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(0 if mode == "backlog" else 64)
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.held: list[socket.socket] = []
-        if mode == "backlog":  # fill the queue (backlog 0 holds one or two on Linux)
-            for _ in range(4):
-                c = socket.socket()
-                c.setblocking(False)
-                c.connect_ex(self.sock.getsockname())
-                self.held.append(c)
-        else:
-            threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                self.held.append(self.sock.accept()[0])
-            except OSError:  # closed
-                return
-
-    def close(self) -> None:
-        for s in [self.sock, *self.held]:
-            s.close()
+    return tracked_training(load_model(base_dir), TOKENS, TOKENS[:100], TRAIN, run_dir, cfg,
+                            PARAMS, during)  # fmt: skip
 
 
 def metric_steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
