@@ -47,13 +47,13 @@ def test_encode_bench(kant_path, official_vocab_dir):
     assert r["stage_mb"] > 1 and r["stage_tokens"] > 2 * 280_000 and r["stage_peak_rss_mb"] > 0
 
 
-
 def test_tracking_bench():
     r = run_bench("tracking.py", "--steps", "2", "--rounds", "1", "--wait", "1")
     for store in ("accept", "backlog"):  # one timeout at the start, at most one at the end
         assert 1 <= r[store]["start"] < 2 and r[store]["end"] < 2, r
         assert r[store]["fit_ratio"] > 0 and r[store]["total_ratio"] > 0
     assert r["sqlite"]["fit"] > 0 and r["wait_s"] == 1 and r["steps"] == 2
+
 
 @pytest.mark.slow
 @pytest.mark.skipif(
