@@ -25,10 +25,12 @@ sys.path.insert(0, str(REPO / "src"))  # the checkout's gpt2tune, installed or n
 SHAPES_124M = {"n_vocab": 50257, "n_ctx": 1024, "n_embd": 768, "n_head": 12, "n_layer": 12}
 
 
-def add_shape_args(ap) -> None:
-    """--n_layer --n_embd --n_head --n_ctx --n_vocab, 124M by default."""
-    for k, v in SHAPES_124M.items():
-        ap.add_argument(f"--{k}", type=int, default=v)
+def add_shape_args(ap, vocab: bool = True, **defaults: int) -> None:
+    """--n_layer --n_embd --n_head --n_ctx and (with `vocab`) --n_vocab: 124M's unless
+    `defaults` gives others."""
+    for k, v in {**SHAPES_124M, **defaults}.items():
+        if vocab or k != "n_vocab":
+            ap.add_argument(f"--{k}", type=int, default=v)
 
 
 def hparams(args) -> dict[str, int]:

@@ -20,6 +20,7 @@ import sys
 import time
 
 import numpy as np
+from common import add_shape_args
 
 from gpt2tune.memory import n_params, step_bytes, training_bytes
 from gpt2tune.params import TrainParams
@@ -128,10 +129,8 @@ def _cell(c: int) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n_layer", type=int, default=12)
-    ap.add_argument("--n_embd", type=int, default=256)
-    ap.add_argument("--n_head", type=int, default=4)
-    ap.add_argument("--n_ctx", type=int, default=512, help="tokens per training window")
+    # The vocabulary is GPT-2's; n_ctx is also the training window.
+    add_shape_args(ap, vocab=False, n_layer=12, n_embd=256, n_head=4, n_ctx=512)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--steps", type=int, default=3, help="steps per setting (first compiles)")
     ap.add_argument("--precision", default="float32")

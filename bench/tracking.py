@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import REPO, loadavg
+from common import REPO, add_shape_args, loadavg
 
 # The black-hole server, the tiny vocabulary and the tracked training are the tests' own
 # (tests/helpers.py), so that this measures what tests/test_tracking_stalls.py checks.
@@ -64,10 +64,8 @@ def one_training(store: str, model_dir: Path, tokens, cfg: TrainParams, root: Pa
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n_layer", type=int, default=2)
-    ap.add_argument("--n_embd", type=int, default=32)
-    ap.add_argument("--n_head", type=int, default=2)
-    ap.add_argument("--n_ctx", type=int, default=16, help="tokens per training window")
+    # The vocabulary is the tests' tiny one; n_ctx is also the training window.
+    add_shape_args(ap, vocab=False, n_layer=2, n_embd=32, n_head=2, n_ctx=16)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--rounds", type=int, default=3)
