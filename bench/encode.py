@@ -39,7 +39,7 @@ from helpers import (  # noqa: E402
     write_params,
 )
 
-from gpt2tune.encoder import load_encoder  # noqa: E402
+from gpt2tune.model.encoder import load_encoder  # noqa: E402
 
 
 def best_seconds(fn, text: str, runs: int) -> tuple[float, list[int]]:

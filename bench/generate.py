@@ -25,7 +25,7 @@ from common import add_shape_args, best_time, hparams, loadavg, read_bandwidth, 
 
 
 def weight_bytes_per_token(hp: dict) -> int:
-    from gpt2tune.model import variable_shapes
+    from gpt2tune.model.gpt2 import variable_shapes
 
     shapes = variable_shapes(hp)
     n = sum(int(np.prod(s)) for name, s in shapes.items() if name != "model/wpe")
@@ -47,9 +47,9 @@ def main() -> None:
 
     import time
 
-    from gpt2tune.model import init_model
-    from gpt2tune.params import Sampling
-    from gpt2tune.sample import generate_tokens
+    from gpt2tune.config.params import Sampling
+    from gpt2tune.generation.sampler import generate_tokens
+    from gpt2tune.model.gpt2 import init_model
 
     model = init_model(hp, seed=0)
     prompt = np.random.default_rng(0).integers(0, hp["n_vocab"] - 1, args.prompt).tolist()

@@ -22,8 +22,8 @@ import time
 import numpy as np
 from common import add_shape_args
 
-from gpt2tune.memory import n_params, step_bytes, training_bytes
-from gpt2tune.params import TrainParams
+from gpt2tune.config.params import TrainParams
+from gpt2tune.model.memory import n_params, step_bytes, training_bytes
 
 
 def peak_mb() -> float:
@@ -32,9 +32,9 @@ def peak_mb() -> float:
 
 def child(args: argparse.Namespace) -> dict:
 
-    from gpt2tune.distribute import make_strategy
-    from gpt2tune.model import init_model
-    from gpt2tune.trainer import Trainer
+    from gpt2tune.model.gpt2 import init_model
+    from gpt2tune.train.distribute import make_strategy
+    from gpt2tune.train.trainer import Trainer
 
     hp = {"n_vocab": 50257, "n_ctx": args.n_ctx, "n_embd": args.n_embd,
           "n_head": args.n_head, "n_layer": args.n_layer}  # fmt: skip
@@ -87,7 +87,7 @@ def train_cfg(batch: int, recompute: bool, mixed: bool, lora: bool) -> TrainPara
 
 
 def total_gib(size: str, batch: int, recompute: bool, mixed: bool, lora: bool = False) -> float:
-    """gpt2tune.memory.training_bytes (weights, gradients, Adam m and v in float32 for what
+    """gpt2tune.model.memory.training_bytes (weights, gradients, Adam m and v in float32 for what
     trains, frozen weights alone with LoRA, activations, logits) + overhead."""
     cfg = train_cfg(batch, recompute, mixed, lora)
     return training_bytes(hparams_of(size), cfg) / 2**30 + OVERHEAD_GIB

@@ -35,8 +35,8 @@ sys.path.insert(0, str(REPO / "tests"))
 from helpers import BlackHole, build_tiny_vocab, tiny_model, tracked_training  # noqa: E402
 
 import gpt2tune  # noqa: E402
-from gpt2tune.params import MlflowParams, TrainParams  # noqa: E402
-from gpt2tune.train import fit  # noqa: E402
+from gpt2tune.config.params import MlflowParams, TrainParams  # noqa: E402
+from gpt2tune.train.loop import fit  # noqa: E402
 
 STORES = ("sqlite", "accept", "backlog")
 

@@ -5,7 +5,7 @@
     python bench/train.py --n_layer 2 --n_embd 64 --n_head 2 --seq 32 --steps 2
     python bench/train.py --precision mixed_bfloat16 --xla --recompute   # the train.* knobs
 
-The step is gpt2tune.trainer.Trainer.train_step, the one the train stage runs (Adam, float32),
+The step is gpt2tune.train.trainer.Trainer.train_step, the one the train stage runs (Adam, float32),
 on random windows of seq + 1 tokens (seq inputs, seq targets) with random weights.
 
 FLOPs per token (attention included; matmuls only, forward + backward = 3 x forward):
@@ -38,10 +38,10 @@ def flops_per_token(hp: dict, seq: int) -> int:
 def gpt2tune_stepper(hp: dict, seq: int, batch: int, knobs: dict):
     """A function running one train step on fresh random windows, returning its seconds.
     `knobs`: train.* settings (precision, xla, memory_saving_gradients, strategy)."""
-    from gpt2tune.distribute import make_strategy
-    from gpt2tune.model import init_model
-    from gpt2tune.params import TrainParams
-    from gpt2tune.trainer import Trainer
+    from gpt2tune.config.params import TrainParams
+    from gpt2tune.model.gpt2 import init_model
+    from gpt2tune.train.distribute import make_strategy
+    from gpt2tune.train.trainer import Trainer
 
     cfg = TrainParams(batch_size=batch, n_ctx=seq, learning_rate=2e-5, steps=10**6,
                       sample_every=0, save_every=0, val_every=0, val_batch_count=1,

@@ -50,7 +50,7 @@ def tiny_vocab_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def hp(tiny_vocab_dir) -> dict:
     """The tiny GPT-2 of the training tests (test_train*.py): 2 layers of width 32, N_CTX."""
-    from gpt2tune.encoder import load_encoder
+    from gpt2tune.model.encoder import load_encoder
 
     return dict(TRAIN_SHAPE, n_vocab=load_encoder(tiny_vocab_dir).n_vocab)
 
@@ -58,7 +58,7 @@ def hp(tiny_vocab_dir) -> dict:
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory, hp, tiny_vocab_dir) -> Path:
     """The base model folder a training test starts from (OpenAI's layout, random init)."""
-    from gpt2tune.model import init_model
+    from gpt2tune.model.gpt2 import init_model
 
     folder = tmp_path_factory.mktemp("base") / "model"
     save_model(init_model(hp, load_encoder(tiny_vocab_dir), seed=0), folder)

@@ -39,7 +39,7 @@ import regex
 import tiktoken
 import yaml
 
-from gpt2tune.params import TrainParams
+from gpt2tune.config.params import TrainParams
 
 REPO = Path(__file__).resolve().parents[1]
 # The official BPE files and kant.txt live beside the checkout in ../shared/data (CI has them too).
@@ -229,7 +229,7 @@ TF1_SCRIPT = textwrap.dedent(
 
 
 def run_tf1(mode: str, folder: Path, npz: Path, hp: dict) -> None:
-    from gpt2tune.model import variable_shapes
+    from gpt2tune.model.gpt2 import variable_shapes
 
     shapes = {k: list(v) for k, v in variable_shapes(hp).items()}
     proc = subprocess.run(
@@ -244,7 +244,7 @@ def run_tf1(mode: str, folder: Path, npz: Path, hp: dict) -> None:
 def write_official_style_model(folder: Path, hp: dict, vocab_dir: Path, seed: int = 0) -> dict:
     """A GPT-2 folder made the way OpenAI's release was: random weights (OpenAI's init)
     saved by a TF1 Saver, plus hparams.json, encoder.json and vocab.bpe. Returns the weights."""
-    from gpt2tune.model import init_model
+    from gpt2tune.model.gpt2 import init_model
 
     folder.mkdir(parents=True, exist_ok=True)
     weights = init_model(hp, seed=seed).weights_numpy()
@@ -264,8 +264,8 @@ def write_official_style_model(folder: Path, hp: dict, vocab_dir: Path, seed: in
 def tiny_model(vocab_dir: Path, seed: int = 0, **hp: int):
     """A randomly initialised GPT-2 over the vocabulary in vocab_dir: one layer of width 16
     and 32 positions unless `hp` says otherwise."""
-    from gpt2tune.encoder import load_encoder
-    from gpt2tune.model import init_model
+    from gpt2tune.model.encoder import load_encoder
+    from gpt2tune.model.gpt2 import init_model
 
     shape = {"n_ctx": 32, "n_embd": 16, "n_head": 2, "n_layer": 1, **hp}
     return init_model(
@@ -371,8 +371,8 @@ def tracked_training(model, train_tokens, val_tokens, cfg: TrainParams, run_dir:
     """Train `model` tracked in `store` (MlflowParams) as stages/train.py does: `train.fit`
     inside `tracking.training_run`, logging losses and samples; `during(session)`, if given,
     runs first, outside every figure. Returns (Waits, the tracking session)."""
-    from gpt2tune import tracking
-    from gpt2tune.train import fit
+    from gpt2tune.tracking import run as tracking
+    from gpt2tune.train.loop import fit
 
     in_calls = 0.0
 
@@ -426,7 +426,7 @@ def tiny_params(**sections: dict) -> dict:
     """A complete, valid params.yaml as a dict, sized for tests: model `tiny`, two training
     steps on 16-token windows, no intermediate samples, checkpoints or validation. Each keyword
     (model=..., train=...) updates that section's keys."""
-    from gpt2tune.params import default_raw
+    from gpt2tune.config.params import default_raw
 
     params = default_raw()  # every key declared, at its default; then sized for tests
     params["model"].update(name="tiny", base_url="http://127.0.0.1:9/models")  # nothing there

@@ -223,8 +223,8 @@ def test_train_batch_too_big_for_memory_is_refused_cleanly(prepared, tiny_vocab_
     """The memory estimate refuses before anything is written. The model is wider than the
     others here, so that the largest batch allowed needs ~400 GiB: more than any machine
     this suite runs on has free, whatever else is running."""
-    from gpt2tune.memory import available_memory, training_bytes
-    from gpt2tune.params import TrainParams
+    from gpt2tune.config.params import TrainParams
+    from gpt2tune.model.memory import available_memory, training_bytes
 
     shape = {"n_ctx": 64, "n_embd": 128, "n_head": 2, "n_layer": 4}
     big = TrainParams(batch_size=10**5, n_ctx=64)

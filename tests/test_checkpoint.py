@@ -9,7 +9,7 @@ from helpers import run_tf1
 
 import gpt2tune
 from gpt2tune import Gpt2tuneError
-from gpt2tune.model import variable_shapes
+from gpt2tune.model.gpt2 import variable_shapes
 
 HP = {"n_vocab": 0, "n_ctx": 16, "n_embd": 32, "n_head": 2, "n_layer": 2}
 
@@ -191,7 +191,7 @@ def test_converters_reading_by_folder_see_openai_names(saver_written, tmp_path, 
 
 
 def test_assemble_without_a_training_run(saver_written, tmp_path):
-    from gpt2tune.checkpoint import assemble
+    from gpt2tune.model.checkpoint import assemble
 
     folder, _ = saver_written
     (tmp_path / "run").mkdir()

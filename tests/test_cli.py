@@ -29,10 +29,10 @@ from helpers import (
 
 from gpt2tune import save_model
 from gpt2tune.cli import COMMANDS
+from gpt2tune.config.docs import yaml_value
+from gpt2tune.config.params import load_params, reference
 from gpt2tune.errors import Gpt2tuneError
 from gpt2tune.files import RELEASE_FILES
-from gpt2tune.paramdocs import yaml_value
-from gpt2tune.params import load_params, reference
 
 STAGES = sorted({c.stage for c in COMMANDS.values() if c.stage})
 
@@ -235,9 +235,9 @@ def test_evaluate_is_the_validation_loss(model_dir, tmp_path):
     import tensorflow as tf
 
     from gpt2tune import load_model
-    from gpt2tune.batches import eval_windows
-    from gpt2tune.evaluate import evaluate_loss, text_tokens
-    from gpt2tune.trainer import lm_loss
+    from gpt2tune.data.batches import eval_windows
+    from gpt2tune.train.evaluate import evaluate_loss, text_tokens
+    from gpt2tune.train.trainer import lm_loss
 
     write_params(tmp_path, train={"n_ctx": 16, "val_batch_count": 5, "batch_size": 2})
     (tmp_path / "eval.txt").write_text(TINY_CORPUS * 3, encoding="utf-8")

@@ -1,4 +1,4 @@
-"""The encode stage (gpt2tune.dataset, stages/encode.py): discovery, joining, the validation
+"""The encode stage (gpt2tune.data.encode, stages/encode.py): discovery, joining, the validation
 split, chunked encoding, errors, atomic outputs, and the window helpers used by training."""
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from helpers import run_stage, write_params
 
-from gpt2tune.batches import eval_windows, random_windows, window_length
-from gpt2tune.dataset import encode_corpus, load_tokens, split_plan
-from gpt2tune.encoder import EOT, load_encoder
+from gpt2tune.data.batches import eval_windows, random_windows, window_length
+from gpt2tune.data.encode import encode_corpus, load_tokens, split_plan
+from gpt2tune.data.text import chunks, find_documents
 from gpt2tune.errors import Gpt2tuneError
-from gpt2tune.text import chunks, find_documents
+from gpt2tune.model.encoder import EOT, load_encoder
 
 DOCS = [
     "Human reason, in one sphere of its cognition, is called upon to consider questions.\n",

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from httpserver import FolderServer, ForwardingProxy, closed_port_url, silent_server
 
-from gpt2tune.download import (
+from gpt2tune.errors import Gpt2tuneError
+from gpt2tune.fetch.download import (
     DEFAULT_BASE_URL,
     OFFICIAL_FILES,
     OFFICIAL_MODELS,
@@ -17,9 +18,8 @@ from gpt2tune.download import (
     download_file,
     fetch_model,
 )
-from gpt2tune.errors import Gpt2tuneError
+from gpt2tune.fetch.manifest import MANIFEST
 from gpt2tune.files import RELEASE_FILES
-from gpt2tune.manifest import MANIFEST
 
 BIG = "model.ckpt.data-00000-of-00001"
 BIG_SIZE = 300_000
@@ -41,7 +41,7 @@ def served(tmp_path) -> tuple[Path, dict[str, bytes]]:
 
 
 def assert_model(folder: Path, contents: dict[str, bytes]) -> None:
-    # no .part left; the manifest records what was downloaded (gpt2tune.manifest)
+    # no .part left; the manifest records what was downloaded (gpt2tune.fetch.manifest)
     assert sorted(p.name for p in folder.iterdir()) == sorted([*RELEASE_FILES, MANIFEST])
     for name, data in contents.items():
         assert (folder / name).read_bytes() == data, name

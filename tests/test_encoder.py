@@ -1,4 +1,5 @@
-"""gpt2tune.encoder against two independent implementations built in helpers.py from the same files:
+"""gpt2tune.model.encoder against two independent implementations built in helpers from the
+same files:
 tiktoken set up the way tiktoken loads GPT-2, and a port of OpenAI's reference encoder.py
 (gpt2tune uses tiktoken as its engine, so the reference port is the comparison that counts)."""
 
@@ -14,8 +15,8 @@ import pytest
 from helpers import EOT, TINY_CORPUS, bytes_to_unicode, tiktoken_from_files
 from helpers import ReferenceEncoder as Reference
 
-from gpt2tune.encoder import Encoder, load_encoder
 from gpt2tune.errors import Gpt2tuneError
+from gpt2tune.model.encoder import Encoder, load_encoder
 
 TRICKY = [
     "",

@@ -63,8 +63,8 @@ def limited_file_size(limit: int):
 
 
 def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, tiny_vocab_dir):
-    from gpt2tune.checkpoint import _read_weights, checkpoint_prefix, write_checkpoint
     from gpt2tune.errors import Gpt2tuneError
+    from gpt2tune.model.checkpoint import _read_weights, checkpoint_prefix, write_checkpoint
 
     run_dir = tmp_path / "run1"
     run_dir.mkdir()
@@ -85,7 +85,7 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, t
 
 def test_disk_full_while_assembling_keeps_the_previous_model(tmp_path, tiny_vocab_dir):
     from gpt2tune import load_model
-    from gpt2tune.checkpoint import write_checkpoint
+    from gpt2tune.model.checkpoint import write_checkpoint
 
     root = make_project(tmp_path / "project", TINY_CORPUS)
     save_model(tiny_model(tiny_vocab_dir, 0), root / "models" / "tiny")

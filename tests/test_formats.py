@@ -1,4 +1,4 @@
-"""data.format (gpt2tune.formats): documents from lines, CSV rows, JSON Lines objects and
+"""data.format (gpt2tune.data.formats): documents from lines, CSV rows, JSON Lines objects and
 gpt-2-simple's .npz token archives, joined and split like plain text; bad rows refused."""
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ import pytest
 import yaml
 from helpers import REPO
 
-from gpt2tune.dataset import encode_corpus, load_tokens, split_plan
-from gpt2tune.encoder import EOT, load_encoder
+from gpt2tune.config.params import DataParams, Params, default_raw, validate_params
+from gpt2tune.config.schema import rule_of
+from gpt2tune.data.encode import encode_corpus, load_tokens, split_plan
+from gpt2tune.data.formats import FORMATS
 from gpt2tune.errors import Gpt2tuneError
-from gpt2tune.formats import FORMATS
-from gpt2tune.keys import rule_of
-from gpt2tune.params import DataParams, Params, default_raw, validate_params
+from gpt2tune.model.encoder import EOT, load_encoder
 
 DOCS = [
     "Human reason, in one sphere of its cognition, is called upon to consider questions.",

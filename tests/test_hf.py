@@ -1,4 +1,4 @@
-"""Hugging Face interchange (gpt2tune.hf): an exported folder loads in transformers with no
+"""Hugging Face interchange (gpt2tune.model.hf): an exported folder loads in transformers with no
 conversion script and computes the same logits, its tokenizer gives gpt2tune's ids, and
 export then import gives back the very same weights. Bad HF folders are refused in one line.
 
@@ -18,8 +18,8 @@ import pytest
 torch = pytest.importorskip("torch", reason="the hf extra (torch) is not installed")
 transformers = pytest.importorskip("transformers", reason="the hf extra is not installed")
 
-from gpt2tune import hf  # noqa: E402
 from gpt2tune.errors import Gpt2tuneError  # noqa: E402
+from gpt2tune.model import hf  # noqa: E402
 
 TINY = {"n_ctx": 32, "n_embd": 32, "n_head": 4, "n_layer": 2}
 GPT2_124M = {"n_vocab": 50257, "n_ctx": 1024, "n_embd": 768, "n_head": 12, "n_layer": 12}
@@ -29,8 +29,8 @@ TEXT = "Human reason, in one sphere of its cognition, is called upon to consider
 def random_model(hp: dict, vocab_dir: Path, seed: int = 0):
     """A GPT2 whose every tensor, gains and biases included, is random and distinct, so a
     swapped or transposed tensor cannot go unnoticed."""
-    from gpt2tune.encoder import load_encoder
-    from gpt2tune.model import GPT2, variable_shapes
+    from gpt2tune.model.encoder import load_encoder
+    from gpt2tune.model.gpt2 import GPT2, variable_shapes
 
     rng = np.random.default_rng(seed)
     weights = {}
@@ -44,8 +44,8 @@ def random_model(hp: dict, vocab_dir: Path, seed: int = 0):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, tiny_vocab_dir) -> tuple[Path, Path]:
     """(OpenAI-layout folder, its HF export) of a tiny random GPT-2 on the tiny vocabulary."""
-    from gpt2tune.checkpoint import save_model
-    from gpt2tune.encoder import load_encoder
+    from gpt2tune.model.checkpoint import save_model
+    from gpt2tune.model.encoder import load_encoder
 
     root = tmp_path_factory.mktemp("hf_tiny")
     hp = dict(TINY, n_vocab=load_encoder(tiny_vocab_dir).n_vocab)
@@ -70,7 +70,7 @@ def assert_same_logits(openai_dir: Path, hf_dir: Path, ids: list[int]) -> None:
 
 
 def test_tiny_export_loads_in_transformers_with_the_same_logits(tiny):
-    from gpt2tune.encoder import load_encoder
+    from gpt2tune.model.encoder import load_encoder
 
     openai_dir, hf_dir = tiny
     assert sorted(p.name for p in hf_dir.iterdir()) == sorted(
@@ -87,7 +87,7 @@ def test_tiny_export_loads_in_transformers_with_the_same_logits(tiny):
 
 def test_124m_shapes_give_the_same_logits(tmp_path, official_vocab_dir):
     """OpenAI's smallest release's shapes (random weights: no download), 8 tokens, batch 1."""
-    from gpt2tune.checkpoint import save_model
+    from gpt2tune.model.checkpoint import save_model
 
     save_model(random_model(GPT2_124M, official_vocab_dir, seed=1), tmp_path / "openai")
     hf_dir = hf.export_hf(tmp_path / "openai", tmp_path / "hf")
@@ -101,8 +101,8 @@ def test_124m_shapes_give_the_same_logits(tmp_path, official_vocab_dir):
 
 
 def test_tokenizer_gives_gpt2tunes_ids_on_kant(tmp_path, official_vocab_dir, kant_path):
-    from gpt2tune.checkpoint import save_model
-    from gpt2tune.encoder import load_encoder
+    from gpt2tune.model.checkpoint import save_model
+    from gpt2tune.model.encoder import load_encoder
 
     hp = {"n_vocab": 50257, "n_ctx": 8, "n_embd": 4, "n_head": 1, "n_layer": 1}
     save_model(random_model(hp, official_vocab_dir), tmp_path / "openai")
@@ -185,7 +185,7 @@ def test_a_sharded_checkpoint_imports(tiny, tmp_path):
 
 @pytest.mark.parametrize("temperature", [0.0, 0.7])
 def test_generation_config_carries_the_sample_settings(tiny, tmp_path, temperature):
-    from gpt2tune.params import Sampling
+    from gpt2tune.config.params import Sampling
 
     s = Sampling(length=17, temperature=temperature, top_k=0, top_p=0.9, repetition_penalty=1.3)
     out = hf.export_hf(tiny[0], tmp_path / "hf", sampling=s)
@@ -199,7 +199,7 @@ def test_generation_config_carries_the_sample_settings(tiny, tmp_path, temperatu
 
 def test_export_greedy_continuation_matches_gpt2tune(tiny):
     from gpt2tune import load_model
-    from gpt2tune.sample import generate_tokens
+    from gpt2tune.generation.sampler import generate_tokens
 
     openai_dir, hf_dir = tiny
     model = load_model(openai_dir)

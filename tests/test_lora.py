@@ -18,15 +18,15 @@ import tensorflow as tf
 from helpers import N_CTX, TOKENS, VAL, assert_weights_close, cfg, stage_env
 
 from gpt2tune import Gpt2tuneError
-from gpt2tune.batches import random_windows
-from gpt2tune.checkpoint import assemble, load_model
-from gpt2tune.lora import TARGETS, adapter_shapes, merge
-from gpt2tune.memory import lora_params, n_params, step_bytes, training_bytes
-from gpt2tune.model import init_model
-from gpt2tune.params import default_raw, validate_params
-from gpt2tune.runstate import fingerprint
-from gpt2tune.train import fit
-from gpt2tune.trainer import Trainer
+from gpt2tune.config.params import default_raw, validate_params
+from gpt2tune.data.batches import random_windows
+from gpt2tune.model.checkpoint import assemble, load_model
+from gpt2tune.model.gpt2 import init_model
+from gpt2tune.model.lora import TARGETS, adapter_shapes, merge
+from gpt2tune.model.memory import lora_params, n_params, step_bytes, training_bytes
+from gpt2tune.train.loop import fit
+from gpt2tune.train.runstate import fingerprint
+from gpt2tune.train.trainer import Trainer
 
 # Rank 4 on every dense layer; a learning rate that moves the tiny model within a few steps.
 LORA = {"lora_rank": 4, "lora_alpha": 8.0, "learning_rate": 1e-2}
@@ -221,10 +221,10 @@ MIRRORED_SCRIPT = textwrap.dedent(
     import tensorflow as tf
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-    from gpt2tune.distribute import make_strategy
-    from gpt2tune.model import init_model
-    from gpt2tune.params import TrainParams
-    from gpt2tune.trainer import Trainer
+    from gpt2tune.train.distribute import make_strategy
+    from gpt2tune.model.gpt2 import init_model
+    from gpt2tune.config.params import TrainParams
+    from gpt2tune.train.trainer import Trainer
 
     hp, cfg = json.loads(sys.argv[1]), TrainParams(**json.loads(sys.argv[2]))
     results = []

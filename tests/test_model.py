@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from gpt2tune import Gpt2tuneError
-from gpt2tune.model import GPT2, init_model, variable_shapes
+from gpt2tune.model.gpt2 import GPT2, init_model, variable_shapes
 
 HP = {"n_vocab": 97, "n_ctx": 32, "n_embd": 64, "n_head": 4, "n_layer": 2}
 
@@ -103,7 +103,7 @@ def test_decode_step_over_fixed_size_caches_equals_full_pass(model):
     position) gives the full pass's logits, through the same blocks."""
     import tensorflow as tf
 
-    from gpt2tune.model import decode_step
+    from gpt2tune.model.gpt2 import decode_step
 
     tokens = np.random.default_rng(3).integers(0, 97, size=(2, 12)).astype(np.int32)
     full = model(tokens).numpy()

@@ -1,8 +1,8 @@
-"""The committed params.yaml and README.md agree with the declarations in gpt2tune.params.
+"""The committed params.yaml and README.md agree with the declarations in gpt2tune.config.params.
 
 This is deliberately the one test that reads the checkout's params.yaml and README.md: it
 checks committed documentation, not behaviour. After changing a key's default, rule or help
-run ``python -m gpt2tune.paramdocs`` to rewrite both (the failure message says so).
+run ``python -m gpt2tune.config.docs`` to rewrite both (the failure message says so).
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ import sys
 import pytest
 from helpers import REPO
 
+from gpt2tune.config.docs import END, START, render_params_yaml, render_table, stale, with_table
+from gpt2tune.config.params import Params, load_params, reference
 from gpt2tune.errors import Gpt2tuneError
-from gpt2tune.paramdocs import END, START, render_params_yaml, render_table, stale, with_table
-from gpt2tune.params import Params, load_params, reference
 
-FIX = "stale: run python -m gpt2tune.paramdocs from the repository root"
+FIX = "stale: run python -m gpt2tune.config.docs from the repository root"
 
 
 def test_repo_params_yaml_is_the_rendered_declarations():
@@ -39,7 +39,7 @@ def test_stale_files_are_found_and_rewritten(tmp_path):
     (tmp_path / "README.md").write_text(f"# x\n\n{START}\nold\n{END}\n\nrest\n", encoding="utf-8")
     (tmp_path / "params.yaml").write_text(render_params_yaml().replace("1000", "5", 1))
     assert set(stale(tmp_path)) == {tmp_path / "README.md", tmp_path / "params.yaml"}
-    cmd = [sys.executable, "-m", "gpt2tune.paramdocs", "--root", str(tmp_path)]
+    cmd = [sys.executable, "-m", "gpt2tune.config.docs", "--root", str(tmp_path)]
     check = subprocess.run([*cmd, "--check"], capture_output=True, text=True)
     assert check.returncode == 1 and "params.yaml: stale" in check.stderr
     assert subprocess.run(cmd, capture_output=True, text=True).returncode == 0

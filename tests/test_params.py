@@ -11,9 +11,8 @@ import dataclasses
 import pytest
 import yaml
 
-from gpt2tune.errors import Gpt2tuneError
-from gpt2tune.paramdocs import render_params_yaml
-from gpt2tune.params import (
+from gpt2tune.config.docs import render_params_yaml
+from gpt2tune.config.params import (
     SECTIONS,
     DataParams,
     MlflowParams,
@@ -26,6 +25,7 @@ from gpt2tune.params import (
     reference,
     validate_params,
 )
+from gpt2tune.errors import Gpt2tuneError
 
 KANT = (
     "Human reason, in one sphere of its cognition, is called upon to consider questions, "
@@ -462,7 +462,7 @@ def test_non_utf8_file(tmp_path):
 
 
 def test_optimizer_choices_and_decay_rule_come_from_the_registry(raw):
-    from gpt2tune.optim import OPTIMIZERS
+    from gpt2tune.train.optim import OPTIMIZERS
 
     (optimizer,) = [k for k in reference()["train"][1] if k.name == "optimizer"]
     assert list(optimizer.choices) == list(OPTIMIZERS)
@@ -480,7 +480,7 @@ def test_optimizer_choices_and_decay_rule_come_from_the_registry(raw):
     "value", ["", "yes", "null", "1000", "2e-5", "a # b", " lead", "x: y", "[1]", "ünï", "124M"]
 )
 def test_rendered_values_read_back_as_themselves(value):
-    from gpt2tune.paramdocs import yaml_value
+    from gpt2tune.config.docs import yaml_value
 
     for v in (value, (value, "b"), 2e-5, 1e300, 0.1, True, 7):
         assert yaml.safe_load(f"k: {yaml_value(v)}") == {

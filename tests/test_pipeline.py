@@ -31,8 +31,8 @@ from helpers import (
 from httpserver import FolderServer
 from mlflowserver import MlflowServer
 
+from gpt2tune.fetch.manifest import MANIFEST
 from gpt2tune.files import RELEASE_FILES as MODEL_FILES
-from gpt2tune.manifest import MANIFEST
 
 HP = {"n_vocab": 50257, "n_ctx": 64, "n_embd": 64, "n_head": 4, "n_layer": 2}
 STEPS = 8

@@ -22,7 +22,7 @@ from helpers import (
     write_official_style_model,
 )
 
-from gpt2tune.checkpoint import load_model
+from gpt2tune.model.checkpoint import load_model
 
 HP = {"n_vocab": 50257, "n_ctx": 32, "n_embd": 32, "n_head": 2, "n_layer": 1}
 STEPS = 40

@@ -23,14 +23,14 @@ import yaml
 from helpers import REPO, TINY_CORPUS
 from httpserver import FolderServer
 
-from gpt2tune.dataset import encode_corpus, load_tokens, read_stats
-from gpt2tune.download import fetch_model
-from gpt2tune.encoder import load_encoder
+from gpt2tune.config.params import default_raw, validate_params
+from gpt2tune.config.schema import read_yaml
+from gpt2tune.data.encode import encode_corpus, load_tokens, read_stats
 from gpt2tune.errors import Gpt2tuneError
+from gpt2tune.fetch.download import fetch_model
+from gpt2tune.fetch.manifest import MANIFEST
 from gpt2tune.files import RELEASE_FILES
-from gpt2tune.keys import read_yaml
-from gpt2tune.manifest import MANIFEST
-from gpt2tune.params import default_raw, validate_params
+from gpt2tune.model.encoder import load_encoder
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO / "src"), "TF_CPP_MIN_LOG_LEVEL": "2"}
 FAST = {"backoff": 0.01, "progress": False}

@@ -9,10 +9,10 @@ import tensorflow as tf
 from helpers import tiny_model
 
 from gpt2tune import Gpt2tuneError, Sampling, generate, generate_many, generate_tokens
-from gpt2tune.model import GPT2, variable_shapes
-from gpt2tune.params import SampleParams
-from gpt2tune.sample import _choose, _knobs, _penalize
-from gpt2tune.sample_stage import records_markdown, sample_records
+from gpt2tune.config.params import SampleParams
+from gpt2tune.generation.sampler import _choose, _knobs, _penalize
+from gpt2tune.generation.samples import records_markdown, sample_records
+from gpt2tune.model.gpt2 import GPT2, variable_shapes
 
 HP = {"n_vocab": 50, "n_ctx": 24, "n_embd": 32, "n_head": 2, "n_layer": 2}
 

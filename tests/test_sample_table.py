@@ -1,4 +1,5 @@
-"""The samples table (gpt2tune.sampletable): a row's sampling settings make its text again."""
+"""The samples table (gpt2tune.tracking.sampletable): a row's sampling settings make its text
+again."""
 
 from __future__ import annotations
 
@@ -8,11 +9,11 @@ import json
 from helpers import TOKENS, VAL, cfg
 
 from gpt2tune import load_model
-from gpt2tune.params import SampleParams, Sampling
-from gpt2tune.sample import generate
-from gpt2tune.sample_stage import sample_records
-from gpt2tune.sampletable import rows, sample_stage_rows, training_rows
-from gpt2tune.train import fit
+from gpt2tune.config.params import SampleParams, Sampling
+from gpt2tune.generation.sampler import generate
+from gpt2tune.generation.samples import sample_records
+from gpt2tune.tracking.sampletable import rows, sample_stage_rows, training_rows
+from gpt2tune.train.loop import fit
 
 SETTINGS = [f.name for f in dataclasses.fields(Sampling)]
 

@@ -15,7 +15,7 @@ from helpers import REPO
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gpt2tune.encoder import load_encoder
+from gpt2tune.model.encoder import load_encoder
 
 SOURCES = sorted([*(REPO / "src").rglob("*.py"), *(REPO / "stages").glob("*.py")])
 

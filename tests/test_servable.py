@@ -16,13 +16,14 @@ import time
 import urllib.request
 
 import pytest
-from helpers import tiny_model
+from helpers import REPO, stage_env, tiny_model
 from mlflow.tracking import MlflowClient
 from mlflowserver import MlflowServer, free_port
 
 import gpt2tune
-from gpt2tune import servable, tracking
-from gpt2tune.params import MlflowParams, Sampling
+from gpt2tune import servable
+from gpt2tune.config.params import MlflowParams, Sampling
+from gpt2tune.tracking import run as tracking
 
 HP = {"n_ctx": 32, "n_embd": 32, "n_head": 2, "n_layer": 2}
 DEFAULTS = Sampling(nsamples=2, length=5, temperature=0.9, top_k=20, top_p=0.0, seed=7)
@@ -230,3 +231,21 @@ def test_a_store_without_registry_warns_in_one_line(model_dir, tmp_path, monkeyp
     warnings = [line for line in capsys.readouterr().err.splitlines() if "not registered" in line]
     assert len(warnings) == 1 and "mlflow.register_model('models:/m-" in warnings[0], warnings
     assert MlflowClient(uri).get_run(run.info.run_id).outputs.model_outputs
+
+
+def test_a_model_logged_by_an_earlier_layout_loads(tmp_path):
+    """A model logged before the library moved into subpackages (tests/data/...: MLflow keeps
+    only `import gpt2tune.servable` of our code) loads in a fresh process and answers as the
+    Python API does on its own weights."""
+    logged = REPO / "tests" / "data" / "model_logged_before_layout"
+    settings = {"length": 6, "seed": 3, "nsamples": 1}
+    proc = subprocess.run(
+        [sys.executable, "-c", LOAD, str(logged), json.dumps(PROMPTS), json.dumps(settings)],
+        cwd=tmp_path, env=stage_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    model = gpt2tune.load_model(logged / "artifacts" / "finetuned")
+    kw = {**got["params"], **settings}  # the logged defaults (sample.*), then the request's
+    want = [t for p in PROMPTS for t in gpt2tune.generate(model, p, **kw)]
+    assert got["tuned"] == want and len(want) == 2

@@ -17,10 +17,10 @@ import tensorflow as tf
 from helpers import free_ports, rounding_atol
 
 from gpt2tune import Gpt2tuneError
-from gpt2tune.distribute import check_tf_config, is_chief, make_strategy, worker_run_dir
-from gpt2tune.model import init_model
-from gpt2tune.params import TrainParams
-from gpt2tune.trainer import DynamicLossScale, Trainer
+from gpt2tune.config.params import TrainParams
+from gpt2tune.model.gpt2 import init_model
+from gpt2tune.train.distribute import check_tf_config, is_chief, make_strategy, worker_run_dir
+from gpt2tune.train.trainer import DynamicLossScale, Trainer
 
 HP = {"n_vocab": 300, "n_ctx": 16, "n_embd": 64, "n_head": 2, "n_layer": 2}
 CFG = TrainParams(steps=3, batch_size=2, learning_rate=1e-3, n_ctx=16)
@@ -229,10 +229,10 @@ MULTI_WORKER_SCRIPT = textwrap.dedent(
     import json, sys
     import numpy as np
     import tensorflow as tf
-    from gpt2tune.model import init_model
-    from gpt2tune.params import TrainParams
-    from gpt2tune.distribute import is_chief, make_strategy
-    from gpt2tune.trainer import Trainer
+    from gpt2tune.model.gpt2 import init_model
+    from gpt2tune.config.params import TrainParams
+    from gpt2tune.train.distribute import is_chief, make_strategy
+    from gpt2tune.train.trainer import Trainer
 
     hp, cfg = json.loads(sys.argv[1]), TrainParams(**json.loads(sys.argv[2]))
     strategy = make_strategy(sys.argv[3])

@@ -1,4 +1,4 @@
-"""Stopping and keeping (gpt2tune.keeping): early stopping, the best checkpoint beside the
+"""Stopping and keeping (gpt2tune.train.keeping): early stopping, the best checkpoint beside the
 latest, and train.keep_checkpoints. Each test would fail if its key were ignored.
 
 Real TensorFlow on the tiny training run of helpers.py. Where the validation loss must rise
@@ -17,11 +17,11 @@ import pytest
 from helpers import TOKENS, VAL, assert_weights_close, cfg
 
 from gpt2tune import Gpt2tuneError
-from gpt2tune.checkpoint import assemble, load_model
-from gpt2tune.keeping import BEST_DIR, STOPPED_TAG, assembled_checkpoint
-from gpt2tune.params import TrainParams, default_raw, validate_params
-from gpt2tune.runstate import load_state
-from gpt2tune.train import fit
+from gpt2tune.config.params import TrainParams, default_raw, validate_params
+from gpt2tune.model.checkpoint import assemble, load_model
+from gpt2tune.train.keeping import BEST_DIR, STOPPED_TAG, assembled_checkpoint
+from gpt2tune.train.loop import fit
+from gpt2tune.train.runstate import load_state
 
 # Another repeating pattern: training on it makes the model worse on VAL (TOKENS' pattern).
 OTHER = np.tile(np.array([11, 250, 3, 77, 140], np.int32), 80)

@@ -14,8 +14,8 @@ import pytest
 from helpers import seed_mlflow_store
 from mlflow.tracking import MlflowClient
 
-from gpt2tune import tracking
-from gpt2tune.params import MlflowParams
+from gpt2tune.config.params import MlflowParams
+from gpt2tune.tracking import run as tracking
 
 PARAMS = {"train.steps": 8, "model.name": "tiny"}
 SECRET = "s3cret-pw"

@@ -23,11 +23,11 @@ from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
 import gpt2tune
-from gpt2tune import tracking
-from gpt2tune.checkpoint import load_model, save_model
-from gpt2tune.encoder import load_encoder
-from gpt2tune.model import init_model
-from gpt2tune.params import MlflowParams, TrainParams
+from gpt2tune.config.params import MlflowParams, TrainParams
+from gpt2tune.model.checkpoint import load_model, save_model
+from gpt2tune.model.encoder import load_encoder
+from gpt2tune.model.gpt2 import init_model
+from gpt2tune.tracking import run as tracking
 
 STEPS = 40
 TRAIN = TrainParams(steps=STEPS, batch_size=2, learning_rate=3e-3, seed=0, n_ctx=16,
@@ -175,8 +175,8 @@ def test_sqlite_store_locked_at_the_start_gets_an_offline_run(workdir, base_dir,
 
 STAGE = textwrap.dedent("""
     import sys
-    from gpt2tune import tracking
-    from gpt2tune.params import MlflowParams
+    from gpt2tune.tracking import run as tracking
+    from gpt2tune.config.params import MlflowParams
     from gpt2tune.stage import run_stage
 
     def main():

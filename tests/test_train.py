@@ -29,14 +29,14 @@ from helpers import (
 )
 
 from gpt2tune import Gpt2tuneError
-from gpt2tune.batches import random_windows
-from gpt2tune.checkpoint import assemble, load_model
-from gpt2tune.model import init_model, variable_shapes
-from gpt2tune.optim import Optimizer
-from gpt2tune.params import TrainParams
-from gpt2tune.runstate import fingerprint, resumable_state, write_plots
-from gpt2tune.train import fit
-from gpt2tune.trainer import Trainer, lm_loss
+from gpt2tune.config.params import TrainParams
+from gpt2tune.data.batches import random_windows
+from gpt2tune.model.checkpoint import assemble, load_model
+from gpt2tune.model.gpt2 import init_model, variable_shapes
+from gpt2tune.train.loop import fit
+from gpt2tune.train.optim import Optimizer
+from gpt2tune.train.runstate import fingerprint, resumable_state, write_plots
+from gpt2tune.train.trainer import Trainer, lm_loss
 
 
 def weights(model) -> dict[str, np.ndarray]:
@@ -305,10 +305,10 @@ MULTI_REPLICA_SCRIPT = textwrap.dedent(
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     from gpt2tune import Gpt2tuneError
-    from gpt2tune.model import init_model
-    from gpt2tune.params import TrainParams
-    from gpt2tune.distribute import make_strategy
-    from gpt2tune.trainer import Trainer
+    from gpt2tune.model.gpt2 import init_model
+    from gpt2tune.config.params import TrainParams
+    from gpt2tune.train.distribute import make_strategy
+    from gpt2tune.train.trainer import Trainer
 
     hp, cfg = json.loads(sys.argv[1]), TrainParams(**json.loads(sys.argv[2]))
     mirrored = make_strategy("mirrored")  # no GPU: over the two logical CPUs
@@ -408,8 +408,9 @@ CTRL_C_SCRIPT = textwrap.dedent(
 
     def main(base, run_dir, cfg_json):
         import json
-        from gpt2tune import load_model, train
-        from gpt2tune.params import TrainParams
+        from gpt2tune import load_model
+        from gpt2tune.train import loop as train
+        from gpt2tune.config.params import TrainParams
 
         tokens = np.tile(np.array([5, 17, 42, 99, 7, 63, 200], np.int32), 60)
 

@@ -23,13 +23,13 @@ import tensorflow as tf
 from helpers import CFG, TOKENS, VAL, assert_weights_close, cfg, stage_env
 
 from gpt2tune import Gpt2tuneError, load_encoder, save_model
-from gpt2tune.checkpoint import load_model
-from gpt2tune.model import init_model
-from gpt2tune.optim import Optimizer, learning_rate_at
-from gpt2tune.params import TrainParams
-from gpt2tune.runstate import NOT_FINGERPRINTED, fingerprint, load_state
-from gpt2tune.train import add_noise, fit
-from gpt2tune.trainer import is_transformer_layer
+from gpt2tune.config.params import TrainParams
+from gpt2tune.model.checkpoint import load_model
+from gpt2tune.model.gpt2 import init_model
+from gpt2tune.train.loop import add_noise, fit
+from gpt2tune.train.optim import Optimizer, learning_rate_at
+from gpt2tune.train.runstate import NOT_FINGERPRINTED, fingerprint, load_state
+from gpt2tune.train.trainer import is_transformer_layer
 
 
 def train(base_dir, run_dir, c: TrainParams, fp: str = "fp"):
@@ -269,8 +269,9 @@ KILL_SCRIPT = textwrap.dedent(
     """
     import json, sys, time
     import numpy as np
-    from gpt2tune import load_model, train
-    from gpt2tune.params import TrainParams
+    from gpt2tune import load_model
+    from gpt2tune.train import loop as train
+    from gpt2tune.config.params import TrainParams
 
     base, run_dir, cfg_json = sys.argv[1:4]
     tokens = np.tile(np.array([5, 17, 42, 99, 7, 63, 200], np.int32), 60)
@@ -336,9 +337,9 @@ def test_float16_loss_scale_is_logged_and_saved_with_the_checkpoint(base_dir, tm
 
 
 def test_a_batch_too_big_for_memory_is_refused_before_training(base_dir, tmp_path):
-    """The estimate (gpt2tune.memory.training_bytes) against this machine's free RAM: a
+    """The estimate (gpt2tune.model.memory.training_bytes) against this machine's free RAM: a
     batch of a million windows cannot fit, and nothing is trained or written."""
-    from gpt2tune.memory import available_memory, training_bytes
+    from gpt2tune.model.memory import available_memory, training_bytes
 
     big = cfg(batch_size=1_000_000)
     model = load_model(base_dir)
@@ -354,7 +355,7 @@ def test_a_batch_too_big_for_memory_is_refused_before_training(base_dir, tmp_pat
 
 
 def test_training_memory_estimate_matches_the_parts():
-    from gpt2tune.memory import n_params, step_bytes, training_bytes
+    from gpt2tune.model.memory import n_params, step_bytes, training_bytes
 
     hp = {"n_vocab": 50257, "n_ctx": 1024, "n_embd": 768, "n_head": 12, "n_layer": 12}
     assert n_params(hp) == 124_439_808  # GPT-2 124M

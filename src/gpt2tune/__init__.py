@@ -20,16 +20,16 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from gpt2tune.errors import Gpt2tuneError  # noqa: E402
 
 _API = {
-    "GPT2": "gpt2tune.model",
-    "init_model": "gpt2tune.model",
-    "load_model": "gpt2tune.checkpoint",
-    "save_model": "gpt2tune.checkpoint",
-    "Encoder": "gpt2tune.encoder",
-    "load_encoder": "gpt2tune.encoder",
-    "generate": "gpt2tune.sample",
-    "generate_tokens": "gpt2tune.sample",
-    "generate_many": "gpt2tune.sample",
-    "Sampling": "gpt2tune.params",
+    "GPT2": "gpt2tune.model.gpt2",
+    "init_model": "gpt2tune.model.gpt2",
+    "load_model": "gpt2tune.model.checkpoint",
+    "save_model": "gpt2tune.model.checkpoint",
+    "Encoder": "gpt2tune.model.encoder",
+    "load_encoder": "gpt2tune.model.encoder",
+    "generate": "gpt2tune.generation.sampler",
+    "generate_tokens": "gpt2tune.generation.sampler",
+    "generate_many": "gpt2tune.generation.sampler",
+    "Sampling": "gpt2tune.config.params",
 }
 
 __all__ = ["Gpt2tuneError", *_API]

@@ -117,7 +117,7 @@ def _add_common(ap: argparse.ArgumentParser) -> None:
 
 def _configure(ap: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
     """Command `name`'s options, its --help ending with every key its sections declare."""
-    from gpt2tune.paramdocs import render_help
+    from gpt2tune.config.docs import render_help
 
     cmd = COMMANDS[name]
     ap.description, ap.epilog = cmd.summary, render_help(cmd.sections)
@@ -144,7 +144,7 @@ def main_parser() -> argparse.ArgumentParser:
 def dispatch(name: str, args: argparse.Namespace) -> None:
     """Load the params (file, then --set) and run command `name`'s body."""
     from gpt2tune import commands
-    from gpt2tune.params import load_params
+    from gpt2tune.config.params import load_params
 
     p = load_params(args.params, args.overrides)
     getattr(commands, name)(p, args)

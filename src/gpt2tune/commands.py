@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 from pathlib import Path
 
-from gpt2tune.params import Params
+from gpt2tune.config.params import Params
 from gpt2tune.stage import import_tensorflow_quietly, say
 
 RUN_DIR = Path("checkpoint/run1")
@@ -27,11 +28,11 @@ OFF_NOTE = (
 def fetch(p: Params, args: argparse.Namespace) -> None:
     """DVC stage fetch_model: download GPT-2 `model.name` from `model.base_url` into
     models/<name>/; resumes interrupted files and skips finished ones."""
-    from gpt2tune.download import fetch_model
+    from gpt2tune.fetch.download import fetch_model
 
     if p.model.name.startswith("hf:"):  # a Hugging Face GPT-2 folder, converted to OpenAI's layout
         import_tensorflow_quietly()
-        from gpt2tune.hf import fetch_hf
+        from gpt2tune.model.hf import fetch_hf
 
         folder = fetch_hf(p.model.name, "models")
     else:
@@ -41,10 +42,10 @@ def fetch(p: Params, args: argparse.Namespace) -> None:
 
 def encode(p: Params, args: argparse.Namespace) -> None:
     """DVC stage encode: data.path (+ data.val_path) -> data/encoded/{train,val}.npy +
-    stats.json, with the tokenizer of models/<model.name>/ (see gpt2tune.dataset)."""
-    from gpt2tune.dataset import encode_corpus
-    from gpt2tune.encoder import load_encoder
+    stats.json, with the tokenizer of models/<model.name>/ (see gpt2tune.data.encode)."""
+    from gpt2tune.data.encode import encode_corpus
     from gpt2tune.errors import Gpt2tuneError
+    from gpt2tune.model.encoder import load_encoder
 
     folder = Path("models") / p.model.name
     if not (folder / "encoder.json").is_file():
@@ -82,10 +83,11 @@ def train(p: Params, args: argparse.Namespace) -> None:
     """
     import_tensorflow_quietly()
 
-    from gpt2tune import distribute, runlock, runstate, sampletable, tracking
-    from gpt2tune import train as training
-    from gpt2tune import trainreport as report
-    from gpt2tune.signals import Stopped
+    from gpt2tune.tracking import run as tracking
+    from gpt2tune.tracking import sampletable
+    from gpt2tune.train import distribute, report, runstate
+    from gpt2tune.train import loop as training
+    from gpt2tune.train.signals import Stopped
 
     model, strategy, train_tokens, val_tokens, stats = _training_inputs(p)
     fp = runstate.fingerprint(p.train, p.model.name, stats)
@@ -98,8 +100,8 @@ def train(p: Params, args: argparse.Namespace) -> None:
             training.fit(model, train_tokens, val_tokens, p.train, run_dir,
                          strategy=strategy, run_fingerprint=fp)  # fmt: skip
         return
-    with runlock.hold(RUN_DIR):  # one training per run folder; the first change on disk
-        runlock.clean_leftovers(RUN_DIR)
+    with runstate.hold(RUN_DIR):  # one training per run folder; the first change on disk
+        runstate.clean_leftovers(RUN_DIR)
         latest = p.train.restore_from != "fresh"
         complete = latest and runstate.complete_state(RUN_DIR, fp, p.train)
         resumed = complete or (latest and runstate.resumable_state(RUN_DIR, fp, p.train.steps))
@@ -134,8 +136,10 @@ def train(p: Params, args: argparse.Namespace) -> None:
 def _training_inputs(p: Params):
     """The model, strategy, token arrays and data stats of a training, every check that
     needs no change on disk done (fit repeats the cheap ones)."""
-    from gpt2tune import checkpoint, dataset, distribute, runstate
-    from gpt2tune import train as training
+    from gpt2tune.data import encode as dataset
+    from gpt2tune.model import checkpoint
+    from gpt2tune.train import distribute, runstate
+    from gpt2tune.train import loop as training
 
     stats = dataset.read_stats("data/encoded")
     # Ids are checked against the vocabulary they were encoded with, then the model's.
@@ -160,10 +164,10 @@ def assemble(p: Params, args: argparse.Namespace) -> None:
     say(f"assembling {FINETUNED} from {RUN_DIR} and models/{p.model.name}...")
     import_tensorflow_quietly()
 
-    from gpt2tune import tracking
-    from gpt2tune.checkpoint import assemble as assemble_folder
-    from gpt2tune.keeping import assembled_checkpoint
-    from gpt2tune.runstate import load_state
+    from gpt2tune.model.checkpoint import assemble as assemble_folder
+    from gpt2tune.tracking import run as tracking
+    from gpt2tune.train.keeping import assembled_checkpoint
+    from gpt2tune.train.runstate import load_state
 
     # Which weights: assemble.checkpoint, the best (the latest without validation) or latest.
     prefix, step, words = assembled_checkpoint(RUN_DIR, load_state(RUN_DIR), p.assemble.checkpoint)
@@ -183,8 +187,8 @@ def sample(p: Params, args: argparse.Namespace) -> None:
     import_tensorflow_quietly()
 
     from gpt2tune import load_model
-    from gpt2tune import sample_stage as sampling
     from gpt2tune.files import write_text_atomic
+    from gpt2tune.generation import samples as sampling
 
     model = load_model(args.model)
     if args.interactive:
@@ -199,7 +203,8 @@ def sample(p: Params, args: argparse.Namespace) -> None:
     )
     write_text_atomic(out / "samples.md", sampling.records_markdown(records, p.sample))
 
-    from gpt2tune import sampletable, tracking
+    from gpt2tune.tracking import run as tracking
+    from gpt2tune.tracking import sampletable
 
     with tracking.reopen_run(p.mlflow):
         tracking.log_folder(out, "samples")
@@ -231,22 +236,39 @@ def export(p: Params, args: argparse.Namespace) -> None:
         return
     import_tensorflow_quietly()
 
-    from gpt2tune.hf import export_hf
+    from gpt2tune.model.hf import export_hf
 
     export_hf(args.model or FINETUNED, out, sampling=p.sample)
     print(f"exported {args.model or FINETUNED} to {out} (Hugging Face transformers)")
 
 
 def evaluate(p: Params, args: argparse.Namespace) -> None:
-    """Loss and perplexity of --model on --data (see gpt2tune.evaluate)."""
-    from gpt2tune.evaluate import evaluate_command
+    """Print (and with --mlflow, record as a new MLflow run) the loss and perplexity of
+    --model on --data, as training's validation measures it (see gpt2tune.train.evaluate)."""
+    from gpt2tune.train.evaluate import evaluate_loss, text_tokens
 
-    evaluate_command(p, args.model, args.data, args.mlflow)
+    tokens = text_tokens(args.data, args.model, p)  # a bad path or format fails before TF
+    import_tensorflow_quietly()
+    from gpt2tune import load_model
+
+    model = load_model(args.model)
+    print(f"evaluating {args.model} on {args.data} ({len(tokens):,} tokens)...", file=sys.stderr)
+    result = evaluate_loss(model, tokens, p)
+    print(f"loss {result['loss']:.6f}  perplexity {result['perplexity']:.4f}  "
+          f"({result['windows']} windows, {result['tokens']:,} tokens predicted)")  # fmt: skip
+    if args.mlflow:
+        from gpt2tune.tracking import run as tracking
+
+        params = {"model": args.model, "data": args.data, **p.flat()}
+        with tracking.training_run(p.mlflow, params, record=False) as run:
+            tracking.log_metrics({"eval_loss": result["loss"],
+                                  "eval_perplexity": result["perplexity"]}, 0)  # fmt: skip
+            print(f"logged to MLflow run {run.info.run_id}")
 
 
 def replay(p: Params, args: argparse.Namespace) -> None:
     """Send what was kept offline (metrics/mlflow_offline) to the MLflow server."""
-    from gpt2tune.tracking import replay_pending
+    from gpt2tune.tracking.run import replay_pending
 
     left = replay_pending(p.mlflow)
     print("all kept MLflow records are sent" if not left else f"{left} file(s) left")

@@ -1,6 +1,6 @@
 """The fine-tuned model as an MLflow Model: logged to the training's run, registered, served.
 
-The assemble stage calls :func:`gpt2tune.tracking.log_model`, which logs ``models/finetuned``
+The assemble stage calls :func:`gpt2tune.tracking.run.log_model`, which logs ``models/finetuned``
 to the run as an MLflow Model (MLflow 3 ``log_model(name="model")``, so it shows on the run
 and on the Logged Models page) with the ``python_function`` flavor, registers it as a new version of
 ``mlflow.registered_model`` and points ``mlflow.registered_alias`` at that version. The
@@ -27,7 +27,7 @@ is served (``--env-manager local`` in the environment that has it). The project 
 needed: the weights and tokenizer come from the model's own artifact.
 
 While the tracking server is away, the request is kept in the run's offline file like every
-other record and carried out when it is replayed (see gpt2tune.tracking), from the model
+other record and carried out when it is replayed (see gpt2tune.tracking.run), from the model
 folder as it is then.
 """
 
@@ -71,7 +71,7 @@ class GPT2Completer(mlflow.pyfunc.PythonModel):
         from gpt2tune.stage import import_tensorflow_quietly
 
         import_tensorflow_quietly()  # without Keras: a model server starts ~3 s sooner
-        from gpt2tune.checkpoint import load_model
+        from gpt2tune.model.checkpoint import load_model
 
         self.model = load_model(context.artifacts[ARTIFACT])
 
@@ -84,7 +84,7 @@ class GPT2Completer(mlflow.pyfunc.PythonModel):
         model_input: pd.DataFrame,
         params: dict[str, Any] | None = None,
     ) -> list[str]:
-        from gpt2tune.sample import generate
+        from gpt2tune.generation.sampler import generate
 
         settings = sampling_settings(params or {})
         out: list[str] = []
@@ -139,7 +139,7 @@ def defaults_of(sampling: Any) -> dict[str, Any]:
 
     A dict from before a setting existed (an offline record written by an older gpt2tune)
     gets that setting's declared default."""
-    from gpt2tune.params import Sampling
+    from gpt2tune.config.params import Sampling
 
     if isinstance(sampling, dict):
         sampling = Sampling(**{k: v for k, v in sampling.items() if k in PARAM_TYPES})
@@ -179,7 +179,7 @@ def pip_requirements() -> list[str]:
 
 
 def send_model(uri: str, run_id: str, op: dict) -> None:
-    """Carry out a "model" record of gpt2tune.tracking: log, register, set the alias."""
+    """Carry out a "model" record of gpt2tune.tracking.run: log, register, set the alias."""
     folder = Path(op["path"])
     if not folder.is_dir():  # replayed after the folder went: say so instead of failing
         print(f"warning: {folder} is gone; MLflow run {run_id} gets no model", file=sys.stderr)
@@ -207,7 +207,7 @@ def send_model(uri: str, run_id: str, op: dict) -> None:
             _register(info.model_uri, op["registered_model"], op["alias"])
     except MlflowException as e:
         if uri.lower().startswith(("http://", "https://")):
-            raise  # gpt2tune.tracking keeps the request for when the server answers again
+            raise  # gpt2tune.tracking.run keeps the request for when the server answers again
         reason = " ".join(str(e).split())[:200]
         raise Gpt2tuneError(f"could not log {folder} to MLflow run {run_id}: {reason}") from None
     finally:

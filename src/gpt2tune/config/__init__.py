@@ -1,0 +1,1 @@
+"""The parameters: every key of params.yaml declared once, checked, documented."""

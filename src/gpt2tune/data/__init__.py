@@ -1,0 +1,1 @@
+"""The encode stage: text found, read, tokenized and split into data/encoded."""

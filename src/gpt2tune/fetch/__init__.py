@@ -1,0 +1,1 @@
+"""The fetch_model stage: a base model downloaded, resumed, checked."""

@@ -1,0 +1,1 @@
+"""Generation: the sampler, its request checks, and the sample stage."""

@@ -1,0 +1,2 @@
+"""The model: GPT-2 itself, its tokenizer, model folders and checkpoints, LoRA, Hugging Face,
+memory estimates."""

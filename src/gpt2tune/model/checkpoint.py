@@ -1,0 +1,251 @@
+"""Read and write model folders in the layout of OpenAI's GPT-2 release.
+
+A model folder holds `hparams.json`, `encoder.json`, `vocab.bpe`, a `checkpoint` state file and
+a TF1 name-based checkpoint (`model.ckpt.index`, `model.ckpt.data-00000-of-00001`; the graph
+file `model.ckpt.meta` is never needed). Reading uses `tf.train.load_checkpoint`, which needs no
+TF1 graph; writing uses `tf.raw_ops.SaveV2` with OpenAI's tensor names, so
+`tf.compat.v1.train.Saver().restore(sess, tf.train.latest_checkpoint(folder))` reads it back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from gpt2tune.errors import Gpt2tuneError
+from gpt2tune.files import MODEL_FOLDER_FILES, fsync_file, write_text_atomic
+from gpt2tune.model import lora
+from gpt2tune.model.encoder import load_encoder
+from gpt2tune.model.gpt2 import GPT2, check_hparams, variable_shapes
+
+CKPT_PREFIX = "model.ckpt"
+
+
+def load_hparams(folder: str | os.PathLike) -> dict[str, int]:
+    path = Path(folder) / "hparams.json"
+    if not path.is_file():
+        raise Gpt2tuneError(f"{path} is missing: a GPT-2 model folder needs hparams.json")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise Gpt2tuneError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise Gpt2tuneError(f"{path} must hold a JSON object with {', '.join(MODEL_FOLDER_FILES)}")
+    return check_hparams(raw, source=str(path))
+
+
+def checkpoint_prefix(folder: str | os.PathLike) -> Path:
+    """The checkpoint named by the folder's `checkpoint` state file (`model.ckpt` if absent).
+
+    Only the file name is used: trainers often write absolute paths into the state file,
+    and a model folder that was moved or copied must still read its own files, never those
+    of the place it came from.
+    """
+    folder = Path(folder)
+    state = folder / "checkpoint"
+    name = CKPT_PREFIX
+    if state.is_file():
+        text = state.read_text("utf-8", "replace")
+        m = re.search(r'^model_checkpoint_path:\s*"(.*)"', text, re.M)
+        if not m:
+            raise Gpt2tuneError(
+                f"{state} has no model_checkpoint_path line; is it a TF checkpoint state?"
+            )
+        name = m.group(1)
+    return folder / Path(name).name
+
+
+def _read_weights(prefix: Path, hparams: dict[str, int]) -> dict[str, np.ndarray]:
+    index = Path(f"{prefix}.index")
+    data = Path(f"{prefix}.data-00000-of-00001")
+    for f in (index, data):
+        if not f.is_file():
+            raise Gpt2tuneError(f"{f} is missing: the checkpoint needs both .index and .data files")
+    try:
+        reader = tf.train.load_checkpoint(str(prefix))
+        shapes = reader.get_variable_to_shape_map()
+    except (tf.errors.OpError, ValueError, IndexError) as e:
+        raise Gpt2tuneError(
+            f"{index} is not a readable TF checkpoint index ({_first_line(e)})"
+        ) from None
+    weights = {}
+    for name, shape in variable_shapes(hparams).items():
+        if name not in shapes:
+            raise Gpt2tuneError(
+                f"{prefix}: tensor {name} is missing; hparams.json ({hparams}) does not match "
+                "this checkpoint, or it is not a GPT-2 checkpoint"
+            )
+        if tuple(shapes[name]) != shape:
+            raise Gpt2tuneError(
+                f"{prefix}: tensor {name} has shape {list(shapes[name])} but hparams.json "
+                f"implies {list(shape)}"
+            )
+        try:
+            weights[name] = reader.get_tensor(name)
+        except (tf.errors.OpError, ValueError, IndexError) as e:  # IndexError: short file
+            raise Gpt2tuneError(
+                f"{data} is truncated or corrupt: reading {name} failed ({_first_line(e)}); "
+                "download or copy the model again"
+            ) from None
+    return weights
+
+
+def _first_line(e: Exception) -> str:
+    text = getattr(e, "message", None) or str(e)
+    # TF wraps eager op errors as "{{function_node ...}} <message> [Op:SaveV2]".
+    text = re.sub(r"\{\{[^}]*\}\}|\[Op:\w+\]", "", text)
+    return text.strip().splitlines()[0] if text.strip() else type(e).__name__
+
+
+def load_model(folder: str | os.PathLike) -> GPT2:
+    """Load an OpenAI-format model folder (the official releases load unchanged)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        aside = sorted(folder.parent.glob(f".{folder.name}.old-*"))
+        if aside:  # a save was killed between moving the old folder aside and the new one in
+            raise Gpt2tuneError(
+                f"model folder {folder} does not exist: a save was interrupted, and the "
+                f"previous model is in {aside[-1]}; rename it back or save again"
+            )
+        raise Gpt2tuneError(
+            f"model folder {folder} does not exist (in the pipeline, `dvc repro` makes it)"
+        )
+    if not any((folder / f).exists() for f in (*MODEL_FOLDER_FILES, f"{CKPT_PREFIX}.index")):
+        raise Gpt2tuneError(
+            f"{folder} is not a GPT-2 model folder: it has none of {', '.join(MODEL_FOLDER_FILES)}"
+        )
+    hparams = load_hparams(folder)
+    encoder = load_encoder(folder)
+    prefix = checkpoint_prefix(folder)
+    weights = _read_weights(prefix, hparams)
+    # Blocks past n_layer would be silently left out (n_embd is checked by the shapes).
+    layers = {int(m[1]) for n, _ in tf.train.list_variables(str(prefix))
+              if (m := re.match(r"model/h(\d+)/", n))}  # fmt: skip
+    if layers and max(layers) >= hparams["n_layer"]:
+        raise Gpt2tuneError(
+            f"{prefix} has {max(layers) + 1} layers but {folder / 'hparams.json'} says "
+            f"n_layer {hparams['n_layer']}; set n_layer to {max(layers) + 1}"
+        )
+    return GPT2(hparams, weights, encoder)
+
+
+def read_weights(path: str | os.PathLike, hparams: dict[str, int]) -> dict[str, np.ndarray]:
+    """GPT-2's tensors from a model or run folder (its `checkpoint` state file says which) or
+    from a checkpoint prefix such as `checkpoint/run1/model-500`, checked against `hparams`."""
+    path = Path(path)
+    if path.is_dir():
+        return _read_weights(checkpoint_prefix(path), hparams)
+    if Path(f"{path}.index").is_file():
+        return _read_weights(path, hparams)
+    raise Gpt2tuneError(
+        f"{path}: neither a model/run folder nor a checkpoint prefix (no {path.name}.index)"
+    )
+
+
+def assemble(
+    base: str | os.PathLike,
+    run_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    prefix: str | os.PathLike | None = None,
+) -> GPT2:
+    """The trained weights from `run_dir` beside the base model's hparams and tokenizer files:
+    those its `checkpoint` file names, or those of the checkpoint `prefix` (keeping.py picks
+    the best or the latest).
+
+    This is the notebooks' "copy the checkpoint into a model folder" step: the result is an
+    ordinary OpenAI-format folder. Adam's slots in the training checkpoint are left behind.
+    A LoRA run folder holds only adapters: they are merged into the base model's weights
+    (w[0] += alpha / rank * A B, lora.merge), so the folder is the same ordinary layout.
+    """
+    hparams = load_hparams(base)
+    if not (Path(run_dir) / "checkpoint").is_file():
+        raise Gpt2tuneError(f"{run_dir} holds no training checkpoint: run `dvc repro train` first")
+    prefix = Path(prefix) if prefix else checkpoint_prefix(run_dir)
+    adapted = lora.read_adapters(prefix, hparams) if Path(f"{prefix}.index").is_file() else None
+    if adapted:
+        weights = lora.merge(_read_weights(checkpoint_prefix(base), hparams), *adapted)
+    else:
+        weights = _read_weights(prefix, hparams)
+    model = GPT2(hparams, weights, load_encoder(base))
+    save_model(model, out)
+    return model
+
+
+def save_model(model: GPT2, folder: str | os.PathLike) -> Path:
+    """Write `model` to `folder` in OpenAI's layout, replacing any previous content atomically.
+
+    Everything is written into a hidden sibling folder first and swapped in by rename, so an
+    interrupted save leaves either the old folder or the new one, never a half-written one.
+    """
+    if model.encoder is None:
+        raise Gpt2tuneError(
+            "this model has no encoder, so encoder.json/vocab.bpe cannot be written; "
+            "create it with init_model(hparams, load_encoder(folder))"
+        )
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # What a save killed part-way (kill -9, power cut) left beside the folder.
+    for kind in ("tmp", "old"):
+        for stale in folder.parent.glob(f".{folder.name}.{kind}-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.mkdir()
+        write_checkpoint(tmp, CKPT_PREFIX, model.params)
+        (tmp / "hparams.json").write_text(json.dumps(model.hparams, indent=2) + "\n")
+        for name, raw in model.encoder.files.items():
+            (tmp / name).write_bytes(raw)
+        for f in tmp.iterdir():
+            fsync_file(f)
+        _swap_in(tmp, folder)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise Gpt2tuneError(
+            f"could not save the model to {folder}: {e.strerror or e}; check free disk space "
+            "and permissions (a model already there is unchanged)"
+        ) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def write_checkpoint(folder: Path, prefix: str, tensors: Mapping[str, tf.Variable]) -> None:
+    """Save `tensors` under their names as `folder/prefix` (a TF1 name-based checkpoint), then
+    point the folder's `checkpoint` state file at it, by a relative name."""
+    names = list(tensors)
+    try:
+        tf.raw_ops.SaveV2(
+            prefix=str(folder / prefix),
+            tensor_names=names,
+            shape_and_slices=[""] * len(names),
+            tensors=[tf.convert_to_tensor(tensors[n]) for n in names],
+        )
+    except tf.errors.OpError as e:  # a full disk, a read-only folder: TF's C++ file layer
+        raise Gpt2tuneError(
+            f"could not write the checkpoint {folder / prefix}: {_first_line(e)}; check free "
+            "disk space and permissions (the folder's previous checkpoint is still the one "
+            "its `checkpoint` file names)"
+        ) from None
+    write_text_atomic(
+        folder / "checkpoint",
+        f'model_checkpoint_path: "{prefix}"\nall_model_checkpoint_paths: "{prefix}"\n',
+    )
+
+
+def _swap_in(new: Path, folder: Path) -> None:
+    if not folder.exists():
+        os.rename(new, folder)
+        return
+    old = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
+    os.rename(folder, old)
+    os.rename(new, folder)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,370 @@
+"""Convert between OpenAI's GPT-2 folder layout and the Hugging Face `transformers` one.
+
+    export_hf("models/finetuned", "models/finetuned-hf")   # -> from_pretrained() loads it
+    import_hf("distilgpt2", "models/hf:distilgpt2")         # an HF GPT-2 folder -> OpenAI's layout
+    python stages/export.py                                   # the DVC stage, same as the first
+
+Both are renamings, not computations: HF's GPT-2 keeps OpenAI's Conv1D weights ([in, out],
+minus OpenAI's leading 1), ties `lm_head` to `wte`, and its tokenizer files are OpenAI's
+encoder.json and vocab.bpe under the names vocab.json and merges.txt. So export then import
+gives back the same bytes, and gpt2tune itself needs neither torch nor transformers: tensors
+go through `safetensors.numpy`. The key names and config fields follow transformers'
+`models/gpt2/modeling_gpt2.py` and `configuration_gpt2.py`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes  # noqa: F401  (TensorFlow's dependency; lets numpy, so safetensors, read bf16)
+import numpy as np
+
+from gpt2tune.errors import Gpt2tuneError
+
+HF_PREFIX = "hf:"  # model.name: hf:<folder or hub id>
+WEIGHTS = "model.safetensors"
+SHARD_INDEX = "model.safetensors.index.json"
+EOT = "<|endoftext|>"
+# HF buffers that are not weights (the causal mask of older checkpoints) and the tied head.
+_IGNORED = re.compile(r"(^|\.)(attn\.bias|attn\.masked_bias|lm_head\.weight)$")
+# Config fields whose value must be the one GPT-2 (and gpt2tune's forward pass) uses; a
+# missing field means transformers' default, which is that value.
+_REQUIRED = {
+    "activation_function": ("gelu_new", "gelu_pytorch_tanh"),  # the same tanh approximation
+    "layer_norm_epsilon": (1e-5,),
+    "scale_attn_weights": (True,),
+    "scale_attn_by_inverse_layer_idx": (False,),
+    "add_cross_attention": (False,),
+}
+
+
+def hf_name(name: str) -> str:
+    """OpenAI's tensor name -> HF's: `model/h0/attn/c_attn/w` -> `h.0.attn.c_attn.weight`."""
+    parts = name.split("/")[1:]  # drop "model"
+    if parts[0] in ("wte", "wpe"):
+        return f"{parts[0]}.weight"
+    if parts[0].startswith("h"):
+        parts[0:1] = ["h", parts[0][1:]]
+    parts[-1] = "bias" if parts[-1] == "b" else "weight"
+    return ".".join(parts)
+
+
+def to_hf_tensors(weights: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """GPT2LMHeadModel's state dict (what save_pretrained writes: no lm_head, it is tied)."""
+    out = {}
+    for name, value in weights.items():
+        value = np.asarray(value, np.float32)
+        if value.ndim == 3:  # OpenAI's Conv1D weight [1, in, out]; HF's is [in, out]
+            value = value[0]
+        out[f"transformer.{hf_name(name)}"] = np.ascontiguousarray(value)
+    return out
+
+
+def from_hf_tensors(
+    tensors: Mapping[str, np.ndarray], hparams: Mapping[str, int], source: str
+) -> dict[str, np.ndarray]:
+    """OpenAI-named float32 weights from an HF GPT-2 state dict (with or without the
+    `transformer.` prefix), checked against `hparams`."""
+    from gpt2tune.model.gpt2 import variable_shapes
+
+    plain = {k.removeprefix("transformer."): v for k, v in tensors.items()}
+    shapes = variable_shapes(hparams)
+    wanted = {hf_name(n): n for n in shapes}
+    extra = sorted(k for k in plain if k not in wanted and not _IGNORED.search(k))
+    if extra:
+        raise Gpt2tuneError(
+            f"{source}: tensor {extra[0]} is not part of a GPT-2 language model "
+            f"({len(extra)} such); export the GPT2LMHeadModel itself"
+        )
+    weights = {}
+    for key, name in wanted.items():
+        if key not in plain:
+            raise Gpt2tuneError(f"{source}: tensor {key} is missing; is it a GPT-2 checkpoint?")
+        value = plain[key]
+        shape = shapes[name][1:] if len(shapes[name]) == 3 else shapes[name]
+        if tuple(value.shape) != shape:
+            raise Gpt2tuneError(
+                f"{source}: tensor {key} has shape {list(value.shape)} but config.json "
+                f"implies {list(shape)}; the config and the weights do not belong together"
+            )
+        weights[name] = np.asarray(value, np.float32).reshape(shapes[name])
+    head = plain.get("lm_head.weight")
+    if head is not None and not np.array_equal(np.asarray(head, np.float32), weights["model/wte"]):
+        raise Gpt2tuneError(
+            f"{source}: lm_head.weight differs from transformer.wte.weight; GPT-2 ties them, "
+            "so an untied head cannot be converted"
+        )
+    return weights
+
+
+def hf_config(hparams: Mapping[str, int], eot: int) -> dict[str, Any]:
+    """config.json of a GPT2LMHeadModel with these hyperparameters (fields left out, such as
+    the dropout rates, take transformers' defaults, which are GPT-2's)."""
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": hparams["n_vocab"],
+        "n_positions": hparams["n_ctx"],
+        "n_embd": hparams["n_embd"],
+        "n_layer": hparams["n_layer"],
+        "n_head": hparams["n_head"],
+        "activation_function": "gelu_new",
+        "layer_norm_epsilon": 1e-5,
+        "scale_attn_weights": True,
+        "tie_word_embeddings": True,
+        "bos_token_id": eot,
+        "eos_token_id": eot,
+        "dtype": "float32",
+    }
+
+
+def hparams_from_config(config: Mapping[str, Any], path: Path) -> dict[str, int]:
+    """gpt2tune's five hyperparameters from an HF config.json, refusing what GPT-2 is not."""
+    from gpt2tune.model.gpt2 import check_hparams
+
+    if config.get("model_type") != "gpt2":
+        raise Gpt2tuneError(
+            f"{path}: model_type is {config.get('model_type')!r}, not 'gpt2'; only GPT-2 "
+            "architectures convert"
+        )
+    for key, allowed in _REQUIRED.items():
+        if key in config and config[key] not in allowed:
+            raise Gpt2tuneError(
+                f"{path}: {key} = {config[key]!r}, but GPT-2 has {allowed[0]!r}; this variant "
+                "cannot run as OpenAI's GPT-2"
+            )
+    n_embd = config.get("n_embd", 768)
+    if config.get("n_inner") not in (None, 4 * n_embd):
+        raise Gpt2tuneError(f"{path}: n_inner = {config['n_inner']} but GPT-2 has 4 * n_embd")
+    hp = {
+        "n_vocab": config.get("vocab_size", 50257),
+        "n_ctx": config.get("n_positions", 1024),
+        "n_embd": n_embd,
+        "n_head": config.get("n_head", 12),
+        "n_layer": config.get("n_layer", 12),
+    }
+    return check_hparams(hp, source=str(path))
+
+
+def generation_config(sampling: Any, eot: int) -> dict[str, Any]:
+    """generation_config.json from gpt2tune's `sample` settings (a Sampling)."""
+    out: dict[str, Any] = {"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot}
+    out["max_new_tokens"] = sampling.length
+    out["do_sample"] = sampling.temperature > 0  # gpt2tune's temperature 0 is greedy
+    if out["do_sample"]:
+        out["temperature"] = sampling.temperature
+        out["top_k"] = sampling.top_k  # 0 is off in both; unset would be HF's default of 50
+        out["top_p"] = sampling.top_p or 1.0  # off: gpt2tune says 0, HF says 1
+    # The same CTRL rule over prompt + output, greedy or not. `stop` has no equivalent that
+    # works alone: HF's stop_strings needs the tokenizer passed to every generate() call.
+    out["repetition_penalty"] = sampling.repetition_penalty
+    return out
+
+
+def export_hf(
+    model_folder: str | os.PathLike, out_folder: str | os.PathLike, sampling: Any = None
+) -> Path:
+    """Write `model_folder` (OpenAI's layout) as a transformers GPT-2 folder, atomically.
+
+    `sampling` (a gpt2tune Sampling, e.g. params' `sample` section) becomes
+    generation_config.json; None takes Sampling's defaults.
+    """
+    from safetensors.numpy import save_file
+
+    from gpt2tune.config.params import Sampling
+    from gpt2tune.model.checkpoint import load_model
+
+    if Path(out_folder).resolve() == Path(model_folder).resolve():
+        raise Gpt2tuneError(f"export to {out_folder} would replace the model itself; pick --out")
+    model = load_model(model_folder)
+    eot = model.encoder.eot_token
+    tensors = to_hf_tensors(model.weights_numpy())
+    tokenizer = {  # the rest (no added <|endoftext|> in front, errors="replace") is the default
+        "tokenizer_class": "GPT2Tokenizer",
+        "model_max_length": model.hparams["n_ctx"],
+        **{k: EOT for k in ("bos_token", "eos_token", "unk_token")},
+        "add_prefix_space": False,
+    }
+    jsons = {
+        "config.json": hf_config(model.hparams, eot),
+        "generation_config.json": generation_config(sampling or Sampling(), eot),
+        "tokenizer_config.json": tokenizer,
+    }
+    with _atomic_folder(Path(out_folder)) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})  # pt: what HF reads
+        for name, content in jsons.items():
+            (tmp / name).write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
+        (tmp / "vocab.json").write_bytes(model.encoder.files["encoder.json"])
+        (tmp / "merges.txt").write_bytes(model.encoder.files["vocab.bpe"])
+    return Path(out_folder)
+
+
+def import_hf(hf_folder: str | os.PathLike, out_folder: str | os.PathLike) -> Path:
+    """Convert a transformers GPT-2 folder (config.json, model.safetensors, vocab.json,
+    merges.txt) into an OpenAI-layout model folder that every gpt2tune stage reads."""
+    from gpt2tune.model.checkpoint import save_model
+    from gpt2tune.model.gpt2 import GPT2
+
+    folder = Path(hf_folder)
+    if not folder.is_dir():
+        raise Gpt2tuneError(f"Hugging Face model folder {folder} does not exist")
+    config_path = folder / "config.json"
+    hparams = hparams_from_config(_read_json(config_path), config_path)
+    encoder = _load_tokenizer(folder)
+    weights = from_hf_tensors(_read_safetensors(folder), hparams, f"{folder}")
+    return save_model(GPT2(hparams, weights, encoder), out_folder)
+
+
+def fetch_hf(name: str, models_dir: str | os.PathLike = "models") -> Path:
+    """`model.name: hf:<folder>` -> `<models_dir>/<name>` in OpenAI's layout.
+
+    <folder> is a local HF GPT-2 folder, or a hub id such as `distilgpt2` when no such folder
+    exists and `huggingface_hub` is installed (and the hub reachable). The result keeps the
+    name verbatim (`models/hf:distilgpt2`), so every stage finds it as models/<model.name>.
+    """
+    spec = name.removeprefix(HF_PREFIX)
+    if not name.startswith(HF_PREFIX) or not spec or ".." in Path(spec).parts:
+        raise Gpt2tuneError(f"model.name {name!r}: expected hf:<folder or hub id>, without '..'")
+    source = Path(spec)
+    if not source.is_dir():
+        source = _download(spec)
+    return import_hf(source, Path(models_dir) / name)
+
+
+def _download(repo_id: str) -> Path:
+    if not re.fullmatch(r"\w[\w.-]*(/\w[\w.-]*)?", repo_id):  # user/name, or a legacy name
+        raise Gpt2tuneError(
+            f"Hugging Face folder {repo_id} does not exist (relative to the project root)"
+        )
+    hint = f"download it (hf download {repo_id} --local-dir {repo_id})"
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise Gpt2tuneError(
+            f"no folder {repo_id} here, and huggingface_hub is not installed to fetch it as a "
+            f"hub id; {hint}"
+        ) from None
+    files = ["*.json", "*.safetensors", "merges.txt"]  # config, weights, index, tokenizer
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=files))
+    except Exception as e:  # any of the hub client's many errors: network, 404, auth
+        raise Gpt2tuneError(f"could not download {repo_id} ({_first_line(e)}); {hint}") from None
+
+
+def _load_tokenizer(folder: Path) -> Any:
+    """The Encoder of vocab.json + merges.txt (OpenAI's two files renamed), or of the BPE
+    inside tokenizer.json, which is all that newer transformers versions save."""
+    from gpt2tune.model.encoder import Encoder
+
+    vocab, merges = folder / "vocab.json", folder / "merges.txt"
+    if vocab.is_file() and merges.is_file():
+        raw, names = (vocab.read_bytes(), merges.read_bytes()), (vocab.name, merges.name)
+    elif (folder / "tokenizer.json").is_file():
+        raw, names = _bpe_files(folder / "tokenizer.json"), ("tokenizer.json",) * 2
+    else:
+        raise Gpt2tuneError(
+            f"{folder} has no tokenizer: it needs vocab.json and merges.txt, or tokenizer.json; "
+            "save them with tokenizer.save_pretrained(folder)"
+        )
+    try:
+        return Encoder.from_files(*raw, source=str(folder))
+    except Gpt2tuneError as e:  # the Encoder names OpenAI's files; name the ones here
+        msg = str(e).replace("encoder.json", names[0]).replace("vocab.bpe", names[1])
+        raise Gpt2tuneError(msg) from None
+
+
+def _bpe_files(path: Path) -> tuple[bytes, bytes]:
+    """encoder.json and vocab.bpe rebuilt from a tokenizers-library tokenizer.json."""
+    data = _read_json(path)
+    bpe = data.get("model")
+    vocab = bpe.get("vocab") if isinstance(bpe, dict) and bpe.get("type") == "BPE" else None
+    if not isinstance(vocab, dict):
+        raise Gpt2tuneError(f"{path}: its model is not a byte-level BPE like GPT-2's")
+    ids = dict(vocab)
+    for added in data.get("added_tokens") or []:  # some savers keep <|endoftext|> only here
+        if isinstance(added, dict) and added.get("content") == EOT:
+            ids.setdefault(EOT, added.get("id"))
+    lines = [m if isinstance(m, str) else " ".join(map(str, m)) for m in bpe.get("merges") or []]
+    vocab_bpe = "\n".join(["#version: 0.2", *lines, ""])
+    return json.dumps(ids, ensure_ascii=False).encode(), vocab_bpe.encode()
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """The JSON object in `path`, or a one-line error saying what is wrong with the file."""
+    try:
+        data = json.loads(path.read_bytes())  # bytes: json detects UTF-8/16/32 itself
+    except FileNotFoundError:
+        msg = "is missing: save the model with save_pretrained(folder)"
+    except (ValueError, OSError) as e:  # a UnicodeDecodeError is a ValueError
+        msg = f"is not valid JSON ({_first_line(e)})"
+    else:
+        if isinstance(data, dict):
+            return data
+        msg = f"must hold a JSON object, not {type(data).__name__}"
+    raise Gpt2tuneError(f"{path} {msg}")
+
+
+def _read_safetensors(folder: Path) -> dict[str, np.ndarray]:
+    """All tensors of model.safetensors, or of the shards model.safetensors.index.json names."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    index = folder / SHARD_INDEX
+    if (folder / WEIGHTS).is_file():
+        files = [folder / WEIGHTS]
+    elif index.is_file():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise Gpt2tuneError(f"{index} has no weight_map; save the model again")
+        files = [folder / str(f) for f in sorted(set(weight_map.values()))]
+    else:
+        others = sorted(f.name for f in folder.glob("*") if f.suffix in (".bin", ".h5", ".msgpack"))
+        fix = "save the model with save_pretrained(folder)"
+        if others:  # PyTorch pickles (and TF/Flax files) need their framework to read
+            fix = f"it has only {', '.join(others)}, which needs torch: {fix} in transformers"
+        raise Gpt2tuneError(f"{folder / WEIGHTS} is missing; {fix}")
+    tensors: dict[str, np.ndarray] = {}
+    for f in files:
+        try:
+            tensors.update(load_file(str(f)))
+        except (SafetensorError, OSError, TypeError, ValueError) as e:
+            raise Gpt2tuneError(
+                f"{f} is not a readable safetensors file ({_first_line(e)}); save it again"
+            ) from None
+    return tensors
+
+
+@contextlib.contextmanager
+def _atomic_folder(out: Path) -> Iterator[Path]:
+    """Yield an empty hidden sibling of `out`; on success it replaces `out` by renames, on any
+    failure it is deleted and `out` is left as it was."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.mkdir()
+        yield tmp
+        if out.exists():
+            os.rename(out, old)
+        os.rename(tmp, out)
+    except OSError as e:
+        raise Gpt2tuneError(
+            f"could not write {out}: {e.strerror or e}; check free disk space and permissions"
+        ) from None
+    finally:
+        if old.exists() and not out.exists():  # the second rename failed: put the old one back
+            os.rename(old, out)
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]

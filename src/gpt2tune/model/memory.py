@@ -1,0 +1,92 @@
+"""How much memory a job needs and how much there is: refuse up front what would not fit.
+
+The training formula is the one the README's "which model fits which GPU" table is computed
+from (`bench/memory.py`), checked there against measured peaks: it overestimates a float32 CPU
+training step by 10-20%. gpt2tune compares it with free RAM before training on a CPU, so a
+`batch_size` far too large is one clear line instead of an out-of-memory kill hours in.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+
+from gpt2tune.model.gpt2 import variable_shapes
+from gpt2tune.train.optim import OPTIMIZERS
+
+
+def n_params(hparams: Mapping[str, int]) -> int:
+    return sum(math.prod(s) for s in variable_shapes(hparams).values())
+
+
+def step_bytes(
+    hparams: Mapping[str, int], tokens: int, seq: int, recompute: bool, act_bytes: int
+) -> int:
+    """Activations a train step keeps for the backward pass of `tokens` tokens in windows of
+    `seq`, plus the logits.
+
+    Per token and layer the block keeps ~24 n_embd values (ln_1 in/out, q k v, merged heads,
+    residual, ln_2 out, c_fc out, two gelu temporaries and its output, 4 n_embd each) of
+    `act_bytes` each, and 2 n_head seq attention values (scores and softmax, float32 whatever
+    the precision). With recompute a layer keeps only its input (n_embd values), plus one
+    layer's worth while it is recomputed. The logits cost ~12 bytes per vocabulary entry per
+    token (float32 logits, softmax and its gradient).
+    """
+    e, a, layers = hparams["n_embd"], hparams["n_head"], hparams["n_layer"]
+    layer = act_bytes * 24 * e + 4 * 2 * a * seq
+    kept = layers * act_bytes * e + layer if recompute else layers * layer
+    return tokens * (kept + 12 * hparams["n_vocab"])
+
+
+def lora_params(hparams: Mapping[str, int], rank: int, targets) -> int:
+    """Numbers in LoRA's adapters: rank * (in + out) per targeted layer of every block."""
+    e = hparams["n_embd"]
+    sizes = {"attn/c_attn": e + 3 * e, "attn/c_proj": 2 * e, "mlp/c_fc": 5 * e, "mlp/c_proj": 5 * e}
+    return hparams["n_layer"] * rank * sum(sizes[t] for t in targets)
+
+
+def training_bytes(hparams: Mapping[str, int], cfg, replicas: int = 1) -> int:
+    """Bytes one device needs to train with the `train` section `cfg`, weights included:
+    float32 weights and gradients, the optimizer's float32 slots (OPTIMIZERS: two for Adam), a
+    low-precision copy of the weights under mixed precision, and one micro-batch's activations.
+
+    With LoRA (train.lora_rank) the model is frozen: its weights cost 4 bytes/param (+2 for the
+    mixed copy), with no gradient and no slots; the adapters cost what trained weights cost.
+    The activations are the same as full fine-tuning's: the backward pass still goes through
+    every layer, to reach the adapters below it, and needs each layer's input and the gradient
+    of its output. The adapters add rank values per target per token and layer (x A).
+    """
+    trained = 8 + 4 * len(OPTIMIZERS[cfg.optimizer].slots)
+    mixed = cfg.precision != "float32"
+    low = 2 if mixed else 0
+    windows = max(1, cfg.batch_size // replicas)
+    tokens = windows * cfg.n_ctx
+    act = 2 if mixed else 4
+    acts = step_bytes(hparams, tokens, cfg.n_ctx, cfg.memory_saving_gradients, act)
+    if not cfg.lora_rank:
+        return n_params(hparams) * (trained + low) + acts
+    adapters = lora_params(hparams, cfg.lora_rank, cfg.lora_targets)
+    x_a = tokens * hparams["n_layer"] * cfg.lora_rank * len(cfg.lora_targets) * act
+    return n_params(hparams) * (4 + low) + adapters * (trained + low) + acts + x_a
+
+
+def available_memory() -> int | None:
+    """Bytes of RAM this process may still use: MemAvailable, or a cgroup limit's headroom if
+    that is lower; None where neither can be read (not Linux)."""
+    found = []
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError):
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+        if limit.isdigit():
+            found.append(int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None

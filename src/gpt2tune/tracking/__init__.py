@@ -1,0 +1,1 @@
+"""Tracking in MLflow: runs, the offline journal, the sample table."""

@@ -1,0 +1,322 @@
+"""MLflow bookkeeping: one run per training, shared by the train, assemble and sample stages.
+
+The train stage starts the run and records its id in `metrics/mlflow_run.json`; the later
+stages reopen that run, so params, loss curves, samples and the assembled model of one
+fine-tuning stay together. Relative `sqlite:///` stores resolve against the DVC project root
+(`$DVC_ROOT`, which DVC sets to the main workspace also for `dvc exp run --temp/--queue`), so
+every experiment lands in the same `mlflow.db` that `mlflow ui` shows.
+
+When the tracking store is away
+-------------------------------
+Tracking never holds up a training step: training's calls are queued for a sender thread
+(:mod:`gpt2tune.tracking.outbox`; reopened runs call directly), and a stage waits for the
+store at most
+``GPT2TUNE_MLFLOW_WAIT_S`` seconds (default 3) at its start (one HTTP timeout, no retry) and as
+long at its end. A store that does not answer (an http(s) server down, dying, silent; a sqlite
+store another process holds locked) never stops a stage: what it missed (the run's creation
+with params and tags, metrics, texts, folders to upload, the status) goes, one JSON line per
+call, to ``metrics/mlflow_offline/<run id>.jsonl``, named in a warning. A run created offline
+has a local id ``offline-<hex>`` (in `metrics/mlflow_run.json` and the checkpoint's state). The
+file is replayed in order once the store answers: retried with a backoff from 0.5 s up to every
+``GPT2TUNE_MLFLOW_RETRY_S`` seconds (default 60) while logging, at the stage's end, by later
+stages or ``gpt2tune replay``. Replaying creates the run if needed (``<offline
+id>.json`` maps the local id to the real one), skips (metric, step) pairs the run holds, and
+deletes the file when all is in, so an interrupted replay is simply repeated. Folders are
+uploaded as they are at replay time. Other failures of a sqlite or file store, and a deleted
+experiment, fail loudly: waiting will not cure them. The journal files are
+:mod:`gpt2tune.tracking.journal`'s, the MLflow calls :mod:`gpt2tune.tracking.client`'s; this
+module decides
+between them (:class:`gpt2tune.tracking.session.Session`) and holds the functions the stages call.
+
+Resumed runs: a training that reopens its run logs no (metric, step) pair twice, so the loss
+curve of a resumed training has each step once, with the value first recorded.
+
+Credentials for a tracking server come from the environment (``MLFLOW_TRACKING_USERNAME`` /
+``MLFLOW_TRACKING_PASSWORD``, or a ``user:password@`` in ``$MLFLOW_TRACKING_URI``); every
+address this module prints or writes down goes through :func:`redact`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from gpt2tune.config.params import MlflowParams
+from gpt2tune.errors import Gpt2tuneError
+from gpt2tune.files import display_path, write_text_atomic
+from gpt2tune.tracking import journal
+from gpt2tune.tracking.client import (
+    Unreachable,
+    missing,
+    param_value,
+    reason,
+    resolve_tracking_uri,  # noqa: F401  (re-exported: callers read the store through here)
+    run_tags,
+    start_timeouts,
+    transient,
+)
+from gpt2tune.tracking.journal import OFFLINE_PREFIX
+from gpt2tune.tracking.session import Session
+from gpt2tune.urls import redact
+
+RUN_FILE = Path("metrics/mlflow_run.json")
+
+
+def replay_pending(cfg: MlflowParams) -> int:
+    """Send every journal under metrics/mlflow_offline to the server; return how many
+    remain (0: all sent). Gpt2tuneError if the server is still unreachable."""
+    files = journal.pending()
+    for path in files:
+        session = Session(cfg, path.stem)
+        try:
+            session.connect()
+            session.catch_up()
+        except Unreachable as e:
+            raise Gpt2tuneError(
+                f"MLflow server {redact(session.uri)} is still unreachable ({e}); "
+                f"{len(files)} offline file(s) kept in {display_path(journal.offline_dir())}"
+            ) from None
+    return len(journal.pending())
+
+
+# ------------------------------------------------------------------- the public functions
+
+_active: Session | None = None
+
+
+@contextmanager
+def _activate(session: Session, background: bool) -> Iterator[Session]:
+    global _active
+    if background:
+        session.start_sending()
+    previous, _active = _active, session
+    status = "FAILED"
+    try:
+        yield session
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        _active = previous
+        try:
+            if not session.ended:  # end_run() already set the status
+                session.call({"op": "status", "status": status, "ts": _now_ms()})
+        finally:
+            session.finish()
+
+
+def _write_run_file(session: Session) -> None:
+    RUN_FILE.parent.mkdir(parents=True, exist_ok=True)
+    info = {"run_id": session.run_id, "experiment_id": session.experiment_id,
+            "tracking_uri": redact(session.uri)}  # fmt: skip
+    if session.offline or session.kept():
+        info["offline_file"] = display_path(session.journal)
+    write_text_atomic(RUN_FILE, json.dumps(info, indent=2) + "\n")
+
+
+def _open(session: Session, prepare) -> str | None:
+    """Reach the store and run `prepare` (which may create the run) within start_timeouts();
+    the reason if the store is away (the session is then offline). Errors that waiting
+    cannot cure raise."""
+    try:
+        with start_timeouts():
+            session.connect()
+            prepare()
+            session.catch_up()  # creates an offline-made run; sends what was kept
+    except Exception as e:
+        if isinstance(e, Gpt2tuneError) or not transient(session.uri, e):
+            raise
+        return reason(e)
+    return None
+
+
+@contextmanager
+def training_run(
+    cfg: MlflowParams,
+    params: dict,
+    run_id: str | None = None,
+    record: bool = True,
+    *,
+    name: str | None = None,
+    tags: dict[str, str] | None = None,
+):
+    """Start (or, given `run_id` of a resumed training, reopen) the run and record its id
+    in metrics/mlflow_run.json (not with `record=False`: a run of its own, such as
+    `gpt2tune evaluate --mlflow`). A store that is away does not stop training (see above).
+    A new run is called `name` (default: the DVC experiment's name) and gets `tags` too."""
+    session = Session(cfg, run_id or "")
+    name = (name or os.environ.get("DVC_EXP_NAME")) if run_id is None else None
+    all_tags = {**run_tags(), **(tags or {})}
+
+    def prepare() -> None:
+        if session.run_id and not session.run_id.startswith(OFFLINE_PREFIX):
+            try:
+                session.client.get_run(session.run_id)
+                session.client.update_run(session.run_id, status="RUNNING")
+            except Exception as e:
+                if not missing(e):
+                    raise
+                session.run_id = session.local_id = ""  # the store was reset: a new run
+        if not session.run_id:
+            session.create_run(params, all_tags, name)
+
+    why = _open(session, prepare)
+    if why is not None and not session.run_id:  # made later, from the journal's first record
+        session.run_id = session.local_id = journal.new_offline_id()
+        kept = {k: param_value(v) for k, v in params.items()}
+        journal.append(session.journal, {"op": "start", "params": kept, "tags": all_tags,
+                                         "name": name, "ts": _now_ms()})  # fmt: skip
+    if why is not None:
+        session.went_offline(why)
+    if record:
+        _write_run_file(session)
+    try:
+        with _activate(session, background=True):
+            yield session
+    finally:  # also after a failure or a stop: what was kept is sent if the server is back
+        _wind_up(session, record)
+
+
+def _wind_up(session: Session, record: bool = True) -> None:
+    if record:
+        _write_run_file(session)  # the real id, if the store came back during training
+    if session.offline or session.kept():
+        print(
+            f"warning: MLflow store {redact(session.uri)} is still unreachable; this "
+            f"training's records are kept in {display_path(session.journal)} and are sent by the "
+            "next stage that reaches it (assemble, sample) or `gpt2tune replay`",
+            file=sys.stderr,
+        )
+
+
+@contextmanager
+def reopen_run(cfg: MlflowParams, run_file: Path = RUN_FILE):
+    """Reopen the training's run (from `metrics/mlflow_run.json`) to add artifacts to it;
+    first send whatever the training kept offline."""
+    try:
+        run_id = json.loads(Path(run_file).read_text())["run_id"]
+    except (OSError, ValueError, KeyError, TypeError):
+        run_id = None
+    if not isinstance(run_id, str) or not run_id:
+        raise Gpt2tuneError(
+            f"{run_file} is missing or unreadable: run `dvc repro train` first"
+        ) from None
+    session = Session(cfg, run_id)
+
+    def prepare() -> None:
+        if not session.run_id.startswith(OFFLINE_PREFIX):
+            try:
+                session.client.get_run(session.run_id)
+            except Exception as e:
+                if not missing(e):
+                    raise
+                raise Gpt2tuneError(
+                    f"MLflow run {session.run_id} named in {run_file} is not in "
+                    f"{redact(session.uri)}; rerun training with `dvc repro -f train`"
+                ) from None
+
+    why = _open(session, prepare)
+    if why is not None:
+        session.went_offline(why)
+    # No training steps to keep going here, and a model folder's upload may take minutes:
+    # calls are made in the stage's thread. A store found away at the start is not tried
+    # again within the stage (the next one, or `python -m gpt2tune.tracking.run`, replays).
+    session.next_try = float("inf") if session.offline else 0.0
+    with _activate(session, background=False):
+        yield session
+
+
+def flush(timeout_s: float = 60.0) -> bool:
+    """Wait at most `timeout_s` until every call made so far is sent or kept in the journal
+    (True if so). Stages need not call it: leaving the run does, with a short deadline."""
+    outbox = _current().outbox
+    return outbox is None or outbox.drain(timeout_s)
+
+
+def _current() -> Session:
+    if _active is None:
+        raise RuntimeError("no MLflow run is open: call inside training_run() or reopen_run()")
+    return _active
+
+
+def end_run(status: str) -> None:
+    """End the open run now with an MLflow status such as "KILLED" (instead of the
+    FINISHED / FAILED that leaving training_run or reopen_run would set)."""
+    session = _current()
+    session.call({"op": "status", "status": status, "ts": _now_ms()})
+    session.ended = True
+
+
+def log_metrics(metrics: dict, step: int) -> None:
+    _current().call(
+        {
+            "op": "metrics",
+            "step": int(step),
+            "ts": _now_ms(),
+            "values": {k: float(v) for k, v in metrics.items()},
+        }  # fmt: skip
+    )
+
+
+def log_history(history: dict) -> None:
+    """Log a training's loss history (`{"loss": [[step, value], ...], "val_loss": ...}`)
+    again, in one call: the run keeps the values it holds, and gains the steps it lacks, such
+    as those still queued when a kill -9 stopped the training that saved this history."""
+    points = [(key, int(s), float(v)) for key in ("loss", "val_loss") for s, v in history[key]]
+    points += [("base_val_loss", 0, float(v)) for s, v in history["val_loss"] if s == 0]
+    _current().call({"op": "history", "ts": _now_ms(), "points": points})
+
+
+def set_tag(key: str, value: str) -> None:
+    _current().call({"op": "tags", "tags": {key: str(value)}})
+
+
+def log_text(text: str, artifact_file: str) -> None:
+    _current().call({"op": "text", "text": text, "file": artifact_file})
+
+
+def log_table(data: dict[str, list], artifact_file: str) -> None:
+    """Append rows (column -> values) to the run's MLflow table `artifact_file` (a .json)."""
+    _current().call({"op": "table", "data": data, "file": artifact_file})
+
+
+def log_folder(folder: str | os.PathLike, artifact_path: str) -> None:
+    path = str(Path(folder).resolve())
+    _current().call({"op": "folder", "path": path, "artifact_path": artifact_path})
+
+
+def log_file(path: str | os.PathLike, artifact_path: str | None = None) -> None:
+    """Upload one file (such as a chart) to the run's artifacts, under `artifact_path`."""
+    _current().call(
+        {"op": "file", "path": str(Path(path).resolve()), "artifact_path": artifact_path}
+    )
+
+
+def log_model(
+    folder: str | os.PathLike,
+    sampling_defaults: Any,
+    registered_model: str = "gpt2tune",
+    alias: str = "candidate",
+) -> None:
+    """Log `folder` to the open run as an MLflow Model (see gpt2tune.servable) and, unless
+    `registered_model` is "", register it as a new version with `alias` ("" = none). Like
+    every call, it waits in the offline journal while the server is away."""
+    from gpt2tune.servable import defaults_of
+
+    path = Path(folder)
+    if not path.is_dir():
+        raise Gpt2tuneError(f"model folder {path} does not exist; nothing to log to MLflow")
+    _current().call({"op": "model", "path": str(path.resolve()),
+                     "defaults": defaults_of(sampling_defaults),
+                     "registered_model": registered_model, "alias": alias})  # fmt: skip
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)

@@ -1,0 +1,55 @@
+"""The samples table: every text sample as one row of an MLflow table, so that MLflow's UI
+(a run's Artifacts tab, or the experiment's Evaluation view across runs) sets the samples of
+several runs side by side, matched by step and prompt.
+
+Training samples (every `train.sample_every` steps) and the sample stage's go to the same
+table, `samples/table.json` of the training's run; `samples/samples.json` and `samples.md` stay
+as they are. The sampling settings are columns, so a row says how its text was made:
+`gpt2tune.generate(model, prompt, sampling=Sampling(**settings))` with the same weights gives
+it again. Rows are appended (MLflow's log_table), so rerunning the sample stage on the same run
+adds its rows again, with the settings they were made with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from gpt2tune.config.params import Sampling, TrainParams
+
+TABLE = "samples/table.json"
+
+
+def training_sampling(cfg: TrainParams, step: int) -> Sampling:
+    """The settings of the training sample at `step`: what gpt2tune.train.loop's loop uses
+    (Shepperd's temperature 1, top_k 40, one sample from <|endoftext|>, seed + step)."""
+    return Sampling(nsamples=1, length=cfg.sample_length, temperature=1.0, top_k=40, top_p=0.0,
+                    seed=cfg.seed + step)  # fmt: skip
+
+
+def rows(step: int, records: list[dict], sampling: Sampling) -> dict[str, list]:
+    """Columns step, prompt ("" = unconditional), index, text, then every sampling setting;
+    one row per record of gpt2tune.generation.sampler.sample_records."""
+    settings = {f.name: getattr(sampling, f.name) for f in dataclasses.fields(Sampling)}
+    table: dict[str, list] = {k: [] for k in ("step", "prompt", "index", "text", *settings)}
+    for r in records:
+        row = dict(step=step, prompt=r["prompt"] or "", index=r["index"], text=r["text"])
+        for k, v in {**row, **settings}.items():
+            table[k].append(v)
+    return table
+
+
+def training_rows(text: str, step: int, cfg: TrainParams) -> dict[str, list]:
+    """The one row of the training sample `text` taken at `step`."""
+    return rows(step, [{"prompt": None, "index": 0, "text": text}], training_sampling(cfg, step))
+
+
+def sample_stage_rows(records: list[dict], sampling: Sampling, steps: int) -> dict[str, list]:
+    """The sample stage's rows; their step is where training ended (metrics/train.json's
+    `steps`, which a time budget may have cut short), else train.steps (`steps`)."""
+    try:
+        steps = int(json.loads(Path("metrics/train.json").read_text())["steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return rows(steps, records, sampling)

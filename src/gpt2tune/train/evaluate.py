@@ -1,0 +1,59 @@
+"""The loss and perplexity of any model folder on any text (`gpt2tune evaluate`).
+
+The number is the one training's validation reports: the text is tokenized by the encode
+step (data.format, data.encoding, data.field; here all of it kept, none held out), cut into
+the same evenly spaced windows (``batches.eval_windows`` with train.n_ctx and
+train.val_batch_count) and scored by the Trainer's compiled eval step (train.batch_size
+windows at a time, train.precision). So a fine-tuned model's val_loss can be compared with,
+say, the base model's on the same validation text.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+
+import numpy as np
+from tqdm import tqdm
+
+from gpt2tune.config.params import Params
+
+
+def text_tokens(path_spec: str, model_dir: str, p: Params) -> np.ndarray:
+    """All tokens of `path_spec`, encoded exactly as the encode stage would (one stream,
+    documents separated by <|endoftext|>), with the tokenizer of `model_dir`."""
+    from gpt2tune.data.encode import encode_corpus, load_tokens
+    from gpt2tune.model.encoder import load_encoder
+
+    enc = load_encoder(model_dir)
+    with tempfile.TemporaryDirectory(prefix="gpt2tune-evaluate-") as tmp:
+        encode_corpus(path_spec, enc, tmp, encoding=p.data.encoding, data_format=p.data.format,
+                      field=p.data.field, val_fraction=0.0)  # fmt: skip
+        return np.array(load_tokens(tmp, "train", enc.n_vocab))
+
+
+def evaluate_loss(model, tokens: np.ndarray, p: Params, progress: bool | None = None) -> dict:
+    """{"loss", "perplexity", "windows", "tokens"} of `model` on `tokens`, with training's
+    validation windows and eval step; a bar per batch of windows on a terminal."""
+    import dataclasses
+
+    import tensorflow as tf
+
+    from gpt2tune.data.batches import eval_windows
+    from gpt2tune.train.trainer import Trainer
+
+    n_ctx = min(p.train.n_ctx, model.hparams["n_ctx"])
+    windows = eval_windows(tokens, n_ctx, p.train.val_batch_count)
+    if not len(windows):
+        from gpt2tune.errors import Gpt2tuneError
+
+        raise Gpt2tuneError(f"the text is only {len(tokens)} token(s): nothing to evaluate")
+    cfg = dataclasses.replace(p.train, n_ctx=n_ctx)
+    trainer = Trainer(model, cfg, tf.distribute.get_strategy())
+    b, total = cfg.batch_size, 0.0
+    quiet = None if progress is None else not progress  # tqdm: None = only on a terminal
+    for i in tqdm(range(0, len(windows), b), desc="evaluate", unit="batch", disable=quiet):
+        total += trainer.eval_loss(windows[i : i + b]) * len(windows[i : i + b])
+    loss = total / len(windows)
+    return {"loss": loss, "perplexity": math.exp(loss), "windows": len(windows),
+            "tokens": int(windows.shape[0] * (windows.shape[1] - 1))}  # fmt: skip

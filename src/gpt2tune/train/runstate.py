@@ -1,0 +1,331 @@
+"""The run folder: the latest weights, the optimizer's slots and the run's state, written so a
+crash loses nothing, and read back to continue a run (resume) rather than restart it.
+
+`checkpoint/run1` holds the weights under OpenAI's names plus the optimizer's slots
+(`<name>/Adam`, `<name>/Adam_1`, `global_step`, like TF1), `train_state.json` and the loss
+history. A rerun with the same settings (same `fingerprint`) continues from it; a rerun with
+different settings starts from the base model again. Also here: what the loss history becomes
+for DVC (the metrics summary and the plot files), and the lock that keeps one training per
+run folder (see "One training per run folder" below).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import math
+import os
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import tensorflow as tf
+
+from gpt2tune.config.params import TrainParams
+from gpt2tune.errors import Gpt2tuneError
+from gpt2tune.files import display_path, write_text_atomic
+from gpt2tune.model.checkpoint import read_weights, write_checkpoint
+from gpt2tune.train.keeping import finished_early, prune
+
+if TYPE_CHECKING:
+    from gpt2tune.model.gpt2 import GPT2
+    from gpt2tune.train.trainer import Trainer
+
+STATE_FILE = "train_state.json"
+HISTORY_FILE = "history.json"  # older run folders: one history, any step
+HISTORY_SUFFIX = ".history.json"  # model-<step>.history.json: the history up to <step>
+
+
+# Settings that change when or how a run is observed, or how fast it goes, but not the
+# weights it computes: changing them continues a saved run instead of restarting it.
+NOT_FINGERPRINTED = (
+    "steps", "sample_every", "sample_length", "save_every", "val_every", "val_batch_count",
+    "max_minutes", "memory_saving_gradients", "xla", "strategy",
+    "early_stopping_patience", "early_stopping_min_delta", "keep_checkpoints",
+)  # fmt: skip
+
+
+LORA_KEYS = ("lora_rank", "lora_alpha", "lora_targets")
+
+
+def fingerprint(cfg: TrainParams, base: str, data_stats: dict) -> str:
+    """What must be equal for a saved run to be continued rather than restarted.
+
+    Step counts and logging intervals are left out, so raising `train.steps` continues a
+    finished run; but a cosine schedule depends on `steps`, so there it counts.
+    """
+    train = {k: v for k, v in asdict(cfg).items() if k not in NOT_FINGERPRINTED}
+    if not cfg.lora_rank:  # full fine-tuning: the other LoRA keys change nothing, and a run
+        for k in LORA_KEYS:  # saved before they existed keeps its fingerprint
+            del train[k]
+    else:
+        train["lora_targets"] = sorted(cfg.lora_targets)  # a list or tuple, in any order
+    if cfg.lr_schedule == "cosine":
+        train["steps"] = cfg.steps
+    blob = json.dumps({"train": train, "base": base, "data": data_stats}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def run_tensors(trainer: Trainer) -> dict[str, tf.Variable]:
+    """Everything a resumed run needs: the weights (with LoRA only the adapters: the base is
+    models/<name>), the optimizer's slots and its step, and float16's loss scale."""
+    tensors = {**trainer.saved(), **trainer.opt.slots()}
+    if trainer.loss_scale is not None:
+        tensors["loss_scale"] = trainer.loss_scale.scale
+        tensors["loss_scale_good_steps"] = trainer.loss_scale.good_steps
+    return tensors
+
+
+def save_state(
+    run_dir: Path,
+    trainer: Trainer,
+    step: int,
+    history: dict,
+    extra: dict,
+    keep_steps: Iterable[int] = (),
+) -> None:
+    """Write weights + slots as `model-{step}` (and point `checkpoint` at it), then the loss
+    history beside it, and last the state, which is what makes the new step count. Then
+    delete the checkpoints other than this one and `keep_steps` (train.keep_checkpoints,
+    keeping.py), each with its history.
+
+    The history belongs to its checkpoint (`model-{step}.history.json`, removed with it): a
+    save that fails part-way, even one of a different run, leaves the state, the checkpoint
+    and the history it names as they were.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tensors = run_tensors(trainer)
+    prefix = f"model-{step}"
+    write_checkpoint(run_dir, prefix, tensors)
+    write_text_atomic(run_dir / f"{prefix}{HISTORY_SUFFIX}", json.dumps(history))
+    write_text_atomic(run_dir / STATE_FILE, json.dumps({"step": step, **extra}, indent=2))
+    prune(run_dir, {step, *keep_steps})
+    (run_dir / HISTORY_FILE).unlink(missing_ok=True)  # the one history of older run folders
+
+
+def load_state(run_dir: Path) -> dict | None:
+    try:
+        return json.loads((run_dir / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def resumable_state(run_dir: Path, run_fingerprint: str, steps: int) -> dict | None:
+    """The saved state if it is this run's and stopped short of `steps`, else None."""
+    state = _own_state(run_dir, run_fingerprint)
+    return state if state and state["step"] < steps else None
+
+
+def complete_state(run_dir: Path, run_fingerprint: str, cfg: TrainParams) -> dict | None:
+    """The saved state if it is this run's and complete: it has exactly `cfg.steps` steps, or
+    it stopped early and would stop again (keeping.finished_early). Its metrics can be written
+    again without recomputing a step."""
+    state = _own_state(run_dir, run_fingerprint)
+    if not state:
+        return None
+    done = state["step"] == cfg.steps or finished_early(run_dir, state, run_fingerprint, cfg)
+    return state if done else None
+
+
+def _own_state(run_dir: Path, run_fingerprint: str) -> dict | None:
+    state = load_state(Path(run_dir))
+    if state and state.get("fingerprint") == run_fingerprint and isinstance(state["step"], int):
+        # Only if its checkpoint is really there (someone may have deleted model-N.*).
+        if Path(run_dir, f"model-{state['step']}.index").is_file():
+            return state
+    return None
+
+
+def restore(run_dir: Path, trainer: Trainer, step: int) -> dict:
+    """Load the weights and Adam slots `save_state` wrote at `step` (the state file's step);
+    returns the loss history up to that step.
+
+    `save_state` writes train_state.json last and deletes older checkpoints after it, so a
+    crash (or a second Ctrl-C) part-way through a save leaves the state at the previous step,
+    whose checkpoint is still there, while `checkpoint` and history.json may already speak of
+    the newer one: both are read as of the state's step, not trusted on their own.
+    """
+    reader = tf.train.load_checkpoint(str(Path(run_dir) / f"model-{step}"))
+    for name, var in run_tensors(trainer).items():
+        var.assign(reader.get_tensor(name))
+    return load_history(run_dir, step)
+
+
+def load_history(run_dir: Path, step: int) -> dict:
+    """The loss history saved with checkpoint `step` (a run folder from before per-checkpoint
+    histories: its history.json, up to `step`)."""
+    own = Path(run_dir) / f"model-{step}{HISTORY_SUFFIX}"
+    path = own if own.is_file() else Path(run_dir) / HISTORY_FILE
+    try:
+        return history_upto(json.loads(path.read_text()), step)
+    except (OSError, ValueError) as e:
+        raise Gpt2tuneError(
+            f"{path}: the loss history of step {step} is unreadable ({e}); delete {run_dir} "
+            "to train from the start"
+        ) from None
+
+
+def start_point(
+    run_dir: Path, trainer: Trainer, cfg: TrainParams, run_fingerprint: str
+) -> tuple[int, dict]:
+    """Where `fit` starts, as `cfg.restore_from` says: (the step, the loss history up to it).
+
+    "latest" continues `run_dir` when it holds a run with the same `run_fingerprint` that
+    stopped before `cfg.steps`; otherwise (and always with "fresh") training starts from the
+    model's weights, or from the weights at `restore_from` when it is a path. Says which.
+    """
+    resumed = None
+    if cfg.restore_from != "fresh":
+        resumed = resumable_state(run_dir, run_fingerprint, cfg.steps)
+    if resumed:
+        start = resumed["step"]
+        history = restore(run_dir, trainer, start)
+        print(f"resuming from step {start} in {run_dir}")
+        return start, history
+    saved = load_state(run_dir)
+    if saved and cfg.restore_from == "fresh":
+        print(f"training from the start (train.restore_from: fresh); replacing {run_dir}")
+    elif saved:
+        why = (
+            f"it already has {saved['step']} steps"
+            if saved.get("fingerprint") == run_fingerprint
+            else "its settings or data differ"
+        )
+        print(f"training from the base model: the run in {run_dir} is not continued ({why})")
+    if cfg.restore_from not in ("latest", "fresh"):
+        load_weights(trainer.model, cfg.restore_from)
+        print(f"training from the weights in {cfg.restore_from}")
+    return 0, {"loss": [], "val_loss": []}
+
+
+def check_restore_from(cfg: TrainParams, hparams: dict) -> None:
+    """Refuse a `restore_from` path that does not hold weights for this model, before the
+    training makes its first change on disk."""
+    if cfg.restore_from not in ("latest", "fresh"):
+        _read_restore_from(cfg.restore_from, hparams)
+
+
+def _read_restore_from(path: str, hparams: dict) -> dict:
+    try:
+        return read_weights(path, hparams)
+    except Gpt2tuneError as e:
+        raise Gpt2tuneError(f"params.yaml: train.restore_from = {path!r}: {e}") from None
+
+
+def load_weights(model: GPT2, path: str) -> None:
+    """restore_from: <path>: start from the weights of a model folder, run folder or checkpoint
+    prefix (only the weights: the optimizer starts afresh, as in nshepperd's train.py)."""
+    weights = _read_restore_from(path, model.hparams)
+    for name, var in model.params.items():
+        var.assign(weights[name])
+
+
+def history_upto(history: dict, step: int) -> dict:
+    return {k: [e for e in v if e[0] <= step] for k, v in history.items()}
+
+
+def summary(history: dict, steps: int, tokens_per_s: float, tokens_seen: int = 0) -> dict:
+    """The run's results: what two identical runs reproduce, plus `tokens_per_s` (a timing;
+    the train stage keeps it out of the DVC metrics, see `TIMING_KEYS`).
+
+    `loss_last10` is the mean training loss of the last 10 steps (one step's loss is noisy);
+    `base_val_loss` the validation loss of the starting weights, before step 1.
+    """
+    last = [loss for _, loss in history["loss"][-10:]]
+    out = {"steps": steps, "tokens_seen": tokens_seen}
+    out["loss_last10"] = float(np.mean(last)) if last else None
+    val = history["val_loss"]
+    if val and val[0][0] == 0:
+        out["base_val_loss"] = val[0][1]
+    if val:
+        v = val[-1][1]
+        out.update(val_loss=v, val_perplexity=math.exp(min(v, 700)))
+    out["tokens_per_s"] = tokens_per_s
+    return out
+
+
+TIMING_KEYS = ("tokens_per_s", "train_seconds")  # in `summary` but not reproducible
+
+
+def write_plots(history: dict, folder: str | os.PathLike) -> None:
+    """Per-step train and validation loss as TSV files for `dvc plots`."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for key in ("loss", "val_loss"):
+        rows = [f"step\t{key}"] + [f"{s}\t{v:.6f}" for s, v in history[key]]
+        write_text_atomic(folder / f"{key}.tsv", "\n".join(rows) + "\n")
+
+
+# One training per run folder
+# ---------------------------
+# Two trainings writing `checkpoint/run1` at once would overwrite each other's checkpoints and
+# state (the second used to die half-way with "check free disk space"). `hold(run_dir)` takes
+# an exclusive `flock` on `<run_dir>.lock`, beside the run folder (so that the folder DVC
+# hashes holds only the run), and refuses at once, in one line, when another process has it.
+# The kernel releases the lock when its holder dies, even by kill -9, so a stale lock file is
+# never an obstacle.
+#
+# A save killed part-way (or failing on a full disk) can leave temporary files in the run
+# folder: TensorFlow's `*.tempstate*` data files and `.<name>.tmp` of `write_text_atomic`.
+# `clean_leftovers` removes them; the train stage calls it once it holds the lock, so no other
+# training is writing them at that moment.
+
+
+def lock_path(run_dir: str | os.PathLike) -> Path:
+    run_dir = Path(run_dir)
+    return run_dir.with_name(run_dir.name + ".lock")
+
+
+@contextmanager
+def hold(run_dir: str | os.PathLike) -> Iterator[None]:
+    """Hold `run_dir`'s lock for the `with` block; Gpt2tuneError if another process holds it.
+    The lock file holds the holder's process id (for the message) and is removed after."""
+    path = lock_path(run_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+            os.close(fd)
+            raise Gpt2tuneError(
+                f"another training (process {holder}) is using {display_path(run_dir)}; "
+                "wait for it to finish (or stop it) and run again"
+            ) from None
+        # The previous holder removes the file as it lets go: if it did so between our open
+        # and our flock, we hold a lock on a file no one else will open; take the new one.
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # before the unlock, so no one locks a removed file
+        os.close(fd)
+
+
+def clean_leftovers(run_dir: str | os.PathLike) -> list[str]:
+    """Remove the temporary files an interrupted save left in `run_dir`; returns their names."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    stale = [p for p in run_dir.iterdir() if _is_temporary(p.name) and p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    if stale:
+        print(f"removed {len(stale)} temporary file(s) of an interrupted save from {run_dir}")
+    return sorted(p.name for p in stale)
+
+
+def _is_temporary(name: str) -> bool:
+    return ".tempstate" in name or (name.startswith(".") and name.endswith(".tmp"))
