@@ -12,7 +12,8 @@ import pytest
 from helpers import run_stage, write_params
 
 from gpt2tune.data.batches import eval_windows, random_windows, window_length
-from gpt2tune.data.encode import encode_corpus, load_tokens, split_plan
+from gpt2tune.data.encode import encode_corpus, split_plan
+from gpt2tune.data.encoded import load_tokens
 from gpt2tune.data.text import chunks, find_documents
 from gpt2tune.errors import Gpt2tuneError
 from gpt2tune.model.encoder import EOT, load_encoder

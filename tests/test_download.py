@@ -11,9 +11,9 @@ from httpserver import FolderServer, ForwardingProxy, closed_port_url, silent_se
 
 from gpt2tune.errors import Gpt2tuneError
 from gpt2tune.fetch.download import (
-    DEFAULT_BASE_URL,
     OFFICIAL_FILES,
     OFFICIAL_MODELS,
+    OPENAI_MODELS,
     _is_official,
     download_file,
     fetch_model,
@@ -343,7 +343,7 @@ def test_custom_tokenizer_of_another_size_is_not_checked(served, tmp_path):
 
 def test_official_address_rule():
     # From OpenAI's address every vocab file must match, whatever its size.
-    assert _is_official(DEFAULT_BASE_URL) and _is_official(DEFAULT_BASE_URL.upper() + "/")
+    assert _is_official(OPENAI_MODELS) and _is_official(OPENAI_MODELS.upper() + "/")
     assert not _is_official("https://mirror.example/gpt-2/models")
 
 

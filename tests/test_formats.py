@@ -16,8 +16,10 @@ from helpers import REPO
 
 from gpt2tune.config.params import DataParams, Params, default_raw, validate_params
 from gpt2tune.config.schema import rule_of
-from gpt2tune.data.encode import encode_corpus, load_tokens, split_plan
-from gpt2tune.data.formats import FORMATS
+from gpt2tune.data import formats
+from gpt2tune.data.encode import encode_corpus, split_plan
+from gpt2tune.data.encoded import load_tokens
+from gpt2tune.data.formats import DATA_FORMATS
 from gpt2tune.errors import Gpt2tuneError
 from gpt2tune.model.encoder import EOT, load_encoder
 
@@ -63,7 +65,9 @@ def error_of(fn, *args, **kwargs) -> str:
 
 
 def test_keys_are_validated_and_logged():
-    assert set(rule_of(DataParams, "format").choices) == set(FORMATS)
+    # Every declared format has its reader (text and npz are read whole, the others by line).
+    assert set(rule_of(DataParams, "format").choices) == set(DATA_FORMATS)
+    assert set(DATA_FORMATS) == {"text", "npz", *formats._READERS}
     flat = Params().flat()
     assert flat["data.format"] == "text" and flat["data.field"] == "text"
     raw = default_raw()

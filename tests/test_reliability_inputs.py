@@ -25,7 +25,8 @@ from httpserver import FolderServer
 
 from gpt2tune.config.params import default_raw, validate_params
 from gpt2tune.config.schema import read_yaml
-from gpt2tune.data.encode import encode_corpus, load_tokens, read_stats
+from gpt2tune.data.encode import encode_corpus
+from gpt2tune.data.encoded import load_tokens, read_stats
 from gpt2tune.errors import Gpt2tuneError
 from gpt2tune.fetch.download import fetch_model
 from gpt2tune.fetch.manifest import MANIFEST

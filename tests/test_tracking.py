@@ -16,6 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from gpt2tune.config.params import MlflowParams
 from gpt2tune.tracking import run as tracking
+from gpt2tune.tracking.client import resolve_tracking_uri
 
 PARAMS = {"train.steps": 8, "model.name": "tiny"}
 SECRET = "s3cret-pw"
@@ -41,7 +42,7 @@ def log_steps(steps) -> None:
 
 def test_resumed_run_logs_each_step_once(workdir):
     cfg = MlflowParams(tracking_uri="sqlite:///mlflow.db", experiment="resume")
-    client = MlflowClient(tracking.resolve_tracking_uri(cfg.tracking_uri))
+    client = MlflowClient(resolve_tracking_uri(cfg.tracking_uri))
     with tracking.training_run(cfg, PARAMS) as run:
         log_steps(range(1, 6))
         run_id = run.info.run_id
@@ -64,7 +65,7 @@ def test_logged_history_fills_only_the_steps_the_run_lacks(workdir):
     """What a kill -9 kept in the sender's queue is in the saved history: logged again in
     one call, it fills the run's gaps and leaves what the run holds as it is."""
     cfg = MlflowParams(tracking_uri="sqlite:///mlflow.db", experiment="history")
-    client = MlflowClient(tracking.resolve_tracking_uri(cfg.tracking_uri))
+    client = MlflowClient(resolve_tracking_uri(cfg.tracking_uri))
     with tracking.training_run(cfg, PARAMS) as run:
         tracking.log_metrics({"val_loss": 4.0, "base_val_loss": 4.0}, 0)
         log_steps([1, 2])  # steps 3 and 4 never reached the store

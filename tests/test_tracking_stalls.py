@@ -28,6 +28,7 @@ from gpt2tune.model.checkpoint import load_model, save_model
 from gpt2tune.model.encoder import load_encoder
 from gpt2tune.model.gpt2 import init_model
 from gpt2tune.tracking import run as tracking
+from gpt2tune.tracking.client import resolve_tracking_uri
 
 STEPS = 40
 TRAIN = TrainParams(steps=STEPS, batch_size=2, learning_rate=3e-3, seed=0, n_ctx=16,
@@ -140,7 +141,7 @@ def test_locked_sqlite_store_is_journaled_then_replayed(workdir, base_dir, capsy
     finally:
         assert locker.wait(timeout=LOCK_S + 30) == 0
     assert tracking.replay_pending(MlflowParams(tracking_uri=uri, experiment="locked")) == 0
-    client = MlflowClient(tracking.resolve_tracking_uri(uri))
+    client = MlflowClient(resolve_tracking_uri(uri))
     assert metric_steps(client, run.info.run_id, "loss") == list(range(1, STEPS + 1))
     assert client.get_run(run.info.run_id).info.status == "FINISHED"
 
@@ -148,7 +149,7 @@ def test_locked_sqlite_store_is_journaled_then_replayed(workdir, base_dir, capsy
 @pytest.mark.slow  # holds the lock past MLflow's 20 s busy wait: ~45 s
 def test_sqlite_store_locked_at_the_start_gets_an_offline_run(workdir, base_dir, capsys):
     uri = "sqlite:///mlflow.db"
-    client = MlflowClient(tracking.resolve_tracking_uri(uri))
+    client = MlflowClient(resolve_tracking_uri(uri))
     client.create_experiment("locked-start")  # the store exists, then another process locks it
     # Longer than LOCK_S: the model is loaded and MLflow's 20 s busy wait runs out meanwhile.
     hold = LOCK_S + 20

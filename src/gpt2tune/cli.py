@@ -19,6 +19,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from gpt2tune.paths import ENCODED, FINETUNED, FINETUNED_HF, RUN_DIR, SAMPLES
 from gpt2tune.stage import run_stage
 
 
@@ -38,13 +39,13 @@ def _model_option(default: str) -> Callable[[argparse.ArgumentParser], None]:
 
 
 def _sample_options(ap: argparse.ArgumentParser) -> None:
-    _model_option("models/finetuned")(ap)
+    _model_option(str(FINETUNED))(ap)
     ap.add_argument("--interactive", action="store_true", help="the same as `gpt2tune chat`")
 
 
 def _export_options(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--model", help="OpenAI-layout model folder (default models/finetuned)")
-    ap.add_argument("--out", help="folder to write (default models/finetuned-hf)")
+    ap.add_argument("--model", help=f"OpenAI-layout model folder (default {FINETUNED})")
+    ap.add_argument("--out", help=f"folder to write (default {FINETUNED_HF})")
 
 
 def _evaluate_options(ap: argparse.ArgumentParser) -> None:
@@ -57,20 +58,20 @@ def _evaluate_options(ap: argparse.ArgumentParser) -> None:
 COMMANDS: dict[str, Command] = {
     "fetch": Command("download GPT-2 model.name into models/<name>", ("model",), "fetch_model"),
     "encode": Command(
-        "tokenize data.path into data/encoded (train.npy, val.npy)", ("model", "data"), "encode"
+        f"tokenize data.path into {ENCODED} (train.npy, val.npy)", ("model", "data"), "encode"
     ),
     "train": Command(
-        "fine-tune models/<name> on data/encoded into checkpoint/run1, tracked in MLflow",
+        f"fine-tune models/<name> on {ENCODED} into {RUN_DIR}, tracked in MLflow",
         ("model", "train", "mlflow"),
         "train",
     ),
     "assemble": Command(
-        "checkpoint/run1 -> models/finetuned, logged and registered in MLflow",
+        f"{RUN_DIR} -> {FINETUNED}, logged and registered in MLflow",
         ("model", "assemble", "sample", "mlflow"),
         "assemble",
     ),
     "sample": Command(
-        "samples/samples.json and samples.md from models/finetuned",
+        f"{SAMPLES}/samples.json and samples.md from {FINETUNED}",
         ("sample", "mlflow"),
         "sample",
         _sample_options,
@@ -78,7 +79,7 @@ COMMANDS: dict[str, Command] = {
     "chat": Command(
         "type a context, get completions, again (Ctrl-D to quit)",
         ("sample",),
-        options=_model_option("models/finetuned"),
+        options=_model_option(str(FINETUNED)),
     ),
     "evaluate": Command(
         "loss and perplexity of a model folder on a text, with training's validation windows",
@@ -86,7 +87,7 @@ COMMANDS: dict[str, Command] = {
         options=_evaluate_options,
     ),
     "export": Command(
-        "models/finetuned -> models/finetuned-hf for Hugging Face transformers",
+        f"{FINETUNED} -> {FINETUNED_HF} for Hugging Face transformers",
         ("export", "sample"),
         "export",
         _export_options,

@@ -14,14 +14,13 @@ import tempfile
 from pathlib import Path
 
 from gpt2tune.config.params import Params
+from gpt2tune.paths import ENCODED, FINETUNED, FINETUNED_HF, MODELS, RUN_DIR, SAMPLES, base_model
 from gpt2tune.stage import import_tensorflow_quietly, say
 
-RUN_DIR = Path("checkpoint/run1")
-FINETUNED = "models/finetuned"
 OFF_NOTE = (
     "export.hf is false in params.yaml, so no Hugging Face export was written here.\n"
     "Set it to true and run `dvc repro export`, or export by hand:\n"
-    "    gpt2tune export --model models/finetuned\n"
+    f"    gpt2tune export --model {FINETUNED}\n"
 )
 
 
@@ -34,9 +33,9 @@ def fetch(p: Params, args: argparse.Namespace) -> None:
         import_tensorflow_quietly()
         from gpt2tune.model.hf import fetch_hf
 
-        folder = fetch_hf(p.model.name, "models")
+        folder = fetch_hf(p.model.name, MODELS)
     else:
-        folder = fetch_model(p.model.name, p.model.base_url, "models")
+        folder = fetch_model(p.model.name, p.model.base_url, MODELS)
     print(f"model {p.model.name} is in {folder}")
 
 
@@ -47,7 +46,7 @@ def encode(p: Params, args: argparse.Namespace) -> None:
     from gpt2tune.errors import Gpt2tuneError
     from gpt2tune.model.encoder import load_encoder
 
-    folder = Path("models") / p.model.name
+    folder = base_model(p.model.name)
     if not (folder / "encoder.json").is_file():
         raise Gpt2tuneError(
             f"{folder.as_posix()}/encoder.json not found (model.name = {p.model.name}); "
@@ -57,7 +56,7 @@ def encode(p: Params, args: argparse.Namespace) -> None:
     s = encode_corpus(
         p.data.path,
         enc,
-        "data/encoded",
+        ENCODED,
         encoding=p.data.encoding,
         data_format=p.data.format,
         field=p.data.field,
@@ -66,7 +65,7 @@ def encode(p: Params, args: argparse.Namespace) -> None:
     )
     print(
         f"encoded {s['documents']} document(s), {s['bytes']:,} bytes -> {s['tokens']:,} tokens "
-        f"(train {s['train_tokens']:,}, val {s['val_tokens']:,}) in data/encoded"
+        f"(train {s['train_tokens']:,}, val {s['val_tokens']:,}) in {ENCODED}"
     )
 
 
@@ -85,8 +84,7 @@ def train(p: Params, args: argparse.Namespace) -> None:
 
     from gpt2tune.tracking import run as tracking
     from gpt2tune.tracking import sampletable
-    from gpt2tune.train import distribute, report, runstate
-    from gpt2tune.train import loop as training
+    from gpt2tune.train import distribute, loop, report, runstate
     from gpt2tune.train.signals import Stopped
 
     model, strategy, train_tokens, val_tokens, stats = _training_inputs(p)
@@ -97,7 +95,7 @@ def train(p: Params, args: argparse.Namespace) -> None:
         # pattern), metrics and MLflow are the chief's alone.
         with tempfile.TemporaryDirectory() as tmp:
             run_dir = distribute.worker_run_dir(RUN_DIR, tmp)
-            training.fit(model, train_tokens, val_tokens, p.train, run_dir,
+            loop.fit(model, train_tokens, val_tokens, p.train, run_dir,
                          strategy=strategy, run_fingerprint=fp)  # fmt: skip
         return
     with runstate.hold(RUN_DIR):  # one training per run folder; the first change on disk
@@ -114,7 +112,7 @@ def train(p: Params, args: argparse.Namespace) -> None:
         with tracking.training_run(p.mlflow, p.flat(), run_id, name=report.run_name(p),
                                    tags=report.run_description(p, stats)) as run:  # fmt: skip
             try:  # a complete run (killed after its last checkpoint) is reported, not retrained
-                metrics, history = training.fit(
+                metrics, history = loop.fit(
                     model, train_tokens, val_tokens, p.train, RUN_DIR,
                     strategy=strategy,
                     run_fingerprint=fp,
@@ -128,7 +126,7 @@ def train(p: Params, args: argparse.Namespace) -> None:
                 raise
             tracking.log_history(history)  # steps a kill -9 kept from the run, if any
             metrics, timing = report.split_timing(metrics)
-            chart = report.write_outputs(metrics, timing, history, "metrics")
+            chart = report.write_outputs(metrics, timing, history)
             report.log_final(metrics, timing, chart, tracking.log_metrics, tracking.log_file)
     print(json.dumps(metrics))
 
@@ -136,23 +134,22 @@ def train(p: Params, args: argparse.Namespace) -> None:
 def _training_inputs(p: Params):
     """The model, strategy, token arrays and data stats of a training, every check that
     needs no change on disk done (fit repeats the cheap ones)."""
-    from gpt2tune.data import encode as dataset
+    from gpt2tune.data import encoded
     from gpt2tune.model import checkpoint
-    from gpt2tune.train import distribute, runstate
-    from gpt2tune.train import loop as training
+    from gpt2tune.train import distribute, loop, runstate
 
-    stats = dataset.read_stats("data/encoded")
+    stats = encoded.read_stats(ENCODED)
     # Ids are checked against the vocabulary they were encoded with, then the model's.
-    train_tokens = dataset.load_tokens("data/encoded", "train")
-    val_tokens = dataset.load_tokens("data/encoded", "val")
+    train_tokens = encoded.load_tokens(ENCODED, "train")
+    val_tokens = encoded.load_tokens(ENCODED, "val")
     strategy = distribute.make_strategy(p.train.strategy)
     with strategy.scope():  # variables live on every GPU when there are several
-        model = checkpoint.load_model(f"models/{p.model.name}")
+        model = checkpoint.load_model(base_model(p.model.name))
     n_vocab = model.hparams["n_vocab"]
     if n_vocab < stats["n_vocab"]:
-        train_tokens = dataset.load_tokens("data/encoded", "train", n_vocab)
-        val_tokens = dataset.load_tokens("data/encoded", "val", n_vocab)
-    training.check_fits(model, train_tokens, p.train, strategy.num_replicas_in_sync)
+        train_tokens = encoded.load_tokens(ENCODED, "train", n_vocab)
+        val_tokens = encoded.load_tokens(ENCODED, "val", n_vocab)
+    loop.check_fits(model, train_tokens, p.train, strategy.num_replicas_in_sync)
     runstate.check_restore_from(p.train, model.hparams)
     return model, strategy, train_tokens, val_tokens, stats
 
@@ -161,7 +158,7 @@ def assemble(p: Params, args: argparse.Namespace) -> None:
     """DVC stage assemble: models/finetuned = trained weights + the base model's tokenizer
     files, an OpenAI-format folder, also logged to the training's MLflow run as an MLflow
     Model and registered (see gpt2tune.servable)."""
-    say(f"assembling {FINETUNED} from {RUN_DIR} and models/{p.model.name}...")
+    say(f"assembling {FINETUNED} from {RUN_DIR} and {base_model(p.model.name)}...")
     import_tensorflow_quietly()
 
     from gpt2tune.model.checkpoint import assemble as assemble_folder
@@ -171,7 +168,7 @@ def assemble(p: Params, args: argparse.Namespace) -> None:
 
     # Which weights: assemble.checkpoint, the best (the latest without validation) or latest.
     prefix, step, words = assembled_checkpoint(RUN_DIR, load_state(RUN_DIR), p.assemble.checkpoint)
-    assemble_folder(f"models/{p.model.name}", RUN_DIR.as_posix(), FINETUNED, prefix)
+    assemble_folder(base_model(p.model.name), RUN_DIR, FINETUNED, prefix)
     with tracking.reopen_run(p.mlflow):
         tracking.set_tag("gpt2tune.assembled_step", str(step))
         tracking.set_tag("gpt2tune.assembled_checkpoint", p.assemble.checkpoint)
@@ -188,20 +185,20 @@ def sample(p: Params, args: argparse.Namespace) -> None:
 
     from gpt2tune import load_model
     from gpt2tune.files import write_text_atomic
-    from gpt2tune.generation import samples as sampling
+    from gpt2tune.generation import samples
 
     model = load_model(args.model)
     if args.interactive:
-        sampling.interactive(model, p.sample)
+        samples.interactive(model, p.sample)
         return
 
-    records = sampling.sample_records(model, p.sample)
-    out = Path("samples")
+    records = samples.sample_records(model, p.sample)
+    out = SAMPLES
     out.mkdir(exist_ok=True)
     write_text_atomic(
         out / "samples.json", json.dumps(records, indent=2, ensure_ascii=False) + "\n"
     )
-    write_text_atomic(out / "samples.md", sampling.records_markdown(records, p.sample))
+    write_text_atomic(out / "samples.md", samples.records_markdown(records, p.sample))
 
     from gpt2tune.tracking import run as tracking
     from gpt2tune.tracking import sampletable
@@ -222,7 +219,7 @@ def export(p: Params, args: argparse.Namespace) -> None:
     """DVC stage export: models/finetuned -> models/finetuned-hf, a Hugging Face
     `transformers` folder; with `export.hf: false` (and no --model/--out) only a note."""
     enabled = p.export.hf
-    out = Path(args.out or "models/finetuned-hf")
+    out = Path(args.out or FINETUNED_HF)
     if not (enabled or args.model or args.out):
         from gpt2tune.files import write_text_atomic
 

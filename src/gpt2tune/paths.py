@@ -1,0 +1,30 @@
+"""The pipeline's folders and files, named once: the stages, the commands and tracking use
+these, and a test checks dvc.yaml's deps and outs against them.
+
+All are relative to the project root (where params.yaml and dvc.yaml are), where every stage
+and command runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+MODELS = Path("models")  # models/<model.name>/: base models, as fetch_model downloads them
+ENCODED = Path("data/encoded")  # train.npy, val.npy, stats.json (the encode stage)
+RUN_DIR = Path("checkpoint/run1")  # the training's run folder: checkpoints, state, history
+FINETUNED = MODELS / "finetuned"  # the assembled model, OpenAI's layout
+FINETUNED_HF = MODELS / "finetuned-hf"  # its Hugging Face export
+SAMPLES = Path("samples")  # samples.json and samples.md (the sample stage)
+
+METRICS = Path("metrics")
+TRAIN_METRICS = METRICS / "train.json"  # the DVC metric: what two identical runs reproduce
+TIMING = METRICS / "timing.json"  # tokens/s and seconds: they differ between identical runs
+LOSS_PLOTS = {"loss": METRICS / "loss.tsv", "val_loss": METRICS / "val_loss.tsv"}  # dvc plots
+LOSS_CHART = METRICS / "loss.png"  # the same curves as a picture
+MLFLOW_RUN = METRICS / "mlflow_run.json"  # the training's MLflow run, for assemble and sample
+MLFLOW_OFFLINE = METRICS / "mlflow_offline"  # what the tracking server missed (not DVC's)
+
+
+def base_model(name: str) -> Path:
+    """models/<name>: the folder of base model `name` (params' model.name)."""
+    return MODELS / name

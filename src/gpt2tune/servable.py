@@ -35,8 +35,10 @@ from __future__ import annotations
 
 import logging
 import sys
+import typing
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import fields
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -45,21 +47,24 @@ import mlflow
 import numpy as np
 import pandas as pd
 
+from gpt2tune.config.params import Sampling
 from gpt2tune.errors import Gpt2tuneError
 
 ARTIFACT = "gpt2"  # the folder's key in `artifacts`; it keeps its own name inside the model
 MODEL_NAME = "model"  # log_model(name=...): the model's name on the run and Logged Models page
-# The generation settings, in generate()'s keyword order; their types fix the params schema.
-PARAM_TYPES: dict[str, type] = {
-    "length": int,
-    "nsamples": int,
-    "temperature": float,
-    "top_k": int,
-    "top_p": float,
-    "seed": int,
-    "repetition_penalty": float,
-    "stop": list,  # of strings; a lone string is left for check_sampling to refuse
-}
+
+
+def _param_types() -> dict[str, type]:
+    """Every Sampling setting and the Python type of its pyfunc param, from Sampling's own
+    declarations (a new setting is one field there): a tuple of strings is a list param."""
+    hints = typing.get_type_hints(Sampling)
+    kinds = {f.name: typing.get_origin(hints[f.name]) or hints[f.name] for f in fields(Sampling)}
+    return {name: list if kind is tuple else kind for name, kind in kinds.items()}
+
+
+# The generation settings; their types fix the params schema. A lone string for `stop` is
+# left for check_sampling to refuse.
+PARAM_TYPES: dict[str, type] = _param_types()
 _CODE = Path(__file__).with_name("mlflow_model_code.py")
 _REQUIREMENTS = ("mlflow", "tensorflow", "numpy", "pandas", "regex", "tiktoken")
 
@@ -139,8 +144,6 @@ def defaults_of(sampling: Any) -> dict[str, Any]:
 
     A dict from before a setting existed (an offline record written by an older gpt2tune)
     gets that setting's declared default."""
-    from gpt2tune.config.params import Sampling
-
     if isinstance(sampling, dict):
         sampling = Sampling(**{k: v for k, v in sampling.items() if k in PARAM_TYPES})
     return {k: _as(t, getattr(sampling, k)) for k, t in PARAM_TYPES.items()}

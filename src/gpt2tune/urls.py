@@ -11,3 +11,7 @@ USERINFO = re.compile(r"(?<=://)[^/@\s]*@")
 def redact(text: str) -> str:
     """`text` with the ``user:password@`` of every URL in it replaced by ``***@``."""
     return USERINFO.sub("***@", text)
+
+
+# Where OpenAI publishes the GPT-2 releases (model.base_url's default): <url>/<name>/<file>.
+OPENAI_MODELS = "https://openaipublic.blob.core.windows.net/gpt-2/models"

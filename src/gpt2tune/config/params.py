@@ -46,7 +46,7 @@ from gpt2tune.config.schema import (
 )
 from gpt2tune.errors import Gpt2tuneError
 from gpt2tune.train.optim import OPTIMIZERS
-from gpt2tune.urls import USERINFO
+from gpt2tune.urls import OPENAI_MODELS, USERINFO
 
 
 def _text_codec(name: str) -> bool:
@@ -113,7 +113,7 @@ class ModelParams:
         "GPT-2 release (124M, 355M, 774M, 1558M) under base_url, or hf:<Hugging Face folder>",
     )
     base_url: str = key(
-        "https://openaipublic.blob.core.windows.net/gpt-2/models",
+        OPENAI_MODELS,
         Rule(
             "an http://, https:// or file:// URL or a local folder, without user:password@ "
             "(put credentials in ~/.netrc)",
@@ -130,6 +130,16 @@ class ModelParams:
     )
 
 
+# data.format's choices; a new format is one entry here and its reader in gpt2tune.data.formats.
+DATA_FORMATS = {
+    "text": "each file is one document",
+    "lines": "each line is one document",
+    "csv": "each row is one document: its data.field column",
+    "jsonl": "each line is a JSON object, one document: its data.field key",
+    "npz": "tokens already encoded by gpt-2-simple / nshepperd's encode.py, used as is",
+}
+
+
 @dataclass(frozen=True)
 class DataParams:
     path: str = key(
@@ -143,16 +153,8 @@ class DataParams:
         "codec of the text",
     )
     format: str = key(
-        "text",
-        one_of({
-            "text": "each file is one document",
-            "lines": "each line is one document",
-            "csv": "each row is one document: its data.field column",
-            "jsonl": "each line is a JSON object, one document: its data.field key",
-            "npz": "tokens already encoded by gpt-2-simple / nshepperd's encode.py, used as is",
-        }),
-        "how data.path and data.val_path hold documents",
-    )  # fmt: skip
+        "text", one_of(DATA_FORMATS), "how data.path and data.val_path hold documents"
+    )
     field: str = key(
         "text",
         Rule("a non-empty string", _nonempty),

@@ -58,12 +58,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from gpt2tune.data.encoded import SPLITS, load_tokens, read_stats
 from gpt2tune.data.formats import EncodedDocuments, check_format, separator
 from gpt2tune.data.text import cores, find_inputs
 from gpt2tune.errors import Gpt2tuneError
 from gpt2tune.files import display_path, fsync_file
 from gpt2tune.model.encoder import EOT
+from gpt2tune.paths import ENCODED
 
 OUTPUTS = ("train.npy", "val.npy", "stats.json")
 VAL_BLOCK_TOKENS = 1024  # largest validation block; smaller for corpora under ~100 blocks
@@ -71,7 +71,7 @@ _COPY_TOKENS = 1 << 22  # tokens per copy from the temporary stream into train/v
 # Inputs from this size on are encoded by one thread per core (smaller ones are a chunk or
 # three: nothing to share out).
 PARALLEL_MIN_BYTES = 4 << 20
-__all__ = ["SPLITS", "encode_corpus", "load_tokens", "read_stats", "split_plan"]
+__all__ = ["encode_corpus", "split_plan"]
 
 
 # --------------------------------------------------------------------------- encode_corpus
@@ -81,7 +81,7 @@ __all__ = ["SPLITS", "encode_corpus", "load_tokens", "read_stats", "split_plan"]
 def encode_corpus(
     path_spec: str,
     encoder,
-    out_dir: str | os.PathLike = "data/encoded",
+    out_dir: str | os.PathLike = ENCODED,
     *,
     encoding: str = "utf-8",
     data_format: str = "text",

@@ -40,20 +40,22 @@ from pathlib import Path
 
 import numpy as np
 
+from gpt2tune.config.params import DATA_FORMATS
 from gpt2tune.data.text import chunks, encode_pieces, numbered_pieces, read_text
 from gpt2tune.errors import Gpt2tuneError
 from gpt2tune.files import display_path
 from gpt2tune.model.encoder import EOT
 
-FORMATS = ("text", "lines", "csv", "jsonl", "npz")  # the choices of data.format in params.py
 _CSV_FIELD_LIMIT = 2**31 - 1  # csv refuses cells over 128 KiB by default: a long document
 _JSON_TYPES = {dict: "an object", list: "a list", str: "a string", bool: "true/false"}
 
 
 def check_format(data_format: str, field: str) -> None:
     """Gpt2tuneError for a data.format or data.field that cannot be read (before any work)."""
-    if data_format not in FORMATS:
-        raise Gpt2tuneError(f"data.format = {data_format!r}: must be one of {', '.join(FORMATS)}")
+    if data_format not in DATA_FORMATS:
+        raise Gpt2tuneError(
+            f"data.format = {data_format!r}: must be one of {', '.join(DATA_FORMATS)}"
+        )
     if not field.strip():
         raise Gpt2tuneError(
             "data.field is empty; set it to the CSV column or JSON key holding the text"

@@ -55,13 +55,14 @@ from gpt2tune.errors import Gpt2tuneError
 from gpt2tune.fetch import manifest
 from gpt2tune.fetch.transfer import CHUNK_SIZE, HttpTransfer, NotFound, Policy
 from gpt2tune.files import RELEASE_FILES, file_size, fsync_file
+from gpt2tune.paths import MODELS
+from gpt2tune.urls import OPENAI_MODELS
 
 OFFICIAL_MODELS: tuple[str, ...] = ("124M", "355M", "774M", "1558M")
 # OpenAI's first names of two releases, still in gpt-2-simple and old notebooks: the same files,
 # published under the new names. The folder keeps the name asked for (DVC's out is
 # models/${model.name}); the download is the release under its new name.
 OLD_NAMES: dict[str, str] = {"117M": "124M", "345M": "355M"}
-DEFAULT_BASE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/models"
 # name -> (size in bytes, SHA-256) of the tokenizer files shared by all official releases
 OFFICIAL_FILES: dict[str, tuple[int, str]] = {
     "encoder.json": (1042301, "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"),
@@ -73,8 +74,8 @@ PART_SUFFIX = ".part"
 
 def fetch_model(
     name: str,
-    base_url: str = DEFAULT_BASE_URL,
-    dest_root: str | os.PathLike = "models",
+    base_url: str = OPENAI_MODELS,
+    dest_root: str | os.PathLike = MODELS,
     *,
     progress: bool | None = None,
     retries: int = 5,
@@ -216,7 +217,7 @@ def _check_name(name: str) -> None:
 
 
 def _is_official(base_url: str) -> bool:
-    return base_url.strip().rstrip("/").lower() == DEFAULT_BASE_URL.lower()
+    return base_url.strip().rstrip("/").lower() == OPENAI_MODELS.lower()
 
 
 def _checksum_mismatch(path: Path, name: str, official: bool) -> str | None:

@@ -11,7 +11,7 @@ import numpy as np
 from gpt2tune.config.params import Sampling
 from gpt2tune.config.schema import BAD, coerce, types_of
 from gpt2tune.errors import Gpt2tuneError
-from gpt2tune.model.memory import available_memory
+from gpt2tune.model.memory import available_memory, generation_memory
 
 # What `generate` and `generate_tokens` use for settings a call does not give.
 API_DEFAULTS = Sampling(nsamples=1, length=100, temperature=1.0, top_k=0, top_p=0.0, seed=None)
@@ -29,22 +29,6 @@ def resolve_sampling(sampling: Sampling | None, length: int | None, overrides: d
     s = dataclasses.replace(API_DEFAULTS if sampling is None else sampling, **overrides)
     check_sampling(s)
     return dataclasses.replace(s, stop=tuple(s.stop))  # a list from the caller, kept hashable
-
-
-def generation_memory(hparams: dict[str, int], nsamples: int, context: int, length: int) -> int:
-    """Bytes that generating `length` tokens after `context` for `nsamples` samples at once
-    needs on top of the weights (a lower bound: float32 activations only).
-
-    The key/value cache holds 2 * n_layer * n_embd floats per sample and position, up to
-    n_ctx positions, and is copied as it grows; the prompt's forward pass holds, for the
-    layer being computed, the attention weights (n_head * context^2) and the MLP's hidden
-    layer (4 * n_embd per position), and at the end the logits (n_vocab per position).
-    """
-    n_ctx, n_layer, n_embd = hparams["n_ctx"], hparams["n_layer"], hparams["n_embd"]
-    positions = min(context + length, n_ctx)
-    cache = nsamples * n_layer * 2 * positions * n_embd
-    prompt = nsamples * context * (hparams["n_head"] * context + 4 * n_embd + hparams["n_vocab"])
-    return 4 * (2 * cache + prompt)
 
 
 def check_request(

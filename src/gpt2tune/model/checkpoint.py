@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from gpt2tune.errors import Gpt2tuneError
+from gpt2tune.errors import Gpt2tuneError, first_line
 from gpt2tune.files import MODEL_FOLDER_FILES, fsync_file, write_text_atomic
 from gpt2tune.model import lora
 from gpt2tune.model.encoder import load_encoder
@@ -74,7 +74,7 @@ def _read_weights(prefix: Path, hparams: dict[str, int]) -> dict[str, np.ndarray
         shapes = reader.get_variable_to_shape_map()
     except (tf.errors.OpError, ValueError, IndexError) as e:
         raise Gpt2tuneError(
-            f"{index} is not a readable TF checkpoint index ({_first_line(e)})"
+            f"{index} is not a readable TF checkpoint index ({first_line(e)})"
         ) from None
     weights = {}
     for name, shape in variable_shapes(hparams).items():
@@ -92,17 +92,10 @@ def _read_weights(prefix: Path, hparams: dict[str, int]) -> dict[str, np.ndarray
             weights[name] = reader.get_tensor(name)
         except (tf.errors.OpError, ValueError, IndexError) as e:  # IndexError: short file
             raise Gpt2tuneError(
-                f"{data} is truncated or corrupt: reading {name} failed ({_first_line(e)}); "
+                f"{data} is truncated or corrupt: reading {name} failed ({first_line(e)}); "
                 "download or copy the model again"
             ) from None
     return weights
-
-
-def _first_line(e: Exception) -> str:
-    text = getattr(e, "message", None) or str(e)
-    # TF wraps eager op errors as "{{function_node ...}} <message> [Op:SaveV2]".
-    text = re.sub(r"\{\{[^}]*\}\}|\[Op:\w+\]", "", text)
-    return text.strip().splitlines()[0] if text.strip() else type(e).__name__
 
 
 def load_model(folder: str | os.PathLike) -> GPT2:
@@ -231,7 +224,7 @@ def write_checkpoint(folder: Path, prefix: str, tensors: Mapping[str, tf.Variabl
         )
     except tf.errors.OpError as e:  # a full disk, a read-only folder: TF's C++ file layer
         raise Gpt2tuneError(
-            f"could not write the checkpoint {folder / prefix}: {_first_line(e)}; check free "
+            f"could not write the checkpoint {folder / prefix}: {first_line(e)}; check free "
             "disk space and permissions (the folder's previous checkpoint is still the one "
             "its `checkpoint` file names)"
         ) from None

@@ -27,12 +27,13 @@ from typing import Any
 import ml_dtypes  # noqa: F401  (TensorFlow's dependency; lets numpy, so safetensors, read bf16)
 import numpy as np
 
-from gpt2tune.errors import Gpt2tuneError
+from gpt2tune.errors import Gpt2tuneError, first_line
+from gpt2tune.model.encoder import EOT
+from gpt2tune.paths import MODELS
 
 HF_PREFIX = "hf:"  # model.name: hf:<folder or hub id>
 WEIGHTS = "model.safetensors"
 SHARD_INDEX = "model.safetensors.index.json"
-EOT = "<|endoftext|>"
 # HF buffers that are not weights (the causal mask of older checkpoints) and the tied head.
 _IGNORED = re.compile(r"(^|\.)(attn\.bias|attn\.masked_bias|lm_head\.weight)$")
 # Config fields whose value must be the one GPT-2 (and gpt2tune's forward pass) uses; a
@@ -223,7 +224,7 @@ def import_hf(hf_folder: str | os.PathLike, out_folder: str | os.PathLike) -> Pa
     return save_model(GPT2(hparams, weights, encoder), out_folder)
 
 
-def fetch_hf(name: str, models_dir: str | os.PathLike = "models") -> Path:
+def fetch_hf(name: str, models_dir: str | os.PathLike = MODELS) -> Path:
     """`model.name: hf:<folder>` -> `<models_dir>/<name>` in OpenAI's layout.
 
     <folder> is a local HF GPT-2 folder, or a hub id such as `distilgpt2` when no such folder
@@ -256,7 +257,7 @@ def _download(repo_id: str) -> Path:
     try:
         return Path(snapshot_download(repo_id, allow_patterns=files))
     except Exception as e:  # any of the hub client's many errors: network, 404, auth
-        raise Gpt2tuneError(f"could not download {repo_id} ({_first_line(e)}); {hint}") from None
+        raise Gpt2tuneError(f"could not download {repo_id} ({first_line(e)}); {hint}") from None
 
 
 def _load_tokenizer(folder: Path) -> Any:
@@ -304,7 +305,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         msg = "is missing: save the model with save_pretrained(folder)"
     except (ValueError, OSError) as e:  # a UnicodeDecodeError is a ValueError
-        msg = f"is not valid JSON ({_first_line(e)})"
+        msg = f"is not valid JSON ({first_line(e)})"
     else:
         if isinstance(data, dict):
             return data
@@ -337,7 +338,7 @@ def _read_safetensors(folder: Path) -> dict[str, np.ndarray]:
             tensors.update(load_file(str(f)))
         except (SafetensorError, OSError, TypeError, ValueError) as e:
             raise Gpt2tuneError(
-                f"{f} is not a readable safetensors file ({_first_line(e)}); save it again"
+                f"{f} is not a readable safetensors file ({first_line(e)}); save it again"
             ) from None
     return tensors
 
@@ -364,7 +365,3 @@ def _atomic_folder(out: Path) -> Iterator[Path]:
             os.rename(old, out)
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]

@@ -1,5 +1,8 @@
 """How much memory a job needs and how much there is: refuse up front what would not fit.
 
+Training (`training_bytes`) and generation (`generation_memory`) are estimated here, from the
+model's shapes (LoRA's from gpt2tune.model.lora), and compared with `available_memory`.
+
 The training formula is the one the README's "which model fits which GPU" table is computed
 from (`bench/memory.py`), checked there against measured peaks: it overestimates a float32 CPU
 training step by 10-20%. gpt2tune compares it with free RAM before training on a CPU, so a
@@ -41,9 +44,9 @@ def step_bytes(
 
 def lora_params(hparams: Mapping[str, int], rank: int, targets) -> int:
     """Numbers in LoRA's adapters: rank * (in + out) per targeted layer of every block."""
-    e = hparams["n_embd"]
-    sizes = {"attn/c_attn": e + 3 * e, "attn/c_proj": 2 * e, "mlp/c_fc": 5 * e, "mlp/c_proj": 5 * e}
-    return hparams["n_layer"] * rank * sum(sizes[t] for t in targets)
+    from gpt2tune.model.lora import adapter_shapes  # here: lora imports TensorFlow, this not
+
+    return sum(math.prod(s) for s in adapter_shapes(hparams, rank, targets).values())
 
 
 def training_bytes(hparams: Mapping[str, int], cfg, replicas: int = 1) -> int:
@@ -69,6 +72,22 @@ def training_bytes(hparams: Mapping[str, int], cfg, replicas: int = 1) -> int:
     adapters = lora_params(hparams, cfg.lora_rank, cfg.lora_targets)
     x_a = tokens * hparams["n_layer"] * cfg.lora_rank * len(cfg.lora_targets) * act
     return n_params(hparams) * (4 + low) + adapters * (trained + low) + acts + x_a
+
+
+def generation_memory(hparams: dict[str, int], nsamples: int, context: int, length: int) -> int:
+    """Bytes that generating `length` tokens after `context` for `nsamples` samples at once
+    needs on top of the weights (a lower bound: float32 activations only).
+
+    The key/value cache holds 2 * n_layer * n_embd floats per sample and position, up to
+    n_ctx positions, and is copied as it grows; the prompt's forward pass holds, for the
+    layer being computed, the attention weights (n_head * context^2) and the MLP's hidden
+    layer (4 * n_embd per position), and at the end the logits (n_vocab per position).
+    """
+    n_ctx, n_layer, n_embd = hparams["n_ctx"], hparams["n_layer"], hparams["n_embd"]
+    positions = min(context + length, n_ctx)
+    cache = nsamples * n_layer * 2 * positions * n_embd
+    prompt = nsamples * context * (hparams["n_head"] * context + 4 * n_embd + hparams["n_vocab"])
+    return 4 * (2 * cache + prompt)
 
 
 def available_memory() -> int | None:

@@ -20,9 +20,9 @@ from pathlib import Path
 
 from gpt2tune.errors import Gpt2tuneError
 from gpt2tune.files import display_path, project_root, write_text_atomic
+from gpt2tune.paths import MLFLOW_OFFLINE
 from gpt2tune.tracking.client import MlflowRun, Unreachable, reason
 
-OFFLINE_DIR = Path("metrics/mlflow_offline")  # below the project root
 OFFLINE_PREFIX = "offline-"
 # Appending and deleting a journal are local file operations that the training thread and
 # the sender thread both make; the lock keeps a replay from deleting what was just appended.
@@ -30,7 +30,7 @@ _lock = threading.Lock()
 
 
 def offline_dir() -> Path:
-    return project_root() / OFFLINE_DIR
+    return project_root() / MLFLOW_OFFLINE
 
 
 def journal_path(run_id: str) -> Path:

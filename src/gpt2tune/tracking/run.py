@@ -50,13 +50,13 @@ from typing import Any
 from gpt2tune.config.params import MlflowParams
 from gpt2tune.errors import Gpt2tuneError
 from gpt2tune.files import display_path, write_text_atomic
+from gpt2tune.paths import MLFLOW_RUN
 from gpt2tune.tracking import journal
 from gpt2tune.tracking.client import (
     Unreachable,
     missing,
     param_value,
     reason,
-    resolve_tracking_uri,  # noqa: F401  (re-exported: callers read the store through here)
     run_tags,
     start_timeouts,
     transient,
@@ -64,8 +64,6 @@ from gpt2tune.tracking.client import (
 from gpt2tune.tracking.journal import OFFLINE_PREFIX
 from gpt2tune.tracking.session import Session
 from gpt2tune.urls import redact
-
-RUN_FILE = Path("metrics/mlflow_run.json")
 
 
 def replay_pending(cfg: MlflowParams) -> int:
@@ -113,12 +111,12 @@ def _activate(session: Session, background: bool) -> Iterator[Session]:
 
 
 def _write_run_file(session: Session) -> None:
-    RUN_FILE.parent.mkdir(parents=True, exist_ok=True)
+    MLFLOW_RUN.parent.mkdir(parents=True, exist_ok=True)
     info = {"run_id": session.run_id, "experiment_id": session.experiment_id,
             "tracking_uri": redact(session.uri)}  # fmt: skip
     if session.offline or session.kept():
         info["offline_file"] = display_path(session.journal)
-    write_text_atomic(RUN_FILE, json.dumps(info, indent=2) + "\n")
+    write_text_atomic(MLFLOW_RUN, json.dumps(info, indent=2) + "\n")
 
 
 def _open(session: Session, prepare) -> str | None:
@@ -197,7 +195,7 @@ def _wind_up(session: Session, record: bool = True) -> None:
 
 
 @contextmanager
-def reopen_run(cfg: MlflowParams, run_file: Path = RUN_FILE):
+def reopen_run(cfg: MlflowParams, run_file: Path = MLFLOW_RUN):
     """Reopen the training's run (from `metrics/mlflow_run.json`) to add artifacts to it;
     first send whatever the training kept offline."""
     try:

@@ -14,18 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 
 from gpt2tune.config.params import Sampling, TrainParams
+from gpt2tune.paths import TRAIN_METRICS
+from gpt2tune.train.loop import training_sampling
 
 TABLE = "samples/table.json"
-
-
-def training_sampling(cfg: TrainParams, step: int) -> Sampling:
-    """The settings of the training sample at `step`: what gpt2tune.train.loop's loop uses
-    (Shepperd's temperature 1, top_k 40, one sample from <|endoftext|>, seed + step)."""
-    return Sampling(nsamples=1, length=cfg.sample_length, temperature=1.0, top_k=40, top_p=0.0,
-                    seed=cfg.seed + step)  # fmt: skip
 
 
 def rows(step: int, records: list[dict], sampling: Sampling) -> dict[str, list]:
@@ -49,7 +43,7 @@ def sample_stage_rows(records: list[dict], sampling: Sampling, steps: int) -> di
     """The sample stage's rows; their step is where training ended (metrics/train.json's
     `steps`, which a time budget may have cut short), else train.steps (`steps`)."""
     try:
-        steps = int(json.loads(Path("metrics/train.json").read_text())["steps"])
+        steps = int(json.loads(TRAIN_METRICS.read_text())["steps"])
     except (OSError, ValueError, KeyError, TypeError):
         pass
     return rows(steps, records, sampling)

@@ -22,7 +22,8 @@ from gpt2tune.config.params import Params
 def text_tokens(path_spec: str, model_dir: str, p: Params) -> np.ndarray:
     """All tokens of `path_spec`, encoded exactly as the encode stage would (one stream,
     documents separated by <|endoftext|>), with the tokenizer of `model_dir`."""
-    from gpt2tune.data.encode import encode_corpus, load_tokens
+    from gpt2tune.data.encode import encode_corpus
+    from gpt2tune.data.encoded import load_tokens
     from gpt2tune.model.encoder import load_encoder
 
     enc = load_encoder(model_dir)

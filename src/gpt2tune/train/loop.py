@@ -32,7 +32,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from gpt2tune.config.params import TrainParams
+from gpt2tune.config.params import Sampling, TrainParams
 from gpt2tune.data.batches import eval_windows, random_windows, window_length
 from gpt2tune.errors import Gpt2tuneError
 from gpt2tune.model.gpt2 import GPT2
@@ -114,6 +114,14 @@ def fit(
 def tokens_seen(cfg: TrainParams, length: int, steps: int) -> int:
     """Tokens predicted in `steps` optimizer steps on windows of `length` tokens."""
     return steps * cfg.batch_size * cfg.accumulate_gradients * (length - 1)
+
+
+def training_sampling(cfg: TrainParams, step: int) -> Sampling:
+    """The settings of the training sample at `step` (every train.sample_every steps):
+    Shepperd's temperature 1 and top_k 40, one sample from <|endoftext|>, seed + step. The
+    samples table records them beside the text (gpt2tune.tracking.sampletable)."""
+    return Sampling(nsamples=1, length=cfg.sample_length, temperature=1.0, top_k=40, top_p=0.0,
+                    seed=cfg.seed + step)  # fmt: skip
 
 
 class _Run:
@@ -256,11 +264,9 @@ class _Run:
         return {k: v for k, v in metrics.items() if k not in TIMING_KEYS}, self.history
 
     def sample(self, step: int) -> None:
-        # Shepperd's training samples: temperature 1, top_k 40, from <|endoftext|>.
         from gpt2tune.generation.sampler import generate
 
-        text = generate(self.model, None, self.cfg.sample_length, top_k=40,
-                        seed=self.cfg.seed + step)[0]  # fmt: skip
+        text = generate(self.model, None, sampling=training_sampling(self.cfg, step))[0]
         self.log_sample(text, step)
 
     def save(self, step: int) -> None:

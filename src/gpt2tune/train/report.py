@@ -18,9 +18,8 @@ from pathlib import Path
 
 from gpt2tune.config.params import Params
 from gpt2tune.files import write_bytes_atomic, write_text_atomic
+from gpt2tune.paths import LOSS_CHART, TIMING, TRAIN_METRICS
 from gpt2tune.train.runstate import TIMING_KEYS, write_plots
-
-CHART = "loss.png"
 
 
 def run_name(p: Params) -> str:
@@ -57,15 +56,13 @@ def log_final(metrics: dict, timing: dict, chart: Path, log_metrics, log_file) -
     log_file(chart, None)
 
 
-def write_outputs(metrics: dict, timing: dict, history: dict, folder: str | os.PathLike) -> Path:
+def write_outputs(metrics: dict, timing: dict, history: dict) -> Path:
     """metrics/train.json, timing.json, the plot files and loss.png; returns the chart's path."""
-    folder = Path(folder)
-    write_plots(history, folder)
-    chart = folder / CHART
-    write_bytes_atomic(chart, loss_chart(history, metrics.get("base_val_loss")))
-    write_text_atomic(folder / "timing.json", json.dumps(timing, indent=2) + "\n")
-    write_text_atomic(folder / "train.json", json.dumps(metrics, indent=2) + "\n")
-    return chart
+    write_plots(history)
+    write_bytes_atomic(LOSS_CHART, loss_chart(history, metrics.get("base_val_loss")))
+    write_text_atomic(TIMING, json.dumps(timing, indent=2) + "\n")
+    write_text_atomic(TRAIN_METRICS, json.dumps(metrics, indent=2) + "\n")
+    return LOSS_CHART
 
 
 def loss_chart(history: dict, base_val_loss: float | None) -> bytes:

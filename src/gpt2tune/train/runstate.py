@@ -29,6 +29,7 @@ from gpt2tune.config.params import TrainParams
 from gpt2tune.errors import Gpt2tuneError
 from gpt2tune.files import display_path, write_text_atomic
 from gpt2tune.model.checkpoint import read_weights, write_checkpoint
+from gpt2tune.paths import LOSS_PLOTS
 from gpt2tune.train.keeping import finished_early, prune
 
 if TYPE_CHECKING:
@@ -251,13 +252,14 @@ def summary(history: dict, steps: int, tokens_per_s: float, tokens_seen: int = 0
 TIMING_KEYS = ("tokens_per_s", "train_seconds")  # in `summary` but not reproducible
 
 
-def write_plots(history: dict, folder: str | os.PathLike) -> None:
-    """Per-step train and validation loss as TSV files for `dvc plots`."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    for key in ("loss", "val_loss"):
+def write_plots(history: dict, folder: str | os.PathLike | None = None) -> None:
+    """Per-step train and validation loss as TSV files for `dvc plots` (metrics/loss.tsv and
+    val_loss.tsv, or the same names in `folder`)."""
+    for key, path in LOSS_PLOTS.items():
+        path = path if folder is None else Path(folder) / path.name
+        path.parent.mkdir(parents=True, exist_ok=True)
         rows = [f"step\t{key}"] + [f"{s}\t{v:.6f}" for s, v in history[key]]
-        write_text_atomic(folder / f"{key}.tsv", "\n".join(rows) + "\n")
+        write_text_atomic(path, "\n".join(rows) + "\n")
 
 
 # One training per run folder

@@ -1,0 +1,55 @@
+"""gpt2tune.paths names the pipeline's folders and files once: dvc.yaml's deps, outs, metrics
+and plots are exactly those paths (plus the stage scripts, the library and the inputs named by
+params), so a path changed in one place and not the other fails here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from helpers import REPO
+
+from gpt2tune import paths
+
+DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())
+
+
+def named_paths() -> set[str]:
+    """Every path gpt2tune.paths declares, as posix strings."""
+    found = set()
+    for value in vars(paths).values():
+        values = value.values() if isinstance(value, dict) else [value]
+        found.update(v.as_posix() for v in values if isinstance(v, Path))
+    return found
+
+
+def dvc_paths() -> set[str]:
+    """The paths of dvc.yaml's stages (deps, outs, metrics) and plots, base models as named by
+    paths.base_model."""
+    found: set[str] = set()
+    for spec in DVC["stages"].values():
+        for field in ("deps", "outs", "metrics"):
+            for item in spec.get(field, []):
+                found.add(next(iter(item)) if isinstance(item, dict) else item)
+    for plot in DVC.get("plots", []):
+        for spec in plot.values():
+            found.update(spec["y"])
+    model = paths.base_model("${model.name}").as_posix()
+    return {model if p == model else p for p in found}
+
+
+def test_dvc_yaml_uses_exactly_the_named_paths():
+    ours = dvc_paths()
+    # What dvc.yaml names besides the pipeline's own files: code, and params' inputs.
+    inputs = {p for p in ours if p.startswith(("stages/", "src/", "${data."))}
+    assert inputs == {f"stages/{s}.py" for s in DVC["stages"]} | {"src/gpt2tune", "${data.path}"}
+    named = named_paths() | {paths.base_model("${model.name}").as_posix()}
+    # Folders that are no DVC output of their own: the parents, and MLflow's offline journal.
+    not_dvc = {paths.MODELS, paths.METRICS, paths.MLFLOW_OFFLINE}
+    assert ours - inputs == named - {p.as_posix() for p in not_dvc}
+
+
+def test_the_check_sees_a_changed_path():
+    assert "metrics/train.json" in dvc_paths() and "data/encoded" in dvc_paths()
+    assert paths.TRAIN_METRICS.as_posix() == "metrics/train.json"
+    assert "checkpoint/run1" in named_paths() and "checkpoint/run2" not in named_paths()
