@@ -1,6 +1,6 @@
 """How much memory a job needs and how much there is: refuse up front what would not fit.
 
-The training formula is the one the README's "which model fits which GPU" table is computed
+The training formula is the one docs/distributed.md's "which model fits which GPU" table comes
 from (`bench/memory.py`), checked there against measured peaks: it overestimates a float32 CPU
 training step by 10-20%. gpt2tune compares it with free RAM before training on a CPU, so a
 `batch_size` far too large is one clear line instead of an out-of-memory kill hours in.
