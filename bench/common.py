@@ -7,7 +7,7 @@
   larger than the caches, whole and in 16 parts), the denominator of the memory-bandwidth
   bound of generation.
 - `run_peer`: one measurement with OpenAI's original code (bench/peer.py) in its own process,
-  with the Python of the `bench` extra's environment (.venv-bench, see README).
+  with the Python of the `bench` extra's environment (.venv-bench, see docs/benchmarks.md).
 """
 
 from __future__ import annotations

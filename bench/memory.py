@@ -2,7 +2,7 @@
 
     python bench/memory.py                      # 12 layers, 256 wide, 512-token windows, batch 4
     python bench/memory.py --n_embd 768 --n_ctx 1024 --batch 1
-    python bench/memory.py --table              # the README's computed GPU-memory table
+    python bench/memory.py --table              # docs/distributed.md's computed GPU-memory table
     python bench/memory.py --lora_rank 8        # full fine-tuning vs LoRA instead
 
 Each setting runs in its own process (peak RSS only ever grows), builds the model and the

@@ -1,5 +1,5 @@
 """Smoke tests of bench/: each script runs on tiny shapes and ends with one JSON line holding
-tokens_per_s and its other figures. (The measurements themselves are not tests; see README.)"""
+tokens_per_s and its other figures. (The measurements are not tests; see docs/benchmarks.md.)"""
 
 from __future__ import annotations
 

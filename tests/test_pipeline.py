@@ -270,13 +270,13 @@ def test_metrics_and_plots_show(project):
     assert series == {"loss.tsv::loss": STEPS, "val_loss.tsv::val_loss": 3}, series
 
 
-# What README's "Experiments" section gives for a table that fits a screen.
+# What docs/experiments.md gives for a table that fits a screen.
 EXP_SHOW = ("exp", "show", "--no-pager", "--only-changed", "--drop", r".*/|sample\.prompts")
 
 
 def test_documented_exp_show_is_narrow(project):
-    readme = (REPO / "README.md").read_text()
-    assert f"dvc exp show --only-changed --drop '{EXP_SHOW[-1]}'" in readme
+    page = (REPO / "docs" / "experiments.md").read_text()
+    assert f"dvc exp show --only-changed --drop '{EXP_SHOW[-1]}'" in page
     # As on a terminal wide enough for everything (rich cuts tables to $COLUMNS, 80 in a pipe).
     wide = stage_env(COLUMNS="10000")
     full, out = (run_in(project.root, "dvc", *args, env=wide).stdout

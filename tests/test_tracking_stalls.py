@@ -83,7 +83,7 @@ def test_black_hole_server_costs_no_training_time(mode, workdir, base_dir, serve
     # queue's deadline), and the training loop's calls only queue. Each bound is half a
     # timeout above what it allows: a second timeout, or one call waiting on the network,
     # breaks it whatever the machine's load (the whole training's wall time, compared with
-    # a sqlite store's, is in the README's reliability table).
+    # a sqlite store's, is in docs/resilience.md's reliability table).
     assert waits.start < 1.5 * WAIT_S and waits.end < 1.5 * WAIT_S, waits
     assert waits.in_calls < 0.5 * WAIT_S, waits
     offline_id = run.info.run_id

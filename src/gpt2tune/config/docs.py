@@ -1,11 +1,11 @@
-"""params.yaml and the README's key table, written from the declarations in params.py.
+"""params.yaml and docs/parameters.md's key table, written from the declarations in params.py.
 
 Each key's default, rule and help are declared once (params.py); this module renders them as
 the repo's params.yaml (defaults as values, help and allowed values as one comment per key)
-and as the table between the README's ``<!-- params-table:start -->`` and ``-end -->`` markers.
+and as the table between docs/parameters.md's ``<!-- params-table:start -->`` and ``-end -->``.
 A test compares both files with what is rendered here, so after changing a declaration run
 
-    python -m gpt2tune.config.docs          # rewrite params.yaml and README.md's table
+    python -m gpt2tune.config.docs          # rewrite params.yaml and docs/parameters.md's table
     python -m gpt2tune.config.docs --check  # exit 1 naming the stale files
 """
 
@@ -34,6 +34,7 @@ HEADER = (
     "# python -m gpt2tune.config.docs writes them here.\n"
 )
 START, END = "<!-- params-table:start -->", "<!-- params-table:end -->"
+PAGE = "docs/parameters.md"  # the page that holds the table, relative to the repository root
 COMMENT_AT = 24  # column of the inline comments, as in the hand-written file this replaced
 WIDTH = 100  # a key line longer than this gets its comment on the line above
 
@@ -77,7 +78,7 @@ def _lines(indent: str, name: str, value: str, notes: list[str]) -> list[str]:
 
 def render_params_yaml() -> str:
     """The repo's params.yaml: every key at its declared default with one comment: its help,
-    and what it allows where that fits (the README's table always has both)."""
+    and what it allows where that fits (docs/parameters.md's table always has both)."""
     lines = HEADER.splitlines() + [""]
     for section, (help_, keys) in reference().items():
         lines += _lines("", section, "", [help_])
@@ -104,7 +105,7 @@ def _allowed_cell(k: Key) -> str:
 
 
 def render_table() -> str:
-    """The README's reference table of every key, markers included."""
+    """docs/parameters.md's reference table of every key, markers included."""
     rows = [START, "| key | default | what it is | allowed |", "|---|---|---|---|"]
     for section, (help_, keys) in reference().items():
         rows.append(f"| **{section}** | | {_cell(help_)} | |")
@@ -133,17 +134,17 @@ def render_help(sections: tuple[str, ...]) -> str:
 _TABLE = re.compile(re.escape(START) + r".*?" + re.escape(END), re.DOTALL)
 
 
-def with_table(readme: str) -> str:
-    """README text with the generated table in place of whatever is between the markers."""
-    if len(_TABLE.findall(readme)) != 1:
-        raise Gpt2tuneError(f"README.md: needs one {START} ... {END} block for the params table")
-    return _TABLE.sub(lambda _: render_table(), readme)
+def with_table(page: str) -> str:
+    """docs/parameters.md's text with the generated table in place of what the markers hold."""
+    if len(_TABLE.findall(page)) != 1:
+        raise Gpt2tuneError(f"{PAGE}: needs one {START} ... {END} block for the params table")
+    return _TABLE.sub(lambda _: render_table(), page)
 
 
 def stale(root: Path) -> dict[Path, str]:
-    """{file: what it should hold} for params.yaml and README.md under root that differ."""
-    readme = (root / "README.md").read_text(encoding="utf-8")
-    want = {root / "params.yaml": render_params_yaml(), root / "README.md": with_table(readme)}
+    """{file: what it should hold} for params.yaml and docs/parameters.md under root that differ."""
+    page = (root / PAGE).read_text(encoding="utf-8")
+    want = {root / "params.yaml": render_params_yaml(), root / PAGE: with_table(page)}
     return {
         path: text
         for path, text in want.items()

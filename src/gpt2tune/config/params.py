@@ -4,7 +4,8 @@ Every DVC stage calls ``load_params("params.yaml")`` before doing any work, so a
 one-line error instead of an hour of training with the wrong setting. Each key is declared
 once below, as a dataclass field carrying its type, default, rule and one line of help
 (``keys.key``); validation reads those fields, and so do params.yaml's comments and the
-README's table (``python -m gpt2tune.config.docs`` rewrites both, a test checks they agree).
+docs/parameters.md table (``python -m gpt2tune.config.docs`` rewrites both; a test checks that
+they agree).
 Any problem raises Gpt2tuneError with one line such as
 ``params.yaml: train.steps = -5: must be an integer >= 1``.
 

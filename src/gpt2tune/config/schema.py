@@ -3,7 +3,7 @@
 A key is a dataclass field whose metadata carries a Rule (what values are allowed, as the words
 that finish "must be ...", plus a check) and one line of help; ``key(1000, at_least(1),
 "optimizer steps")`` declares default, range and help in one place. params.py declares every
-key this way; validation (``check_sections``), params.yaml's comments, the README's table and
+key this way; validation (``check_sections``), params.yaml's comments, the docs' table and
 a command's --help all read these fields (``describe``), so none of them can drift. Below
 that: the strict YAML reader (``read_yaml``: duplicate keys are errors, 2e-5 is a number).
 """

@@ -3,7 +3,7 @@
 Training (`training_bytes`) and generation (`generation_memory`) are estimated here, from the
 model's shapes (LoRA's from gpt2tune.model.lora), and compared with `available_memory`.
 
-The training formula is the one the README's "which model fits which GPU" table is computed
+The training formula is the one docs/distributed.md's "which model fits which GPU" table comes
 from (`bench/memory.py`), checked there against measured peaks: it overestimates a float32 CPU
 training step by 10-20%. gpt2tune compares it with free RAM before training on a CPU, so a
 `batch_size` far too large is one clear line instead of an out-of-memory kill hours in.

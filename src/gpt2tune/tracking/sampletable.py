@@ -24,7 +24,7 @@ TABLE = "samples/table.json"
 
 def rows(step: int, records: list[dict], sampling: Sampling) -> dict[str, list]:
     """Columns step, prompt ("" = unconditional), index, text, then every sampling setting;
-    one row per record of gpt2tune.generation.sampler.sample_records."""
+    one row per record of gpt2tune.generation.samples.sample_records."""
     settings = {f.name: getattr(sampling, f.name) for f in dataclasses.fields(Sampling)}
     table: dict[str, list] = {k: [] for k in ("step", "prompt", "index", "text", *settings)}
     for r in records:

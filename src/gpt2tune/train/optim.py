@@ -33,7 +33,7 @@ Update = Callable[..., None]
 class OptimizerSpec:
     slots: tuple[str, ...]  # per-weight slot variables, named `<weight>/<slot>` as TF1 names them
     weight_decay: str  # "none" (a non-zero train.weight_decay is refused), "decoupled" or "l2"
-    help: str  # one line for params.yaml, the README and --help
+    help: str  # one line for params.yaml, docs/parameters.md and --help
     # (strategy, learning rate, step) -> the per-variable Update of this step: what is the same
     # for every variable (the rate, Adam's bias corrections) is computed once per step.
     rule: Callable[..., Update]
