@@ -31,13 +31,10 @@ sys.path.insert(0, str(REPO / "src"))  # run from a checkout without installing
 # the stage runner are the tests' own, written independently of gpt2tune.
 sys.path.insert(0, str(REPO / "tests"))
 
-from helpers import (  # noqa: E402
-    SHARED_DATA,
-    ReferenceEncoder,
-    start_stage,
-    tiktoken_from_files,
-    write_params,
-)
+from helpers import SHARED_DATA  # noqa: E402
+from helpers.processes import start_stage  # noqa: E402
+from helpers.projects import write_params  # noqa: E402
+from helpers.vocab import ReferenceEncoder, tiktoken_from_files  # noqa: E402
 
 from gpt2tune.model.encoder import load_encoder  # noqa: E402
 

@@ -29,10 +29,12 @@ import numpy as np
 from common import REPO, add_shape_args, loadavg
 
 # The black-hole server, the tiny vocabulary and the tracked training are the tests' own
-# (tests/helpers.py), so that this measures what tests/test_tracking_stalls.py checks.
+# (tests/helpers/tracking.py), so that this measures what tests/test_tracking_stalls.py checks.
 sys.path.insert(0, str(REPO / "tests"))
 
-from helpers import BlackHole, build_tiny_vocab, tiny_model, tracked_training  # noqa: E402
+from helpers.models import tiny_model  # noqa: E402
+from helpers.tracking import BlackHole, tracked_training  # noqa: E402
+from helpers.vocab import build_tiny_vocab  # noqa: E402
 
 import gpt2tune  # noqa: E402
 from gpt2tune.config.params import MlflowParams, TrainParams  # noqa: E402

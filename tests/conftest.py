@@ -1,6 +1,6 @@
 """Shared fixtures: where the official GPT-2 data lives, and tiny vocabularies and models
 built from scratch in OpenAI's on-disk formats so tests never need a download. What the
-fixtures are built from lives in helpers.py."""
+fixtures are built from lives in the helpers package."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import os
 from pathlib import Path
 
 import pytest
-from helpers import SHARED_DATA, TRAIN_SHAPE, build_tiny_vocab
+from helpers import SHARED_DATA
+from helpers.training import TRAIN_SHAPE
+from helpers.vocab import build_tiny_vocab
 
 from gpt2tune import load_encoder, save_model
 
@@ -69,7 +71,7 @@ def base_dir(tmp_path_factory, hp, tiny_vocab_dir) -> Path:
 def server(tmp_path_factory):
     """A real `mlflow server` on loopback, one per test module; tests may kill it and leave
     it running when they end."""
-    from mlflowserver import MlflowServer
+    from helpers.mlflowserver import MlflowServer
 
     with MlflowServer(tmp_path_factory.mktemp("mlflow")) as srv:
         srv.wait_ready()
@@ -82,9 +84,10 @@ def server(tmp_path_factory):
 # file alone. Any file not listed runs after them, in the usual order.
 LONGEST_FIRST = (
     "test_pipeline.py", "test_tracking_stalls.py", "test_train_reliability.py",
-    "test_faults.py", "test_train.py", "test_train_stage.py", "test_servable.py",
-    "test_cli.py", "test_bad_input.py", "test_train_options.py", "test_lora.py",
-    "test_interactive.py", "test_speed.py", "test_stopping.py", "test_tracking.py",
+    "test_pipeline_faults.py", "test_train.py", "test_train_stage.py", "test_servable.py",
+    "test_cli.py", "test_pipeline_bad_input.py", "test_train_options.py",
+    "test_model_lora.py", "test_generation_interactive.py", "test_train_speed.py",
+    "test_train_stopping.py", "test_tracking.py",
 )  # fmt: skip
 
 

@@ -15,17 +15,11 @@ import sys
 import numpy as np
 import pytest
 import yaml
-from helpers import (
-    REPO,
-    TINY_CORPUS,
-    VENV_BIN,
-    make_project,
-    run_in,
-    run_stage,
-    stage_env,
-    tiny_model,
-    write_params,
-)
+from helpers import REPO, VENV_BIN
+from helpers.models import tiny_model
+from helpers.processes import run_in, run_stage, stage_env
+from helpers.projects import make_project, write_params
+from helpers.vocab import TINY_CORPUS
 
 from gpt2tune import save_model
 from gpt2tune.cli import COMMANDS

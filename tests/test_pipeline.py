@@ -18,18 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import (
-    REPO,
-    commit_project,
-    git,
-    make_project,
-    run_in,
-    stage_env,
-    update_params,
-    write_official_style_model,
-)
-from httpserver import FolderServer
-from mlflowserver import MlflowServer
+from helpers import REPO
+from helpers.httpserver import FolderServer
+from helpers.mlflowserver import MlflowServer
+from helpers.models import write_official_style_model
+from helpers.processes import run_in, stage_env
+from helpers.projects import commit_project, git, make_project, update_params
 
 from gpt2tune.fetch.manifest import MANIFEST
 from gpt2tune.files import RELEASE_FILES as MODEL_FILES

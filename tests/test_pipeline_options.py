@@ -13,14 +13,9 @@ import json
 import numpy as np
 import pytest
 import tensorflow as tf
-from helpers import (
-    commit_project,
-    make_project,
-    project_mlflow,
-    run_in,
-    training_run_id,
-    write_official_style_model,
-)
+from helpers.models import write_official_style_model
+from helpers.processes import run_in
+from helpers.projects import commit_project, make_project, project_mlflow, training_run_id
 
 from gpt2tune.model.checkpoint import load_model
 

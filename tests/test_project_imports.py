@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import sys
 
 import pytest
-from helpers import REPO, run_in, stage_env
+from helpers import REPO
+from helpers.processes import run_in, stage_env
 
 PACKAGE = "gpt2tune"
 SRC = REPO / "src" / PACKAGE
@@ -246,3 +248,15 @@ def test_imports_go_down_the_layers():
     assert climbs({"gpt2tune.model.gpt2": {"gpt2tune.train.loop": 3}})
     assert climbs({"gpt2tune.fetch.download": {"gpt2tune.data.text": 5}})
     assert not climbs({"gpt2tune.train.loop": {"gpt2tune.model.gpt2": 7}})
+
+
+def test_tests_follow_the_wings():
+    """A wing's tests are tests/test_<wing>_*.py (or test_<wing>.py), a top-level module's
+    tests/test_<module>.py; journeys through the pipeline are test_pipeline*.py, project-wide
+    checks test_project_*.py. So the tests of what you change are found by its name."""
+    tests = REPO / "tests"
+    units = {u for layer in LAYERS for u in layer} - {"__init__", "__main__"}
+    allowed = re.compile(rf"test_({'|'.join(sorted(units | {'pipeline', 'project'}))})(_\w+)?\.py")
+    odd = sorted(p.name for p in tests.glob("test_*.py") if not allowed.fullmatch(p.name))
+    assert not odd, f"test files named after no wing or module: {odd}"
+    assert allowed.fullmatch("test_train_stage.py") and not allowed.fullmatch("test_sample.py")

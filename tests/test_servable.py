@@ -16,9 +16,11 @@ import time
 import urllib.request
 
 import pytest
-from helpers import REPO, stage_env, tiny_model
+from helpers import REPO
+from helpers.mlflowserver import MlflowServer, free_ports
+from helpers.models import tiny_model
+from helpers.processes import stage_env
 from mlflow.tracking import MlflowClient
-from mlflowserver import MlflowServer, free_port
 
 import gpt2tune
 from gpt2tune import servable
@@ -134,7 +136,7 @@ def post(url: str, body: dict) -> dict:
 
 
 def test_mlflow_models_serve_answers_invocations(logged, model_dir, tmp_path):
-    port = free_port()
+    port = free_ports(1)[0]
     cmd = [
         sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{NAME}/1",
         "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",

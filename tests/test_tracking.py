@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import seed_mlflow_store
+from helpers.projects import seed_mlflow_store
 from mlflow.tracking import MlflowClient
 
 from gpt2tune.config.params import MlflowParams

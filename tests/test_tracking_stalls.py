@@ -18,7 +18,7 @@ import textwrap
 
 import numpy as np
 import pytest
-from helpers import BlackHole, tracked_training
+from helpers.tracking import BlackHole, tracked_training
 from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 

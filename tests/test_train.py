@@ -17,16 +17,8 @@ import time
 import numpy as np
 import pytest
 import tensorflow as tf
-from helpers import (
-    CFG,
-    N_CTX,
-    TOKENS,
-    VAL,
-    assert_weights_close,
-    cfg,
-    rounding_atol,
-    stage_env,
-)
+from helpers.processes import stage_env
+from helpers.training import CFG, N_CTX, TOKENS, VAL, assert_weights_close, cfg, rounding_atol
 
 from gpt2tune import Gpt2tuneError
 from gpt2tune.config.params import TrainParams
@@ -135,7 +127,7 @@ def test_fit_lowers_the_loss_and_logs_every_step(trained):
 def test_run_folder_holds_the_newest_checkpoint_and_state(trained, hp):
     model, run_dir, _, history, _, _ = trained
     assert sorted(p.name for p in run_dir.iterdir()) == [
-        "best",  # the lowest val_loss's weights (test_stopping.py)
+        "best",  # the lowest val_loss's weights (test_train_stopping.py)
         "checkpoint",
         "model-12.data-00000-of-00001",
         "model-12.history.json",
@@ -144,7 +136,7 @@ def test_run_folder_holds_the_newest_checkpoint_and_state(trained, hp):
     ]  # model-5 and model-10 were removed, no temporary files are left
     assert 'model_checkpoint_path: "model-12"' in (run_dir / "checkpoint").read_text()
     state = json.loads((run_dir / "train_state.json").read_text())
-    assert {k: state.pop(k) for k in ("best", "early_stopping")}  # test_stopping.py
+    assert {k: state.pop(k) for k in ("best", "early_stopping")}  # test_train_stopping.py
     assert state == {
         "step": 12, "mlflow_run_id": "abc", "fingerprint": "fp-trained", "checkpoints": [12],
     }  # fmt: skip

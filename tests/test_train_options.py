@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-# The tiny corpus and settings shared with test_train.py (helpers.py).
-from helpers import CFG, TOKENS, VAL, assert_weights_close, cfg, stage_env
+# The tiny corpus and settings shared with test_train.py (helpers.training).
+from helpers.processes import stage_env
+from helpers.training import CFG, TOKENS, VAL, assert_weights_close, cfg
 
 from gpt2tune import Gpt2tuneError, load_encoder, save_model
 from gpt2tune.config.params import TrainParams

@@ -4,7 +4,7 @@ was; a second training in the same folder is refused; temporary files of a kille
 removed; metrics/train.json holds reproducible numbers (the base model's validation loss
 among them), metrics/loss.png the chart; the MLflow run has a name and a description.
 
-Each test runs `python stages/train.py` in a test project (tests/helpers.py), with
+Each test runs `python stages/train.py` in a test project (helpers.projects), with
 kill -9 or a hold at an exact rename from tests/killpoint/."""
 
 from __future__ import annotations
@@ -17,17 +17,10 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import (
-    TINY_CORPUS,
-    make_project,
-    project_mlflow,
-    run_stage,
-    stage_env,
-    start_stage,
-    tiny_model,
-    training_run_id,
-    update_params,
-)
+from helpers.models import tiny_model
+from helpers.processes import run_stage, stage_env, start_stage
+from helpers.projects import make_project, project_mlflow, training_run_id, update_params
+from helpers.vocab import TINY_CORPUS
 
 from gpt2tune import save_model
 

@@ -12,18 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import (
-    TINY_CORPUS,
-    free_ports,
-    make_project,
-    project_mlflow,
-    run_stage,
-    stage_env,
-    start_stage,
-    tiny_model,
-    training_run_id,
-    update_params,
-)
+from helpers.mlflowserver import free_ports
+from helpers.models import tiny_model
+from helpers.processes import run_stage, stage_env, start_stage
+from helpers.projects import make_project, project_mlflow, training_run_id, update_params
+from helpers.vocab import TINY_CORPUS
 
 from gpt2tune import save_model
 

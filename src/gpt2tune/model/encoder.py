@@ -16,7 +16,7 @@ two lines making the same token).
 
 Not ``tiktoken.load.data_gym_to_mergeable_bpe_ranks``: it caches by path alone (an edited file
 reads stale), meets files it cannot follow with an AssertionError, and has neither the filter
-nor the fallback that tests/test_encoder.py needs; the table it builds is one line here.
+nor the fallback that tests/test_model_encoder.py needs; the table it builds is one line here.
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ EOT = "<|endoftext|>"
 # GPT-2's pre-tokenizer, verbatim from openai/gpt-2 src/encoder.py.
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
-# sha256 of OpenAI's encoder.json and vocab.bpe. tests/test_encoder.py re-checks that every token
-# of these files is reachable, so loading them skips that 0.6 s check.
+# sha256 of OpenAI's encoder.json and vocab.bpe. tests/test_model_encoder.py re-checks that every
+# token of these files is reachable, so loading them skips that 0.6 s check.
 _OFFICIAL_SHA256 = (
     "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
     "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",

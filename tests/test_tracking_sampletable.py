@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from helpers import TOKENS, VAL, cfg
+from helpers.training import TOKENS, VAL, cfg
 
 from gpt2tune import load_model
 from gpt2tune.config.params import SampleParams, Sampling

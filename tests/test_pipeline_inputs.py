@@ -3,7 +3,7 @@ silently damaged model, each reproduced here the way it reached a user.
 
 Stages run as subprocesses in a small project (the stage scripts, params.yaml written from
 the declared defaults, a tiny tokenizer as models/tiny); downloads come from a real HTTP
-server on 127.0.0.1 (tests/httpserver.py).
+server on 127.0.0.1 (helpers.httpserver).
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from helpers import REPO, TINY_CORPUS
-from httpserver import FolderServer
+from helpers import REPO
+from helpers.httpserver import FolderServer
+from helpers.vocab import TINY_CORPUS
 
 from gpt2tune.config.params import default_raw, validate_params
 from gpt2tune.config.schema import read_yaml

@@ -14,7 +14,8 @@ import textwrap
 import numpy as np
 import pytest
 import tensorflow as tf
-from helpers import free_ports, rounding_atol
+from helpers.mlflowserver import free_ports
+from helpers.training import rounding_atol
 
 from gpt2tune import Gpt2tuneError
 from gpt2tune.config.params import TrainParams

@@ -1,8 +1,9 @@
 """Security properties: no unpickling or eval of anything a user or server hands us, and a
 tokenizer that survives any text (property-based, with hypothesis).
 
-Credentials in tracking URIs are covered in test_tracking.py and test_params.py; names and
-paths from params that could escape the project in test_params.py and test_bad_input.py.
+Credentials in tracking URIs are covered in test_tracking.py and test_config_params.py; names
+and paths from params that could escape the project in test_config_params.py and
+test_pipeline_bad_input.py.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
-from httpserver import FolderServer, ForwardingProxy, closed_port_url, silent_server
+from helpers.httpserver import FolderServer, ForwardingProxy, closed_port_url, silent_server
 
 from gpt2tune.errors import Gpt2tuneError
 from gpt2tune.fetch.download import (

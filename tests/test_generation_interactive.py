@@ -11,7 +11,9 @@ import subprocess
 import time
 
 import pytest
-from helpers import run_stage, stage_env, start_stage, tiny_model, write_params
+from helpers.models import tiny_model
+from helpers.processes import run_stage, stage_env, start_stage
+from helpers.projects import write_params
 
 import gpt2tune
 from gpt2tune import Sampling, save_model
@@ -84,7 +86,8 @@ def test_ctrl_c_at_the_prompt_exits_cleanly(model_dir, workdir):
 
 
 def test_bad_params_is_one_line_on_stderr(model_dir, tmp_path):
-    """(The sample stage without --interactive: test_bad_input.py, "top_p out of range".)"""
+    """(The sample stage without --interactive: test_pipeline_bad_input.py, "top_p out of
+    range".)"""
     write_params(tmp_path, sample=dict(top_p=1.5))
     proc = run_stage(
         tmp_path, "sample", *INTERACTIVE, str(model_dir), stdin=subprocess.DEVNULL, env=ENV,

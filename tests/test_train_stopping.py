@@ -1,7 +1,7 @@
 """Stopping and keeping (gpt2tune.train.keeping): early stopping, the best checkpoint beside the
 latest, and train.keep_checkpoints. Each test would fail if its key were ignored.
 
-Real TensorFlow on the tiny training run of helpers.py. Where the validation loss must rise
+Real TensorFlow on the tiny training run of helpers.training. Where the validation loss must rise
 at the end, a run is trained on the validation text's pattern, then resumed on another
 pattern: the validation loss falls, then rises, whatever the machine's rounding.
 """
@@ -14,7 +14,7 @@ import json
 
 import numpy as np
 import pytest
-from helpers import TOKENS, VAL, assert_weights_close, cfg
+from helpers.training import TOKENS, VAL, assert_weights_close, cfg
 
 from gpt2tune import Gpt2tuneError
 from gpt2tune.config.params import TrainParams, default_raw, validate_params

@@ -17,8 +17,10 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from helpers import REPO, stage_env, write_official_style_model
-from httpserver import FolderServer
+from helpers import REPO
+from helpers.httpserver import FolderServer
+from helpers.models import write_official_style_model
+from helpers.processes import stage_env
 
 NOTEBOOK = REPO / "notebooks" / "colab.ipynb"
 HP = {"n_vocab": 50257, "n_ctx": 64, "n_embd": 32, "n_head": 2, "n_layer": 1}

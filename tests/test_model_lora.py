@@ -15,7 +15,8 @@ import textwrap
 import numpy as np
 import pytest
 import tensorflow as tf
-from helpers import N_CTX, TOKENS, VAL, assert_weights_close, cfg, stage_env
+from helpers.processes import stage_env
+from helpers.training import N_CTX, TOKENS, VAL, assert_weights_close, cfg
 
 from gpt2tune import Gpt2tuneError
 from gpt2tune.config.params import default_raw, validate_params

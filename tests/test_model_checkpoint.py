@@ -5,7 +5,7 @@ import shutil
 
 import numpy as np
 import pytest
-from helpers import run_tf1
+from helpers.models import run_tf1
 
 import gpt2tune
 from gpt2tune import Gpt2tuneError

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import run_stage, write_params
+from helpers.processes import run_stage
+from helpers.projects import write_params
 
 from gpt2tune.data.batches import eval_windows, random_windows, window_length
 from gpt2tune.data.encode import encode_corpus, split_plan
@@ -466,7 +467,8 @@ def test_eval_windows_even_and_deterministic():
 
 
 def test_stage_script(tmp_path, tiny_vocab_dir):
-    """(A bad file among data.path's is test_bad_input.py's "non-UTF-8 file in a data folder".)"""
+    """(A bad file among data.path's: test_pipeline_bad_input.py, "non-UTF-8 file in a data
+    folder".)"""
     params = write_params(tmp_path, data={"path": "data/raw"})
     vocab = tmp_path / "models" / params["model"]["name"]
     for name in ("encoder.json", "vocab.bpe"):

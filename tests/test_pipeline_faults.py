@@ -21,15 +21,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import (
-    TINY_CORPUS,
-    commit_project,
-    make_project,
-    run_in,
-    run_stage,
-    start_in,
-    tiny_model,
-)
+from helpers.models import tiny_model
+from helpers.processes import run_in, run_stage, start_in
+from helpers.projects import commit_project, make_project
+from helpers.vocab import TINY_CORPUS
 
 from gpt2tune import save_model
 

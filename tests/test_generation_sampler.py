@@ -6,7 +6,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import tensorflow as tf
-from helpers import tiny_model
+from helpers.models import tiny_model
 
 from gpt2tune import Gpt2tuneError, Sampling, generate, generate_many, generate_tokens
 from gpt2tune.config.params import SampleParams

@@ -14,7 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import TINY_CORPUS, make_project, run_stage, tiny_model, update_params
+from helpers.models import tiny_model
+from helpers.processes import run_stage
+from helpers.projects import make_project, update_params
+from helpers.vocab import TINY_CORPUS
 
 from gpt2tune import save_model
 

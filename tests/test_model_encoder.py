@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import EOT, TINY_CORPUS, bytes_to_unicode, tiktoken_from_files
-from helpers import ReferenceEncoder as Reference
+from helpers.vocab import EOT, TINY_CORPUS, bytes_to_unicode, tiktoken_from_files
+from helpers.vocab import ReferenceEncoder as Reference
 
 from gpt2tune.errors import Gpt2tuneError
 from gpt2tune.model.encoder import Encoder, load_encoder

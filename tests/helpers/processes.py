@@ -1,0 +1,61 @@
+"""The one way to run a stage or any command of a test project as a subprocess: this
+virtualenv's tools first on PATH, the checkout's src/ importable, TensorFlow quiet."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from helpers import KILLPOINT, REPO, VENV_BIN
+
+# --------------------------------------------------------------------------- running stages
+
+
+def stage_env(kill_at: str = "", **extra: str) -> dict[str, str]:
+    """The environment of every stage, `dvc` or other command a test runs: this virtualenv's
+    python, dvc and mlflow first on PATH, the checkout's src/ importable, TensorFlow quiet and
+    on the CPU, no MLFLOW_TRACKING_URI from the caller's shell. With kill_at, the killpoint
+    hook (tests/killpoint/sitecustomize.py) acts on it."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="", **extra)
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONPATH"] = os.pathsep.join([str(KILLPOINT)] * bool(kill_at) + [str(REPO / "src")])
+    if kill_at:
+        env["GPT2TUNE_KILL_AT"] = kill_at
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def stage_command(stage: str, *args: str) -> list[str]:
+    """`python stages/<stage>.py args`, the checkout's script, with this interpreter."""
+    return [sys.executable, str(REPO / "stages" / f"{stage}.py"), *args]
+
+
+def run_in(root: Path, *command: str, kill_at: str = "", env: dict | None = None,
+           timeout: float = 300, **kw) -> subprocess.CompletedProcess:  # fmt: skip
+    """Run a command in the folder root (a test project) and wait; output captured as text."""
+    kw.setdefault("capture_output", True)
+    kw.setdefault("text", True)
+    env = stage_env(kill_at) if env is None else env
+    return subprocess.run(command, cwd=root, env=env, timeout=timeout, **kw)
+
+
+def start_in(root: Path, *command: str, kill_at: str = "", env: dict | None = None,
+             **kw) -> subprocess.Popen:  # fmt: skip
+    """Start a command in the folder root without waiting; stdout and stderr piped, as text."""
+    kw.setdefault("stdout", subprocess.PIPE)
+    kw.setdefault("stderr", subprocess.PIPE)
+    kw.setdefault("text", True)
+    env = stage_env(kill_at) if env is None else env
+    return subprocess.Popen(command, cwd=root, env=env, **kw)
+
+
+def run_stage(root: Path, stage: str, *args: str, **kw) -> subprocess.CompletedProcess:
+    """`python stages/<stage>.py args` in root, as a user runs it; see run_in."""
+    return run_in(root, *stage_command(stage, *args), **kw)
+
+
+def start_stage(root: Path, stage: str, *args: str, **kw) -> subprocess.Popen:
+    """`python stages/<stage>.py args` started in root; see start_in."""
+    return start_in(root, *stage_command(stage, *args), **kw)
