@@ -70,3 +70,19 @@ def test_peer_runs_openai_code():
     for script, extra in runs.items():
         r = run_bench(script, *TINY, *extra, "--peer", "--rounds", "1")
         assert r["peer_tokens_per_s"] > 0 and r["speedup_vs_peer"] > 0
+
+
+def test_graphs_bench():
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "graphs.py"), *TINY],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    totals, full = (json.loads(line) for line in proc.stdout.strip().splitlines()[-2:])
+    assert set(totals) == {"train_step/adam", "train_step/sgd", "train_step/lora", "sampler"}
+    for name, counts in full.items():
+        assert counts["total"] == totals[name] == sum(counts["by_type"].values()) > 100
+    # The fused Adam kernel in adam's step only; sgd's and LoRA's (fewer weights) are smaller.
+    assert "ResourceApplyAdam" in full["train_step/adam"]["by_type"]
+    assert "ResourceApplyAdam" not in full["train_step/sgd"]["by_type"]
+    assert totals["train_step/sgd"] < totals["train_step/adam"] > totals["train_step/lora"]
