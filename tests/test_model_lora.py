@@ -15,18 +15,23 @@ import textwrap
 import numpy as np
 import pytest
 import tensorflow as tf
-from helpers.processes import stage_env
+from helpers.models import tiny_model
+from helpers.processes import run_stage, stage_env
+from helpers.projects import make_project
 from helpers.training import N_CTX, TOKENS, VAL, assert_weights_close, cfg
+from helpers.vocab import TINY_CORPUS
 
 from gpt2tune import Gpt2tuneError
-from gpt2tune.config.params import default_raw, validate_params
-from gpt2tune.data.batches import random_windows
-from gpt2tune.model.checkpoint import assemble, load_model
+from gpt2tune.config.params import default_raw, load_params, validate_params
+from gpt2tune.data import encoded
+from gpt2tune.data.batches import eval_windows, random_windows
+from gpt2tune.model.checkpoint import assemble, load_model, save_model
+from gpt2tune.model.encoder import load_encoder
 from gpt2tune.model.gpt2 import init_model
 from gpt2tune.model.lora import TARGETS, adapter_shapes, merge
 from gpt2tune.model.memory import lora_params, n_params, step_bytes, training_bytes
 from gpt2tune.train.loop import fit
-from gpt2tune.train.runstate import fingerprint
+from gpt2tune.train.runstate import fingerprint, load_state
 from gpt2tune.train.trainer import Trainer
 
 # Rank 4 on every dense layer; a learning rate that moves the tiny model within a few steps.
@@ -174,6 +179,95 @@ def test_resumed_lora_run_equals_an_uninterrupted_one(base_dir, tmp_path, capsys
     np.testing.assert_allclose(losses(hist_b), losses(hist_a), rtol=1e-5)
     assert_weights_close(adapters_of(resumed), adapters_of(straight))
     assert_weights_close(resumed.weights_numpy(), straight.weights_numpy(), atol=0)
+
+
+# --- train.restore_from: <a model folder>: the adapters belong to that folder's weights ------
+
+
+@pytest.fixture
+def other_dir(tmp_path, hp, tiny_vocab_dir):
+    """A second model folder of the same shape (other random weights): restore_from's."""
+    folder = tmp_path / "other"
+    save_model(init_model(hp, load_encoder(tiny_vocab_dir), seed=1), folder)
+    return folder
+
+
+def val_loss_of(model) -> float:
+    """The validation loss as `fit` measures it (its windows of VAL, its eval step)."""
+    trainer = Trainer(model, cfg(), tf.distribute.get_strategy())
+    return trainer.eval_loss(eval_windows(VAL, N_CTX, cfg().val_batch_count))
+
+
+def test_lora_from_another_folder_is_assembled_onto_that_folder(base_dir, other_dir, tmp_path):
+    restore = {**LORA, "restore_from": str(other_dir)}
+    model, history = run(base_dir, tmp_path / "run", steps=4, **restore)
+    state = load_state(tmp_path / "run")
+    assert state["base"]["path"] == str(other_dir)
+    merged = assemble(base_dir, tmp_path / "run", tmp_path / "out", trained_on=state["base"])
+    final = history["val_loss"][-1][1]
+    assert val_loss_of(load_model(tmp_path / "out")) == pytest.approx(final, rel=1e-5)
+    assert merged.weights_numpy()["model/wte"].tobytes() == (
+        load_model(other_dir).weights_numpy()["model/wte"].tobytes()
+    )  # not models/<name>'s, which is what the adapters used to be merged into
+    wrong = assemble(base_dir, tmp_path / "run", tmp_path / "wrong")
+    assert abs(val_loss_of(wrong) - final) > 1e-2
+
+    # restore_from's weights changed after training: assemble refuses, in one line.
+    save_model(load_model(base_dir), other_dir)
+    with pytest.raises(Gpt2tuneError) as e:
+        assemble(base_dir, tmp_path / "run", tmp_path / "out2", trained_on=state["base"])
+    assert f"trained on the weights in {other_dir}, which have changed since" in str(e.value)
+    assert "\n" not in str(e.value) and not (tmp_path / "out2").exists()
+
+
+def test_a_run_whose_starting_weights_changed_is_not_resumed(base_dir, other_dir, tmp_path, capsys):
+    """Same settings, but restore_from's folder now holds other weights: the saved run is not
+    continued (nor reported as complete); training starts again from the new weights."""
+    restore = {**LORA, "restore_from": str(other_dir)}
+    run(base_dir, tmp_path / "run", steps=3, **restore)
+    save_model(init_model(load_model(other_dir).hparams, load_encoder(other_dir), seed=2),
+               other_dir)  # fmt: skip
+    capsys.readouterr()
+    _, history = run(base_dir, tmp_path / "run", steps=3, **restore)
+    out = capsys.readouterr().out
+    assert "is not continued (it started from other weights" in out, out
+    assert [s for s, _ in history["loss"]] == [1, 2, 3]  # trained again, from step 1
+    assert history["val_loss"][0][1] == pytest.approx(val_loss_of(load_model(other_dir)), 1e-5)
+
+
+LORA_STAGE = dict(steps=6, batch_size=2, learning_rate=1e-2, n_ctx=N_CTX, save_every=2,
+                  val_every=2, lora_rank=4, lora_alpha=8.0, restore_from="models/other")  # fmt: skip
+
+
+def test_kill_9_then_resume_and_assemble_keep_restore_froms_weights(tmp_path, tiny_vocab_dir):
+    """The stages as a user runs them: LoRA from models/other (model.name is tiny), killed
+    (-9) right before step 4's train_state.json is renamed in, run again (resumes at step 2),
+    assembled: training ends where an uninterrupted run ends, and the assembled model's loss
+    is training's final validation loss, not the one of adapters on models/tiny."""
+    root = make_project(tmp_path / "project", TINY_CORPUS * 20, train=LORA_STAGE,
+                        mlflow=dict(tracking_uri="sqlite:///mlflow.db", experiment="lora"))  # fmt: skip
+    save_model(tiny_model(tiny_vocab_dir, 0, n_embd=32, n_layer=2), root / "models" / "tiny")
+    save_model(tiny_model(tiny_vocab_dir, 1, n_embd=32, n_layer=2), root / "models" / "other")
+    out = {}
+    for stage, kill in (("encode", ""), ("train", "stages/train.py:replace:train_state.json:2"),
+                        ("train", ""), ("assemble", "")):  # fmt: skip
+        proc = run_stage(root, stage, kill_at=kill)
+        assert proc.returncode == (-9 if kill else 0), proc.stdout[-2000:] + proc.stderr[-3000:]
+        out[stage] = proc.stdout
+    assert "resuming from step 2" in out["train"], out["train"]
+    final = json.loads((root / "metrics/train.json").read_text())["val_loss"]
+
+    p = load_params(root / "params.yaml")
+    straight_cfg = dataclasses.replace(p.train, restore_from=str(root / "models/other"))
+    train, val = (encoded.load_tokens(root / "data/encoded", s) for s in ("train", "val"))
+    _, history = fit(load_model(root / "models/tiny"), train, val, straight_cfg, tmp_path / "s",
+                     run_fingerprint="fp", progress=False)  # fmt: skip
+    assert final == pytest.approx(history["val_loss"][-1][1], rel=1e-5)  # the same base resumed
+
+    model = load_model(root / "models/finetuned")
+    trainer = Trainer(model, p.train, tf.distribute.get_strategy())
+    assembled = trainer.eval_loss(eval_windows(val, p.train.n_ctx, p.train.val_batch_count))
+    assert assembled == pytest.approx(final, rel=1e-5)
 
 
 def test_accumulated_micro_batches_equal_one_big_batch_with_lora(hp):

@@ -87,7 +87,7 @@ def train(p: Params, args: argparse.Namespace) -> None:
     from gpt2tune.train import distribute, loop, report, runstate
     from gpt2tune.train.signals import Stopped
 
-    model, strategy, train_tokens, val_tokens, stats = _training_inputs(p)
+    model, strategy, train_tokens, val_tokens, stats, base = _training_inputs(p)
     fp = runstate.fingerprint(p.train, p.model.name, stats)
     if not distribute.is_chief(strategy):
         # A non-chief worker of a multi-worker run computes and all-reduces like the chief
@@ -96,13 +96,15 @@ def train(p: Params, args: argparse.Namespace) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             run_dir = distribute.worker_run_dir(RUN_DIR, tmp)
             loop.fit(model, train_tokens, val_tokens, p.train, run_dir,
-                         strategy=strategy, run_fingerprint=fp)  # fmt: skip
+                         strategy=strategy, run_fingerprint=fp, base=base)  # fmt: skip
         return
     with runstate.hold(RUN_DIR):  # one training per run folder; the first change on disk
         runstate.clean_leftovers(RUN_DIR)
         latest = p.train.restore_from != "fresh"
-        complete = latest and runstate.complete_state(RUN_DIR, fp, p.train)
-        resumed = complete or (latest and runstate.resumable_state(RUN_DIR, fp, p.train.steps))
+        complete = latest and runstate.complete_state(RUN_DIR, fp, p.train, base)
+        resumed = complete or (
+            latest and runstate.resumable_state(RUN_DIR, fp, p.train.steps, base)
+        )
         run_id = resumed.get("mlflow_run_id") if resumed else None
 
         def log_sample(text: str, step: int) -> None:
@@ -120,6 +122,7 @@ def train(p: Params, args: argparse.Namespace) -> None:
                     log_sample=log_sample,
                     log_tag=tracking.set_tag,
                     state_extra={"mlflow_run_id": run.info.run_id},
+                    base=base,
                 )  # fmt: skip
             except Stopped:  # saved and resumable: killed, not failed (a NaN fails it)
                 tracking.end_run("KILLED")
@@ -132,8 +135,9 @@ def train(p: Params, args: argparse.Namespace) -> None:
 
 
 def _training_inputs(p: Params):
-    """The model, strategy, token arrays and data stats of a training, every check that
-    needs no change on disk done (fit repeats the cheap ones)."""
+    """The model, strategy, token arrays, data stats and starting weights
+    (runstate.starting_weights) of a training, every check that needs no change on disk done
+    (fit repeats the cheap ones)."""
     from gpt2tune.data import encoded
     from gpt2tune.model import checkpoint
     from gpt2tune.train import distribute, loop, runstate
@@ -150,8 +154,8 @@ def _training_inputs(p: Params):
         train_tokens = encoded.load_tokens(ENCODED, "train", n_vocab)
         val_tokens = encoded.load_tokens(ENCODED, "val", n_vocab)
     loop.check_fits(model, train_tokens, p.train, strategy.num_replicas_in_sync)
-    runstate.check_restore_from(p.train, model.hparams)
-    return model, strategy, train_tokens, val_tokens, stats
+    base = runstate.starting_weights(p.train, model)  # reads and checks restore_from's weights
+    return model, strategy, train_tokens, val_tokens, stats, base
 
 
 def assemble(p: Params, args: argparse.Namespace) -> None:
@@ -167,8 +171,11 @@ def assemble(p: Params, args: argparse.Namespace) -> None:
     from gpt2tune.train.runstate import load_state
 
     # Which weights: assemble.checkpoint, the best (the latest without validation) or latest.
-    prefix, step, words = assembled_checkpoint(RUN_DIR, load_state(RUN_DIR), p.assemble.checkpoint)
-    assemble_folder(base_model(p.model.name), RUN_DIR, FINETUNED, prefix)
+    state = load_state(RUN_DIR)
+    prefix, step, words = assembled_checkpoint(RUN_DIR, state, p.assemble.checkpoint)
+    # LoRA adapters go back onto the weights they were trained on (train.restore_from's)
+    trained_on = (state or {}).get("base")
+    assemble_folder(base_model(p.model.name), RUN_DIR, FINETUNED, prefix, trained_on)
     with tracking.reopen_run(p.mlflow):
         tracking.set_tag("gpt2tune.assembled_step", str(step))
         tracking.set_tag("gpt2tune.assembled_checkpoint", p.assemble.checkpoint)

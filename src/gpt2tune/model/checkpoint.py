@@ -9,6 +9,7 @@ TF1 graph; writing uses `tf.raw_ops.SaveV2` with OpenAI's tensor names, so
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -143,11 +144,23 @@ def read_weights(path: str | os.PathLike, hparams: dict[str, int]) -> dict[str, 
     )
 
 
+def weights_digest(weights: Mapping[str, np.ndarray]) -> str:
+    """A short SHA-256 of a model's tensors (names, dtypes, shapes and bytes): what a run
+    folder records of the weights its training started from, to tell them again later."""
+    h = hashlib.sha256()
+    for name in sorted(weights):
+        value = np.ascontiguousarray(weights[name])
+        h.update(f"{name}:{value.dtype.str}:{value.shape};".encode())
+        h.update(memoryview(value).cast("B"))
+    return h.hexdigest()[:16]
+
+
 def assemble(
     base: str | os.PathLike,
     run_dir: str | os.PathLike,
     out: str | os.PathLike,
     prefix: str | os.PathLike | None = None,
+    trained_on: Mapping[str, str] | None = None,
 ) -> GPT2:
     """The trained weights from `run_dir` beside the base model's hparams and tokenizer files:
     those its `checkpoint` file names, or those of the checkpoint `prefix` (keeping.py picks
@@ -155,8 +168,11 @@ def assemble(
 
     This is the notebooks' "copy the checkpoint into a model folder" step: the result is an
     ordinary OpenAI-format folder. Adam's slots in the training checkpoint are left behind.
-    A LoRA run folder holds only adapters: they are merged into the base model's weights
-    (w[0] += alpha / rank * A B, lora.merge), so the folder is the same ordinary layout.
+    A LoRA run folder holds only adapters: they are merged (w[0] += alpha / rank * A B,
+    lora.merge) into the weights they were trained on, so the folder is the same ordinary
+    layout. Those are `trained_on` = {"path", "digest"} (what the run's train_state.json
+    records as "base": train.restore_from's weights, if it named a folder), checked against
+    the digest; without it, the base model's.
     """
     hparams = load_hparams(base)
     if not (Path(run_dir) / "checkpoint").is_file():
@@ -164,12 +180,37 @@ def assemble(
     prefix = Path(prefix) if prefix else checkpoint_prefix(run_dir)
     adapted = lora.read_adapters(prefix, hparams) if Path(f"{prefix}.index").is_file() else None
     if adapted:
-        weights = lora.merge(_read_weights(checkpoint_prefix(base), hparams), *adapted)
+        weights = lora.merge(_adapted_weights(base, run_dir, hparams, trained_on), *adapted)
     else:
         weights = _read_weights(prefix, hparams)
     model = GPT2(hparams, weights, load_encoder(base))
     save_model(model, out)
     return model
+
+
+def _adapted_weights(
+    base: str | os.PathLike, run_dir: str | os.PathLike, hparams: dict[str, int],
+    trained_on: Mapping[str, str] | None,
+) -> dict[str, np.ndarray]:
+    """The weights a LoRA run's adapters were trained on, as they were then: `trained_on`'s
+    path (or `base` when it names none), checked against its digest."""
+    path = (trained_on or {}).get("path") or base
+    redo = "put those weights back, or train again (`dvc repro -f train`) to use the new ones"
+    try:
+        weights = read_weights(path, hparams)
+    except Gpt2tuneError as e:
+        if not trained_on:
+            raise
+        raise Gpt2tuneError(
+            f"{run_dir}: its LoRA adapters were trained on the weights in {path}, which no "
+            f"longer read ({e}); {redo}"
+        ) from None
+    if trained_on and weights_digest(weights) != trained_on.get("digest"):
+        raise Gpt2tuneError(
+            f"{run_dir}: its LoRA adapters were trained on the weights in {path}, which have "
+            f"changed since; {redo}"
+        )
+    return weights
 
 
 def save_model(model: GPT2, folder: str | os.PathLike) -> Path:

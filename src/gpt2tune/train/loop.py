@@ -46,6 +46,7 @@ from gpt2tune.train.runstate import (
     restore,
     save_state,
     start_point,
+    starting_weights,
     summary,
 )
 from gpt2tune.train.signals import Stopped, stop_on_signals
@@ -65,6 +66,7 @@ def fit(
     log_sample: Callable[[str, int], None] = lambda text, step: None,
     log_tag: Callable[[str, str], None] = lambda key, value: None,
     state_extra: dict | None = None,
+    base: dict | None = None,
     progress: bool | None = None,
 ) -> tuple[dict, dict]:
     """Train `model` in place for `cfg.steps` steps; returns (summary metrics, loss history).
@@ -79,7 +81,9 @@ def fit(
     so does early stopping (keeping.py), which also calls `log_tag(STOPPED_TAG, why)`. A
     complete run in `run_dir` (all `cfg.steps` steps, or stopped early and would stop again)
     is reused: its weights are loaded into `model`, its figures returned (without timings),
-    and nothing is trained.
+    and nothing is trained. Neither is continued nor reused if it started from other weights
+    than this one: `base` (runstate.starting_weights, computed here when None) is recorded in
+    the run's state and compared.
     """
     started_at = time.monotonic()
     strategy = strategy or tf.distribute.get_strategy()
@@ -90,14 +94,15 @@ def fit(
             "needs a validation loss, but there are no validation tokens; set "
             "data.val_fraction > 0 or data.val_path, or set it to 0"
         )
+    base = base or starting_weights(cfg, model)  # before the adapters are attached
     trainer = Trainer(model, cfg, strategy)
     run = _Run(trainer, Path(run_dir), val_tokens, (log_metrics, log_sample, log_tag),
-               dict(state_extra or {}, fingerprint=run_fingerprint))  # fmt: skip
+               dict(state_extra or {}, fingerprint=run_fingerprint, base=base))  # fmt: skip
     fresh = cfg.restore_from == "fresh"
-    complete = not fresh and complete_state(run.run_dir, run_fingerprint, cfg)
+    complete = not fresh and complete_state(run.run_dir, run_fingerprint, cfg, base)
     if complete:  # e.g. killed after its last checkpoint, or stopped early: nothing to train
         return run.reuse(complete, tokens_seen(cfg, length, complete["step"]))
-    start, run.history = start_point(run.run_dir, trainer, cfg, run_fingerprint)
+    start, run.history = start_point(run.run_dir, trainer, cfg, run_fingerprint, base)
     if start == 0:
         run.validate(0)
     else:  # start_point resumed the run on disk

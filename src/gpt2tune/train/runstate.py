@@ -16,7 +16,7 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -28,7 +28,7 @@ import tensorflow as tf
 from gpt2tune.config.params import TrainParams
 from gpt2tune.errors import Gpt2tuneError
 from gpt2tune.files import display_path, write_text_atomic
-from gpt2tune.model.checkpoint import read_weights, write_checkpoint
+from gpt2tune.model.checkpoint import read_weights, weights_digest, write_checkpoint
 from gpt2tune.paths import LOSS_PLOTS
 from gpt2tune.train.keeping import finished_early, prune
 
@@ -115,26 +115,35 @@ def load_state(run_dir: Path) -> dict | None:
         return None
 
 
-def resumable_state(run_dir: Path, run_fingerprint: str, steps: int) -> dict | None:
-    """The saved state if it is this run's and stopped short of `steps`, else None."""
-    state = _own_state(run_dir, run_fingerprint)
+def resumable_state(
+    run_dir: Path, run_fingerprint: str, steps: int, base: Mapping | None = None
+) -> dict | None:
+    """The saved state if it is this run's (see `_own_state`) and stopped short of `steps`."""
+    state = _own_state(run_dir, run_fingerprint, base)
     return state if state and state["step"] < steps else None
 
 
-def complete_state(run_dir: Path, run_fingerprint: str, cfg: TrainParams) -> dict | None:
+def complete_state(
+    run_dir: Path, run_fingerprint: str, cfg: TrainParams, base: Mapping | None = None
+) -> dict | None:
     """The saved state if it is this run's and complete: it has exactly `cfg.steps` steps, or
     it stopped early and would stop again (keeping.finished_early). Its metrics can be written
     again without recomputing a step."""
-    state = _own_state(run_dir, run_fingerprint)
+    state = _own_state(run_dir, run_fingerprint, base)
     if not state:
         return None
     done = state["step"] == cfg.steps or finished_early(run_dir, state, run_fingerprint, cfg)
     return state if done else None
 
 
-def _own_state(run_dir: Path, run_fingerprint: str) -> dict | None:
+def _own_state(run_dir: Path, run_fingerprint: str, base: Mapping | None = None) -> dict | None:
+    """The saved state if it has this run's settings (`run_fingerprint`) and started from the
+    same weights (`base`, see `starting_weights`; a state from before bases were recorded
+    passes), else None."""
     state = load_state(Path(run_dir))
     if state and state.get("fingerprint") == run_fingerprint and isinstance(state["step"], int):
+        if not same_base(state, base):
+            return None
         # Only if its checkpoint is really there (someone may have deleted model-N.*).
         if Path(run_dir, f"model-{state['step']}.index").is_file():
             return state
@@ -143,13 +152,18 @@ def _own_state(run_dir: Path, run_fingerprint: str) -> dict | None:
 
 def restore(run_dir: Path, trainer: Trainer, step: int) -> dict:
     """Load the weights and Adam slots `save_state` wrote at `step` (the state file's step);
-    returns the loss history up to that step.
+    returns the loss history up to that step. A LoRA run folder holds only the adapters: the
+    frozen weights under them are train.restore_from's again when it names a folder (the
+    caller has already loaded models/<name> into the model), so a resumed run continues on
+    the weights it started on.
 
     `save_state` writes train_state.json last and deletes older checkpoints after it, so a
     crash (or a second Ctrl-C) part-way through a save leaves the state at the previous step,
     whose checkpoint is still there, while `checkpoint` and history.json may already speak of
     the newer one: both are read as of the state's step, not trusted on their own.
     """
+    if trainer.adapters is not None and restore_from_path(trainer.cfg):
+        load_weights(trainer.model, trainer.cfg.restore_from)
     reader = tf.train.load_checkpoint(str(Path(run_dir) / f"model-{step}"))
     for name, var in run_tensors(trainer).items():
         var.assign(reader.get_tensor(name))
@@ -171,17 +185,20 @@ def load_history(run_dir: Path, step: int) -> dict:
 
 
 def start_point(
-    run_dir: Path, trainer: Trainer, cfg: TrainParams, run_fingerprint: str
+    run_dir: Path, trainer: Trainer, cfg: TrainParams, run_fingerprint: str,
+    base: Mapping | None = None,
 ) -> tuple[int, dict]:
     """Where `fit` starts, as `cfg.restore_from` says: (the step, the loss history up to it).
 
     "latest" continues `run_dir` when it holds a run with the same `run_fingerprint` that
     stopped before `cfg.steps`; otherwise (and always with "fresh") training starts from the
-    model's weights, or from the weights at `restore_from` when it is a path. Says which.
+    model's weights, or from the weights at `restore_from` when it is a path. A run that
+    started from other weights than `base` (models/<name> or restore_from's, changed since)
+    is not continued. Says which.
     """
     resumed = None
     if cfg.restore_from != "fresh":
-        resumed = resumable_state(run_dir, run_fingerprint, cfg.steps)
+        resumed = resumable_state(run_dir, run_fingerprint, cfg.steps, base)
     if resumed:
         start = resumed["step"]
         history = restore(run_dir, trainer, start)
@@ -191,23 +208,43 @@ def start_point(
     if saved and cfg.restore_from == "fresh":
         print(f"training from the start (train.restore_from: fresh); replacing {run_dir}")
     elif saved:
-        why = (
-            f"it already has {saved['step']} steps"
-            if saved.get("fingerprint") == run_fingerprint
-            else "its settings or data differ"
-        )
+        if saved.get("fingerprint") != run_fingerprint:
+            why = "its settings or data differ"
+        elif not same_base(saved, base):
+            why = "it started from other weights: the base model or train.restore_from changed"
+        else:
+            why = f"it already has {saved['step']} steps"
         print(f"training from the base model: the run in {run_dir} is not continued ({why})")
-    if cfg.restore_from not in ("latest", "fresh"):
+    if restore_from_path(cfg):
         load_weights(trainer.model, cfg.restore_from)
         print(f"training from the weights in {cfg.restore_from}")
     return 0, {"loss": [], "val_loss": []}
 
 
-def check_restore_from(cfg: TrainParams, hparams: dict) -> None:
-    """Refuse a `restore_from` path that does not hold weights for this model, before the
-    training makes its first change on disk."""
-    if cfg.restore_from not in ("latest", "fresh"):
-        _read_restore_from(cfg.restore_from, hparams)
+def restore_from_path(cfg: TrainParams) -> str | None:
+    """train.restore_from when it names weights to start from (not "latest" or "fresh")."""
+    return None if cfg.restore_from in ("latest", "fresh") else cfg.restore_from
+
+
+def starting_weights(cfg: TrainParams, model: GPT2) -> dict[str, str]:
+    """What a run records (train_state.json's "base") of the weights it starts from:
+    {"digest"} of `model`'s (models/<name>), or {"path", "digest"} of `restore_from`'s when it
+    names a folder or checkpoint, which this reads, so a path without weights for this model
+    is refused before the training makes its first change on disk.
+
+    Resume and reuse compare it (`same_base`); assemble merges LoRA adapters into the path's
+    weights and checks the digest (checkpoint.assemble)."""
+    path = restore_from_path(cfg)
+    if path is None:
+        return {"digest": weights_digest(model.weights_numpy())}
+    return {"path": path, "digest": weights_digest(_read_restore_from(path, model.hparams))}
+
+
+def same_base(state: Mapping, base: Mapping | None) -> bool:
+    """Whether the saved `state` started from the weights `base` describes (either unknown:
+    yes, as in run folders from before bases were recorded)."""
+    saved = state.get("base")
+    return not (base and isinstance(saved, Mapping)) or saved.get("digest") == base["digest"]
 
 
 def _read_restore_from(path: str, hparams: dict) -> dict:
