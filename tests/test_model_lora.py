@@ -235,17 +235,20 @@ def test_a_run_whose_starting_weights_changed_is_not_resumed(base_dir, other_dir
     assert history["val_loss"][0][1] == pytest.approx(val_loss_of(load_model(other_dir)), 1e-5)
 
 
-LORA_STAGE = dict(steps=6, batch_size=2, learning_rate=1e-2, n_ctx=N_CTX, save_every=2,
-                  val_every=2, lora_rank=4, lora_alpha=8.0, restore_from="models/other")  # fmt: skip
+LORA_STAGE = dict(
+    steps=6, batch_size=2, learning_rate=1e-2, n_ctx=N_CTX, save_every=2, val_every=2,
+    lora_rank=4, lora_alpha=8.0, restore_from="models/other",
+)  # fmt: skip
 
 
+@pytest.mark.slow  # four stage runs (train twice): ~200 s on the shared 2-core machine
 def test_kill_9_then_resume_and_assemble_keep_restore_froms_weights(tmp_path, tiny_vocab_dir):
     """The stages as a user runs them: LoRA from models/other (model.name is tiny), killed
     (-9) right before step 4's train_state.json is renamed in, run again (resumes at step 2),
     assembled: training ends where an uninterrupted run ends, and the assembled model's loss
     is training's final validation loss, not the one of adapters on models/tiny."""
-    root = make_project(tmp_path / "project", TINY_CORPUS * 20, train=LORA_STAGE,
-                        mlflow=dict(tracking_uri="sqlite:///mlflow.db", experiment="lora"))  # fmt: skip
+    mlflow = dict(tracking_uri="sqlite:///mlflow.db", experiment="lora")
+    root = make_project(tmp_path / "project", TINY_CORPUS * 20, train=LORA_STAGE, mlflow=mlflow)
     save_model(tiny_model(tiny_vocab_dir, 0, n_embd=32, n_layer=2), root / "models" / "tiny")
     save_model(tiny_model(tiny_vocab_dir, 1, n_embd=32, n_layer=2), root / "models" / "other")
     out = {}

@@ -189,7 +189,9 @@ def assemble(
 
 
 def _adapted_weights(
-    base: str | os.PathLike, run_dir: str | os.PathLike, hparams: dict[str, int],
+    base: str | os.PathLike,
+    run_dir: str | os.PathLike,
+    hparams: dict[str, int],
     trained_on: Mapping[str, str] | None,
 ) -> dict[str, np.ndarray]:
     """The weights a LoRA run's adapters were trained on, as they were then: `trained_on`'s

@@ -185,7 +185,10 @@ def load_history(run_dir: Path, step: int) -> dict:
 
 
 def start_point(
-    run_dir: Path, trainer: Trainer, cfg: TrainParams, run_fingerprint: str,
+    run_dir: Path,
+    trainer: Trainer,
+    cfg: TrainParams,
+    run_fingerprint: str,
     base: Mapping | None = None,
 ) -> tuple[int, dict]:
     """Where `fit` starts, as `cfg.restore_from` says: (the step, the loss history up to it).
