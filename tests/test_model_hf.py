@@ -242,6 +242,22 @@ def truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[:1000])
 
 
+def as_int8(tensors: dict) -> None:
+    """What a quantizer without its scales leaves: every tensor int8 (here all 0)."""
+    tensors.update({k: np.zeros(v.shape, np.int8) for k, v in tensors.items()})
+
+
+def one_nan(tensors: dict) -> None:
+    tensors["transformer.h.0.attn.c_attn.weight"][3, 5] = np.nan
+
+
+def swap_last_merges(path: Path) -> None:
+    """The last two lines of merges.txt swapped: each still a valid merge of the vocabulary."""
+    lines = path.read_text(encoding="utf-8").rstrip("\n").split("\n")
+    lines[-2], lines[-1] = lines[-1], lines[-2]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
 BAD = {
     "no config": (lambda d: (d / "config.json").unlink(), "config.json is missing"),
     "bad json": (lambda d: (d / "config.json").write_text("{"), "config.json is not valid JSON"),
@@ -282,6 +298,27 @@ BAD = {
         "model.safetensors is not a readable safetensors file",
     ),
     "no tokenizer": (lambda d: (d / "merges.txt").unlink(), "has no tokenizer"),
+    "huge n_layer": (  # sized by config.json, this used to grow memory by gigabytes
+        lambda d: edit_json(d / "config.json", n_layer=1_000_000_000),
+        "config.json says n_layer = 1000000000 but the weights hold 2 layers (h.0 to h.1); "
+        "set n_layer to 2",
+    ),
+    "n_head not dividing": (
+        lambda d: edit_json(d / "config.json", n_head=3),
+        "config.json: n_embd = 32 is not divisible by n_head = 3",
+    ),
+    "int8": (
+        lambda d: edit_tensors(d, as_int8),
+        "is I8, not a float type (quantized?); save the model in float32, float16 or bfloat16",
+    ),
+    "nan": (
+        lambda d: edit_tensors(d, one_nan),
+        "tensor h.0.attn.c_attn.weight holds 1 NaN or infinite value(s)",
+    ),
+    "reordered merges": (
+        lambda d: swap_last_merges(d / "merges.txt"),
+        "the merges are out of the vocabulary's order",
+    ),
     "bad vocab": (
         lambda d: (d / "vocab.json").write_text('{"a": 0}'),
         "vocab.json lacks 255 of the 256 single-byte tokens",

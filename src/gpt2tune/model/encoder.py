@@ -265,6 +265,20 @@ class Encoder:
         files = {"encoder.json": encoder_json, "vocab.bpe": vocab_bpe}
         return cls(encoder, merges, files, verified=sha == _OFFICIAL_SHA256)
 
+    def merge_out_of_order(self) -> tuple[int, str, int, int] | None:
+        """The first merge whose token's id is lower than an earlier merge's, as (its number
+        among the merges, the token, its id, the earlier id); None if the ids rise with the
+        merges. Byte-level BPE trainers (OpenAI's, Hugging Face's) number merged tokens in the
+        order they learned the merges, so ids that fall mean the merges were reordered and
+        would tokenize unlike the model's training."""
+        highest = -1
+        for rank, (a, b) in enumerate(sorted(self._ranks, key=self._ranks.__getitem__)):
+            token_id = self._encoder[a + b]
+            if token_id <= highest:
+                return rank + 1, a + b, token_id, highest
+            highest = token_id
+        return None
+
     @property
     def engine(self) -> str:
         """'tiktoken' (fast) or 'python' (reference BPE, for files tiktoken cannot follow)."""

@@ -36,6 +36,10 @@ WEIGHTS = "model.safetensors"
 SHARD_INDEX = "model.safetensors.index.json"
 # HF buffers that are not weights (the causal mask of older checkpoints) and the tied head.
 _IGNORED = re.compile(r"(^|\.)(attn\.bias|attn\.masked_bias|lm_head\.weight)$")
+# The floating-point types a GPT-2 checkpoint is saved in (safetensors' names); converted to
+# float32. Integer or 8-bit types are quantized weights: their scales are elsewhere.
+_FLOAT_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+_LAYER = re.compile(r"^(?:transformer\.)?h\.(\d+)\.")
 # Config fields whose value must be the one GPT-2 (and gpt2tune's forward pass) uses; a
 # missing field means transformers' default, which is that value.
 _REQUIRED = {
@@ -76,6 +80,7 @@ def from_hf_tensors(
     `transformer.` prefix), checked against `hparams`."""
     from gpt2tune.model.gpt2 import variable_shapes
 
+    check_layers({k: v.shape for k, v in tensors.items()}, hparams, source)
     plain = {k.removeprefix("transformer."): v for k, v in tensors.items()}
     shapes = variable_shapes(hparams)
     wanted = {hf_name(n): n for n in shapes}
@@ -97,6 +102,12 @@ def from_hf_tensors(
                 f"implies {list(shape)}; the config and the weights do not belong together"
             )
         weights[name] = np.asarray(value, np.float32).reshape(shapes[name])
+        if not np.isfinite(weights[name]).all():
+            bad = int(np.size(weights[name]) - np.isfinite(weights[name]).sum())
+            raise Gpt2tuneError(
+                f"{source}: tensor {key} holds {bad} NaN or infinite value(s); the checkpoint "
+                "is damaged (or diverged in training): use one saved before that"
+            )
     head = plain.get("lm_head.weight")
     if head is not None and not np.array_equal(np.asarray(head, np.float32), weights["model/wte"]):
         raise Gpt2tuneError(
@@ -104,6 +115,31 @@ def from_hf_tensors(
             "so an untied head cannot be converted"
         )
     return weights
+
+
+def check_layers(shapes: Mapping[str, Any], hparams: Mapping[str, int], source: str) -> None:
+    """Refuse a config.json whose n_layer is not the number of blocks the weights hold (h.0 to
+    h.<n-1>), before anything is sized by it: a wrong one would allocate n_layer blocks."""
+    layers = {int(m[1]) for k in shapes if (m := _LAYER.match(k))}
+    n = max(layers) + 1 if layers else 0
+    if n != hparams["n_layer"]:
+        held = f"{n} layers (h.0 to h.{n - 1})" if n else "no layers"
+        raise Gpt2tuneError(
+            f"{source}: config.json says n_layer = {hparams['n_layer']} but the weights hold "
+            f"{held}; set n_layer to {n} in config.json, or use the weights it belongs to"
+        )
+
+
+def check_dtypes(dtypes: Mapping[str, str], source: str) -> None:
+    """Refuse tensors that are not floating point (safetensors' dtype names), before reading
+    them: integer tensors are quantized weights, whose scales gpt2tune does not read."""
+    for key, dtype in dtypes.items():
+        if dtype not in _FLOAT_DTYPES and not _IGNORED.search(key):
+            raise Gpt2tuneError(
+                f"{source}: tensor {key} is {dtype}, not a float type (quantized?); save the "
+                "model in float32, float16 or bfloat16 (e.g. dequantize it, then "
+                "save_pretrained)"
+            )
 
 
 def hf_config(hparams: Mapping[str, int], eot: int) -> dict[str, Any]:
@@ -220,7 +256,7 @@ def import_hf(hf_folder: str | os.PathLike, out_folder: str | os.PathLike) -> Pa
     config_path = folder / "config.json"
     hparams = hparams_from_config(_read_json(config_path), config_path)
     encoder = _load_tokenizer(folder)
-    weights = from_hf_tensors(_read_safetensors(folder), hparams, f"{folder}")
+    weights = from_hf_tensors(_read_safetensors(folder, hparams), hparams, f"{folder}")
     return save_model(GPT2(hparams, weights, encoder), out_folder)
 
 
@@ -276,10 +312,19 @@ def _load_tokenizer(folder: Path) -> Any:
             "save them with tokenizer.save_pretrained(folder)"
         )
     try:
-        return Encoder.from_files(*raw, source=str(folder))
+        encoder = Encoder.from_files(*raw, source=str(folder))
     except Gpt2tuneError as e:  # the Encoder names OpenAI's files; name the ones here
         msg = str(e).replace("encoder.json", names[0]).replace("vocab.bpe", names[1])
         raise Gpt2tuneError(msg) from None
+    if wrong := encoder.merge_out_of_order():
+        n, token, token_id, before = wrong
+        raise Gpt2tuneError(
+            f"{folder / names[1]}: merge {n} makes {token!r}, id {token_id} in {names[0]}, "
+            f"after a merge that made id {before}: the merges are out of the vocabulary's "
+            f"order (it would tokenize unlike the model's training); use the model's own "
+            f"{names[1]}"
+        )
+    return encoder
 
 
 def _bpe_files(path: Path) -> tuple[bytes, bytes]:
@@ -313,11 +358,9 @@ def _read_json(path: Path) -> dict[str, Any]:
     raise Gpt2tuneError(f"{path} {msg}")
 
 
-def _read_safetensors(folder: Path) -> dict[str, np.ndarray]:
-    """All tensors of model.safetensors, or of the shards model.safetensors.index.json names."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
+def _read_safetensors(folder: Path, hparams: Mapping[str, int]) -> dict[str, np.ndarray]:
+    """All tensors of model.safetensors, or of the shards model.safetensors.index.json names;
+    their dtypes and number of layers checked from the files' headers before any is read."""
     index = folder / SHARD_INDEX
     if (folder / WEIGHTS).is_file():
         files = [folder / WEIGHTS]
@@ -332,15 +375,33 @@ def _read_safetensors(folder: Path) -> dict[str, np.ndarray]:
         if others:  # PyTorch pickles (and TF/Flax files) need their framework to read
             fix = f"it has only {', '.join(others)}, which needs torch: {fix} in transformers"
         raise Gpt2tuneError(f"{folder / WEIGHTS} is missing; {fix}")
+    headers: dict[str, tuple[str, list[int]]] = {}
+    for f in files:
+        with _opened(f) as st:
+            for key in st.keys():
+                piece = st.get_slice(key)
+                headers[key] = (piece.get_dtype(), piece.get_shape())
+    check_dtypes({k: dtype for k, (dtype, _) in headers.items()}, str(folder))
+    check_layers({k: shape for k, (_, shape) in headers.items()}, hparams, str(folder))
     tensors: dict[str, np.ndarray] = {}
     for f in files:
-        try:
-            tensors.update(load_file(str(f)))
-        except (SafetensorError, OSError, TypeError, ValueError) as e:
-            raise Gpt2tuneError(
-                f"{f} is not a readable safetensors file ({first_line(e)}); save it again"
-            ) from None
+        with _opened(f) as st:
+            tensors.update({key: st.get_tensor(key) for key in st.keys()})
     return tensors
+
+
+@contextlib.contextmanager
+def _opened(path: Path) -> Iterator[Any]:
+    """safetensors' reader of `path`; a damaged file, on opening or reading, is one line."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "numpy") as st:
+            yield st
+    except (SafetensorError, OSError, TypeError, ValueError) as e:
+        raise Gpt2tuneError(
+            f"{path} is not a readable safetensors file ({first_line(e)}); save it again"
+        ) from None
 
 
 @contextlib.contextmanager
