@@ -2,7 +2,7 @@
 
     export_hf("models/finetuned", "models/finetuned-hf")   # -> from_pretrained() loads it
     import_hf("distilgpt2", "models/hf:distilgpt2")         # an HF GPT-2 folder -> OpenAI's layout
-    python stages/export.py                                   # the DVC stage, same as the first
+    gpt2tune export                                           # the first, from the command line
 
 Both are renamings, not computations: HF's GPT-2 keeps OpenAI's Conv1D weights ([in, out],
 minus OpenAI's leading 1), ties `lm_head` to `wte`, and its tokenizer files are OpenAI's
@@ -10,6 +10,10 @@ encoder.json and vocab.bpe under the names vocab.json and merges.txt. So export 
 gives back the same bytes, and gpt2tune itself needs neither torch nor transformers: tensors
 go through `safetensors.numpy`. The key names and config fields follow transformers'
 `models/gpt2/modeling_gpt2.py` and `configuration_gpt2.py`.
+
+An export replaces its folder whole (a temporary sibling renamed in), so it goes only into a
+new or empty folder or over an earlier export, whose .gpt2tune-export.json lists the files it
+wrote: never over a folder holding anything else.
 """
 
 from __future__ import annotations
@@ -241,7 +245,7 @@ def check_export_folder(out_folder: str | os.PathLike) -> None:
     written = _export_files(out)
     if written is None:
         if entries:
-            held = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if entries[3:] else "")
+            held = ", ".join(entries[:3]) + (f" ({len(entries)} in all)" if entries[3:] else "")
             raise Gpt2tuneError(
                 f"cannot export to {shown}: it holds {held} and is not an earlier gpt2tune "
                 f"export (it has no {EXPORT_MARKER}); {fix}"
@@ -445,7 +449,8 @@ def _atomic_folder(out: Path) -> Iterator[Path]:
         os.rename(tmp, out)
     except OSError as e:
         raise Gpt2tuneError(
-            f"could not write {out}: {e.strerror or e}; check free disk space and permissions"
+            f"could not write {out}: {e.strerror or e}; check free disk space and permissions "
+            f"(what was at {out} is unchanged)"
         ) from None
     finally:
         if old.exists() and not out.exists():  # the second rename failed: put the old one back
