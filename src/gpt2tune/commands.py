@@ -223,7 +223,7 @@ def export(p: Params, args: argparse.Namespace) -> None:
 
     Either way the folder written must be new, empty or an earlier export of gpt2tune's
     (gpt2tune.model.hf.check_export_folder): nothing else in it is ever deleted. Under
-    `dvc repro` it is none of these: DVC removes the stage's output before running it.
+    `dvc repro` it is always new: DVC removes the stage's output before running it.
     """
     from gpt2tune.model import hf
 
