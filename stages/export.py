@@ -2,7 +2,8 @@
 
     python stages/export.py --model models/124M --out models/124M-hf   # any folder, now
 
-The same as `gpt2tune export`; the body is gpt2tune.commands.export.
+The same as `gpt2tune export`, except that with `export.hf: false` and neither --model nor
+--out it writes only a note (README.txt); the body is gpt2tune.commands.export.
 """
 
 import sys

@@ -75,7 +75,7 @@ def test_tiny_export_loads_in_transformers_with_the_same_logits(tiny):
     openai_dir, hf_dir = tiny
     assert sorted(p.name for p in hf_dir.iterdir()) == sorted(
         ["config.json", "model.safetensors", "vocab.json", "merges.txt"]
-        + ["tokenizer_config.json", "generation_config.json"]
+        + ["tokenizer_config.json", "generation_config.json", hf.EXPORT_MARKER]
     )
     ids = load_encoder(openai_dir).encode(TEXT)
     assert 10 < len(ids) <= TINY["n_ctx"]
@@ -358,11 +358,19 @@ def test_bad_names_and_missing_folders_are_one_line(tmp_path, monkeypatch):
     assert not any(tmp_path.iterdir())
 
 
-def test_export_replaces_a_previous_export_whole(tiny, tmp_path):
+def test_export_replaces_an_earlier_export_whole_and_nothing_else(tiny, tmp_path):
     out = tmp_path / "hf"
-    out.mkdir()
-    (out / "stale.bin").write_bytes(b"old")
     hf.export_hf(tiny[0], out)
-    assert not (out / "stale.bin").exists()
+    hf.export_hf(tiny[0], out)  # over its own: replaced
     assert [p.name for p in tmp_path.iterdir()] == ["hf"]  # no temp or old folder left
     assert os.path.getsize(out / "model.safetensors") > 0
+    (out / "stale.bin").write_bytes(b"the user's")
+    with pytest.raises(Gpt2tuneError, match="stale.bin in it was not written by gpt2tune"):
+        hf.export_hf(tiny[0], out)
+    assert (out / "stale.bin").read_bytes() == b"the user's"
+    (tmp_path / "file").write_text("not a folder")
+    (tmp_path / "link").symlink_to(out)
+    for target, kind in (("file", "a file"), ("link", "a symbolic link")):
+        with pytest.raises(Gpt2tuneError, match=f"it is {kind}; choose a new or empty folder"):
+            hf.export_hf(tiny[0], tmp_path / target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "hf", "link"]

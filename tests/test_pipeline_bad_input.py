@@ -7,7 +7,6 @@ need a model to judge (a broken model folder, a prompt or a batch too big) load 
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 from helpers.models import tiny_model
 from helpers.processes import run_stage
-from helpers.projects import make_project, update_params
+from helpers.projects import make_project, snapshot, update_params
 from helpers.vocab import TINY_CORPUS
 
 from gpt2tune import save_model
@@ -41,15 +40,6 @@ def prepared(tmp_path_factory, tiny_vocab_dir) -> Path:
     good = run_stage(root, "encode")
     assert good.returncode == 0, good.stderr
     return root
-
-
-def snapshot(root: Path) -> dict[str, str]:
-    """Every file and folder under root: a hash of each file's bytes, "dir" for folders."""
-    out = {}
-    for path in sorted(root.rglob("*")):
-        rel = path.relative_to(root).as_posix()
-        out[rel] = "dir" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
-    return out
 
 
 def set_param(section: str, key: str, value) -> Callable[[Path], None]:

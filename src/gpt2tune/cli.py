@@ -154,6 +154,7 @@ def dispatch(name: str, args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     """The console script `gpt2tune`."""
     args = main_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    args.stage_script = False
     return run_stage(dispatch, args.command, args)
 
 
@@ -161,4 +162,5 @@ def stage(name: str, argv: list[str] | None = None) -> int:
     """What stages/<stage>.py runs: command `name`, its arguments from the command line."""
     ap = _configure(_Parser(prog=f"stages/{COMMANDS[name].stage}.py"), name)
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    args.stage_script = True  # run by `dvc repro` or by hand: switches such as export.hf apply
     return run_stage(dispatch, name, args)

@@ -18,9 +18,10 @@ from gpt2tune.paths import ENCODED, FINETUNED, FINETUNED_HF, MODELS, RUN_DIR, SA
 from gpt2tune.stage import import_tensorflow_quietly, say
 
 OFF_NOTE = (
-    "export.hf is false in params.yaml, so no Hugging Face export was written here.\n"
-    "Set it to true and run `dvc repro export`, or export by hand:\n"
-    f"    gpt2tune export --model {FINETUNED}\n"
+    "export.hf is false in params.yaml, so the export stage wrote no Hugging Face export here.\n"
+    "Set it to true and run `dvc repro export`, or export by hand (always exports):\n"
+    f"    gpt2tune export                      # {FINETUNED} into this folder\n"
+    "    gpt2tune export --out <new folder>   # kept by the next `dvc repro`\n"
 )
 
 
@@ -224,25 +225,23 @@ def chat(p: Params, args: argparse.Namespace) -> None:
 
 def export(p: Params, args: argparse.Namespace) -> None:
     """DVC stage export: models/finetuned -> models/finetuned-hf, a Hugging Face
-    `transformers` folder; with `export.hf: false` (and no --model/--out) only a note."""
-    enabled = p.export.hf
+    `transformers` folder. `export.hf: false` switches off the stage script (with no
+    --model/--out it leaves only a note); `gpt2tune export`, typed, always exports.
+
+    Either way the folder written must be new, empty or an earlier export of gpt2tune's
+    (gpt2tune.model.hf.check_export_folder): nothing else in it is ever deleted. Under
+    `dvc repro` it is always new: DVC removes the stage's output before running it.
+    """
+    from gpt2tune.model import hf
+
     out = Path(args.out or FINETUNED_HF)
-    if not (enabled or args.model or args.out):
-        from gpt2tune.files import write_text_atomic
-
-        if out.is_dir() and (out / "model.safetensors").exists():
-            import shutil
-
-            shutil.rmtree(out)  # an export from earlier settings must not pass for current
-        out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out / "README.txt", OFF_NOTE)
+    hf.check_export_folder(out)  # before TensorFlow's start-up
+    if args.stage_script and not (p.export.hf or args.model or args.out):
+        hf.write_export_note(out, OFF_NOTE)
         print(f"export.hf is false: nothing exported (note in {out}/README.txt)")
         return
     import_tensorflow_quietly()
-
-    from gpt2tune.model.hf import export_hf
-
-    export_hf(args.model or FINETUNED, out, sampling=p.sample)
+    hf.export_hf(args.model or FINETUNED, out, sampling=p.sample)
     print(f"exported {args.model or FINETUNED} to {out} (Hugging Face transformers)")
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import hashlib
 import json
 import shutil
 import subprocess
@@ -128,3 +129,13 @@ def commit_project(root: Path) -> None:
     git(root, "config", "user.email", "test@example.invalid")
     git(root, "add", "-A")
     git(root, "commit", "-q", "-m", "project under test")
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every file and folder under root (hidden ones and .git included): a hash of each file's
+    bytes, "dir" for folders; equal snapshots mean nothing under root changed."""
+    out = {}
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        out[rel] = "dir" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
+    return out

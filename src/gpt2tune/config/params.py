@@ -390,7 +390,8 @@ class ExportParams:
     hf: bool = key(
         False,
         SWITCH,
-        "also write models/finetuned-hf for Hugging Face transformers (stage: export)",
+        "export stage: write models/finetuned-hf for HF transformers "
+        "(`gpt2tune export` always does)",
     )
 
 

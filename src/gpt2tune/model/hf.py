@@ -2,7 +2,7 @@
 
     export_hf("models/finetuned", "models/finetuned-hf")   # -> from_pretrained() loads it
     import_hf("distilgpt2", "models/hf:distilgpt2")         # an HF GPT-2 folder -> OpenAI's layout
-    python stages/export.py                                   # the DVC stage, same as the first
+    gpt2tune export                                           # the first, from the command line
 
 Both are renamings, not computations: HF's GPT-2 keeps OpenAI's Conv1D weights ([in, out],
 minus OpenAI's leading 1), ties `lm_head` to `wte`, and its tokenizer files are OpenAI's
@@ -10,6 +10,10 @@ encoder.json and vocab.bpe under the names vocab.json and merges.txt. So export 
 gives back the same bytes, and gpt2tune itself needs neither torch nor transformers: tensors
 go through `safetensors.numpy`. The key names and config fields follow transformers'
 `models/gpt2/modeling_gpt2.py` and `configuration_gpt2.py`.
+
+An export replaces its folder whole (a temporary sibling renamed in), so it goes only into a
+new or empty folder or over an earlier export, whose .gpt2tune-export.json lists the files it
+wrote: never over a folder holding anything else.
 """
 
 from __future__ import annotations
@@ -28,12 +32,14 @@ import ml_dtypes  # noqa: F401  (TensorFlow's dependency; lets numpy, so safeten
 import numpy as np
 
 from gpt2tune.errors import Gpt2tuneError, first_line
+from gpt2tune.files import display_path
 from gpt2tune.model.encoder import EOT
 from gpt2tune.paths import MODELS
 
 HF_PREFIX = "hf:"  # model.name: hf:<folder or hub id>
 WEIGHTS = "model.safetensors"
 SHARD_INDEX = "model.safetensors.index.json"
+EXPORT_MARKER = ".gpt2tune-export.json"
 # HF buffers that are not weights (the causal mask of older checkpoints) and the tied head.
 _IGNORED = re.compile(r"(^|\.)(attn\.bias|attn\.masked_bias|lm_head\.weight)$")
 # The floating-point types a GPT-2 checkpoint is saved in (safetensors' names); converted to
@@ -211,16 +217,17 @@ def export_hf(
 ) -> Path:
     """Write `model_folder` (OpenAI's layout) as a transformers GPT-2 folder, atomically.
 
+    `out_folder` must be new, empty, or an earlier export (see check_export_folder).
     `sampling` (a gpt2tune Sampling, e.g. params' `sample` section) becomes
     generation_config.json; None takes Sampling's defaults.
     """
-    from safetensors.numpy import save_file
-
     from gpt2tune.config.params import Sampling
     from gpt2tune.model.checkpoint import load_model
 
-    if Path(out_folder).resolve() == Path(model_folder).resolve():
+    out = Path(out_folder)
+    if out.resolve() == Path(model_folder).resolve():
         raise Gpt2tuneError(f"export to {out_folder} would replace the model itself; pick --out")
+    check_export_folder(out)
     model = load_model(model_folder)
     eot = model.encoder.eot_token
     tensors = to_hf_tensors(model.weights_numpy())
@@ -235,13 +242,97 @@ def export_hf(
         "generation_config.json": generation_config(sampling or Sampling(), eot),
         "tokenizer_config.json": tokenizer,
     }
-    with _atomic_folder(Path(out_folder)) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})  # pt: what HF reads
+    with _export_folder(out) as tmp:
+        _save_safetensors(tensors, tmp / WEIGHTS)
         for name, content in jsons.items():
             (tmp / name).write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
         (tmp / "vocab.json").write_bytes(model.encoder.files["encoder.json"])
         (tmp / "merges.txt").write_bytes(model.encoder.files["vocab.bpe"])
-    return Path(out_folder)
+    return out
+
+
+def write_export_note(out_folder: str | os.PathLike, text: str) -> Path:
+    """`out_folder` as a folder holding only README.txt with `text` (and the marker): what the
+    export stage leaves when it is switched off. The same rules as export_hf's."""
+    out = Path(out_folder)
+    check_export_folder(out)
+    with _export_folder(out) as tmp:
+        (tmp / "README.txt").write_text(text, encoding="utf-8")
+    return out
+
+
+def check_export_folder(out_folder: str | os.PathLike) -> None:
+    """Refuse, in one line, to export over anything but a new or empty folder, or an earlier
+    export of gpt2tune's: a folder whose EXPORT_MARKER lists every file in it.
+
+    An export replaces the whole folder, so anything else there (a user's files, `models`,
+    the project root, a model card added to an export) would be deleted.
+    """
+    out = Path(out_folder)
+    if not out.exists() and not out.is_symlink():
+        return
+    shown = display_path(out)
+    shown = str(Path.cwd()) if shown == "." else shown  # "." says little in a message
+    fix = "choose a new or empty folder (--out)"
+    if out.is_symlink() or not out.is_dir():
+        kind = "a symbolic link" if out.is_symlink() else "a file"
+        raise Gpt2tuneError(f"cannot export to {shown}: it is {kind}; {fix}")
+    entries = sorted(p.name for p in out.iterdir())
+    written = _export_files(out)
+    if written is None:
+        if entries:
+            held = ", ".join(entries[:3]) + (f" ({len(entries)} in all)" if entries[3:] else "")
+            raise Gpt2tuneError(
+                f"cannot export to {shown}: it holds {held} and is not an earlier gpt2tune "
+                f"export (it has no {EXPORT_MARKER}); {fix}"
+            )
+        return
+    foreign = [n for n in entries if n not in written or (out / n).is_dir()]
+    if foreign:
+        raise Gpt2tuneError(
+            f"cannot export to {shown}: it is an earlier export, but {foreign[0]} in it was not "
+            f"written by gpt2tune and would be deleted; move it out, or {fix}"
+        )
+
+
+def _export_files(folder: Path) -> set[str] | None:
+    """The names an earlier export wrote into `folder` (its marker included), as its marker
+    lists them; None when `folder` has no readable marker, i.e. is not recognisably one."""
+    try:
+        marker = json.loads((folder / EXPORT_MARKER).read_bytes())
+        files = marker["files"] if marker.get("written_by") == "gpt2tune export" else None
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        return None
+    if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+        return None
+    return {*files, EXPORT_MARKER}
+
+
+@contextlib.contextmanager
+def _export_folder(out: Path) -> Iterator[Path]:
+    """_atomic_folder, the marker listing what was written added last; the folder is checked
+    once more just before the swap (an export of a big model takes a while)."""
+    with _atomic_folder(out) as tmp:
+        yield tmp
+        files = sorted(p.name for p in tmp.iterdir())
+        marker = {"written_by": "gpt2tune export", "files": files}
+        (tmp / EXPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+        check_export_folder(out)
+
+
+def _save_safetensors(tensors: dict[str, np.ndarray], path: Path) -> None:
+    """safetensors.numpy.save_file, its I/O errors (a full disk) raised as the OSError they
+    are: the Rust library reports them as SafetensorError("... (os error 28)")."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import save_file
+
+    try:
+        save_file(tensors, str(path), metadata={"format": "pt"})  # pt: what HF reads
+    except SafetensorError as e:
+        code = re.search(r"\(os error (\d+)\)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from None
 
 
 def import_hf(hf_folder: str | os.PathLike, out_folder: str | os.PathLike) -> Path:
@@ -419,7 +510,8 @@ def _atomic_folder(out: Path) -> Iterator[Path]:
         os.rename(tmp, out)
     except OSError as e:
         raise Gpt2tuneError(
-            f"could not write {out}: {e.strerror or e}; check free disk space and permissions"
+            f"could not write {out}: {e.strerror or e}; check free disk space and permissions "
+            f"(what was at {out} is unchanged)"
         ) from None
     finally:
         if old.exists() and not out.exists():  # the second rename failed: put the old one back
