@@ -60,10 +60,10 @@ def _import_tensorflow():
 
 
 # TensorFlow's C++ log lines, printed while running (not at import), that are known to say
-# nothing a user can act on: oneDNN's "supports DT_INT32 only on platforms with AVX-512" is
-# logged for every int32 op it declines, also on AVX-512 machines (TF's util.cc logs it for
-# any type but float, bfloat16 and half); Grappler's "Error in PredictCost()" is its cost
-# model lacking an op, after which it optimizes anyway. Matched whole, from the log prefix
+# nothing a user can act on: oneDNN's "supports DT_INT32 only on platforms with AVX-512",
+# logged when the first compiled function runs, on AVX-512 machines too (the shared EPYC has
+# AVX-512), and the op falls back to Eigen's kernel; Grappler's "Error in PredictCost()" is
+# its cost model lacking an op, after which it optimizes anyway. Matched whole, from the log prefix
 # (E1231 12:00:00.000000 pid file.cc:line]), so every other line, errors included, passes.
 NATIVE_NOISE = (
     r"[EW]\d{4} [\d:.]+ +\d+ (util\.cc:\d+\] oneDNN supports DT_\w+ only on platforms with "
