@@ -7,6 +7,7 @@ Commands run as a user runs them, in a subprocess in a test project: `python -m 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import re
 import shutil
@@ -18,7 +19,13 @@ import yaml
 from helpers import REPO, VENV_BIN
 from helpers.models import tiny_model
 from helpers.processes import run_in, run_stage, stage_env
-from helpers.projects import make_project, write_params
+from helpers.projects import (
+    make_project,
+    project_mlflow,
+    tiny_params,
+    training_run_id,
+    write_params,
+)
 from helpers.vocab import TINY_CORPUS
 
 from gpt2tune import save_model
@@ -64,6 +71,24 @@ def project(tmp_path, tiny_vocab_dir):
 
 
 @pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_vocab_dir):
+    """A project trained (2 steps, validated at steps 0 and 2 on 3 windows) and assembled,
+    each stage run with stderr piped and TensorFlow's log level as a user has it; (the
+    project, {stage: its stderr})."""
+    root = make_project(tmp_path_factory.mktemp("trained") / "project", TINY_CORPUS * 20,
+                        train={"val_every": 2, "val_batch_count": 3, "batch_size": 2})  # fmt: skip
+    save_model(tiny_model(tiny_vocab_dir, 0), root / "models" / "tiny")
+    env = stage_env()
+    env.pop("TF_CPP_MIN_LOG_LEVEL")
+    logs = {}
+    for stage in ("encode", "train", "assemble"):
+        proc = run_stage(root, stage, env=env, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        logs[stage] = proc.stderr
+    return root, logs
+
+
+@pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, tiny_vocab_dir):
     folder = tmp_path_factory.mktemp("cli") / "model"
     save_model(tiny_model(tiny_vocab_dir, 0), folder)
@@ -88,6 +113,27 @@ def test_command_help_lists_every_key_it_reads(tmp_path, name):
     assert "--set" in proc.stdout and "--params" in proc.stdout
     assert_lists_keys(proc.stdout, COMMANDS[name].sections)
     assert not list(tmp_path.iterdir())  # no params.yaml needed, nothing written
+
+
+def test_help_shows_the_values_of_params_yaml_beside_the_defaults(tmp_path):
+    write_params(tmp_path, train={"steps": 20})
+    proc = gpt2tune(tmp_path, "train", "--help")
+    assert proc.returncode == 0, proc.stderr
+    assert "train.steps = 1000; params.yaml: 20  (" in proc.stdout
+    assert "train.learning_rate = 0.00002  (" in proc.stdout  # as in the file: one value
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump(tiny_params(train={"steps": 7})))
+    proc = gpt2tune(tmp_path, "train", "--params", str(other), "--help")
+    assert f"train.steps = 1000; {other}: 7  (" in proc.stdout
+
+
+def test_help_with_a_broken_params_yaml_is_still_help(tmp_path):
+    text = yaml.safe_dump(tiny_params(), sort_keys=False).replace("  steps:", "  stpes:", 1)
+    (tmp_path / "params.yaml").write_text(text)
+    proc = gpt2tune(tmp_path, "train", "--help")
+    assert proc.returncode == 0 and not proc.stderr, proc.stderr
+    assert_lists_keys(proc.stdout, COMMANDS["train"].sections)
+    assert "params.yaml not read (" in proc.stdout and "stpes" in proc.stdout
 
 
 def test_console_script_is_the_same_command(tmp_path):
@@ -269,13 +315,54 @@ def test_evaluate_logs_a_run_of_its_own(model_dir, tmp_path):
     assert client.get_experiment(run.info.experiment_id).name == "gpt2tune"
     assert run.data.metrics["eval_loss"] == pytest.approx(loss, abs=1e-6)
     assert run.data.params["data"] == "eval.txt"
+    # Told apart from trainings by name and by a tag a search filter selects on.
+    assert run.info.run_name == f"evaluate {model_dir} on eval.txt"
+    assert run.data.tags["gpt2tune.kind"] == "evaluate"
+    kind = "tags.gpt2tune.kind = 'train'"
+    assert not client.search_runs([run.info.experiment_id], kind)
 
 
-def test_evaluate_bad_data_is_one_line(model_dir, tmp_path):
+@pytest.mark.parametrize(
+    "model, data, named",
+    [("model", "missing.txt", "--data 'missing.txt'"), ("models/nothere", "eval.txt", "--model"),
+     (".", "eval.txt", "--model"), ("model", "", "--data ''"), ("model", "*.md", "--data")],
+)  # fmt: skip
+def test_evaluate_bad_input_is_one_line_naming_the_option(model_dir, tmp_path, model, data, named):
     write_params(tmp_path)
-    proc = gpt2tune(tmp_path, "evaluate", "--model", str(model_dir), "--data", "missing.txt")
+    (tmp_path / "eval.txt").write_text(TINY_CORPUS, encoding="utf-8")
+    shutil.copytree(model_dir, tmp_path / "model")
+    proc = gpt2tune(tmp_path, "evaluate", "--model", model, "--data", data)
     assert proc.returncode == 1
-    assert proc.stderr.count("\n") == 1 and "missing.txt" in proc.stderr
+    assert proc.stderr.count("\n") == 1 and named in proc.stderr, proc.stderr
+    assert "params.yaml" not in proc.stderr and "data.path" not in proc.stderr
+
+
+def test_evaluate_val_is_the_base_val_loss_of_training(trained):
+    root, _ = trained
+    base = json.loads((root / "metrics" / "train.json").read_text())["base_val_loss"]
+    proc = gpt2tune(root, "evaluate", "--model", "models/tiny", "--data", "val")
+    assert proc.returncode == 0, proc.stderr
+    loss = float(re.match(r"loss (\S+)", proc.stdout).group(1))
+    assert loss == pytest.approx(base, abs=2e-6)
+    assert "(3 windows," in proc.stdout  # train.val_batch_count's windows of val.npy
+
+
+def test_stage_logs_have_no_progress_bars_or_tensorflow_noise(trained):
+    """stderr piped, as in a log or `dvc queue logs`: no MLflow artifact bar (assemble logs
+    the model) and no oneDNN "DT_INT32 only on AVX-512" line (assemble runs the model)."""
+    _, logs = trained
+    for stage, err in logs.items():
+        assert "Downloading artifacts" not in err and "Uploading artifacts" not in err, stage
+        assert "|\u2588" not in err and "oneDNN supports" not in err, (stage, err[-2000:])
+
+
+def test_training_runs_carry_their_kind(trained):
+    root, _ = trained
+    client = project_mlflow(root)
+    run = client.get_run(training_run_id(root))
+    assert run.data.tags["gpt2tune.kind"] == "train"
+    found = client.search_runs([run.info.experiment_id], "tags.gpt2tune.kind = 'train'")
+    assert [r.info.run_id for r in found] == [run.info.run_id]
 
 
 # --------------------------------------------------------------------------- old model names

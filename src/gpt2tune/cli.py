@@ -2,7 +2,7 @@
 
     gpt2tune fetch | encode | train | assemble | sample | export   # the DVC stages, by hand
     gpt2tune chat [--model DIR]                                     # type a context, get text
-    gpt2tune evaluate --model DIR --data PATH [--mlflow]            # loss and perplexity
+    gpt2tune evaluate --model DIR --data PATH|val [--mlflow]        # loss and perplexity
     gpt2tune replay                                                 # send offline MLflow records
 
 Each subcommand is the very code of its DVC stage: ``stages/<stage>.py`` is a thin call of
@@ -19,7 +19,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from gpt2tune.paths import ENCODED, FINETUNED, FINETUNED_HF, RUN_DIR, SAMPLES
+from gpt2tune.paths import ENCODED, FINETUNED, FINETUNED_HF, RUN_DIR, SAMPLES, VALIDATION_DATA
 from gpt2tune.stage import run_stage
 
 
@@ -50,7 +50,12 @@ def _export_options(ap: argparse.ArgumentParser) -> None:
 
 def _evaluate_options(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--model", required=True, help="model folder (OpenAI layout)")
-    ap.add_argument("--data", required=True, help="text file, folder or glob (in data.format)")
+    ap.add_argument(
+        "--data",
+        required=True,
+        help=f"text file, folder or glob (in data.format); `{VALIDATION_DATA}`: {ENCODED}/val.npy, "
+        "the tokens training validates on",
+    )
     ap.add_argument("--mlflow", action="store_true", help="log the result as a new MLflow run")
 
 
@@ -97,13 +102,52 @@ COMMANDS: dict[str, Command] = {
 
 
 class _Parser(argparse.ArgumentParser):
+    sections: tuple[str, ...] = ()  # the params.yaml sections its command reads, for --help
+    params_path = "params.yaml"  # the file --help shows the values of (--params before --help)
+
     def error(self, message: str) -> None:  # one line, not argparse's usage block
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+    def format_help(self) -> str:
+        if self.sections:  # rendered when asked for: reading params.yaml costs nothing otherwise
+            self.epilog = _params_help(self.sections, self.params_path)
+        return super().format_help()
+
+
+class _ParamsPath(argparse.Action):
+    """--params PATH, also noted on the parser, so that a --help after it shows PATH's values."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, values)
+        parser.params_path = values
+
+
+def _params_help(sections: tuple[str, ...], path: str) -> str:
+    """The keys of `sections` with their defaults and, where they differ, `path`'s values. A
+    params file that is missing or broken still gets help, with a note saying why its values
+    are not shown."""
+    from pathlib import Path
+
+    from gpt2tune.config.docs import render_help
+    from gpt2tune.config.params import load_params
+    from gpt2tune.errors import first_line
+
+    if not Path(path).exists():
+        return render_help(sections, note=f"no {path} here: the defaults are shown")
+    try:
+        current, note = load_params(path), f"values in {path} are shown where they differ"
+    except Exception as e:  # noqa: BLE001  # whatever is wrong with the file, --help works
+        current, note = None, f"{path} not read ({first_line(e)}): only the defaults are shown"
+    return render_help(sections, current, path, note)
 
 
 def _add_common(ap: argparse.ArgumentParser) -> None:
     ap.add_argument(
-        "--params", default="params.yaml", metavar="PATH", help="params file (default params.yaml)"
+        "--params",
+        default="params.yaml",
+        metavar="PATH",
+        action=_ParamsPath,
+        help="params file (default params.yaml)",
     )
     ap.add_argument(
         "--set",
@@ -118,10 +162,8 @@ def _add_common(ap: argparse.ArgumentParser) -> None:
 
 def _configure(ap: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
     """Command `name`'s options, its --help ending with every key its sections declare."""
-    from gpt2tune.config.docs import render_help
-
     cmd = COMMANDS[name]
-    ap.description, ap.epilog = cmd.summary, render_help(cmd.sections)
+    ap.description, ap.sections = cmd.summary, cmd.sections
     ap.formatter_class = argparse.RawDescriptionHelpFormatter
     _add_common(ap)
     cmd.options(ap)

@@ -247,9 +247,12 @@ def export(p: Params, args: argparse.Namespace) -> None:
 
 def evaluate(p: Params, args: argparse.Namespace) -> None:
     """Print (and with --mlflow, record as a new MLflow run) the loss and perplexity of
-    --model on --data, as training's validation measures it (see gpt2tune.train.evaluate)."""
+    --model on --data, as training's validation measures it (see gpt2tune.train.evaluate);
+    `--data val` is the encode stage's validation tokens. Errors name --model and --data."""
+    from gpt2tune.files import check_model_folder
     from gpt2tune.train.evaluate import evaluate_loss, text_tokens
 
+    check_model_folder(args.model, "--model")
     tokens = text_tokens(args.data, args.model, p)  # a bad path or format fails before TF
     import_tensorflow_quietly()
     from gpt2tune import load_model
@@ -263,7 +266,9 @@ def evaluate(p: Params, args: argparse.Namespace) -> None:
         from gpt2tune.tracking import run as tracking
 
         params = {"model": args.model, "data": args.data, **p.flat()}
-        with tracking.training_run(p.mlflow, params, record=False) as run:
+        name = f"evaluate {args.model} on {args.data}"
+        with tracking.training_run(p.mlflow, params, record=False, name=name,
+                                   kind="evaluate") as run:  # fmt: skip
             tracking.log_metrics({"eval_loss": result["loss"],
                                   "eval_perplexity": result["perplexity"]}, 0)  # fmt: skip
             print(f"logged to MLflow run {run.info.run_id}")

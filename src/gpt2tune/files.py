@@ -24,6 +24,27 @@ RELEASE_FILES: tuple[str, ...] = (
 MODEL_FOLDER_FILES: tuple[str, ...] = ("hparams.json", "encoder.json", "vocab.bpe", "checkpoint")
 
 
+def check_model_folder(folder: str | os.PathLike, option: str = "") -> Path:
+    """`folder` as a Path, checked to exist and to hold a model folder's files (cheap: nothing
+    is read). The Gpt2tuneError names `option` (such as --model) when the folder was given on
+    the command line, else calls it "model folder"."""
+    path = Path(folder)
+    name = f"{option} {str(folder)!r}" if option else f"model folder {folder}"
+    if not path.is_dir():
+        fix = (
+            f"relative to {os.getcwd()}; give {option} a model folder such as models/124M "
+            "(`gpt2tune fetch` downloads it) or models/finetuned"
+            if option
+            else "in the pipeline, `dvc repro` makes it"
+        )
+        raise Gpt2tuneError(f"{name} does not exist ({fix})")
+    if not any((path / f).exists() for f in (*MODEL_FOLDER_FILES, "model.ckpt.index")):
+        raise Gpt2tuneError(
+            f"{name} is not a GPT-2 model folder: it has none of {', '.join(MODEL_FOLDER_FILES)}"
+        )
+    return path
+
+
 def project_root() -> Path:
     """The DVC project root: ``$DVC_ROOT`` (which DVC sets to the main workspace, also for
     ``dvc exp run --temp/--queue``), else the working directory."""

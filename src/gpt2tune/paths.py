@@ -11,6 +11,9 @@ from pathlib import Path
 
 MODELS = Path("models")  # models/<model.name>/: base models, as fetch_model downloads them
 ENCODED = Path("data/encoded")  # train.npy, val.npy, stats.json (the encode stage)
+# `gpt2tune evaluate --data val`: ENCODED/val.npy, the tokens training validates on (a file
+# called val is ./val)
+VALIDATION_DATA = "val"
 RUN_DIR = Path("checkpoint/run1")  # the training's run folder: checkpoints, state, history
 FINETUNED = MODELS / "finetuned"  # the assembled model, OpenAI's layout
 FINETUNED_HF = MODELS / "finetuned-hf"  # its Hugging Face export

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from gpt2tune.config.params import reference
+from gpt2tune.config.params import Params, reference
 from gpt2tune.config.schema import Key
 from gpt2tune.errors import Gpt2tuneError
 from gpt2tune.files import write_text_atomic
@@ -117,16 +117,30 @@ def render_table() -> str:
     return "\n".join(rows + [END])
 
 
-def render_help(sections: tuple[str, ...]) -> str:
+def _shown(value: Any) -> str:
+    text = yaml_value(value)
+    return text if len(text) <= 60 else text[:56] + " ..."
+
+
+def render_help(
+    sections: tuple[str, ...], current: Params | None = None, source: str = "params.yaml",
+    note: str = "",
+) -> str:  # fmt: skip
     """The parameters a command reads, for its --help: per section its help, then one line per
-    key, ``section.key = default  (help)`` (long defaults cut short, as in the table)."""
-    ref, lines = reference(), ["parameters read (params.yaml, or --params; change with --set):"]
+    key, ``section.key = default  (help)`` (long defaults cut short, as in the table). With
+    `current` (the params read from `source`), a key whose value differs from its default
+    shows both: ``section.key = 1000; params.yaml: 20``. `note`: a line on what was read."""
+    ref = reference()
+    lines = ["parameters read (params.yaml, or --params; change with --set):"]
+    lines += [f"  {note}"] if note else []
     for section in sections:
         help_, keys = ref[section]
         lines.append(f"  {section}: {help_}")
         for k in keys:
-            value = yaml_value(k.default)
-            value = value if len(value) <= 60 else value[:56] + " ..."
+            value = _shown(k.default)
+            if current is not None:
+                now = getattr(getattr(current, section), k.name)
+                value += f"; {source}: {_shown(now)}" if _shown(now) != value else ""
             lines.append(f"    {section}.{k.name} = {value}  ({k.help})")
     return "\n".join(lines)
 

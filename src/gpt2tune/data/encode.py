@@ -59,7 +59,7 @@ import numpy as np
 from tqdm import tqdm
 
 from gpt2tune.data.formats import EncodedDocuments, check_format, separator
-from gpt2tune.data.text import cores, find_inputs
+from gpt2tune.data.text import cores, find_inputs, named
 from gpt2tune.errors import Gpt2tuneError
 from gpt2tune.files import display_path, fsync_file
 from gpt2tune.model.encoder import EOT
@@ -91,6 +91,7 @@ def encode_corpus(
     progress: bool | None = None,
     chunk_chars: int = 1 << 20,
     workers: int | None = None,
+    what: str = "data.path",
 ) -> dict:
     """Encode the text of ``path_spec`` into out_dir/train.npy, val.npy and stats.json, and
     return the stats. ``val_path`` (data.val_path): a separate validation text; then all of
@@ -99,12 +100,13 @@ def encode_corpus(
     characters encoded at a time (memory, not result). ``workers``: threads encoding chunks
     side by side (None: one per core for inputs of PARALLEL_MIN_BYTES or more, else 1); the
     tokens are the same for any number. ``data_format``, ``field``: data.format and
-    data.field, how the files hold documents (:mod:`gpt2tune.data.formats`).
+    data.field, how the files hold documents (:mod:`gpt2tune.data.formats`). ``what``: what
+    path_spec is called in messages, the params.yaml key or an option such as ``--data``.
     """
     _check_options(encoding, val_fraction, chunk_chars, workers)
     check_format(data_format, field)
     out = Path(out_dir)
-    files, val_files, total_bytes = find_inputs(path_spec, val_path, out)
+    files, val_files, total_bytes = find_inputs(path_spec, val_path, out, what)
     if workers is None:
         workers = cores() if total_bytes >= PARALLEL_MIN_BYTES else 1
     dtype = _dtype(encoder.n_vocab)
@@ -129,7 +131,7 @@ def encode_corpus(
                 return counts
 
             train, val = encode(files), encode(val_files)
-        _check_tokens(train, val, path_spec, val_path, len(files), len(val_files))
+        _check_tokens(train, val, named(what, path_spec), val_path, len(files), len(val_files))
         split = _split(train.tokens, val.tokens, val_fraction, separate=bool(val_files))
         stats = _stats(train, val, split, total_bytes, encoder.n_vocab, dtype, encoding)
         stats["format"] = data_format
@@ -167,11 +169,11 @@ def _check_options(encoding: str, val_fraction: float, chunk_chars: int, workers
 
 
 def _check_tokens(
-    train: _Counts, val: _Counts, path_spec: str, val_path: str, n_files: int, n_val_files: int
+    train: _Counts, val: _Counts, where: str, val_path: str, n_files: int, n_val_files: int
 ) -> None:
     if train.tokens < 2:  # files of only a BOM, or a single character
         raise Gpt2tuneError(
-            f"data.path = {path_spec!r}: {train.tokens} token(s) in {n_files} file(s); "
+            f"{where}: {train.tokens} token(s) in {n_files} file(s); "
             "training needs at least 2 (an input and the token after it): add text"
         )
     if n_val_files and val.tokens == 0:

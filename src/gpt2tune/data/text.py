@@ -48,63 +48,80 @@ def _sort_key(path: Path) -> tuple[str, ...]:
     return path.parts  # "a/z.txt" before "a-b.txt": a folder's files stay together
 
 
-def find_documents(path_spec: str, key: str = "data.path") -> list[Path]:
-    """The files ``data.path`` (or `key`) names: the file itself, every non-hidden file under
-    a folder (recursively), or a glob's file matches; sorted. Gpt2tuneError if that is no file."""
-    where = f"{key} = {path_spec!r}"
+def named(what: str, value: str) -> str:
+    """How a message shows the setting `what` and its value: ``data.path = 'x'`` (a
+    params.yaml key) or ``--data 'x'`` (a command-line option)."""
+    return f"{what} {value!r}" if what.startswith("-") else f"{what} = {value!r}"
+
+
+def _point(what: str) -> str:
+    """How the user changes `what`: in params.yaml for a key, on the command line for an option."""
+    return f"point {what}" if what.startswith("-") else f"point {what} in params.yaml"
+
+
+def find_documents(path_spec: str, what: str = "data.path") -> list[Path]:
+    """The files ``data.path`` names: the file itself, every non-hidden file under a folder
+    (recursively), or a glob's file matches; sorted. Gpt2tuneError if that is no file, naming
+    the setting `what` the path came from (a params.yaml key, or an option such as --data)."""
+    where = named(what, path_spec)
     if not path_spec.strip():
-        raise Gpt2tuneError(f"{where}: empty; set {key} in params.yaml to a file, folder or glob")
+        raise Gpt2tuneError(f"{where}: empty; {_point(what)} at a file, folder or glob")
     path = Path(path_spec)
     if path.is_dir():
-        return _folder_files(path, where, key)
+        return _folder_files(path, where, what)
     if path.exists():
         if not path.is_file():
-            raise Gpt2tuneError(f"{where}: not a regular file or folder; point {key} at your text")
+            raise Gpt2tuneError(
+                f"{where}: not a regular file or folder; {_point(what)} at your text"
+            )
         return [path]
     if _GLOB_CHARS.search(path_spec):
         matches = [Path(m) for m in glob.glob(path_spec, recursive=True)]
         files = [m for m in matches if m.is_file()]
         if not files:
-            what = "only folders" if matches else "nothing"
+            found = "only folders" if matches else "nothing"
             raise Gpt2tuneError(
-                f"{where}: taken as a glob, it matches {what} (relative to {os.getcwd()}); "
-                f"fix the pattern or set {key} to your text file or folder"
+                f"{where}: taken as a glob, it matches {found} (relative to {os.getcwd()}); "
+                f"fix the pattern or {_point(what)} at your text file or folder"
             )
         return sorted(files, key=_sort_key)
     raise Gpt2tuneError(
         f"{where}: taken as a file or folder path, it does not exist (relative to "
-        f"{os.getcwd()}); put your text there or set {key} in params.yaml"
+        f"{os.getcwd()}); put your text there or {_point(what)} at it"
     )
 
 
-def find_inputs(path_spec: str, val_path: str, out_dir: Path) -> tuple[list[Path], list[Path], int]:
+def find_inputs(
+    path_spec: str, val_path: str, out_dir: Path, what: str = "data.path"
+) -> tuple[list[Path], list[Path], int]:
     """The training files, the validation files (none without val_path) and their bytes in
-    all; checked to lie outside out_dir, not to overlap and not to be all empty."""
-    files = find_documents(path_spec)
+    all; checked to lie outside out_dir, not to overlap and not to be all empty. `what`: the
+    setting path_spec came from (see find_documents)."""
+    files = find_documents(path_spec, what)
     val_files = find_documents(val_path, "data.val_path") if val_path else []
-    _check_outside(files, out_dir, path_spec)
-    _check_outside(val_files, out_dir, val_path)
+    _check_outside(files, out_dir, named(what, path_spec), what)
+    _check_outside(val_files, out_dir, named("data.val_path", val_path), "data.val_path")
     if shared := sorted({f.resolve() for f in files} & {f.resolve() for f in val_files}):
         raise Gpt2tuneError(
-            f"data.val_path = {val_path!r} and data.path = {path_spec!r} share "
+            f"data.val_path = {val_path!r} and {named(what, path_spec)} share "
             f"{display_path(shared[0])}; validation text must not also be training text"
         )
-    return files, val_files, _check_not_empty(files, val_files, path_spec, val_path)
+    return files, val_files, _check_not_empty(files, val_files, path_spec, val_path, what)
 
 
-def _check_outside(files: list[Path], out_dir: Path, path_spec: str) -> None:
+def _check_outside(files: list[Path], out_dir: Path, where: str, what: str) -> None:
     out = out_dir.resolve()
     for f in files:
         if out in f.resolve().parents:
             raise Gpt2tuneError(
-                f"data.path = {path_spec!r} takes in {display_path(f)}, which is inside the "
-                f"output folder {display_path(out_dir)}; keep the training text elsewhere "
-                "(e.g. data/raw/) and point data.path there"
+                f"{where} takes in {display_path(f)}, which is inside the output folder "
+                f"{display_path(out_dir)}; keep the text elsewhere (e.g. data/raw/) and "
+                f"{_point(what)} there"
             )
 
 
 def _check_not_empty(
-    files: list[Path], val_files: list[Path], path_spec: str, val_path: str
+    files: list[Path], val_files: list[Path], path_spec: str, val_path: str, what: str
 ) -> int:
     """The bytes of all input files; Gpt2tuneError if the training or validation files are
     all empty. (Files holding only a BOM are caught after encoding, by _check_tokens.)"""
@@ -119,17 +136,17 @@ def _check_not_empty(
     if sum(sizes[: len(files)]) == 0:
         if len(files) == 1:
             raise Gpt2tuneError(
-                f"{display_path(files[0])} is empty; put your training text in it or set "
-                "data.path in params.yaml to another file"
+                f"{display_path(files[0])} is empty; put your text in it or {_point(what)} at "
+                "another file"
             )
         raise Gpt2tuneError(
-            f"data.path = {path_spec!r}: all {len(files)} files are empty (e.g. "
-            f"{display_path(files[0])}); add training text"
+            f"{named(what, path_spec)}: all {len(files)} files are empty (e.g. "
+            f"{display_path(files[0])}); add text"
         )
     return sum(sizes)
 
 
-def _folder_files(folder: Path, where: str, key: str) -> list[Path]:
+def _folder_files(folder: Path, where: str, what: str) -> list[Path]:
     def fail(e: OSError) -> None:
         raise Gpt2tuneError(f"{where}: cannot list {e.filename}: {e.strerror or e}")
 
@@ -143,7 +160,7 @@ def _folder_files(folder: Path, where: str, key: str) -> list[Path]:
     if not files:
         raise Gpt2tuneError(
             f"{where}: taken as a folder, it holds no files (hidden ones are skipped); "
-            f"put your text files in it or set {key} to a file or glob"
+            f"put your text files in it or {_point(what)} at a file or glob"
         )
     return sorted(files, key=lambda f: _sort_key(f.relative_to(folder)))
 
@@ -185,7 +202,7 @@ def read_text(
             if nul >= 0:
                 raise Gpt2tuneError(
                     f"{name}: binary data, not text (a NUL byte at byte offset {fed + nul}); "
-                    "point data.path at text files only"
+                    "only text files can be read: move it out or leave it out of the path"
                 )
             held = _held_bytes(decoder)
             try:

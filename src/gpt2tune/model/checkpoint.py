@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from gpt2tune.errors import Gpt2tuneError, first_line
-from gpt2tune.files import MODEL_FOLDER_FILES, fsync_file, write_text_atomic
+from gpt2tune.files import MODEL_FOLDER_FILES, check_model_folder, fsync_file, write_text_atomic
 from gpt2tune.model import lora
 from gpt2tune.model.encoder import load_encoder
 from gpt2tune.model.gpt2 import GPT2, check_hparams, variable_shapes
@@ -109,13 +109,7 @@ def load_model(folder: str | os.PathLike) -> GPT2:
                 f"model folder {folder} does not exist: a save was interrupted, and the "
                 f"previous model is in {aside[-1]}; rename it back or save again"
             )
-        raise Gpt2tuneError(
-            f"model folder {folder} does not exist (in the pipeline, `dvc repro` makes it)"
-        )
-    if not any((folder / f).exists() for f in (*MODEL_FOLDER_FILES, f"{CKPT_PREFIX}.index")):
-        raise Gpt2tuneError(
-            f"{folder} is not a GPT-2 model folder: it has none of {', '.join(MODEL_FOLDER_FILES)}"
-        )
+    check_model_folder(folder)
     hparams = load_hparams(folder)
     encoder = load_encoder(folder)
     prefix = checkpoint_prefix(folder)

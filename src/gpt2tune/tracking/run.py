@@ -85,6 +85,10 @@ def replay_pending(cfg: MlflowParams) -> int:
 
 # ------------------------------------------------------------------- the public functions
 
+# What made a run: "train" (a training, with its assemble and sample) or "evaluate"
+# (`gpt2tune evaluate --mlflow`), so `tags.gpt2tune.kind = 'train'` lists the trainings only.
+KIND_TAG = "gpt2tune.kind"
+
 _active: Session | None = None
 
 
@@ -144,14 +148,16 @@ def training_run(
     *,
     name: str | None = None,
     tags: dict[str, str] | None = None,
+    kind: str = "train",
 ):
     """Start (or, given `run_id` of a resumed training, reopen) the run and record its id
     in metrics/mlflow_run.json (not with `record=False`: a run of its own, such as
     `gpt2tune evaluate --mlflow`). A store that is away does not stop training (see above).
-    A new run is called `name` (default: the DVC experiment's name) and gets `tags` too."""
+    A new run is called `name` (default: the DVC experiment's name) and gets `tags` too, and
+    the tag KIND_TAG = `kind` ("train", "evaluate"), which a search filter can select on."""
     session = Session(cfg, run_id or "")
     name = (name or os.environ.get("DVC_EXP_NAME")) if run_id is None else None
-    all_tags = {**run_tags(), **(tags or {})}
+    all_tags = {**run_tags(), KIND_TAG: kind, **(tags or {})}
 
     def prepare() -> None:
         if session.run_id and not session.run_id.startswith(OFFLINE_PREFIX):

@@ -5,7 +5,9 @@ step (data.format, data.encoding, data.field; here all of it kept, none held out
 the same evenly spaced windows (``batches.eval_windows`` with train.n_ctx and
 train.val_batch_count) and scored by the Trainer's compiled eval step (train.batch_size
 windows at a time, train.precision). So a fine-tuned model's val_loss can be compared with,
-say, the base model's on the same validation text.
+say, the base model's on the same validation text. ``--data val`` (VALIDATION_DATA) takes the
+encode stage's validation tokens (data/encoded/val.npy) instead of a text: the very windows
+training validates on, so the base model's loss there is training's ``base_val_loss``.
 """
 
 from __future__ import annotations
@@ -17,19 +19,30 @@ import numpy as np
 from tqdm import tqdm
 
 from gpt2tune.config.params import Params
+from gpt2tune.errors import Gpt2tuneError
+from gpt2tune.paths import ENCODED, VALIDATION_DATA
 
 
-def text_tokens(path_spec: str, model_dir: str, p: Params) -> np.ndarray:
+def text_tokens(path_spec: str, model_dir: str, p: Params, what: str = "--data") -> np.ndarray:
     """All tokens of `path_spec`, encoded exactly as the encode stage would (one stream,
-    documents separated by <|endoftext|>), with the tokenizer of `model_dir`."""
+    documents separated by <|endoftext|>), with the tokenizer of `model_dir`; VALIDATION_DATA:
+    data/encoded/val.npy as it is. Errors call path_spec `what` (the option it came from)."""
     from gpt2tune.data.encode import encode_corpus
     from gpt2tune.data.encoded import load_tokens
     from gpt2tune.model.encoder import load_encoder
 
     enc = load_encoder(model_dir)
+    if path_spec == VALIDATION_DATA:
+        tokens = np.array(load_tokens(ENCODED, "val", enc.n_vocab))
+        if len(tokens) < 2:
+            raise Gpt2tuneError(
+                f"{what} {VALIDATION_DATA}: {ENCODED}/val.npy holds {len(tokens)} token(s); set "
+                "data.val_fraction above 0 (or data.val_path) and run `dvc repro encode`"
+            )
+        return tokens
     with tempfile.TemporaryDirectory(prefix="gpt2tune-evaluate-") as tmp:
         encode_corpus(path_spec, enc, tmp, encoding=p.data.encoding, data_format=p.data.format,
-                      field=p.data.field, val_fraction=0.0)  # fmt: skip
+                      field=p.data.field, val_fraction=0.0, what=what)  # fmt: skip
         return np.array(load_tokens(tmp, "train", enc.n_vocab))
 
 
@@ -46,8 +59,6 @@ def evaluate_loss(model, tokens: np.ndarray, p: Params, progress: bool | None = 
     n_ctx = min(p.train.n_ctx, model.hparams["n_ctx"])
     windows = eval_windows(tokens, n_ctx, p.train.val_batch_count)
     if not len(windows):
-        from gpt2tune.errors import Gpt2tuneError
-
         raise Gpt2tuneError(f"the text is only {len(tokens)} token(s): nothing to evaluate")
     cfg = dataclasses.replace(p.train, n_ctx=n_ctx)
     trainer = Trainer(model, cfg, tf.distribute.get_strategy())
