@@ -101,6 +101,17 @@ PNG = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256))
 # id: (stages, how to break the project, what the one line must contain)
 CASES: dict[str, tuple[tuple[str, ...], Callable[[Path], None], tuple[str, ...]]] = {
     "invalid YAML": (STAGES, BROKEN_YAML, ("params.yaml:3:", "invalid YAML")),
+    # DVC (YAML 1.2) reads 10 and records it in dvc.lock; YAML 1.1 reads 8.
+    "octal-looking steps": (
+        STAGES,
+        edit_text("params.yaml", "  steps: 2\n", "  steps: 010\n"),
+        ("params.yaml:", "steps: 010 is the octal number 8 in YAML 1.1", "write 10"),
+    ),
+    "params nested 100,000 deep": (
+        ("encode",),
+        edit_text("params.yaml", "  steps: 2\n", "  steps: " + "[" * 100_000 + "\n"),
+        ("params.yaml:", "nested more than 100 levels deep"),
+    ),
     "unknown key": (("train",), set_param("train", "stepz", 5), ("train.stepz", "unknown key")),
     "wrong type": (
         ("sample",),
