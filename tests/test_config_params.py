@@ -269,7 +269,7 @@ BAD = {
     "section not a mapping": (
         _set(None, "data", "data/dset.txt"),
         'params.yaml: data = "data/dset.txt": must be a mapping with keys path, encoding, '
-        "format, field, val_fraction, val_path (got text)",
+        "format, field, val_fraction, val_path, max_line_mb, follow_symlinks_outside (got text)",
     ),
     "prompts not a list": (
         _set("sample", "prompts", "hello"),
@@ -477,12 +477,87 @@ def test_optimizer_choices_and_decay_rule_come_from_the_registry(raw):
 
 
 @pytest.mark.parametrize(
-    "value", ["", "yes", "null", "1000", "2e-5", "a # b", " lead", "x: y", "[1]", "ünï", "124M"]
-)
+    "value",
+    ["", "yes", "null", "1000", "2e-5", "a # b", " lead", "x: y", "[1]", "ünï", "124M", "y", "09",
+     "0o10", "1:30", "oN"],
+)  # fmt: skip
 def test_rendered_values_read_back_as_themselves(value):
     from gpt2tune.config.docs import yaml_value
+    from gpt2tune.config.schema import parse_yaml
 
     for v in (value, (value, "b"), 2e-5, 1e300, 0.1, True, 7):
-        assert yaml.safe_load(f"k: {yaml_value(v)}") == {
-            "k": list(v) if isinstance(v, tuple) else v
-        }
+        expected = {"k": list(v) if isinstance(v, tuple) else v}
+        assert yaml.safe_load(f"k: {yaml_value(v)}") == expected
+        assert parse_yaml(f"k: {yaml_value(v)}", "p.yaml") == expected
+
+
+# --------------------------------------------------------------------------- YAML 1.1 vs 1.2
+
+# A plain value YAML 1.1 (PyYAML) and YAML 1.2 (DVC's ruamel) read differently, where it
+# lands in params.yaml, and the fix the one line names.
+VERSION_DEPENDENT = [
+    ("train.steps", "010", "010 is the octal number 8 in YAML 1.1 but 10 in YAML 1.2", "write 10"),
+    ("train.steps", "0o10", "0o10 is text in YAML 1.1 but the octal number 8", "write 8"),
+    ("train.steps", "09", "09 is text in YAML 1.1 but 9 in YAML 1.2", "write 9"),
+    ("train.max_minutes", "1:30", "1:30 is 90 (base 60) in YAML 1.1 but text", "write 90"),
+    ("train.xla", "yes", "yes is true in YAML 1.1 but text in YAML 1.2", "write true"),
+    ("train.xla", "OFF", "OFF is false in YAML 1.1", "write false"),
+    ("train.xla", "y", "y is true in YAML 1.1", "write true"),
+    ("data.field", "n", "n is false in YAML 1.1", "'n' in quotes for text"),
+    ("train.xla", "oN", "oN looks like YAML 1.1's boolean true", "write true"),
+]
+
+
+@pytest.mark.parametrize(("dotted", "value", "why", "fix"), VERSION_DEPENDENT)
+def test_values_yaml_versions_read_differently_are_refused(tmp_path, dotted, value, why, fix):
+    section, name = dotted.split(".")
+    path = tmp_path / "params.yaml"
+    text = render_params_yaml()
+    line = next(li for li in text.splitlines() if li.startswith(f"  {name}:"))
+    lines = text.splitlines()
+    n = lines.index(line) + 1
+    path.write_text(text.replace(line, f"  {name}: {value}", 1), encoding="utf-8")
+    assert error_of(load_params, path).startswith(f"{path}:{n}:{len(name) + 5}: {name}: {why}")
+    assert fix in error_of(load_params, path)
+    render = tmp_path / "ok.yaml"
+    render.write_text(text, encoding="utf-8")
+    msg = error_of(load_params, render, [f"{dotted}={value}"])
+    assert msg.startswith(f"--set {dotted}:1:1: {why}") and fix in msg
+    # Quoted, the value is text to both versions, and checked as text.
+    assert load_params(render, [f"data.field='{value}'"]).data.field == value
+
+
+def test_dvc_reads_those_values_otherwise():
+    """DVC's own reader (YAML 1.2) gives what the refusal says: steps 010 trained 8 steps
+    while dvc.lock and `dvc exp show` recorded 10."""
+    from dvc.utils.serialize import parse_yaml as dvc_parse_yaml
+
+    read = dvc_parse_yaml("a: 010\nb: 0o10\nc: '1:30'\nd: 1:30\ne: yes\nf: 07\n", "p.yaml")
+    assert read == {"a": 10, "b": 8, "c": "1:30", "d": "1:30", "e": "yes", "f": 7}
+    assert yaml.safe_load("a: 010\nd: 1:30\ne: yes\n") == {"a": 8, "d": 90, "e": True}
+
+
+def test_values_both_versions_read_alike_still_load(raw):
+    from gpt2tune.config.schema import parse_yaml
+
+    text = "a: 07\nb: 0x10\nc: 1_000\nd: 0\ne: true\nf: 'yes'\ng: no way\nh: [1, 2]\ni: !!str 010\n"
+    assert parse_yaml(text, "p.yaml") == {
+        "a": 7, "b": 16, "c": 1000, "d": 0, "e": True, "f": "yes", "g": "no way", "h": [1, 2],
+        "i": "010",
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("where", ["file", "--set"])
+def test_deep_nesting_is_one_line(params_file, where):
+    """100,000 "[" used to cost a RecursionError 2,997 lines long."""
+    deep = "[" * 100_000
+    if where == "file":
+        params_file.write_text(f"train:\n  steps: {deep}\n", encoding="utf-8")
+        msg, at = error_of(load_params, params_file), f"{params_file}:2:"
+    else:
+        msg, at = (
+            error_of(load_params, params_file, [f"train.steps={deep}"]),
+            "--set train.steps:1:",
+        )
+    assert msg.startswith(at) and "nested more than 100 levels deep" in msg, msg[:300]
+    assert len(msg) < 200

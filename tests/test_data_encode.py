@@ -419,6 +419,39 @@ def test_output_folder_inside_input_folder_is_refused(tmp_path, tiny):
 # --------------------------------------------------------------------------- windows
 
 
+def test_inputs_outside_the_project_are_named_and_links_out_refused(
+    tmp_path, tiny, monkeypatch, capsys
+):
+    """The project is the working directory. A symlink inside it that leads out (data/ to
+    /etc/shadow) is refused unless follow_symlinks_outside; any input outside the project,
+    linked or named so, is printed with its resolved path."""
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    secret = write(elsewhere / "corpus.txt", DOCS[0])
+    write(project / "data" / "raw" / "a.txt", DOCS[1])
+    (project / "data" / "raw" / "b.txt").symlink_to(secret)
+    (project / "data" / "inside.txt").symlink_to(project / "data" / "raw" / "a.txt")
+    monkeypatch.chdir(project)
+    msg = error_of(encode_corpus, "data/raw", tiny, "data/encoded")
+    assert msg == (
+        f"data.path = 'data/raw': data/raw/b.txt leads through a symlink to {secret}, outside "
+        f"the project ({project}); copy the file into the project, or set "
+        "data.follow_symlinks_outside: true in params.yaml to read it"
+    )
+    assert not (project / "data" / "encoded" / "train.npy").exists()
+    capsys.readouterr()
+    # A link that stays inside says nothing; the switch reads the outside file and names it.
+    encode_corpus("data/inside.txt", tiny, "data/encoded")
+    assert capsys.readouterr().err == ""
+    stats = encode_corpus("data/raw", tiny, "data/encoded", follow_symlinks_outside=True)
+    assert stats["documents"] == 2
+    note = f"note: data.path = 'data/raw': reading 1 file(s) outside the project ({project}): "
+    assert capsys.readouterr().err == f"{note}{secret}\n"
+    # Named by its own path, an outside file is read and named (DVC does not track it).
+    encode_corpus(str(elsewhere), tiny, "data/encoded", val_path="data/raw/a.txt")
+    note = f"note: data.path = {str(elsewhere)!r}: reading 1 file(s) outside the project"
+    assert capsys.readouterr().err == f"{note} ({project}): {secret}\n"
+
+
 def test_window_length():
     assert window_length(10_000, 1024) == 1025
     assert window_length(50, 1024) == 50

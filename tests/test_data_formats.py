@@ -152,8 +152,17 @@ def test_jsonl_custom_field_and_literal_endoftext(tmp_path, tiny):
         ('{"text": null}', "a.jsonl:3: key 'text' (data.field) holds null, not a string"),
         ('["text"]', "a.jsonl:3: a list, not a JSON object"),
         ('{"text": "x"', "a.jsonl:3: not valid JSON (Expecting ',' delimiter, column 13)"),
+        # Each of these used to be a traceback (RecursionError, ValueError) or, for the
+        # repeated key, the last value silently.
+        ('{"text": "x", "t": ' + "[" * 2000 + "]" * 2000 + "}", "a.jsonl:3: JSON nested too"),
+        ('{"text": "x", "t": ' + "[" * 100_000 + "]" * 100_000 + "}", "a.jsonl:3: JSON nested"),
+        ('{"id": ' + "7" * 5000 + ', "text": "x"}', "a.jsonl:3: a number of more than 4300"),
+        ('{"text": "a", "text": "b"}', "a.jsonl:3: key 'text' appears twice in one object"),
+        ('{"text": "a", "m": {"k": 1, "k": 2}}', "a.jsonl:3: key 'k' appears twice"),
     ],
-)
+    ids=["no key", "number", "null", "list", "bad JSON", "2,000 deep", "100,000 deep",
+         "5,000 digits", "repeated key", "repeated nested key"],
+)  # fmt: skip
 def test_jsonl_bad_row_names_file_line_and_field(tmp_path, tiny, line, problem):
     f = write(tmp_path / "a.jsonl", '{"text": "first"}\n{"text": "second"}\n')
     out = tmp_path / "out"
@@ -163,6 +172,43 @@ def test_jsonl_bad_row_names_file_line_and_field(tmp_path, tiny, line, problem):
     message = error_of(encode_corpus, str(f), tiny, out, data_format="jsonl")
     assert message.startswith(f"{f.parent.as_posix()}/{problem}")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing half-written
+
+
+# --------------------------------------------------------------------------- long lines
+
+
+@pytest.mark.parametrize(
+    "data_format, content, line",
+    [
+        ("lines", "short\n" + "x" * 1_000_001 + "\nshort\n", 2),
+        ("lines", "short\n" + "x" * 3_000_000, 2),  # the last line, without a break
+        ("jsonl", '{"text": "a"}\n{"text": "' + "x" * 1_000_000 + '"}\n', 2),
+        ("csv", "text\nshort\n" + "y" * 1_000_001 + "\n", 3),
+        ("csv", 'text\nshort\n"' + "many\nlines\n" * 100_000 + '"\n', 3),  # one cell
+    ],
+    ids=["lines", "last line", "jsonl", "csv line", "csv cell over many lines"],
+)
+def test_a_line_over_max_line_mb_is_refused_naming_it(tmp_path, tiny, data_format, content, line):
+    f = write(tmp_path / f"a.{data_format}", content)
+    message = error_of(
+        encode_corpus, str(f), tiny, tmp_path / "o", data_format=data_format, max_line_mb=1,
+        chunk_chars=1000,
+    )  # fmt: skip
+    assert message.startswith(f"{f.as_posix()}:{line}: "), message
+    assert "longer than 1 million characters (data.max_line_mb)" in message
+    assert not (tmp_path / "o" / "train.npy").exists()
+
+
+def test_lines_up_to_max_line_mb_are_read(tmp_path, tiny):
+    doc = "reason " * 142_857  # 999,999 characters
+    f = write(tmp_path / "a.jsonl", f'{{"text": "{doc}"}}\n')
+    assert len(f.read_text()) > 10**6  # the line is longer than the document, and is fine
+    message = error_of(encode_corpus, str(f), tiny, tmp_path / "o", data_format="jsonl",
+                       max_line_mb=1)  # fmt: skip
+    assert "data.max_line_mb" in message  # the limit is on the line, JSON and all
+    assert train_of(f, tiny, tmp_path / "o", data_format="jsonl", max_line_mb=2) == (
+        tiny.encode(doc)
+    )
 
 
 # --------------------------------------------------------------------------- csv

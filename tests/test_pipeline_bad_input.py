@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers.models import tiny_model
-from helpers.processes import run_stage
+from helpers.processes import run_stage, run_stage_peak_rss
 from helpers.projects import make_project, snapshot, update_params
 from helpers.vocab import TINY_CORPUS
 
@@ -85,12 +85,32 @@ def bad_token_id(root: Path) -> None:
     np.save(path, tokens)
 
 
+def link_outside(root: Path) -> None:
+    """data/raw/notes.txt: a symlink to a file outside the project (as /etc/shadow was)."""
+    secret = root.parent / "secret.txt"
+    secret.write_text("root:$6$not-training-text\n")
+    (root / "data" / "raw").mkdir(parents=True)
+    (root / "data" / "raw" / "notes.txt").symlink_to(secret)
+    set_param("data", "path", "data/raw")(root)
+
+
 BROKEN_YAML = edit_text("params.yaml", "  name: tiny\n", "  name: tiny\n   base: [\n")
 PNG = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256))
 
 # id: (stages, how to break the project, what the one line must contain)
 CASES: dict[str, tuple[tuple[str, ...], Callable[[Path], None], tuple[str, ...]]] = {
     "invalid YAML": (STAGES, BROKEN_YAML, ("params.yaml:3:", "invalid YAML")),
+    # DVC (YAML 1.2) reads 10 and records it in dvc.lock; YAML 1.1 reads 8.
+    "octal-looking steps": (
+        STAGES,
+        edit_text("params.yaml", "  steps: 2\n", "  steps: 010\n"),
+        ("params.yaml:", "steps: 010 is the octal number 8 in YAML 1.1", "write 10"),
+    ),
+    "params nested 100,000 deep": (
+        ("encode",),
+        edit_text("params.yaml", "  steps: 2\n", "  steps: " + "[" * 100_000 + "\n"),
+        ("params.yaml:", "nested more than 100 levels deep"),
+    ),
     "unknown key": (("train",), set_param("train", "stepz", 5), ("train.stepz", "unknown key")),
     "wrong type": (
         ("sample",),
@@ -138,6 +158,33 @@ CASES: dict[str, tuple[tuple[str, ...], Callable[[Path], None], tuple[str, ...]]
             set_param("data", "path", "data/raw"),
         ),
         ("error: data/raw/b.txt", "offset 3"),
+    ),
+    "JSONL nested 100,000 deep": (
+        ("encode",),
+        all_of(
+            write(
+                "data/deep.jsonl", b'{"text": "a", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n"
+            ),
+            set_param("data", "format", "jsonl"),
+        ),
+        ("error: data/deep.jsonl:1: JSON nested too deeply",),
+    ),
+    "JSONL key given twice": (
+        ("encode",),
+        all_of(
+            write("data/twice.jsonl", b'{"text": "a"}\n{"text": "b", "text": "c"}\n'),
+            set_param("data", "format", "jsonl"),
+        ),
+        ("error: data/twice.jsonl:2: key 'text' appears twice",),
+    ),
+    "symlink out of the project": (
+        ("encode",),
+        link_outside,
+        (
+            "data.path = 'data/raw': data/raw/notes.txt leads through a symlink to /",
+            "secret.txt, outside the project",
+            "data.follow_symlinks_outside: true",
+        ),
     ),
     "glob matching nothing": (
         ("encode",),
@@ -234,4 +281,34 @@ def test_train_batch_too_big_for_memory_is_refused_cleanly(prepared, tiny_vocab_
     lines = (proc.stdout + proc.stderr).strip().splitlines()
     assert proc.returncode == 1 and len(lines) == 1, lines
     assert "train.batch_size = 100000" in lines[0] and "GiB" in lines[0], lines[0]
+    assert snapshot(root) == before
+
+
+LONG_LINES = {  # a 30-million-character document on line 3, in each format of many per file
+    "lines": lambda doc: f"first\nsecond\n{doc}\nlast\n",
+    "jsonl": lambda doc: f'{{"text": "first"}}\n\n{{"text": "{doc}"}}\n',
+    "csv": lambda doc: f"text\nfirst\n{doc}\n",
+}
+
+
+@pytest.mark.parametrize("data_format", list(LONG_LINES))
+def test_a_long_line_is_refused_in_bounded_memory(prepared, tmp_path, data_format):
+    """A line is held whole to be parsed: one of 1 GB took 3,988 MB (lines), a 200 MB JSONL
+    line 993 MB. Past data.max_line_mb it is refused as soon as that much is read: the
+    stage's peak memory stays that of a small corpus plus about the limit."""
+    root = tmp_path / "project"
+    shutil.copytree(prepared, root, symlinks=True)
+    small, base = run_stage_peak_rss(root, "encode")
+    assert small.returncode == 0, small.stderr
+    doc = ("reason " * 5_000_000)[:30_000_000]
+    write(f"data/long.{data_format}", LONG_LINES[data_format](doc).encode())(root)
+    update_params(root, "data", format=data_format, max_line_mb=4)
+    before = snapshot(root)
+    proc, peak = run_stage_peak_rss(root, "encode")
+    lines = (proc.stdout + proc.stderr).strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1, lines
+    assert lines[0].startswith(f"error: data/long.{data_format}:3: line longer than 4 million")
+    assert "data.max_line_mb" in lines[0]
+    print(f"peak RSS {data_format}: {peak:.0f} MiB, small corpus {base:.0f} MiB")
+    assert peak - base < 30, (peak, base)  # MiB; the line alone is 30 MB
     assert snapshot(root) == before

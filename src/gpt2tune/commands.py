@@ -63,6 +63,8 @@ def encode(p: Params, args: argparse.Namespace) -> None:
         field=p.data.field,
         val_fraction=p.data.val_fraction,
         val_path=p.data.val_path,
+        max_line_mb=p.data.max_line_mb,
+        follow_symlinks_outside=p.data.follow_symlinks_outside,
     )
     print(
         f"encoded {s['documents']} document(s), {s['bytes']:,} bytes -> {s['tokens']:,} tokens "

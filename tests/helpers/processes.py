@@ -59,3 +59,22 @@ def run_stage(root: Path, stage: str, *args: str, **kw) -> subprocess.CompletedP
 def start_stage(root: Path, stage: str, *args: str, **kw) -> subprocess.Popen:
     """`python stages/<stage>.py args` started in root; see start_in."""
     return start_in(root, *stage_command(stage, *args), **kw)
+
+
+# The stage runs as the only child of a small Python, which then prints the child's peak RSS
+# (getrusage of its children: the stage alone, whatever the test process ran before).
+_PEAK_RSS = (
+    "import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).returncode; "
+    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
+    "sys.exit(code)"
+)
+
+
+def run_stage_peak_rss(
+    root: Path, stage: str, *args: str, **kw
+) -> tuple[subprocess.CompletedProcess, float]:
+    """run_stage, and the stage's peak resident memory in MiB (its output without that)."""
+    proc = run_in(root, sys.executable, "-c", _PEAK_RSS, *stage_command(stage, *args), **kw)
+    *rest, peak = proc.stderr.splitlines()
+    proc.stderr = "".join(line + "\n" for line in rest)
+    return proc, int(peak) / 1024

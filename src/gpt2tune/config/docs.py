@@ -20,10 +20,8 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from gpt2tune.config.params import Params, reference
-from gpt2tune.config.schema import Key
+from gpt2tune.config.schema import Key, parse_yaml
 from gpt2tune.errors import Gpt2tuneError
 from gpt2tune.files import write_text_atomic
 
@@ -55,9 +53,9 @@ def yaml_value(value: Any) -> str:
     quoted = json.dumps(value, ensure_ascii=False)  # a JSON string is a YAML double-quoted one
     if not value or value != value.strip() or "#" in value:
         return quoted
-    try:
-        return value if yaml.safe_load(f"k: {value}") == {"k": value} else quoted
-    except yaml.YAMLError:  # such as "x: y"
+    try:  # the loader params.yaml is read with: it refuses "yes", "09", "1:30" unquoted
+        return value if parse_yaml(f"k: {value}", "") == {"k": value} else quoted
+    except Gpt2tuneError:  # such as "x: y"
         return quoted
 
 

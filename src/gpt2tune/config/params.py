@@ -141,6 +141,12 @@ DATA_FORMATS = {
 }
 
 
+# The longest line (csv: cell) of data.format lines, csv or jsonl, in millions of characters:
+# a line is held whole while it is parsed (two or three copies at once), so a 1 GB line took
+# 4 GB of memory; text files stream and have no limit.
+MAX_LINE_MB = 16
+
+
 @dataclass(frozen=True)
 class DataParams:
     path: str = key(
@@ -170,6 +176,16 @@ class DataParams:
         "",
         Rule('a path to a separate validation text ("" = hold out val_fraction)'),
         'separate validation text, file or folder ("" = hold out val_fraction)',
+    )
+    max_line_mb: int = key(
+        MAX_LINE_MB,
+        int_in(1, 4096),
+        "longest line or CSV cell, in millions of characters",
+    )
+    follow_symlinks_outside: bool = key(
+        False,
+        SWITCH,
+        "read files that symlinks lead to outside the project",
     )
 
 

@@ -5,7 +5,8 @@ that finish "must be ...", plus a check) and one line of help; ``key(1000, at_le
 "optimizer steps")`` declares default, range and help in one place. params.py declares every
 key this way; validation (``check_sections``), params.yaml's comments, the docs' table and
 a command's --help all read these fields (``describe``), so none of them can drift. Below
-that: the strict YAML reader (``read_yaml``: duplicate keys are errors, 2e-5 is a number).
+that: the strict YAML reader (``read_yaml``: duplicate keys, aliases and values that YAML 1.1
+and 1.2 read differently are errors, 2e-5 is a number).
 """
 
 from __future__ import annotations
@@ -254,6 +255,22 @@ class _Loader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
     def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node:
+        # Composing recurses once per level: 100,000 "[" cost a RecursionError 3,000 lines
+        # long. params.yaml nests three levels (section, key, list); far deeper is a mistake.
+        self._depth = getattr(self, "_depth", 0) + 1
+        if self._depth > _MAX_DEPTH:
+            raise yaml.composer.ComposerError(
+                None, None,
+                f"nested more than {_MAX_DEPTH} levels deep; params files need three "
+                "(section, key, list): close the brackets",
+                self.peek_event().start_mark,
+            )  # fmt: skip
+        try:
+            return self._compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def _compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node:
         # An alias (*name) repeats an anchored value by reference; nested ones multiply
         # ("billion laughs": 405 bytes became gigabytes the moment an error message showed
         # the value). params.yaml needs no repetition, so the first alias is refused before
@@ -266,7 +283,73 @@ class _Loader(yaml.SafeLoader):
                 "write the value out",
                 event.start_mark,
             )  # fmt: skip
+        # A plain value that YAML 1.1 (this loader) and 1.2 (DVC's) read differently would
+        # train with one value while dvc.lock and `dvc exp show` record the other.
+        if self.check_event(yaml.ScalarEvent):
+            event = self.peek_event()
+            why = version_dependent(event.value) if event.tag is None and event.implicit[0] else ""
+            if why:
+                name = f"{index.value}: " if isinstance(index, yaml.ScalarNode) else ""
+                raise VersionDependent(None, None, name + why, event.start_mark)
         return super().compose_node(parent, index)
+
+
+class VersionDependent(yaml.composer.ComposerError):
+    """A plain value that YAML 1.1 and YAML 1.2 read differently."""
+
+
+_MAX_DEPTH = 100  # levels of nesting in a params file (it needs three)
+
+# Plain values whose meaning depends on the YAML version: 010 (YAML 1.1 octal 8, 1.2 decimal
+# 10), 09 (1.1 text, 1.2 9), 0o10 (1.1 text, 1.2 8), 1:30 (1.1 base 60, 90; 1.2 text), and
+# yes/no/on/off/y/n (1.1 booleans, though PyYAML reads y and n as text; 1.2 text).
+_LEADING_ZERO = re.compile(r"[-+]?0[0-9_]+")
+_OCTAL_12 = re.compile(r"[-+]?0o[0-7]+")
+_BASE_60 = re.compile(r"[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+(?:\.[0-9_]*)?")
+_BOOLEAN_11 = {"y": True, "yes": True, "on": True, "n": False, "no": False, "off": False}
+
+
+def version_dependent(value: str) -> str:
+    """Why the plain YAML scalar `value` means one thing in YAML 1.1 and another in 1.2 (what
+    DVC reads), and how to write it; "" when both read it alike."""
+    sign = "-" if value.startswith("-") else ""
+    digits = value.lstrip("+-")
+    if _LEADING_ZERO.fullmatch(value):
+        number = int(sign + digits.replace("_", ""))
+        if not re.fullmatch(r"[0-7_]+", digits):
+            return _both_ways(value, "text", f"{number}", f"{number}")
+        octal = int(sign + digits.replace("_", ""), 8)
+        return (
+            ""
+            if octal == number
+            else _both_ways(value, f"the octal number {octal}", f"{number}", f"{number}")
+        )
+    if _OCTAL_12.fullmatch(value):
+        number = int(sign + digits[2:], 8)
+        return _both_ways(value, "text", f"the octal number {number}", f"{number}")
+    if _BASE_60.fullmatch(value):
+        whole, _, fraction = digits.replace("_", "").partition(".")
+        number = 0
+        for part in whole.split(":"):
+            number = number * 60 + int(part)
+        spelled = f"{sign}{number}" + (f".{fraction}" if fraction else "")
+        return _both_ways(value, f"{spelled} (base 60)", "text", spelled)
+    if (truth := _BOOLEAN_11.get(value.lower())) is not None:
+        word = "true" if truth else "false"
+        if value in (value.lower(), value.capitalize(), value.upper()):  # YAML 1.1's spellings
+            return _both_ways(value, word, "text", word)
+        return (
+            f"{value} looks like YAML 1.1's boolean {word} (text in YAML 1.2, which DVC "
+            f"reads); write {word}, or '{value}' in quotes for text"
+        )
+    return ""
+
+
+def _both_ways(value: str, in_11: str, in_12: str, fix: str) -> str:
+    return (
+        f"{value} is {in_11} in YAML 1.1 but {in_12} in YAML 1.2 (DVC reads 1.2); "
+        f"write {fix}, or '{value}' in quotes for text"
+    )
 
 
 # YAML 1.1 reads `learning_rate: 2e-5` as the string "2e-5" (it wants a dot); 1.2 and DVC
@@ -306,7 +389,8 @@ def parse_yaml(text: str, source: str) -> Any:
             column = e.position - text.rfind("\n", 0, e.position)
             where = f"{source}:{line}:{column}"
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise Gpt2tuneError(f"{where}: invalid YAML: {problem}") from None
+        what = "" if isinstance(e, VersionDependent) else "invalid YAML: "
+        raise Gpt2tuneError(f"{where}: {what}{problem}") from None
     return raw
 
 

@@ -58,6 +58,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from gpt2tune.config.params import MAX_LINE_MB
 from gpt2tune.data.formats import EncodedDocuments, check_format, separator
 from gpt2tune.data.text import cores, find_inputs, named
 from gpt2tune.errors import Gpt2tuneError
@@ -92,6 +93,8 @@ def encode_corpus(
     chunk_chars: int = 1 << 20,
     workers: int | None = None,
     what: str = "data.path",
+    max_line_mb: int = MAX_LINE_MB,
+    follow_symlinks_outside: bool = False,
 ) -> dict:
     """Encode the text of ``path_spec`` into out_dir/train.npy, val.npy and stats.json, and
     return the stats. ``val_path`` (data.val_path): a separate validation text; then all of
@@ -100,13 +103,19 @@ def encode_corpus(
     characters encoded at a time (memory, not result). ``workers``: threads encoding chunks
     side by side (None: one per core for inputs of PARALLEL_MIN_BYTES or more, else 1); the
     tokens are the same for any number. ``data_format``, ``field``: data.format and
-    data.field, how the files hold documents (:mod:`gpt2tune.data.formats`). ``what``: what
-    path_spec is called in messages, the params.yaml key or an option such as ``--data``.
+    data.field, how the files hold documents (:mod:`gpt2tune.data.formats`); ``max_line_mb``
+    (data.max_line_mb): their longest line, in millions of characters.
+    ``follow_symlinks_outside`` (data.follow_symlinks_outside): read files that symlinks in
+    the project (the working directory) lead to outside it, instead of refusing them.
+    ``what``: what path_spec is called in messages, the params.yaml key or an option such as
+    ``--data``.
     """
     _check_options(encoding, val_fraction, chunk_chars, workers)
     check_format(data_format, field)
     out = Path(out_dir)
-    files, val_files, total_bytes = find_inputs(path_spec, val_path, out, what)
+    files, val_files, total_bytes = find_inputs(
+        path_spec, val_path, out, what, follow_symlinks_outside=follow_symlinks_outside
+    )
     if workers is None:
         workers = cores() if total_bytes >= PARALLEL_MIN_BYTES else 1
     dtype = _dtype(encoder.n_vocab)
@@ -121,6 +130,7 @@ def encode_corpus(
                 encoded = EncodedDocuments(
                     encoder, paths, data_format=data_format, field=field, encoding=encoding,
                     chunk_chars=chunk_chars, dtype=dtype, workers=workers, on_bytes=bar.update,
+                    max_line_mb=max_line_mb,
                 )  # fmt: skip
                 eot = separator(data_format, encoder.eot_token, dtype)
                 counts = _append_documents(encoded, sink, eot)

@@ -1,12 +1,16 @@
 """The documents of ``data.path`` in each ``data.format``, as token ids ready to be joined.
 
 ``text`` (the default) reads each file as one document (:mod:`gpt2tune.data.text`). Three formats
-hold many documents per file, read line by line so that a multi-GB file streams:
+hold many documents per file, read line by line so that a multi-GB file streams; a line is
+held whole while it is parsed, so one longer than ``data.max_line_mb`` million characters (a
+CSV cell: the cell) is refused, naming the file and line (:class:`Limit`):
 
 * ``lines``: each line is a document (without its line break; a trailing "\\r" is dropped).
 * ``csv``: each row after the header row is a document: its ``data.field`` column. Cells
   may be quoted and span lines; the quoting must be well formed (Python's csv, strict).
 * ``jsonl``: each line is a JSON object, and its ``data.field`` key (a string) the document.
+  A key given twice in one object is refused (JSON readers keep one silently), and so is
+  nesting deeper than Python's reader goes or an integer longer than it reads, in one line.
 
 Empty documents (blank lines, empty cells or strings) add nothing, as empty files do in
 ``text``; blank lines in csv and jsonl are skipped. Documents are encoded as ``text``'s are:
@@ -34,19 +38,20 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from gpt2tune.config.params import DATA_FORMATS
+from gpt2tune.config.params import DATA_FORMATS, MAX_LINE_MB
 from gpt2tune.data.text import chunks, encode_pieces, numbered_pieces, read_text
 from gpt2tune.errors import Gpt2tuneError
 from gpt2tune.files import display_path
 from gpt2tune.model.encoder import EOT
 
-_CSV_FIELD_LIMIT = 2**31 - 1  # csv refuses cells over 128 KiB by default: a long document
 _JSON_TYPES = {dict: "an object", list: "a list", str: "a string", bool: "true/false"}
 
 
@@ -88,10 +93,11 @@ class EncodedDocuments:
         dtype: np.dtype,
         workers: int,
         on_bytes: Callable[[int], object],
+        max_line_mb: int = MAX_LINE_MB,
     ) -> None:
         self._encoder, self._paths, self._format, self._field = encoder, paths, data_format, field
         self._encoding, self._chunk_chars, self._on_bytes = encoding, chunk_chars, on_bytes
-        self._dtype, self._workers = dtype, workers
+        self._dtype, self._workers, self._max_line_mb = dtype, workers, max_line_mb
         self.joined = 0
 
     def __iter__(self) -> Iterator[tuple[int, int, np.ndarray]]:
@@ -104,10 +110,10 @@ class EncodedDocuments:
         return encode_pieces(self._encoder, pieces, self._dtype, self._workers)
 
     def _joined_pieces(self) -> Iterator[tuple[int, str]]:
-        read = _READERS[self._format]
+        read, limit = _READERS[self._format], Limit(self._max_line_mb)
         for i, path in enumerate(self._paths):
-            lines = read_lines(path, self._encoding, self._chunk_chars, self._on_bytes)
-            for piece in self._joined(read(display_path(path), lines, self._field)):
+            lines = read_lines(path, self._encoding, self._chunk_chars, self._on_bytes, limit)
+            for piece in self._joined(read(display_path(path), lines, self._field, limit)):
                 yield i, piece
 
     def _joined(self, docs: Iterable[str]) -> Iterator[str]:
@@ -136,19 +142,50 @@ class EncodedDocuments:
 # --------------------------------------------------------------------------- lines, csv, jsonl
 
 
+@dataclass(frozen=True)
+class Limit:
+    """data.max_line_mb: the longest line (a CSV cell: the longest cell) read, in millions of
+    characters. A line is held whole while it is parsed, two or three copies of it at once,
+    so this bounds the memory a file of long lines takes; text has no such limit."""
+
+    mb: int
+
+    @property
+    def chars(self) -> int:
+        return self.mb * 10**6
+
+    def error(self, where: str, what: str = "line") -> Gpt2tuneError:
+        return Gpt2tuneError(
+            f"{where}: {what} longer than {self.mb} million characters (data.max_line_mb), "
+            "held whole in memory to be read; split it into several documents, raise "
+            "data.max_line_mb, or use data.format text (a file is one document, streamed)"
+        )
+
+
 def read_lines(
-    path: Path, encoding: str, read_size: int, on_bytes: Callable[[int], object]
+    path: Path,
+    encoding: str,
+    read_size: int,
+    on_bytes: Callable[[int], object],
+    limit: Limit = Limit(MAX_LINE_MB),
 ) -> Iterator[tuple[int, str]]:
-    """(line number, line with its "\\n") of `path`, streamed; the last may lack the "\\n"."""
+    """(line number, line with its "\\n") of `path`, streamed; the last may lack the "\\n".
+    A line longer than `limit` is refused as soon as that much of it has been read."""
     held: list[str] = []  # the line so far: a long one comes in several reads
-    n = 0
+    size = n = 0
     for piece in read_text(path, encoding, read_size, on_bytes):
         *ended, rest = piece.split("\n")
         for part in ended:
             n += 1
-            yield n, "".join(held) + part + "\n"
-            held = []
+            if size + len(part) > limit.chars:
+                raise limit.error(f"{display_path(path)}:{n}")
+            held += (part, "\n")
+            yield n, "".join(held)
+            held, size = [], 0
         held.append(rest)
+        size += len(rest)
+        if size > limit.chars:
+            raise limit.error(f"{display_path(path)}:{n + 1}")
     if tail := "".join(held):
         yield n + 1, tail
 
@@ -158,25 +195,23 @@ def _strip_break(line: str) -> str:
     return line[:-1] if line.endswith("\r") else line
 
 
-def lines_documents(name: str, lines: Iterable[tuple[int, str]], field: str) -> Iterator[str]:
+def lines_documents(
+    name: str, lines: Iterable[tuple[int, str]], field: str, limit: Limit
+) -> Iterator[str]:
     """data.format lines: every line (empty ones add no document)."""
     for _, line in lines:
         yield _strip_break(line)
 
 
-def jsonl_documents(name: str, lines: Iterable[tuple[int, str]], field: str) -> Iterator[str]:
+def jsonl_documents(
+    name: str, lines: Iterable[tuple[int, str]], field: str, limit: Limit
+) -> Iterator[str]:
     """data.format jsonl: the `field` string of every line's JSON object."""
     for n, line in lines:
         if not line.strip():
             continue
         where = f"{name}:{n}"
-        try:
-            row = json.loads(_strip_break(line))
-        except json.JSONDecodeError as e:
-            raise Gpt2tuneError(
-                f"{where}: not valid JSON ({e.msg}, column {e.colno}); data.format jsonl "
-                "needs one JSON object per line"
-            ) from None
+        row = _json_line(line, where)
         if not isinstance(row, dict):
             raise Gpt2tuneError(
                 f"{where}: {_json_type(row)}, not a JSON object; data.format jsonl needs one "
@@ -196,15 +231,64 @@ def jsonl_documents(name: str, lines: Iterable[tuple[int, str]], field: str) -> 
         yield row[field]
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+def _object(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object, refusing a key given twice (json keeps the last one silently)."""
+    row = dict(pairs)
+    if len(row) < len(pairs):
+        seen: set[str] = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise _DuplicateKey(k)
+            seen.add(k)
+    return row
+
+
+def _json_line(line: str, where: str) -> object:
+    """One JSONL line parsed, its line break and all (no copy of a long line); Gpt2tuneError
+    naming `where`."""
+    try:
+        return json.loads(line, object_pairs_hook=_object)
+    except json.JSONDecodeError as e:
+        column = min(e.pos, len(_strip_break(line))) + 1  # "at the end", not at the break
+        raise Gpt2tuneError(
+            f"{where}: not valid JSON ({e.msg}, column {column}); data.format jsonl "
+            "needs one JSON object per line"
+        ) from None
+    except _DuplicateKey as e:
+        raise Gpt2tuneError(
+            f"{where}: key {e.args[0]!r} appears twice in one object (JSON readers keep one "
+            "of them silently); keep one"
+        ) from None
+    except RecursionError:
+        raise Gpt2tuneError(
+            f"{where}: JSON nested too deeply to read (Python's reader stops near "
+            f"{sys.getrecursionlimit()} levels); data.format jsonl needs one flat object per "
+            "line: store the text in data.field and drop or flatten the nested part"
+        ) from None
+    except ValueError:  # not a JSONDecodeError: an integer too long for int() (4300 digits)
+        raise Gpt2tuneError(
+            f"{where}: a number of more than {sys.get_int_max_str_digits()} digits, more than "
+            "Python reads; write it as a string (in quotes) or drop it"
+        ) from None
+
+
 def _json_type(value: object) -> str:
     if value is None:
         return "null"
     return _JSON_TYPES.get(type(value), "a number")
 
 
-def csv_documents(name: str, lines: Iterable[tuple[int, str]], field: str) -> Iterator[str]:
+def csv_documents(
+    name: str, lines: Iterable[tuple[int, str]], field: str, limit: Limit
+) -> Iterator[str]:
     """data.format csv: the `field` column of every row after the header row."""
-    old_limit = csv.field_size_limit(_CSV_FIELD_LIMIT)
+    # csv refuses cells over 128 KiB by default (a long document); a cell over the limit,
+    # spread over many lines, is refused by csv itself and named below.
+    old_limit = csv.field_size_limit(limit.chars)
     try:
         reader = csv.reader((line for _, line in lines), strict=True)
         column, start = -1, 1  # start: the line the row being read begins on
@@ -222,6 +306,8 @@ def csv_documents(name: str, lines: Iterable[tuple[int, str]], field: str) -> It
                     yield row[column]
                 start = reader.line_num + 1
         except csv.Error as e:
+            if str(e).startswith("field larger than field limit"):
+                raise limit.error(f"{name}:{start}", "a cell of the row starting here") from None
             raise Gpt2tuneError(
                 f"{name}:{start}: not valid CSV ({e}, in the row starting on this line); quote "
                 'cells holding commas, quotes or line breaks, with "" for a quote inside'

@@ -6,6 +6,9 @@ Documents
 Each file is one document. Folders are read recursively in sorted order (by path components),
 skipping hidden files and folders (names that start with "."); a glob's matches are sorted the
 same way and only files are kept. A UTF-8 byte-order mark at the start of a file is dropped.
+A file reached through a symlink that leads out of the project (the working directory) is
+refused unless ``data.follow_symlinks_outside``; every input outside the project is named on
+stderr by its resolved path.
 
 Large inputs
 ------------
@@ -22,6 +25,7 @@ import codecs
 import glob
 import os
 import re
+import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -92,21 +96,34 @@ def find_documents(path_spec: str, what: str = "data.path") -> list[Path]:
 
 
 def find_inputs(
-    path_spec: str, val_path: str, out_dir: Path, what: str = "data.path"
+    path_spec: str,
+    val_path: str,
+    out_dir: Path,
+    what: str = "data.path",
+    *,
+    follow_symlinks_outside: bool = False,
 ) -> tuple[list[Path], list[Path], int]:
     """The training files, the validation files (none without val_path) and their bytes in
-    all; checked to lie outside out_dir, not to overlap and not to be all empty. `what`: the
+    all; checked to lie outside out_dir, not to overlap and not to be all empty, and not to
+    leave the project (the working directory) through a symlink unless
+    follow_symlinks_outside. Inputs outside the project are named on stderr. `what`: the
     setting path_spec came from (see find_documents)."""
     files = find_documents(path_spec, what)
     val_files = find_documents(val_path, "data.val_path") if val_path else []
-    _check_outside(files, out_dir, named(what, path_spec), what)
-    _check_outside(val_files, out_dir, named("data.val_path", val_path), "data.val_path")
+    inputs = ((what, path_spec, files), ("data.val_path", val_path, val_files))
+    for key, spec, found in inputs:
+        _check_outside(found, out_dir, named(key, spec), key)
+    notes = [_check_in_project(found, key, spec, follow_symlinks_outside)
+             for key, spec, found in inputs]  # fmt: skip
     if shared := sorted({f.resolve() for f in files} & {f.resolve() for f in val_files}):
         raise Gpt2tuneError(
             f"data.val_path = {val_path!r} and {named(what, path_spec)} share "
             f"{display_path(shared[0])}; validation text must not also be training text"
         )
-    return files, val_files, _check_not_empty(files, val_files, path_spec, val_path, what)
+    total = _check_not_empty(files, val_files, path_spec, val_path, what)
+    for note in filter(None, notes):  # once every check has passed
+        print(note, file=sys.stderr)
+    return files, val_files, total
 
 
 def _check_outside(files: list[Path], out_dir: Path, where: str, what: str) -> None:
@@ -118,6 +135,34 @@ def _check_outside(files: list[Path], out_dir: Path, where: str, what: str) -> N
                 f"{display_path(out_dir)}; keep the text elsewhere (e.g. data/raw/) and "
                 f"{_point(what)} there"
             )
+
+
+def _check_in_project(files: list[Path], key: str, spec: str, follow_symlinks: bool) -> str:
+    """A file reached through a symlink that leaves the project is refused (unless
+    follow_symlinks): a link in data/ to /etc/shadow put that file in the training tokens
+    without a word. Returns the note naming every input outside the project, by link or
+    named so, with its resolved path ("" if none): it is trained on, and DVC does not track
+    it."""
+    root = Path.cwd().resolve()
+    outside = []
+    for f in files:
+        real = f.resolve()
+        if real.is_relative_to(root):
+            continue
+        if Path(os.path.abspath(f)).is_relative_to(root) and not follow_symlinks:
+            raise Gpt2tuneError(
+                f"{named(key, spec)}: {display_path(f)} leads through a symlink to {real}, "
+                f"outside the project ({root}); copy the file into the project, or set "
+                "data.follow_symlinks_outside: true in params.yaml to read it"
+            )
+        outside.append(str(real))
+    if not outside:
+        return ""
+    more = f" and {len(outside) - 3} more" if len(outside) > 3 else ""
+    return (
+        f"note: {named(key, spec)}: reading {len(outside)} file(s) outside the project "
+        f"({root}): {', '.join(outside[:3])}{more}"
+    )
 
 
 def _check_not_empty(
@@ -254,10 +299,11 @@ def _held_bytes(decoder: codecs.IncrementalDecoder) -> int:
     return len(state) if isinstance(state, (bytes, bytearray)) else 0
 
 
-def _safe_cut(text: str, target: int) -> int | None:
-    """A safe cut of `text` near `target`: the last at or before it, else the first after it,
-    else None. At a safe cut p (0 < p < len(text)) encoding text[:p] and text[p:] separately
-    gives exactly the tokens of encoding text.
+def _safe_cut(text: str, target: int, start: int = 0) -> int | None:
+    """A safe cut of `text` after `start` near `target`: the last at or before it, else the
+    first after it, else None. At a safe cut p (start < p < len(text)) encoding text[start:p]
+    and text[p:] separately gives exactly the tokens of encoding text[start:] (start being
+    0 or a safe cut itself).
 
     GPT-2's pattern is ``'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|
     \\s+(?!\\S)|\\s+``. A cut is safe where no match crosses it and no match before it looks
@@ -279,23 +325,23 @@ def _safe_cut(text: str, target: int) -> int | None:
     so whether a "<" starts that literal is always known.
     """
     limit = len(text) - len(EOT) - 1  # room to see a whole <|endoftext|> after a cut
-    if limit < 1:
+    if limit <= start:
         return None
 
     def ok(p: int) -> bool:
-        return 0 < p <= limit and not text.startswith(EOT, p + 1)
+        return start < p <= limit and not text.startswith(EOT, p + 1)
 
     target = min(target, limit)
     window = 1 << 12
     while True:  # backwards from target, in growing windows
-        start = max(0, target - window)
+        begin = max(start, target - window)
         best = None
-        for m in _SAFE_CUT.finditer(text, start, target + 2):  # +2: the lookahead's character
+        for m in _SAFE_CUT.finditer(text, begin, target + 2):  # +2: the lookahead's character
             if m.start() <= target and ok(m.start()):
                 best = m.start()
         if best is not None:
             return best
-        if start == 0:
+        if begin == start:
             break
         window *= 4
     for m in _SAFE_CUT.finditer(text, max(target, 0) + 1):
@@ -310,17 +356,19 @@ def chunks(pieces: Iterable[str], chunk_chars: int) -> Iterator[str]:
     """`pieces` re-cut into strings of about chunk_chars, cut only at safe points (longer where
     the text has none); joined they are the same text, and each encodes on its own exactly as
     it does inside the whole."""
-    pending = ""
+    # pending[at:] is the text not yet handed on: cutting by offset, not by slicing off the
+    # front each time, keeps one long piece (a 200 MB JSONL document) linear, not quadratic.
+    pending, at = "", 0
     for piece in pieces:
-        pending += piece
-        while len(pending) >= chunk_chars:
-            cut = _safe_cut(pending, chunk_chars)
+        pending, at = pending[at:] + piece, 0
+        while len(pending) - at >= chunk_chars:
+            cut = _safe_cut(pending, at + chunk_chars, at)
             if cut is None:
                 break  # wait for more text
-            yield pending[:cut]
-            pending = pending[cut:]
-    if pending:
-        yield pending
+            yield pending[at:cut]
+            at = cut
+    if at < len(pending):
+        yield pending[at:]
 
 
 # --------------------------------------------------------------------------- encoding pieces

@@ -42,7 +42,9 @@ def text_tokens(path_spec: str, model_dir: str, p: Params, what: str = "--data")
         return tokens
     with tempfile.TemporaryDirectory(prefix="gpt2tune-evaluate-") as tmp:
         encode_corpus(path_spec, enc, tmp, encoding=p.data.encoding, data_format=p.data.format,
-                      field=p.data.field, val_fraction=0.0, what=what)  # fmt: skip
+                      field=p.data.field, val_fraction=0.0, what=what,
+                      max_line_mb=p.data.max_line_mb,
+                      follow_symlinks_outside=p.data.follow_symlinks_outside)  # fmt: skip
         return np.array(load_tokens(tmp, "train", enc.n_vocab))
 
 
