@@ -560,4 +560,4 @@ def test_deep_nesting_is_one_line(params_file, where):
             "--set train.steps:1:",
         )
     assert msg.startswith(at) and "nested more than 100 levels deep" in msg, msg[:300]
-    assert len(msg) < 200
+    assert len(msg) - len(at) < 150  # not the input echoed back (the path's length varies)
