@@ -7,6 +7,7 @@ step exactly once, the params, texts and folders, whatever happened to the serve
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -165,3 +166,44 @@ def test_server_down_at_start_is_replayed_by_the_next_stage(workdir, server, mon
     everything = " ".join(written) + capsys.readouterr().err + json.dumps(got.data.params)
     everything += json.dumps(got.data.tags)
     assert SECRET not in everything
+
+
+# Each process: import MLflow first, then for every try meet the other process at a file
+# barrier and open a fresh sqlite store (MLflow creates its schema on first open).
+OPEN_FRESH_STORES = """
+import os, sys, time
+from pathlib import Path
+from mlflow.tracking import MlflowClient  # imported before the barrier: both start together
+from gpt2tune.tracking.client import MlflowRun
+folder, tries = Path(sys.argv[1]), int(sys.argv[2])
+for i in range(tries):
+    (folder / f"ready-{i}-{os.getpid()}").touch()
+    while len(list(folder.glob(f"ready-{i}-*"))) < 2:
+        time.sleep(0.005)
+    run = MlflowRun(f"sqlite:///{folder / f'mlflow-{i}.db'}", "queue", "")
+    try:
+        run.connect()
+        print("ok", run.experiment_id, flush=True)
+    except Exception as e:
+        print("failed", " ".join(str(e).split())[:300], flush=True)
+"""
+
+
+def test_two_processes_opening_a_fresh_sqlite_store_at_once_both_succeed(tmp_path):
+    """`dvc queue start -j 2` in a project without mlflow.db: two train stages create
+    MLflow's schema (and the experiment) at the same moment; each of 3 tries, both succeed
+    and use the one experiment."""
+    from helpers.processes import start_in
+
+    tries = 3
+    procs = [start_in(tmp_path, sys.executable, "-c", OPEN_FRESH_STORES, str(tmp_path),
+                      str(tries)) for _ in range(2)]  # fmt: skip
+    outs = [p.communicate(timeout=240) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    results = [out.splitlines() for out, _ in outs]
+    for i in range(tries):
+        got = [lines[i] for lines in results]
+        assert all(line.startswith("ok ") for line in got), got
+        assert got[0] == got[1], got  # one experiment, not two
+    assert not list(tmp_path.glob("*.lock"))  # the lock files are gone with their holders

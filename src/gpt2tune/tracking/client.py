@@ -13,10 +13,11 @@ from __future__ import annotations
 import os
 import subprocess
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
 
 from gpt2tune.errors import Gpt2tuneError
-from gpt2tune.files import project_root
+from gpt2tune.files import LockBusy, exclusive_lock, project_root
 from gpt2tune.urls import redact
 
 METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
@@ -106,6 +107,22 @@ def resolve_tracking_uri(uri: str) -> str:
     return uri
 
 
+# How long a stage waits for another process to finish opening (creating) a sqlite store.
+STORE_LOCK_WAIT_S = 300.0
+
+
+def store_lock(uri: str) -> Path | None:
+    """The lock file beside a sqlite store's file (`mlflow.db.lock`), None for other stores.
+
+    MLflow creates a sqlite store's schema when it first opens the file; two processes doing
+    so at once (`dvc queue start -j 2` in a project without mlflow.db) both run the
+    migrations and one fails ("duplicate column name: step"), as two creating the experiment
+    at once would ("UNIQUE constraint failed"). MlflowRun.connect holds this lock meanwhile."""
+    prefix = "sqlite:///"
+    path = uri[len(prefix) :].split("?")[0] if uri.startswith(prefix) else ""
+    return Path(path + ".lock") if path and path != ":memory:" else None
+
+
 def run_tags() -> dict[str, str]:
     """DVC experiment name and git commit, so an MLflow run leads back to its code."""
     tags = {}
@@ -140,22 +157,30 @@ class MlflowRun:
         from mlflow.tracking import MlflowClient
 
         deleted, self.experiment_id = None, None
+        lock = store_lock(self.uri)
         try:
-            self.client = MlflowClient(tracking_uri=self.uri)
-            exp = self.client.get_experiment_by_name(self.experiment)
-            if exp is not None and exp.lifecycle_stage == "deleted":
-                deleted = exp.experiment_id
-            elif exp is not None:
-                self.experiment_id = exp.experiment_id
-            else:
-                location = None
-                if self.uri.startswith("sqlite:"):
-                    # MLflow would put artifacts in ./mlruns of the current folder, which for
-                    # `dvc exp run --temp` is a temporary copy; keep them beside mlflow.db.
-                    location = (project_root() / "mlartifacts").as_uri()
-                self.experiment_id = self.client.create_experiment(
-                    self.experiment, artifact_location=location
-                )
+            with exclusive_lock(lock, STORE_LOCK_WAIT_S) if lock else nullcontext():
+                self.client = MlflowClient(tracking_uri=self.uri)  # creates a new store's schema
+                exp = self.client.get_experiment_by_name(self.experiment)
+                if exp is not None and exp.lifecycle_stage == "deleted":
+                    deleted = exp.experiment_id
+                elif exp is not None:
+                    self.experiment_id = exp.experiment_id
+                else:
+                    location = None
+                    if self.uri.startswith("sqlite:"):
+                        # MLflow would put artifacts in ./mlruns of the current folder, which
+                        # for `dvc exp run --temp` is a temporary copy; keep them beside
+                        # mlflow.db.
+                        location = (project_root() / "mlartifacts").as_uri()
+                    self.experiment_id = self.client.create_experiment(
+                        self.experiment, artifact_location=location
+                    )
+        except LockBusy as e:  # as for a sqlite store locked by another process: wait later
+            raise Unreachable(
+                f"process {e.holder} has been opening the sqlite store for "
+                f"{STORE_LOCK_WAIT_S:g} s ({lock})"
+            ) from None
         except Exception as e:
             if transient(self.uri, e):
                 raise Unreachable(reason(e)) from None
