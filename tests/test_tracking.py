@@ -16,6 +16,7 @@ from helpers.projects import seed_mlflow_store
 from mlflow.tracking import MlflowClient
 
 from gpt2tune.config.params import MlflowParams
+from gpt2tune.tracking import journal
 from gpt2tune.tracking import run as tracking
 from gpt2tune.tracking.client import resolve_tracking_uri
 
@@ -207,3 +208,52 @@ def test_two_processes_opening_a_fresh_sqlite_store_at_once_both_succeed(tmp_pat
         assert all(line.startswith("ok ") for line in got), got
         assert got[0] == got[1], got  # one experiment, not two
     assert not list(tmp_path.glob("*.lock"))  # the lock files are gone with their holders
+
+
+def test_continued_run_with_more_steps_records_the_new_value(workdir):
+    """Raising train.steps continues the run (steps is not in the fingerprint): the run
+    keeps the param it began with (MLflow params cannot change), gains the new value as a
+    tag and takes the new name."""
+    cfg = MlflowParams(tracking_uri="sqlite:///mlflow.db", experiment="continued")
+    client = MlflowClient(resolve_tracking_uri(cfg.tracking_uri))
+    with tracking.training_run(cfg, {"train.steps": 20, "model.name": "tiny"},
+                               name="tiny 20 steps") as run:  # fmt: skip
+        run_id = run.info.run_id
+    with tracking.training_run(cfg, {"train.steps": 30, "model.name": "tiny", "train.xla": True},
+                               run_id, name="tiny 30 steps"):  # fmt: skip
+        pass
+    got = client.get_run(run_id)
+    assert got.data.params == {"train.steps": "20", "model.name": "tiny", "train.xla": "True"}
+    continued = {k: v for k, v in got.data.tags.items() if k.startswith("continued.")}
+    assert continued == {"continued.train.steps": "30"}
+    assert got.info.run_name == "tiny 30 steps"
+
+
+def test_offline_run_whose_journal_is_gone_continues_in_a_new_run(workdir, capsys):
+    """A run made offline, resumed where only checkpoint/run1 and metrics/mlflow_run.json
+    came along (metrics/mlflow_offline is not committed): training, then assemble and sample
+    (which reopen the run), go on in one new run instead of failing."""
+    cfg = MlflowParams(tracking_uri="sqlite:///mlflow.db", experiment="lost-journal")
+    client = MlflowClient(resolve_tracking_uri(cfg.tracking_uri))
+    run_file = workdir / "metrics" / "mlflow_run.json"
+    run_file.parent.mkdir()
+    for stage in ("train", "assemble"):
+        lost = journal.new_offline_id()
+        run_file.write_text(json.dumps({"run_id": lost}))
+        if stage == "train":
+            opened = tracking.training_run(cfg, PARAMS, lost, name="tiny 8 steps")
+        else:
+            opened = tracking.reopen_run(cfg, params=PARAMS)
+        with opened as run:
+            log_steps([1, 2])
+        err = capsys.readouterr().err
+        warned = [line for line in err.splitlines() if "going on in a new MLflow run" in line]
+        assert len(warned) == 1 and lost in warned[0], err
+        assert "Traceback" not in err
+        got = client.get_run(run.info.run_id)
+        assert got.data.params == {k: str(v) for k, v in PARAMS.items()}
+        assert steps_of(client, got.info.run_id, "loss") == [1, 2]
+        assert got.info.status == "FINISHED"
+        # The stages after it find the same run through the offline id.
+        with tracking.reopen_run(cfg) as again:
+            assert again.info.run_id == got.info.run_id

@@ -22,6 +22,7 @@ from gpt2tune.urls import redact
 
 METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
 PARAMS_PER_BATCH = 100  # and its limit for params
+CONTINUED_PREFIX = "continued."  # tags of a resumed run's changed settings (MlflowRun._continue)
 
 # MLflow's HTTP defaults retry for minutes; a tool should say "unreachable" in seconds. These
 # are for the calls the sender thread makes during training (gpt2tune.tracking.outbox), which never
@@ -241,6 +242,8 @@ class MlflowRun:
         elif kind == "file":
             if os.path.isfile(op["path"]):
                 c.log_artifact(self.run_id, op["path"], op.get("artifact_path"))
+        elif kind == "continue":
+            self._continue(op["params"], op.get("name"))
         elif kind == "status":  # update_run would leave end_time unset: no duration in the UI
             c.set_terminated(self.run_id, status=op["status"], end_time=op.get("ts"))
         elif kind == "model":
@@ -249,6 +252,25 @@ class MlflowRun:
             send_model(self.uri, self.run_id, op)
         else:
             raise ValueError(f"unknown offline record {kind!r}")
+
+    def _continue(self, params: dict[str, object], name: str | None) -> None:
+        """A resumed training's settings, on the run it continues. MLflow params cannot
+        change: a param the run holds with another value gets the new one as the tag
+        ``continued.<key>`` (``continued.train.steps``), one it lacks is logged, and the run
+        takes the new `name` ("tiny 30 steps ...", not the "20 steps" it began with)."""
+        from mlflow.entities import Param, RunTag
+
+        held = self.client.get_run(self.run_id).data.params
+        values = {k: param_value(v) for k, v in params.items()}
+        changed = {k: v for k, v in values.items() if k in held and held[k] != v}
+        fresh = [Param(k, v) for k, v in values.items() if k not in held]
+        tags = [RunTag(CONTINUED_PREFIX + k, v) for k, v in changed.items()]
+        if changed and name:
+            tags.append(RunTag("mlflow.runName", name))
+        for i in range(0, len(fresh), PARAMS_PER_BATCH):
+            self.client.log_batch(self.run_id, params=fresh[i : i + PARAMS_PER_BATCH])
+        if tags:
+            self.client.log_batch(self.run_id, tags=tags)
 
     def _seen(self) -> set[tuple[str, int]]:
         if self.seen is None:
