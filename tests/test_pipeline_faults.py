@@ -104,6 +104,52 @@ def test_disk_full_while_assembling_keeps_the_previous_model(tmp_path, tiny_voca
     assert sorted(p.name for p in (root / "models").iterdir()) == ["finetuned", "tiny"]
 
 
+def save_script(folder: Path, hparams: dict, vocab_dir: Path, seed: int) -> Path:
+    """folder/save.py: save a tiny model of `seed` as folder/finetuned, as assemble does."""
+    script = folder / "save.py"
+    script.write_text(
+        "import sys; from gpt2tune import init_model, load_encoder, save_model\n"
+        f"hp = {dict(hparams)!r}\n"
+        f"save_model(init_model(hp, load_encoder({str(vocab_dir)!r}), seed={seed}), 'finetuned')\n"
+    )
+    return script
+
+
+def test_load_while_a_save_swaps_the_model_in_waits_for_it(tmp_path, tiny_vocab_dir, monkeypatch):
+    """`gpt2tune sample` while assemble is between the two renames that replace
+    models/finetuned: the load waits for the save (a lock beside the folder) and gets the
+    new model; one still saving after the wait is named as such, not as an interrupted save."""
+    from gpt2tune import load_model
+    from gpt2tune.errors import Gpt2tuneError
+    from gpt2tune.model import checkpoint
+
+    previous = tiny_model(tiny_vocab_dir, 2)
+    save_model(previous, tmp_path / "finetuned")
+    script = save_script(tmp_path, previous.hparams, tiny_vocab_dir, seed=3)
+    go = tmp_path / "go"
+    saving = start_in(tmp_path, sys.executable, str(script),
+                      kill_at=f"save.py:rename:finetuned:2:{go}")  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not Path(f"{go}.held").exists():
+            assert saving.poll() is None and time.monotonic() < deadline, saving.communicate()
+            time.sleep(0.05)
+        assert not (tmp_path / "finetuned").exists()  # between the renames
+        monkeypatch.setattr(checkpoint, "SAVE_WAIT_S", 0.2)
+        with pytest.raises(Gpt2tuneError, match=r"is being written by process \d+") as err:
+            load_model(tmp_path / "finetuned")
+        assert "interrupted" not in str(err.value)
+        monkeypatch.undo()
+        threading.Timer(0.5, go.touch).start()  # the save goes on while the load waits
+        loaded = load_model(tmp_path / "finetuned")
+    finally:
+        go.touch()
+        saving.communicate(timeout=120)
+    assert saving.returncode == 0
+    assert weights_equal(loaded, tiny_model(tiny_vocab_dir, 3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["finetuned", "go", "go.held", "save.py"]
+
+
 @pytest.mark.slow  # ~10 s; beyond what DVC pipelines meet (DVC removes the folder first)
 def test_kill_while_replacing_a_model_outside_dvc(tmp_path, tiny_vocab_dir):
     """save_model over an existing folder, killed between its two renames: the old model is
@@ -113,12 +159,7 @@ def test_kill_while_replacing_a_model_outside_dvc(tmp_path, tiny_vocab_dir):
 
     previous = tiny_model(tiny_vocab_dir, 2)
     save_model(previous, tmp_path / "finetuned")
-    script = tmp_path / "save.py"
-    script.write_text(
-        "import sys; from gpt2tune import init_model, load_encoder, save_model\n"
-        f"hp = {dict(previous.hparams)!r}\n"
-        f"save_model(init_model(hp, load_encoder({str(tiny_vocab_dir)!r}), seed=3), 'finetuned')\n"
-    )
+    script = save_script(tmp_path, previous.hparams, tiny_vocab_dir, seed=3)
     assert_killed(
         run_in(tmp_path, sys.executable, str(script), kill_at="save.py:rename:finetuned:2")
     )
@@ -196,7 +237,9 @@ def test_kill_while_moving_the_assembled_model_in(dvc_project):
     kill = "stages/assemble.py:rename:finetuned:1"
     assert_killed(run_in(root, "dvc", "repro", "-f", "-s", "assemble", kill_at=kill))
     assert not (root / "models" / "finetuned").exists()
-    assert [p.name[:15] for p in (root / "models").glob(".fine*")] == [".finetuned.tmp-"]
+    # The save's lock file stays too (the kernel has let go of the lock); the next save removes it.
+    leftovers = sorted(p.name[:15] for p in (root / "models").glob(".fine*"))
+    assert leftovers == [".finetuned.lock", ".finetuned.tmp-"]
     proc = run_in(root, "dvc", "repro")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # DVC restores the model from its cache (the stage's deps did not change) or reruns it.

@@ -7,6 +7,7 @@ step exactly once, the params, texts and folders, whatever happened to the serve
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from helpers.projects import seed_mlflow_store
 from mlflow.tracking import MlflowClient
 
 from gpt2tune.config.params import MlflowParams
+from gpt2tune.tracking import journal
 from gpt2tune.tracking import run as tracking
 from gpt2tune.tracking.client import resolve_tracking_uri
 
@@ -165,3 +167,93 @@ def test_server_down_at_start_is_replayed_by_the_next_stage(workdir, server, mon
     everything = " ".join(written) + capsys.readouterr().err + json.dumps(got.data.params)
     everything += json.dumps(got.data.tags)
     assert SECRET not in everything
+
+
+# Each process: import MLflow first, then for every try meet the other process at a file
+# barrier and open a fresh sqlite store (MLflow creates its schema on first open).
+OPEN_FRESH_STORES = """
+import os, sys, time
+from pathlib import Path
+from mlflow.tracking import MlflowClient  # imported before the barrier: both start together
+from gpt2tune.tracking.client import MlflowRun
+folder, tries = Path(sys.argv[1]), int(sys.argv[2])
+for i in range(tries):
+    (folder / f"ready-{i}-{os.getpid()}").touch()
+    while len(list(folder.glob(f"ready-{i}-*"))) < 2:
+        time.sleep(0.005)
+    run = MlflowRun(f"sqlite:///{folder / f'mlflow-{i}.db'}", "queue", "")
+    try:
+        run.connect()
+        print("ok", run.experiment_id, flush=True)
+    except Exception as e:
+        print("failed", " ".join(str(e).split())[:300], flush=True)
+"""
+
+
+def test_two_processes_opening_a_fresh_sqlite_store_at_once_both_succeed(tmp_path):
+    """`dvc queue start -j 2` in a project without mlflow.db: two train stages create
+    MLflow's schema (and the experiment) at the same moment; each of 3 tries, both succeed
+    and use the one experiment."""
+    from helpers.processes import start_in
+
+    tries = 3
+    procs = [start_in(tmp_path, sys.executable, "-c", OPEN_FRESH_STORES, str(tmp_path),
+                      str(tries)) for _ in range(2)]  # fmt: skip
+    outs = [p.communicate(timeout=240) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    results = [out.splitlines() for out, _ in outs]
+    for i in range(tries):
+        got = [lines[i] for lines in results]
+        assert all(line.startswith("ok ") for line in got), got
+        assert got[0] == got[1], got  # one experiment, not two
+    assert not list(tmp_path.glob("*.lock"))  # the lock files are gone with their holders
+
+
+def test_continued_run_with_more_steps_records_the_new_value(workdir):
+    """Raising train.steps continues the run (steps is not in the fingerprint): the run
+    keeps the param it began with (MLflow params cannot change), gains the new value as a
+    tag and takes the new name."""
+    cfg = MlflowParams(tracking_uri="sqlite:///mlflow.db", experiment="continued")
+    client = MlflowClient(resolve_tracking_uri(cfg.tracking_uri))
+    with tracking.training_run(cfg, {"train.steps": 20, "model.name": "tiny"},
+                               name="tiny 20 steps") as run:  # fmt: skip
+        run_id = run.info.run_id
+    with tracking.training_run(cfg, {"train.steps": 30, "model.name": "tiny", "train.xla": True},
+                               run_id, name="tiny 30 steps"):  # fmt: skip
+        pass
+    got = client.get_run(run_id)
+    assert got.data.params == {"train.steps": "20", "model.name": "tiny", "train.xla": "True"}
+    continued = {k: v for k, v in got.data.tags.items() if k.startswith("continued.")}
+    assert continued == {"continued.train.steps": "30"}
+    assert got.info.run_name == "tiny 30 steps"
+
+
+def test_offline_run_whose_journal_is_gone_continues_in_a_new_run(workdir, capsys):
+    """A run made offline, resumed where only checkpoint/run1 and metrics/mlflow_run.json
+    came along (metrics/mlflow_offline is not committed): training, then assemble and sample
+    (which reopen the run), go on in one new run instead of failing."""
+    cfg = MlflowParams(tracking_uri="sqlite:///mlflow.db", experiment="lost-journal")
+    client = MlflowClient(resolve_tracking_uri(cfg.tracking_uri))
+    run_file = workdir / "metrics" / "mlflow_run.json"
+    run_file.parent.mkdir()
+    for stage in ("train", "assemble"):
+        lost = journal.new_offline_id()
+        run_file.write_text(json.dumps({"run_id": lost}))
+        if stage == "train":
+            opened = tracking.training_run(cfg, PARAMS, lost, name="tiny 8 steps")
+        else:
+            opened = tracking.reopen_run(cfg, params=PARAMS)
+        with opened as run:
+            log_steps([1, 2])
+        err = capsys.readouterr().err
+        warned = [line for line in err.splitlines() if "going on in a new MLflow run" in line]
+        assert len(warned) == 1 and lost in warned[0], err
+        assert "Traceback" not in err
+        got = client.get_run(run.info.run_id)
+        assert got.data.params == {k: str(v) for k, v in PARAMS.items()}
+        assert steps_of(client, got.info.run_id, "loss") == [1, 2]
+        assert got.info.status == "FINISHED"
+        # The stages after it find the same run through the offline id.
+        with tracking.reopen_run(cfg) as again:
+            assert again.info.run_id == got.info.run_id

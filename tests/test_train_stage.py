@@ -191,3 +191,25 @@ def test_multi_worker_stage_only_the_chief_writes(project):
     assert len(mlflow_runs()) == runs_before + 1  # one MLflow run, the chief's
     steps = [m.step for m in project.client().get_metric_history(project.run_id(), "loss")]
     assert sorted(steps) == [1, 2, 3, 4]
+
+
+def test_run_killed_before_its_first_checkpoint_is_marked_killed_at_the_next_start(project):
+    """kill -9 before the first checkpoint is complete (its loss history not yet renamed
+    in, so no train_state.json names it): nothing resumes that MLflow run, so the next start
+    of the run folder marks it KILLED instead of leaving it RUNNING for ever."""
+    project.set_train(seed=2, steps=2, save_every=0, val_every=0)
+    try:
+        kill = "stages/train.py:replace:history.json:1"
+        proc = run_stage(project.root, "train", kill_at=kill)
+        assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+        killed = project.run_id()
+        assert project.client().get_run(killed).info.status == "RUNNING"
+        rerun = project.stage("train")
+    finally:
+        project.set_train(seed=0, steps=6, save_every=3, val_every=3)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"marked MLflow run {killed} KILLED" in rerun.stderr
+    assert project.run_id() != killed  # a new run: the killed one had no checkpoint
+    client = project.client()
+    assert client.get_run(killed).info.status == "KILLED"
+    assert client.get_run(project.run_id()).info.status == "FINISHED"

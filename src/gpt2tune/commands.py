@@ -115,7 +115,8 @@ def train(p: Params, args: argparse.Namespace) -> None:
             tracking.log_table(sampletable.training_rows(text, step, p.train), sampletable.TABLE)
 
         with tracking.training_run(p.mlflow, p.flat(), run_id, name=report.run_name(p),
-                                   tags=report.run_description(p, stats)) as run:  # fmt: skip
+                                   tags=report.run_description(p, stats),
+                                   run_folder=RUN_DIR) as run:  # fmt: skip
             try:  # a complete run (killed after its last checkpoint) is reported, not retrained
                 metrics, history = loop.fit(
                     model, train_tokens, val_tokens, p.train, RUN_DIR,
@@ -179,7 +180,7 @@ def assemble(p: Params, args: argparse.Namespace) -> None:
     # LoRA adapters go back onto the weights they were trained on (train.restore_from's)
     trained_on = (state or {}).get("base")
     assemble_folder(base_model(p.model.name), RUN_DIR, FINETUNED, prefix, trained_on)
-    with tracking.reopen_run(p.mlflow):
+    with tracking.reopen_run(p.mlflow, params=p.flat()):
         tracking.set_tag("gpt2tune.assembled_step", str(step))
         tracking.set_tag("gpt2tune.assembled_checkpoint", p.assemble.checkpoint)
         tracking.log_model(
@@ -213,7 +214,7 @@ def sample(p: Params, args: argparse.Namespace) -> None:
     from gpt2tune.tracking import run as tracking
     from gpt2tune.tracking import sampletable
 
-    with tracking.reopen_run(p.mlflow):
+    with tracking.reopen_run(p.mlflow, params=p.flat()):
         tracking.log_folder(out, "samples")
         rows = sampletable.sample_stage_rows(records, p.sample, p.train.steps)
         tracking.log_table(rows, sampletable.TABLE)

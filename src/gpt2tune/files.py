@@ -1,10 +1,15 @@
 """Small file helpers shared by the library: the files a model folder holds, the project root,
 flushing to disk, writing so that a crash never leaves a file half-written (temp file, then
-rename), and how a path is shown in messages."""
+rename), the lock file that keeps one process at a time at some work, and how a path is shown
+in messages."""
 
 from __future__ import annotations
 
+import fcntl
 import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from gpt2tune.errors import Gpt2tuneError
@@ -102,3 +107,49 @@ def display_path(path: str | os.PathLike) -> str:
         return path.absolute().relative_to(Path.cwd()).as_posix()
     except ValueError:
         return path.as_posix()
+
+
+class LockBusy(Exception):
+    """Another process holds the lock; `holder` is its process id as it wrote it ("?")."""
+
+    def __init__(self, holder: str) -> None:
+        super().__init__(f"held by process {holder}")
+        self.holder = holder
+
+
+@contextmanager
+def exclusive_lock(path: str | os.PathLike, wait_s: float = 0.0) -> Iterator[None]:
+    """Hold an exclusive `flock` on the file `path` for the `with` block, waiting at most
+    `wait_s` seconds (float("inf"): as long as it takes) for another process to let go;
+    LockBusy if it does not. The file holds the holder's process id (for messages) and is
+    removed as the lock is let go. The kernel releases the lock when its holder dies, even by
+    kill -9, so a lock file left behind is never an obstacle."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + wait_s
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+            os.close(fd)
+            if time.monotonic() >= deadline:
+                raise LockBusy(holder) from None
+            time.sleep(0.05)
+            continue
+        # The previous holder removes the file as it lets go: if it did so between our open
+        # and our flock, we hold a lock on a file no one else will open; take the new one.
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # before the unlock, so no one locks a removed file
+        os.close(fd)

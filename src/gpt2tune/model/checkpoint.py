@@ -22,12 +22,21 @@ import numpy as np
 import tensorflow as tf
 
 from gpt2tune.errors import Gpt2tuneError, first_line
-from gpt2tune.files import MODEL_FOLDER_FILES, check_model_folder, fsync_file, write_text_atomic
+from gpt2tune.files import (
+    MODEL_FOLDER_FILES,
+    LockBusy,
+    check_model_folder,
+    exclusive_lock,
+    fsync_file,
+    write_text_atomic,
+)
 from gpt2tune.model import lora
 from gpt2tune.model.encoder import load_encoder
 from gpt2tune.model.gpt2 import GPT2, check_hparams, variable_shapes
 
 CKPT_PREFIX = "model.ckpt"
+# How long a load of a missing model folder waits for a save that is swapping it in.
+SAVE_WAIT_S = 10.0
 
 
 def load_hparams(folder: str | os.PathLike) -> dict[str, int]:
@@ -102,6 +111,8 @@ def _read_weights(prefix: Path, hparams: dict[str, int]) -> dict[str, np.ndarray
 def load_model(folder: str | os.PathLike) -> GPT2:
     """Load an OpenAI-format model folder (the official releases load unchanged)."""
     folder = Path(folder)
+    if not folder.is_dir():
+        _wait_for_save(folder)
     if not folder.is_dir():
         aside = sorted(folder.parent.glob(f".{folder.name}.old-*"))
         if aside:  # a save was killed between moving the old folder aside and the new one in
@@ -222,20 +233,23 @@ def save_model(model: GPT2, folder: str | os.PathLike) -> Path:
         )
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    # What a save killed part-way (kill -9, power cut) left beside the folder.
-    for kind in ("tmp", "old"):
-        for stale in folder.parent.glob(f".{folder.name}.{kind}-*"):
-            shutil.rmtree(stale, ignore_errors=True)
     tmp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
-        tmp.mkdir()
-        write_checkpoint(tmp, CKPT_PREFIX, model.params)
-        (tmp / "hparams.json").write_text(json.dumps(model.hparams, indent=2) + "\n")
-        for name, raw in model.encoder.files.items():
-            (tmp / name).write_bytes(raw)
-        for f in tmp.iterdir():
-            fsync_file(f)
-        _swap_in(tmp, folder)
+        # One save of a folder at a time (the clean-up below would take another's temporary
+        # folder), and a load that finds the folder gone between the two renames waits.
+        with exclusive_lock(saving_lock(folder), float("inf")):
+            # What a save killed part-way (kill -9, power cut) left beside the folder.
+            for kind in ("tmp", "old"):
+                for stale in folder.parent.glob(f".{folder.name}.{kind}-*"):
+                    shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir()
+            write_checkpoint(tmp, CKPT_PREFIX, model.params)
+            (tmp / "hparams.json").write_text(json.dumps(model.hparams, indent=2) + "\n")
+            for name, raw in model.encoder.files.items():
+                (tmp / name).write_bytes(raw)
+            for f in tmp.iterdir():
+                fsync_file(f)
+            _swap_in(tmp, folder)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise Gpt2tuneError(
@@ -246,6 +260,31 @@ def save_model(model: GPT2, folder: str | os.PathLike) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
+
+
+def saving_lock(folder: str | os.PathLike) -> Path:
+    """The lock file a save of `folder` holds: `.<name>.lock` beside it (not inside: the
+    folder is swapped whole, and DVC hashes it)."""
+    folder = Path(folder)
+    return folder.parent / f".{folder.name}.lock"
+
+
+def _wait_for_save(folder: Path) -> None:
+    """If another process is saving `folder` (assemble, between the renames that swap the new
+    model in), wait at most SAVE_WAIT_S for it; Gpt2tuneError if it is still saving."""
+    lock = saving_lock(folder)
+    if not lock.exists():  # no save running: nothing to wait for, and nothing to create
+        return
+    try:
+        with exclusive_lock(lock, SAVE_WAIT_S):
+            pass
+    except LockBusy as e:
+        raise Gpt2tuneError(
+            f"model folder {folder} is being written by process {e.holder} (assemble?); "
+            "run again once it has finished"
+        ) from None
+    except OSError:  # a folder we may not write to: no save of ours is running there
+        pass
 
 
 def write_checkpoint(folder: Path, prefix: str, tensors: Mapping[str, tf.Variable]) -> None:

@@ -13,14 +13,16 @@ from __future__ import annotations
 import os
 import subprocess
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
 
 from gpt2tune.errors import Gpt2tuneError
-from gpt2tune.files import project_root
+from gpt2tune.files import LockBusy, exclusive_lock, project_root
 from gpt2tune.urls import redact
 
 METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
 PARAMS_PER_BATCH = 100  # and its limit for params
+CONTINUED_PREFIX = "continued."  # tags of a resumed run's changed settings (MlflowRun._continue)
 
 # MLflow's HTTP defaults retry for minutes; a tool should say "unreachable" in seconds. These
 # are for the calls the sender thread makes during training (gpt2tune.tracking.outbox), which never
@@ -106,6 +108,22 @@ def resolve_tracking_uri(uri: str) -> str:
     return uri
 
 
+# How long a stage waits for another process to finish opening (creating) a sqlite store.
+STORE_LOCK_WAIT_S = 300.0
+
+
+def store_lock(uri: str) -> Path | None:
+    """The lock file beside a sqlite store's file (`mlflow.db.lock`), None for other stores.
+
+    MLflow creates a sqlite store's schema when it first opens the file; two processes doing
+    so at once (`dvc queue start -j 2` in a project without mlflow.db) both run the
+    migrations and one fails ("duplicate column name: step"), as two creating the experiment
+    at once would ("UNIQUE constraint failed"). MlflowRun.connect holds this lock meanwhile."""
+    prefix = "sqlite:///"
+    path = uri[len(prefix) :].split("?")[0] if uri.startswith(prefix) else ""
+    return Path(path + ".lock") if path and path != ":memory:" else None
+
+
 def run_tags() -> dict[str, str]:
     """DVC experiment name and git commit, so an MLflow run leads back to its code."""
     tags = {}
@@ -140,22 +158,30 @@ class MlflowRun:
         from mlflow.tracking import MlflowClient
 
         deleted, self.experiment_id = None, None
+        lock = store_lock(self.uri)
         try:
-            self.client = MlflowClient(tracking_uri=self.uri)
-            exp = self.client.get_experiment_by_name(self.experiment)
-            if exp is not None and exp.lifecycle_stage == "deleted":
-                deleted = exp.experiment_id
-            elif exp is not None:
-                self.experiment_id = exp.experiment_id
-            else:
-                location = None
-                if self.uri.startswith("sqlite:"):
-                    # MLflow would put artifacts in ./mlruns of the current folder, which for
-                    # `dvc exp run --temp` is a temporary copy; keep them beside mlflow.db.
-                    location = (project_root() / "mlartifacts").as_uri()
-                self.experiment_id = self.client.create_experiment(
-                    self.experiment, artifact_location=location
-                )
+            with exclusive_lock(lock, STORE_LOCK_WAIT_S) if lock else nullcontext():
+                self.client = MlflowClient(tracking_uri=self.uri)  # creates a new store's schema
+                exp = self.client.get_experiment_by_name(self.experiment)
+                if exp is not None and exp.lifecycle_stage == "deleted":
+                    deleted = exp.experiment_id
+                elif exp is not None:
+                    self.experiment_id = exp.experiment_id
+                else:
+                    location = None
+                    if self.uri.startswith("sqlite:"):
+                        # MLflow would put artifacts in ./mlruns of the current folder, which
+                        # for `dvc exp run --temp` is a temporary copy; keep them beside
+                        # mlflow.db.
+                        location = (project_root() / "mlartifacts").as_uri()
+                    self.experiment_id = self.client.create_experiment(
+                        self.experiment, artifact_location=location
+                    )
+        except LockBusy as e:  # as for a sqlite store locked by another process: wait later
+            raise Unreachable(
+                f"process {e.holder} has been opening the sqlite store for "
+                f"{STORE_LOCK_WAIT_S:g} s ({lock})"
+            ) from None
         except Exception as e:
             if transient(self.uri, e):
                 raise Unreachable(reason(e)) from None
@@ -216,6 +242,8 @@ class MlflowRun:
         elif kind == "file":
             if os.path.isfile(op["path"]):
                 c.log_artifact(self.run_id, op["path"], op.get("artifact_path"))
+        elif kind == "continue":
+            self._continue(op["params"], op.get("name"))
         elif kind == "status":  # update_run would leave end_time unset: no duration in the UI
             c.set_terminated(self.run_id, status=op["status"], end_time=op.get("ts"))
         elif kind == "model":
@@ -224,6 +252,25 @@ class MlflowRun:
             send_model(self.uri, self.run_id, op)
         else:
             raise ValueError(f"unknown offline record {kind!r}")
+
+    def _continue(self, params: dict[str, object], name: str | None) -> None:
+        """A resumed training's settings, on the run it continues. MLflow params cannot
+        change: a param the run holds with another value gets the new one as the tag
+        ``continued.<key>`` (``continued.train.steps``), one it lacks is logged, and the run
+        takes the new `name` ("tiny 30 steps ...", not the "20 steps" it began with)."""
+        from mlflow.entities import Param, RunTag
+
+        held = self.client.get_run(self.run_id).data.params
+        values = {k: param_value(v) for k, v in params.items()}
+        changed = {k: v for k, v in values.items() if k in held and held[k] != v}
+        fresh = [Param(k, v) for k, v in values.items() if k not in held]
+        tags = [RunTag(CONTINUED_PREFIX + k, v) for k, v in changed.items()]
+        if changed and name:
+            tags.append(RunTag("mlflow.runName", name))
+        for i in range(0, len(fresh), PARAMS_PER_BATCH):
+            self.client.log_batch(self.run_id, params=fresh[i : i + PARAMS_PER_BATCH])
+        if tags:
+            self.client.log_batch(self.run_id, tags=tags)
 
     def _seen(self) -> set[tuple[str, int]]:
         if self.seen is None:

@@ -139,6 +139,11 @@ def _open(session: Session, prepare) -> str | None:
     return None
 
 
+# The tag naming the run folder (absolute) of a training's run: a RUNNING run of the same
+# folder found at the next start of that folder is one whose training died.
+RUN_FOLDER_TAG = "gpt2tune.run_folder"
+
+
 @contextmanager
 def training_run(
     cfg: MlflowParams,
@@ -149,15 +154,28 @@ def training_run(
     name: str | None = None,
     tags: dict[str, str] | None = None,
     kind: str = "train",
+    run_folder: Path | None = None,
 ):
     """Start (or, given `run_id` of a resumed training, reopen) the run and record its id
     in metrics/mlflow_run.json (not with `record=False`: a run of its own, such as
     `gpt2tune evaluate --mlflow`). A store that is away does not stop training (see above).
     A new run is called `name` (default: the DVC experiment's name) and gets `tags` too, and
-    the tag KIND_TAG = `kind` ("train", "evaluate"), which a search filter can select on."""
+    the tag KIND_TAG = `kind` ("train", "evaluate"), which a search filter can select on; a
+    reopened one whose `params` changed (more `train.steps`) is renamed `name` and gets a
+    ``continued.<key>`` tag per changed param (params cannot change in MLflow).
+
+    With `run_folder`, the training's checkpoint folder: the run is tagged with it, and the
+    run metrics/mlflow_run.json named, if it is of the same folder and still RUNNING (its
+    training was killed before its first checkpoint, so nothing resumes it), is marked KILLED.
+    A resumed run made offline whose journal is gone continues in a new run (one line says so).
+    """
     session = Session(cfg, run_id or "")
-    name = (name or os.environ.get("DVC_EXP_NAME")) if run_id is None else None
+    name = name or os.environ.get("DVC_EXP_NAME")
     all_tags = {**run_tags(), KIND_TAG: kind, **(tags or {})}
+    if run_folder is not None:
+        all_tags[RUN_FOLDER_TAG] = str(Path(run_folder).resolve())
+    previous = _recorded_run_id(MLFLOW_RUN) if record and run_folder is not None else None
+    _restart_lost(session, params, all_tags, name)
 
     def prepare() -> None:
         if session.run_id and not session.run_id.startswith(OFFLINE_PREFIX):
@@ -170,22 +188,72 @@ def training_run(
                 session.run_id = session.local_id = ""  # the store was reset: a new run
         if not session.run_id:
             session.create_run(params, all_tags, name)
+        if previous:
+            _end_abandoned(session, previous, all_tags[RUN_FOLDER_TAG])
 
     why = _open(session, prepare)
     if why is not None and not session.run_id:  # made later, from the journal's first record
         session.run_id = session.local_id = journal.new_offline_id()
-        kept = {k: param_value(v) for k, v in params.items()}
-        journal.append(session.journal, {"op": "start", "params": kept, "tags": all_tags,
-                                         "name": name, "ts": _now_ms()})  # fmt: skip
+        journal.append(session.journal, _start_record(params, all_tags, name))
     if why is not None:
         session.went_offline(why)
     if record:
         _write_run_file(session)
     try:
         with _activate(session, background=True):
+            if run_id:  # after the journal's records, if any, so that it applies to the run
+                session.call({"op": "continue", "params": params, "name": name})
             yield session
     finally:  # also after a failure or a stop: what was kept is sent if the server is back
         _wind_up(session, record)
+
+
+def _start_record(params: dict, tags: dict[str, str], name: str | None) -> dict:
+    """The journal record that creates a run made offline, when it is replayed."""
+    kept = {k: param_value(v) for k, v in params.items()}
+    return {"op": "start", "params": kept, "tags": tags, "name": name, "ts": _now_ms()}
+
+
+def _restart_lost(session: Session, params: dict, tags: dict[str, str], name: str | None):
+    """A run made offline whose journal is gone is made anew: a new journal begins with the
+    record that creates it, so that replaying it (now, or once the store answers) makes a new
+    MLflow run and maps the offline id to it, for the stages after this one too."""
+    if session.lost():
+        print(
+            f"warning: MLflow run {session.run_id} was made offline and its journal "
+            f"{display_path(session.journal)} is not here (not copied with the run folder?); "
+            "its records so far are lost: going on in a new MLflow run",
+            file=sys.stderr,
+        )
+        journal.append(session.journal, _start_record(params, tags, name))
+
+
+def _end_abandoned(session: Session, run_id: str, run_folder: str) -> None:
+    """Mark `run_id` KILLED if it is a RUNNING run of `run_folder` other than this one: its
+    training died (kill -9, a power cut) before its first checkpoint, so none will resume it.
+    The run-folder lock the train stage holds means no training of that folder is alive."""
+    run_id = journal.mapped_run_id(run_id) or run_id
+    if run_id == session.run_id or run_id.startswith(OFFLINE_PREFIX):
+        return
+    try:
+        old = session.client.get_run(run_id)
+    except Exception as e:
+        if missing(e):
+            return
+        raise
+    if old.info.status == "RUNNING" and old.data.tags.get(RUN_FOLDER_TAG) == run_folder:
+        session.client.set_terminated(run_id, status="KILLED")
+        print(f"marked MLflow run {run_id} KILLED: its training in {display_path(run_folder)} "
+              "stopped before its first checkpoint", file=sys.stderr)  # fmt: skip
+
+
+def _recorded_run_id(run_file: Path) -> str | None:
+    """The run id in metrics/mlflow_run.json (`run_file`), None if there is none."""
+    try:
+        run_id = json.loads(Path(run_file).read_text())["run_id"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return run_id if isinstance(run_id, str) and run_id else None
 
 
 def _wind_up(session: Session, record: bool = True) -> None:
@@ -201,18 +269,15 @@ def _wind_up(session: Session, record: bool = True) -> None:
 
 
 @contextmanager
-def reopen_run(cfg: MlflowParams, run_file: Path = MLFLOW_RUN):
+def reopen_run(cfg: MlflowParams, run_file: Path = MLFLOW_RUN, params: dict | None = None):
     """Reopen the training's run (from `metrics/mlflow_run.json`) to add artifacts to it;
-    first send whatever the training kept offline."""
-    try:
-        run_id = json.loads(Path(run_file).read_text())["run_id"]
-    except (OSError, ValueError, KeyError, TypeError):
-        run_id = None
-    if not isinstance(run_id, str) or not run_id:
-        raise Gpt2tuneError(
-            f"{run_file} is missing or unreadable: run `dvc repro train` first"
-        ) from None
+    first send whatever the training kept offline. A run made offline whose journal is gone
+    is made anew, with `params` (one line says so)."""
+    run_id = _recorded_run_id(run_file)
+    if run_id is None:
+        raise Gpt2tuneError(f"{run_file} is missing or unreadable: run `dvc repro train` first")
     session = Session(cfg, run_id)
+    _restart_lost(session, params or {}, run_tags(), os.environ.get("DVC_EXP_NAME"))
 
     def prepare() -> None:
         if not session.run_id.startswith(OFFLINE_PREFIX):

@@ -77,6 +77,12 @@ class Session(MlflowRun):
         local = self.local_id and journal.journal_path(self.local_id).exists()
         return bool(local) or self.journal.exists()
 
+    def lost(self) -> bool:
+        """An offline-made run (``offline-...``) that neither a journal nor a mapping to a
+        real id knows any more: only the run folder or metrics/mlflow_run.json was copied to
+        this machine, or metrics/mlflow_offline was deleted. No store will ever hold it."""
+        return bool(self.local_id) and self.run_id == self.local_id and not self.kept()
+
     def start_sending(self) -> None:
         self.outbox = Outbox(self._deliver, self._spill)
 

@@ -11,13 +11,12 @@ run folder (see "One training per run folder" below).
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import math
 import os
 from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,7 +26,7 @@ import tensorflow as tf
 
 from gpt2tune.config.params import TrainParams
 from gpt2tune.errors import Gpt2tuneError
-from gpt2tune.files import display_path, write_text_atomic
+from gpt2tune.files import LockBusy, display_path, exclusive_lock, write_text_atomic
 from gpt2tune.model.checkpoint import read_weights, weights_digest, write_checkpoint
 from gpt2tune.paths import LOSS_PLOTS
 from gpt2tune.train.keeping import finished_early, prune
@@ -307,9 +306,8 @@ def write_plots(history: dict, folder: str | os.PathLike | None = None) -> None:
 # Two trainings writing `checkpoint/run1` at once would overwrite each other's checkpoints and
 # state (the second used to die half-way with "check free disk space"). `hold(run_dir)` takes
 # an exclusive `flock` on `<run_dir>.lock`, beside the run folder (so that the folder DVC
-# hashes holds only the run), and refuses at once, in one line, when another process has it.
-# The kernel releases the lock when its holder dies, even by kill -9, so a stale lock file is
-# never an obstacle.
+# hashes holds only the run), and refuses at once, in one line, when another process has it
+# (gpt2tune.files.exclusive_lock: released by the kernel even after kill -9).
 #
 # A save killed part-way (or failing on a full disk) can leave temporary files in the run
 # folder: TensorFlow's `*.tempstate*` data files and `.<name>.tmp` of `write_text_atomic`.
@@ -324,36 +322,16 @@ def lock_path(run_dir: str | os.PathLike) -> Path:
 
 @contextmanager
 def hold(run_dir: str | os.PathLike) -> Iterator[None]:
-    """Hold `run_dir`'s lock for the `with` block; Gpt2tuneError if another process holds it.
-    The lock file holds the holder's process id (for the message) and is removed after."""
-    path = lock_path(run_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    """Hold `run_dir`'s lock for the `with` block; Gpt2tuneError if another process holds it."""
+    with ExitStack() as held:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
-            os.close(fd)
+            held.enter_context(exclusive_lock(lock_path(run_dir)))
+        except LockBusy as e:
             raise Gpt2tuneError(
-                f"another training (process {holder}) is using {display_path(run_dir)}; "
+                f"another training (process {e.holder}) is using {display_path(run_dir)}; "
                 "wait for it to finish (or stop it) and run again"
             ) from None
-        # The previous holder removes the file as it lets go: if it did so between our open
-        # and our flock, we hold a lock on a file no one else will open; take the new one.
-        try:
-            if os.stat(path).st_ino == os.fstat(fd).st_ino:
-                break
-        except FileNotFoundError:
-            pass
-        os.close(fd)
-    try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
-    finally:
-        path.unlink(missing_ok=True)  # before the unlock, so no one locks a removed file
-        os.close(fd)
 
 
 def clean_leftovers(run_dir: str | os.PathLike) -> list[str]:
