@@ -18,6 +18,9 @@ RUN_DIR = Path("checkpoint/run1")  # the training's run folder: checkpoints, sta
 FINETUNED = MODELS / "finetuned"  # the assembled model, OpenAI's layout
 FINETUNED_HF = MODELS / "finetuned-hf"  # its Hugging Face export
 SAMPLES = Path("samples")  # samples.json and samples.md (the sample stage)
+# Local Hugging Face folders (model.name: hf:hf/<folder>): fetch_model depends on it, so an
+# edited folder is converted again.
+HF_SOURCES = Path("hf")
 
 METRICS = Path("metrics")
 TRAIN_METRICS = METRICS / "train.json"  # the DVC metric: what two identical runs reproduce

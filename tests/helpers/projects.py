@@ -20,7 +20,9 @@ from helpers import REPO
 # --------------------------------------------------------------------------- test projects
 
 # What a test project takes from the checkout: the code and the pipeline, as committed by design.
-PROJECT_FILES = ("dvc.yaml", ".dvcignore", ".gitignore", ".dvc/config", ".dvc/.gitignore")
+PROJECT_FILES = (
+    "dvc.yaml", ".dvcignore", ".gitignore", ".dvc/config", ".dvc/.gitignore", "hf/README.md",
+)  # fmt: skip
 PROJECT_CODE = ("src/gpt2tune", "stages")
 
 

@@ -23,6 +23,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -34,7 +35,7 @@ import numpy as np
 from gpt2tune.errors import Gpt2tuneError, first_line
 from gpt2tune.files import display_path
 from gpt2tune.model.encoder import EOT
-from gpt2tune.paths import MODELS
+from gpt2tune.paths import HF_SOURCES, MODELS
 
 HF_PREFIX = "hf:"  # model.name: hf:<folder or hub id>
 WEIGHTS = "model.safetensors"
@@ -364,6 +365,10 @@ def fetch_hf(name: str, models_dir: str | os.PathLike = MODELS) -> Path:
     source = Path(spec)
     if not source.is_dir():
         source = _download(spec)
+    elif not source.resolve().is_relative_to(HF_SOURCES.resolve()):
+        print(f"note: DVC does not watch {spec}: after changing it, run `dvc repro -f "
+              f"fetch_model` (a folder under {HF_SOURCES}/ is converted again by itself)",
+              file=sys.stderr)  # fmt: skip
     return import_hf(source, Path(models_dir) / name)
 
 
