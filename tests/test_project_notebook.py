@@ -170,3 +170,17 @@ def test_model_folder_zipped(run):
         folder = work / "models" / "finetuned"
         assert names == {f"finetuned/{p.name}" for p in folder.iterdir()}
         assert z.read("finetuned/hparams.json") == (folder / "hparams.json").read_bytes()
+
+
+# What TensorFlow, tqdm and Grappler print that means nothing to a notebook's user.
+NOISE = ("TqdmWarning", "IProgress not found", "PredictCost", "DT_INT32", "Traceback")
+
+
+def test_cells_show_no_library_noise(run):
+    nb, _, _, _ = run
+    shown = []
+    for i, c in enumerate(nb.cells):
+        for out in c.get("outputs", []):
+            text = out.get("text", "") + "".join(str(v) for v in out.get("data", {}).values())
+            shown += [(i, line) for line in text.splitlines() if any(n in line for n in NOISE)]
+    assert not shown, shown[:10]

@@ -8,6 +8,7 @@ import io
 import os
 import sys
 import tempfile
+import warnings
 
 from gpt2tune.errors import Gpt2tuneError
 
@@ -152,9 +153,12 @@ MLFLOW_PROGRESS_BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 
 def quiet_progress() -> None:
     """Turn MLflow's artifact progress bars off unless stderr is a terminal (tqdm's rule for
-    gpt2tune's own bars); a value the user set in the environment is kept."""
+    gpt2tune's own bars); a value the user set in the environment is kept. In a notebook
+    kernel without ipywidgets, importing `tqdm.auto` (MLflow does) warns "IProgress not
+    found": gpt2tune's bars are plain text there, so the warning is dropped."""
     if not sys.stderr.isatty():
         os.environ.setdefault(MLFLOW_PROGRESS_BAR, "false")
+    warnings.filterwarnings("ignore", message="IProgress not found", module="tqdm")
 
 
 def say(line: str) -> None:
