@@ -408,12 +408,12 @@ def test_long_values_are_cut_short(raw):
         (
             None,
             "params.yaml: file is empty; expected sections "
-            "model, data, train, assemble, sample, mlflow, export",
+            "model, data, train, assemble, sample, serve, mlflow, export",
         ),
         (
             ["model"],
             "params.yaml: top level must be a mapping of sections "
-            "(model, data, train, assemble, sample, mlflow, export), got a list",
+            "(model, data, train, assemble, sample, serve, mlflow, export), got a list",
         ),
     ],
 )
@@ -486,3 +486,12 @@ def test_rendered_values_read_back_as_themselves(value):
         assert yaml.safe_load(f"k: {yaml_value(v)}") == {
             "k": list(v) if isinstance(v, tuple) else v
         }
+
+
+def test_sample_defaults_over_a_serve_cap_are_refused():
+    """The sample section's values are the served model's defaults: over a serve cap, every
+    request keeping them would be refused, so params.yaml is refused first."""
+    raw = default_raw()
+    raw["sample"]["length"] = 2000
+    with pytest.raises(Gpt2tuneError, match=r"sample.length = 2000: over serve.max_length = 1024"):
+        validate_params(raw)
