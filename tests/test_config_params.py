@@ -408,12 +408,12 @@ def test_long_values_are_cut_short(raw):
         (
             None,
             "params.yaml: file is empty; expected sections "
-            "model, data, train, assemble, sample, mlflow, export",
+            "model, data, train, assemble, sample, serve, mlflow, export",
         ),
         (
             ["model"],
             "params.yaml: top level must be a mapping of sections "
-            "(model, data, train, assemble, sample, mlflow, export), got a list",
+            "(model, data, train, assemble, sample, serve, mlflow, export), got a list",
         ),
     ],
 )
@@ -561,3 +561,12 @@ def test_deep_nesting_is_one_line(params_file, where):
         )
     assert msg.startswith(at) and "nested more than 100 levels deep" in msg, msg[:300]
     assert len(msg) - len(at) < 150  # not the input echoed back (the path's length varies)
+
+
+def test_sample_defaults_over_a_serve_cap_are_refused():
+    """The sample section's values are the served model's defaults: over a serve cap, every
+    request keeping them would be refused, so params.yaml is refused first."""
+    raw = default_raw()
+    raw["sample"]["length"] = 2000
+    with pytest.raises(Gpt2tuneError, match=r"sample.length = 2000: over serve.max_length = 1024"):
+        validate_params(raw)

@@ -8,23 +8,31 @@ finding the model only through the registry (`models:/<name>/<version>`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
+import threading
 import time
+import urllib.error
 import urllib.request
+from contextlib import contextmanager
 
+import mlflow
+import pandas as pd
 import pytest
 from helpers import REPO
 from helpers.mlflowserver import MlflowServer, free_ports
 from helpers.models import tiny_model
 from helpers.processes import stage_env
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 import gpt2tune
 from gpt2tune import servable
-from gpt2tune.config.params import MlflowParams, Sampling
+from gpt2tune.config.params import MlflowParams, Sampling, ServeParams
 from gpt2tune.tracking import run as tracking
 
 HP = {"n_ctx": 32, "n_embd": 32, "n_head": 2, "n_layer": 2}
@@ -32,6 +40,9 @@ DEFAULTS = Sampling(nsamples=2, length=5, temperature=0.9, top_k=20, top_p=0.0, 
 NAME = "tiny-gpt2"
 PROMPTS = ["Human reason", ""]  # "" = unconditional
 TUNED = {"length": 30, "seed": 3, "repetition_penalty": 1.5, "stop": ["e"]}
+CAPS = ServeParams(max_length=40, max_samples=6, max_prompt_tokens=12)
+# Version 2: no practical cap on length, for a request that would run for an hour.
+UNCAPPED = ServeParams(max_length=10**6)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +64,9 @@ def logged(tmp_path_factory, model_dir):
         with tracking.training_run(cfg, {"model.name": "tiny"}) as run:
             pass  # the training's run, recorded in metrics/mlflow_run.json
         with tracking.reopen_run(cfg):  # assemble reopens it and logs the model directly
-            tracking.log_model(model_dir, DEFAULTS, NAME, "candidate")
+            tracking.log_model(model_dir, DEFAULTS, NAME, "candidate", CAPS)
+        with tracking.reopen_run(cfg):
+            tracking.log_model(model_dir, DEFAULTS, NAME, "", UNCAPPED)
     finally:
         os.chdir(cwd)
     return {"uri": uri, "run_id": run.info.run_id, "project": project}
@@ -77,7 +90,8 @@ def test_run_holds_one_registered_mlflow_model(logged, model_dir):
     client = MlflowClient(logged["uri"])
     run = client.get_run(logged["run_id"])
     assert run.info.status == "FINISHED"
-    [output] = run.outputs.model_outputs  # the model shows on the run and Logged Models page
+    # The models show on the run and Logged Models page (version 2 is the uncapped one).
+    output = run.outputs.model_outputs[0]
     model = client.get_logged_model(output.model_id)
     assert model.name == "model" and model.source_run_id == logged["run_id"]
     folder = f"artifacts/{model_dir.name}"  # MLflow keeps the folder's name
@@ -135,17 +149,20 @@ def post(url: str, body: dict) -> dict:
         return json.loads(r.read())
 
 
-def test_mlflow_models_serve_answers_invocations(logged, model_dir, tmp_path):
+@contextmanager
+def serving(uri: str, version: int, tmp_path):
+    """`mlflow models serve` of version `version`, in its own process group, once /ping
+    answers: yields (url, the `mlflow` process, its log file)."""
     port = free_ports(1)[0]
     cmd = [
-        sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{NAME}/1",
+        sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{NAME}/{version}",
         "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
     ]  # fmt: skip
-    log = tmp_path / "serve.log"
+    log = tmp_path / f"serve-{version}.log"
     with open(log, "wb") as out:
         server = subprocess.Popen(
-            cmd, cwd=tmp_path, env=fresh_env(logged["uri"]), stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True,  # its uvicorn workers end with it
+            cmd, cwd=tmp_path, env=fresh_env(uri), stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,  # its uvicorn worker is in the same process group
         )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
@@ -160,11 +177,44 @@ def test_mlflow_models_serve_answers_invocations(logged, model_dir, tmp_path):
             assert server.poll() is None, log.read_text()[-3000:]
             assert time.monotonic() < deadline, "no answer on /ping:\n" + log.read_text()[-3000:]
             time.sleep(0.5)
-        body = {"inputs": PROMPTS, "params": {"length": 7, "seed": 11, "nsamples": 1}}
-        got = post(url + "/invocations", body)["predictions"]
+        yield url, server, log
     finally:
-        os.killpg(server.pid, 15)
+        if group_alive(server.pid):
+            os.killpg(server.pid, 9)
         server.wait(30)
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def invoke(url: str, body: dict) -> tuple[int, dict]:
+    """POST /invocations: the status and the JSON answer, a 4xx as much as a 200."""
+    try:
+        return 200, post(url + "/invocations", body)
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def invoke_until_dropped(url: str, body: dict) -> None:
+    with contextlib.suppress(OSError):  # the server ends before it answers
+        invoke(url, body)
+
+
+@pytest.fixture(scope="module")
+def served(logged, tmp_path_factory):
+    with serving(logged["uri"], 1, tmp_path_factory.mktemp("serve")) as (url, _, log):
+        yield url, log
+
+
+def test_mlflow_models_serve_answers_invocations(served, model_dir):
+    url, _ = served
+    body = {"inputs": PROMPTS, "params": {"length": 7, "seed": 11, "nsamples": 1}}
+    got = post(url + "/invocations", body)["predictions"]
     assert got == expected(model_dir, PROMPTS, length=7, seed=11, nsamples=1)
     # Each completion is 7 tokens: the sampler's own ids decode to exactly the served text.
     # (Re-encoding the text is no count: a random model splits UTF-8 characters, which decode
@@ -175,6 +225,74 @@ def test_mlflow_models_serve_answers_invocations(logged, model_dir, tmp_path):
         kw = {**servable.defaults_of(DEFAULTS), "length": 7, "seed": 11, "nsamples": 1}
         [ids] = gpt2tune.generate_tokens(model, context, **kw)
         assert len(ids) == 7 and model.encoder.decode(ids.tolist()) == text
+
+
+# Requests refused with a 400, and a word of the one-line reason each must give.
+REFUSED = [
+    ({"inputs": ["a"], "params": {"temprature": 0}}, "unknown param(s) temprature"),
+    ({"inputs": ["a"], "params": {"lenght": 5}}, "unknown param(s) lenght"),
+    ({"inputs": [None]}, "prompt 0 is null"),
+    ({"inputs": [42]}, "prompt 0 is 42"),
+    ({"inputs": ["a", None]}, "prompt 1 is null"),
+    ({"inputs": [["a", "b"]]}, "prompt 0 is ['a', 'b']"),
+    ({"dataframe_records": [{"prompt": "a"}, {"prompt": 5}]}, "prompt 1 is 5"),
+    ({"inputs": ["a"], "params": {"length": 41}}, "serve.max_length"),
+    ({"inputs": ["a", "b", "c", "d"], "params": {"nsamples": 2}}, "serve.max_samples"),
+    ({"inputs": ["Human reason " * 10]}, "serve.max_prompt_tokens"),
+    ({"inputs": ["a"], "params": {"top_p": 2.0}}, "top_p = 2.0"),
+]
+
+
+def test_a_bad_request_is_a_400_with_its_one_line_reason(served):
+    """Misspelled params, non-string prompts and requests over the model's caps (serve.* at
+    assemble time) are refused before any work: MLflow alone would answer the first ones
+    with the defaults or the text "None", "42", and the others would run for hours."""
+    url, log = served
+    for body, reason in REFUSED:
+        status, answer = invoke(url, body)
+        message = answer.get("message", "")
+        assert status == 400 and reason in message, (body, status, answer)
+        assert "\n" not in message and "Traceback" not in message and "/" not in message, answer
+        assert set(answer) <= {"error_code", "message", "sqlstate", "error_class"}, answer
+    assert "Traceback" not in log.read_text()  # refused, not failed
+
+
+def test_pyfunc_predict_refuses_what_the_server_does(logged, model_dir):
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(logged["uri"])
+    try:
+        model = mlflow.pyfunc.load_model(f"models:/{NAME}/1")
+    finally:
+        mlflow.set_tracking_uri(previous)
+    for body, reason in REFUSED:
+        data = body.get("inputs", body.get("dataframe_records"))
+        if "dataframe_records" in body:
+            data = pd.DataFrame(data)
+        with pytest.raises(MlflowException, match=re.escape(reason)) as e:
+            model.predict(data, params=body.get("params"))
+        assert e.value.get_http_status_code() == 400 and "\n" not in e.value.message
+    assert model.predict(["Human reason"], params={"length": 4, "seed": 1}) == expected(
+        model_dir, ["Human reason"], length=4, seed=1
+    )
+
+
+def test_sigterm_ends_the_server_during_a_long_generation(logged, tmp_path):
+    """`kill <pid of mlflow models serve>` while a request of 10^6 tokens (over an hour)
+    runs: the scoring server is gone within seconds; uvicorn alone would wait for it."""
+    with serving(logged["uri"], 2, tmp_path) as (url, server, log):
+        body = {"inputs": ["a"], "params": {"length": 10**6, "nsamples": 1}}
+        client = threading.Thread(target=invoke_until_dropped, args=(url, body), daemon=True)
+        client.start()
+        time.sleep(3)  # the request is generating
+        assert client.is_alive() and group_alive(server.pid)
+        os.kill(server.pid, 15)
+        start = time.monotonic()
+        while group_alive(server.pid) and time.monotonic() - start < 20:
+            time.sleep(0.2)
+            server.poll()  # reap the mlflow process, so that only the worker counts
+        took = time.monotonic() - start
+        assert not group_alive(server.pid), log.read_text()[-3000:]
+    assert took < 8, f"{took:.1f} s"
 
 
 def test_runs_ended_through_tracking_have_an_end_time(logged, tmp_path, monkeypatch):

@@ -72,7 +72,7 @@ COMMANDS: dict[str, Command] = {
     ),
     "assemble": Command(
         f"{RUN_DIR} -> {FINETUNED}, logged and registered in MLflow",
-        ("model", "assemble", "sample", "mlflow"),
+        ("model", "assemble", "sample", "serve", "mlflow"),
         "assemble",
     ),
     "sample": Command(

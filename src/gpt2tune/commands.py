@@ -184,7 +184,7 @@ def assemble(p: Params, args: argparse.Namespace) -> None:
         tracking.set_tag("gpt2tune.assembled_step", str(step))
         tracking.set_tag("gpt2tune.assembled_checkpoint", p.assemble.checkpoint)
         tracking.log_model(
-            FINETUNED, p.sample, p.mlflow.registered_model, p.mlflow.registered_alias
+            FINETUNED, p.sample, p.mlflow.registered_model, p.mlflow.registered_alias, p.serve
         )
     print(f"assembled {FINETUNED} from {words}")
 

@@ -11,10 +11,18 @@ folder as it is.
 What ``predict`` takes and gives (:class:`GPT2Completer`):
 
 * input: prompts, as a list of strings, a string, a 1-D array, or a DataFrame with a
-  ``prompt`` column (else its first column); ``""`` = an unconditional sample;
+  ``prompt`` column (else its first column); ``""`` = an unconditional sample. Anything else
+  (``None``, a number, a nested list) is refused: the signature declares no input schema, so
+  that MLflow hands the values over as they came instead of casting them to text;
 * params: ``length``, ``nsamples``, ``temperature``, ``top_k``, ``top_p``, ``seed``,
   ``repetition_penalty`` and ``stop`` (a list of strings), declared in the signature with the
   ``sample`` section's values as defaults;
+* caps: ``length``, ``nsamples`` x prompts and each prompt's tokens are capped by the
+  ``serve`` section's values at assemble time, kept as the model's ``model_config`` (a model
+  logged before them gets ServeParams' defaults);
+* refusals: a bad request (an unknown param, a non-string prompt, a setting out of range or
+  over a cap, a batch over free memory) is a :class:`RequestRefused`, which MLflow's server
+  answers with a 400 whose message is the one-line reason, before any token is generated;
 * output: a list of completions (without the prompt, each cut before the first ``stop``
   string), ``nsamples`` per prompt, prompt by prompt. Each prompt is sampled as
   ``gpt2tune.generate(model, prompt, **params)`` would, so a fixed seed gives the same text
@@ -26,6 +34,10 @@ loads, so nothing is unpickled; it imports gpt2tune, which must be installed whe
 is served (``--env-manager local`` in the environment that has it). The project folder is not
 needed: the weights and tokenizer come from the model's own artifact.
 
+Served by ``mlflow models serve``, the model also ends its process within seconds of SIGTERM
+or SIGINT (see :func:`_end_on_signals`); uvicorn alone would wait for a running generation to
+finish, which a long request makes hours.
+
 While the tracking server is away, the request is kept in the run's offline file like every
 other record and carried out when it is replayed (see gpt2tune.tracking.run), from the model
 folder as it is then.
@@ -34,7 +46,9 @@ folder as it is then.
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import threading
 import typing
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -46,12 +60,16 @@ from typing import Any
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-from gpt2tune.config.params import Sampling
+from gpt2tune.config.params import Sampling, ServeParams
 from gpt2tune.errors import Gpt2tuneError
 
 ARTIFACT = "gpt2"  # the folder's key in `artifacts`; it keeps its own name inside the model
 MODEL_NAME = "model"  # log_model(name=...): the model's name on the run and Logged Models page
+# Set by MLflow's `mlflow models serve` for the scoring server process it starts (uvicorn).
+_SERVER_MODEL_PATH = "__pyfunc_model_path__"
 
 
 def _param_types() -> dict[str, type]:
@@ -69,6 +87,27 @@ _CODE = Path(__file__).with_name("mlflow_model_code.py")
 _REQUIREMENTS = ("mlflow", "tensorflow", "numpy", "pandas", "regex", "tiktoken")
 
 
+class RequestRefused(MlflowException):
+    """A request refused before any work: MLflow's server answers it with a 400 whose message
+    is this one line.
+
+    The server rewrites the message of an MlflowException raised during predict into "Failed
+    to predict data '<the whole input>'. Error: ...", which echoes the request back over
+    several lines: this one keeps its own reason (the rewrite is ignored)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason, error_code=INVALID_PARAMETER_VALUE)
+
+    @property
+    def message(self) -> str:
+        return self._reason
+
+    @message.setter
+    def message(self, value: str) -> None:
+        if not hasattr(self, "_reason"):  # MlflowException.__init__'s; later ones are the rewrite
+            self._reason = value
+
+
 class GPT2Completer(mlflow.pyfunc.PythonModel):
     """Prompts in, completions out; see the module docstring."""
 
@@ -79,27 +118,130 @@ class GPT2Completer(mlflow.pyfunc.PythonModel):
         from gpt2tune.model.checkpoint import load_model
 
         self.model = load_model(context.artifacts[ARTIFACT])
+        self.caps = caps_of(context.model_config or {})
+        _refuse_unknown_params()
+        if os.environ.get(_SERVER_MODEL_PATH):  # this process is MLflow's scoring server
+            _end_on_signals()
 
-    # The annotation is what MLflow's schema enforcement hands over for our column signature
-    # (lists, arrays and strings arrive as one-column DataFrames); a pandas hint also keeps
-    # MLflow 3 from deriving a second signature from the type hints.
+    # The annotation is what MLflow's schema enforcement hands over for a DataFrame; lists,
+    # arrays and strings arrive as they are (the signature has no input schema). A pandas
+    # hint also keeps MLflow 3 from deriving a second signature from the type hints.
     def predict(
         self,
         context: mlflow.pyfunc.PythonModelContext,
         model_input: pd.DataFrame,
         params: dict[str, Any] | None = None,
     ) -> list[str]:
+        from gpt2tune.generation.checks import resolve_sampling
         from gpt2tune.generation.sampler import generate
 
-        settings = sampling_settings(params or {})
-        out: list[str] = []
-        for prompt in prompts_of(model_input):
-            out.extend(generate(self.model, prompt, **settings))
-        return out
+        try:
+            prompts = prompts_of(model_input)
+            s = resolve_sampling(None, None, sampling_settings(params or {}))
+            check_caps(self.caps, prompts, s, self.model.encoder.encode)
+            return [text for p in prompts for text in generate(self.model, p, sampling=s)]
+        except Gpt2tuneError as e:  # every check comes before the first token
+            raise RequestRefused(str(e)) from None
+
+
+def caps_of(model_config: dict[str, Any]) -> ServeParams:
+    """The request caps kept in a logged model's model_config; ServeParams' defaults for
+    what it lacks (a model logged before the caps)."""
+    names = [f.name for f in fields(ServeParams)]
+    return ServeParams(**{k: int(v) for k, v in model_config.items() if k in names})
+
+
+def check_caps(caps: ServeParams, prompts: list[str], s: Sampling, encode) -> None:
+    """Refuse a request over the model's caps (serve.* when it was assembled), before any
+    work: long generations, many rows and long prompts each cost time or memory."""
+    if s.length > caps.max_length:
+        raise Gpt2tuneError(
+            f"length = {s.length}: this model serves at most {caps.max_length} new tokens per "
+            "sample (serve.max_length); ask for fewer"
+        )
+    rows = s.nsamples * len(prompts)
+    if rows > caps.max_samples:
+        raise Gpt2tuneError(
+            f"nsamples x prompts = {s.nsamples} x {len(prompts)} = {rows}: this model serves "
+            f"at most {caps.max_samples} samples per request (serve.max_samples); send fewer "
+            "prompts or a lower nsamples"
+        )
+    for i, prompt in enumerate(prompts):
+        # Every token is at least one byte: a prompt of few bytes needs no encoding.
+        if len(prompt.encode()) > caps.max_prompt_tokens:
+            tokens = len(encode(prompt))
+            if tokens > caps.max_prompt_tokens:
+                raise Gpt2tuneError(
+                    f"prompt {i} is {tokens} tokens: this model serves prompts of at most "
+                    f"{caps.max_prompt_tokens} tokens (serve.max_prompt_tokens); shorten it"
+                )
+
+
+def _refuse_unknown_params() -> None:
+    """Make a param the signature does not declare a refusal instead of a silent default.
+
+    MLflow drops undeclared params before predict sees them (only its log says "Unrecognized
+    params ... are ignored"), so `temprature: 0` would answer with the default temperature.
+    Its check, `_enforce_params_schema`, is looked up in mlflow.pyfunc on every predict: it
+    is wrapped once per process, for schemas whose params are all gpt2tune's (other models in
+    the process keep MLflow's behaviour). Without that name (another MLflow) nothing changes.
+    """
+    import mlflow.pyfunc as pyfunc
+
+    enforce = getattr(pyfunc, "_enforce_params_schema", None)
+    if enforce is None or getattr(enforce, "gpt2tune_strict", False):
+        return
+
+    def strict(params: Any, schema: Any) -> Any:
+        declared = {p.name for p in schema.params} if schema is not None else set()
+        if isinstance(params, dict) and declared and declared <= set(PARAM_TYPES):
+            unknown = sorted(set(map(str, params)) - declared)
+            if unknown:
+                raise RequestRefused(
+                    f"unknown param(s) {', '.join(unknown)}; known: {', '.join(sorted(declared))}"
+                )
+        return enforce(params, schema)
+
+    strict.gpt2tune_strict = True
+    pyfunc._enforce_params_schema = strict
+
+
+GRACE_S = 3.0  # after SIGTERM or SIGINT, how long the server may take to end on its own
+
+
+def _end_on_signals() -> None:
+    """SIGTERM or SIGINT: the scoring server ends within GRACE_S, whatever it is running.
+
+    MLflow's scoring server is uvicorn, whose graceful shutdown waits for the running
+    requests; the interpreter then waits for the threads generating them, which no signal can
+    interrupt (a `length` of 10^6 took over an hour; only kill -9 ended it). uvicorn imports
+    the app, and so loads this model, before it installs its signal handlers, so a handler
+    set here would be replaced: its own handler, `Server.handle_exit`, is wrapped instead
+    (once per process). The wrapper starts a daemon timer that ends the process after GRACE_S
+    if it is still there, then shuts down as uvicorn does. Nothing is lost: a request still
+    generating then could not be answered in time, and quick ones are answered by then.
+    """
+    try:
+        from uvicorn.server import Server
+    except ImportError:  # not uvicorn: nothing to wrap
+        return
+    handle_exit = Server.handle_exit
+    if getattr(handle_exit, "gpt2tune_deadline", False):
+        return
+
+    def with_deadline(server: Any, sig: int, frame: Any) -> None:
+        timer = threading.Timer(GRACE_S, os._exit, (128 + sig,))
+        timer.daemon = True  # an exit sooner than GRACE_S does not wait for it
+        timer.start()
+        handle_exit(server, sig, frame)
+
+    with_deadline.gpt2tune_deadline = True
+    Server.handle_exit = with_deadline
 
 
 def prompts_of(model_input: Any) -> list[str]:
-    """The prompts in a pyfunc input; a missing value (None, NaN) is an empty prompt."""
+    """The prompts in a pyfunc input, each a string: a missing value (None, NaN), a number or
+    a nested list is refused rather than turned into text ("None", "42")."""
     if isinstance(model_input, pd.DataFrame):
         if model_input.shape[1] == 0:
             raise Gpt2tuneError("predict input has no columns: give a `prompt` column")
@@ -107,21 +249,25 @@ def prompts_of(model_input: Any) -> list[str]:
         values = model_input[column].tolist()
     elif isinstance(model_input, str):
         values = [model_input]
+    elif isinstance(model_input, np.ndarray) and model_input.ndim == 0:  # a JSON string
+        values = [model_input.item()]
     elif isinstance(model_input, (list, tuple, np.ndarray, pd.Series)):
-        values = np.asarray(model_input, dtype=object).ravel().tolist()
+        values = list(model_input)
     else:
         raise Gpt2tuneError(
             f"predict input of type {type(model_input).__name__}: give a list of prompt "
             "strings or a DataFrame with a `prompt` column"
         )
-    prompts = []
-    for v in values:
-        if v is None or (isinstance(v, float) and np.isnan(v)):
-            v = ""
+    for i, v in enumerate(values):
         if not isinstance(v, str):
-            raise Gpt2tuneError(f"prompt {v!r} is a {type(v).__name__}: prompts must be strings")
-        prompts.append(v)
-    return prompts
+            if isinstance(v, np.ndarray | np.generic):  # a nested JSON list's row, a number
+                v = v.tolist()
+            shown = "null" if v is None or (isinstance(v, float) and np.isnan(v)) else repr(v)
+            raise Gpt2tuneError(
+                f"prompt {i} is {shown[:60]}, not a string: prompts must be strings "
+                '("" for an unconditional sample)'
+            )
+    return [str(v) for v in values]  # numpy's str_ as plain str
 
 
 def sampling_settings(params: dict[str, Any]) -> dict[str, Any]:
@@ -149,8 +295,15 @@ def defaults_of(sampling: Any) -> dict[str, Any]:
     return {k: _as(t, getattr(sampling, k)) for k, t in PARAM_TYPES.items()}
 
 
+def caps_dict(caps: ServeParams) -> dict[str, int]:
+    """A ServeParams value as the model_config kept in the logged model."""
+    return {f.name: getattr(caps, f.name) for f in fields(ServeParams)}
+
+
 def signature(defaults: dict[str, Any]) -> mlflow.models.ModelSignature:
-    """One string column in, one string column out, the settings as params with defaults."""
+    """No input schema (MLflow would cast every prompt to a string: `[null]` would complete
+    "None"; prompts_of checks them), one string column out, the settings as params with
+    defaults."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
@@ -160,7 +313,7 @@ def signature(defaults: dict[str, Any]) -> mlflow.models.ModelSignature:
         for k, t in PARAM_TYPES.items()
     ]
     return ModelSignature(
-        inputs=Schema([ColSpec("string")]),
+        inputs=None,
         outputs=Schema([ColSpec("string")]),
         params=ParamSchema(specs),
     )
@@ -187,8 +340,6 @@ def send_model(uri: str, run_id: str, op: dict) -> None:
     if not folder.is_dir():  # replayed after the folder went: say so instead of failing
         print(f"warning: {folder} is gone; MLflow run {run_id} gets no model", file=sys.stderr)
         return
-    from mlflow.exceptions import MlflowException
-
     defaults = op["defaults"]
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(uri)
@@ -201,6 +352,8 @@ def send_model(uri: str, run_id: str, op: dict) -> None:
                 python_model=str(_CODE),
                 artifacts={ARTIFACT: str(folder)},
                 signature=signature(defaults),
+                # The caps; an offline record from before them: ServeParams' defaults.
+                model_config=op.get("serve") or caps_dict(ServeParams()),
                 # A short request, so that MLflow's check that the example loads is quick.
                 input_example=(["Human reason", ""], {"length": 4, "nsamples": 1}),
                 pip_requirements=pip_requirements(),
@@ -219,8 +372,6 @@ def send_model(uri: str, run_id: str, op: dict) -> None:
 
 def _register(model_uri: str, name: str, alias: str) -> None:
     """A new version of `name`, with `alias` on it; a store without a registry only warns."""
-    from mlflow.exceptions import MlflowException
-
     try:
         with _quiet_mlflow():
             version = mlflow.register_model(model_uri, name).version

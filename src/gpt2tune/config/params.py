@@ -370,6 +370,23 @@ class SampleParams(Sampling):
 
 
 @dataclass(frozen=True)
+class ServeParams:
+    """What one request to the served MLflow Model may ask (gpt2tune.servable): the assemble
+    stage stores these caps in the logged model, which refuses a request over one with a 400
+    before any work. A model logged before the caps existed gets these defaults."""
+
+    # GPT-2's context: beyond it the window slides, and every further token costs as much.
+    max_length: int = key(
+        1024, int_in(1, _MAX_LENGTH), "new tokens per sample one request may ask (length)"
+    )
+    # Rows are generated together: 64 rows of 124M after a full context are ~1 GiB of caches.
+    max_samples: int = key(64, int_in(1, _INT32), "samples one request may ask: nsamples x prompts")
+    max_prompt_tokens: int = key(
+        1024, int_in(1, _MAX_LENGTH), "tokens a prompt may have (the model's context caps it too)"
+    )
+
+
+@dataclass(frozen=True)
 class MlflowParams:
     tracking_uri: str = key(
         "sqlite:///mlflow.db",
@@ -423,6 +440,9 @@ class Params:
     )
     sample: SampleParams = section(
         SampleParams, "text generation from the fine-tuned model (stage: sample)"
+    )
+    serve: ServeParams = section(
+        ServeParams, "caps on one request to the served model (stored by stage: assemble)"
     )
     mlflow: MlflowParams = section(MlflowParams, "run tracking (every stage)")
     export: ExportParams = section(ExportParams, "Hugging Face export (stage: export)")
@@ -487,6 +507,14 @@ def _check_combinations(params: Params, source: str) -> None:
             f"{source}: train.early_stopping_patience = {t.early_stopping_patience}: needs "
             "train.val_every > 0 (validation only at the end never stops early); set both"
         )
+    for setting, cap in (("length", "max_length"), ("nsamples", "max_samples")):
+        value, most = getattr(params.sample, setting), getattr(params.serve, cap)
+        if value > most:  # the sample section's values are the served model's defaults
+            raise Gpt2tuneError(
+                f"{source}: sample.{setting} = {value}: over serve.{cap} = {most}, so the "
+                "served model would refuse every request that keeps its defaults; raise "
+                f"serve.{cap} or lower sample.{setting}"
+            )
     if OPTIMIZERS[t.optimizer].weight_decay == "none" and t.weight_decay:
         # Only TF1's Adam takes no decay today; a second such optimizer would need its own why.
         raise Gpt2tuneError(

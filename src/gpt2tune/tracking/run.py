@@ -47,7 +47,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from gpt2tune.config.params import MlflowParams
+from gpt2tune.config.params import MlflowParams, ServeParams
 from gpt2tune.errors import Gpt2tuneError
 from gpt2tune.files import display_path, write_text_atomic
 from gpt2tune.paths import MLFLOW_RUN
@@ -373,17 +373,20 @@ def log_model(
     sampling_defaults: Any,
     registered_model: str = "gpt2tune",
     alias: str = "candidate",
+    caps: ServeParams | None = None,
 ) -> None:
     """Log `folder` to the open run as an MLflow Model (see gpt2tune.servable) and, unless
-    `registered_model` is "", register it as a new version with `alias` ("" = none). Like
+    `registered_model` is "", register it as a new version with `alias` ("" = none). `caps`
+    (the serve section; None = its defaults) bound what one request to it may ask. Like
     every call, it waits in the offline journal while the server is away."""
-    from gpt2tune.servable import defaults_of
+    from gpt2tune.servable import caps_dict, defaults_of
 
     path = Path(folder)
     if not path.is_dir():
         raise Gpt2tuneError(f"model folder {path} does not exist; nothing to log to MLflow")
     _current().call({"op": "model", "path": str(path.resolve()),
                      "defaults": defaults_of(sampling_defaults),
+                     "serve": caps_dict(caps or ServeParams()),
                      "registered_model": registered_model, "alias": alias})  # fmt: skip
 
 
