@@ -100,9 +100,7 @@ def train(p: Params, args: argparse.Namespace) -> None:
         return
     with runstate.hold(RUN_DIR):  # one training per run folder; the first change on disk
         runstate.clean_leftovers(RUN_DIR)
-        latest = p.train.restore_from != "fresh"
-        complete = latest and runstate.complete_state(RUN_DIR, fp, p.train)
-        resumed = complete or (latest and runstate.resumable_state(RUN_DIR, fp, p.train.steps))
+        resumed = runstate.settle(RUN_DIR, fp, p.train)  # another run's folder is kept aside
         run_id = resumed.get("mlflow_run_id") if resumed else None
 
         def log_sample(text: str, step: int) -> None:

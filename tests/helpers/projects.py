@@ -19,7 +19,14 @@ from helpers import REPO
 # --------------------------------------------------------------------------- test projects
 
 # What a test project takes from the checkout: the code and the pipeline, as committed by design.
-PROJECT_FILES = ("dvc.yaml", ".dvcignore", ".gitignore", ".dvc/config", ".dvc/.gitignore")
+PROJECT_FILES = (
+    "dvc.yaml",
+    ".dvcignore",
+    ".gitignore",
+    ".dvc/config",
+    ".dvc/.gitignore",
+    "models/.gitignore",
+)
 PROJECT_CODE = ("src/gpt2tune", "stages")
 
 

@@ -45,6 +45,7 @@ from gpt2tune.train.runstate import (
     load_state,
     restore,
     save_state,
+    settle,
     start_point,
     summary,
 )
@@ -91,6 +92,7 @@ def fit(
             "data.val_fraction > 0 or data.val_path, or set it to 0"
         )
     trainer = Trainer(model, cfg, strategy)
+    settle(run_dir, run_fingerprint, cfg)  # a run of other settings moves aside, kept
     run = _Run(trainer, Path(run_dir), val_tokens, (log_metrics, log_sample, log_tag),
                dict(state_extra or {}, fingerprint=run_fingerprint))  # fmt: skip
     fresh = cfg.restore_from == "fresh"
