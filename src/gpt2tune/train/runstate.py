@@ -265,8 +265,9 @@ def _keep_aside(run_dir: Path, saved: dict, run_fingerprint: str, steps: int) ->
         why, back = f"more than train.steps = {steps}", f"with train.steps >= {step} uses it"
     else:
         why, back = "of other settings or data", "with its settings again continues it"
+    where = display_path(dest)
     print(f"kept the run that was in {display_path(run_dir)} ({_steps(step)}, {why}) in "
-          f"{display_path(dest)}: training {back}; `rm -r {display_path(dest)}` deletes it")  # fmt: skip
+          f"{where}: training {back}; `rm -r {where}` deletes it")  # fmt: skip
     return dest
 
 
