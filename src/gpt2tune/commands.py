@@ -261,6 +261,17 @@ def evaluate(p: Params, args: argparse.Namespace) -> None:
             print(f"logged to MLflow run {run.info.run_id}")
 
 
+def promote(p: Params, args: argparse.Namespace) -> None:
+    """Move mlflow.registered_alias (@candidate) to the version of a DVC experiment, or to a
+    version number: how an experiment run with `dvc exp run --temp/--queue`, which registers
+    its model without moving the alias, becomes the served one."""
+    from gpt2tune.tracking.client import promote as move_alias
+    from gpt2tune.tracking.client import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(p.mlflow.tracking_uri)
+    print(move_alias(uri, p.mlflow.registered_model, p.mlflow.registered_alias, args.target))
+
+
 def replay(p: Params, args: argparse.Namespace) -> None:
     """Send what was kept offline (metrics/mlflow_offline) to the MLflow server."""
     from gpt2tune.tracking.run import replay_pending
