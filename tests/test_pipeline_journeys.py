@@ -124,8 +124,8 @@ def test_interrupt_refusal_smoke_run_and_commit_leave_git_clean(tmp_path, tiny_v
 
 
 def versions(root: Path) -> dict[str, object]:
-    """{version number: ModelVersion} of the registered model gpt2tune."""
-    return {v.version: v for v in project_mlflow(root).search_model_versions("name = 'gpt2tune'")}
+    """{version number (a string): ModelVersion} of the registered model gpt2tune."""
+    return {str(v.version): v for v in project_mlflow(root).search_model_versions("name = 'gpt2tune'")}
 
 
 @pytest.mark.slow  # a pipeline run and a two-experiment queued sweep: ~2 min on 2 cores
@@ -155,7 +155,7 @@ def test_queued_sweep_leaves_candidate_on_the_workspace_model_until_promoted(
     swept = {v.tags.get("dvc.exp_name"): v for k, v in versions(root).items() if k != "1"}
     assert len(swept) == 2 and None not in swept, swept
     # The alias stayed on the model in the workspace's models/finetuned.
-    assert client.get_model_version_by_alias("gpt2tune", "candidate").version == "1"
+    assert str(client.get_model_version_by_alias("gpt2tune", "candidate").version) == "1"
     runs = {name: client.get_run(v.run_id) for name, v in swept.items()}
     assert {n: r.data.tags["dvc.exp_name"] for n, r in runs.items()} == {n: n for n in runs}
     name = next(n for n, r in runs.items() if float(r.data.params["train.learning_rate"]) == 0.003)
