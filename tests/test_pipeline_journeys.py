@@ -94,7 +94,7 @@ def interrupted_repro(root: Path, hold: Path) -> str:
     return out + err
 
 
-@pytest.mark.slow  # five DVC runs of the pipeline: ~2 min on 2 cores
+@pytest.mark.slow  # five DVC runs of the pipeline: 5 min on the 2 shared, busy cores here
 def test_interrupt_refusal_smoke_run_and_commit_leave_git_clean(tmp_path, tiny_vocab_dir):
     root = journey_project(tmp_path, tiny_vocab_dir)
     out = interrupted_repro(root, tmp_path / "go")
@@ -128,7 +128,7 @@ def versions(root: Path) -> dict[str, object]:
     return {str(v.version): v for v in project_mlflow(root).search_model_versions("name = 'gpt2tune'")}
 
 
-@pytest.mark.slow  # a pipeline run and a two-experiment queued sweep: ~2 min on 2 cores
+@pytest.mark.slow  # a pipeline run and a queued sweep of two: 4.7 min on 2 shared, busy cores
 def test_queued_sweep_leaves_candidate_on_the_workspace_model_until_promoted(
     tmp_path, tiny_vocab_dir
 ):
