@@ -125,7 +125,9 @@ def test_interrupt_refusal_smoke_run_and_commit_leave_git_clean(tmp_path, tiny_v
 
 def versions(root: Path) -> dict[str, object]:
     """{version number (a string): ModelVersion} of the registered model gpt2tune."""
-    return {str(v.version): v for v in project_mlflow(root).search_model_versions("name = 'gpt2tune'")}
+    return {
+        str(v.version): v for v in project_mlflow(root).search_model_versions("name = 'gpt2tune'")
+    }
 
 
 @pytest.mark.slow  # a pipeline run and a queued sweep of two: 4.7 min on 2 shared, busy cores
