@@ -210,7 +210,7 @@ def send_model(uri: str, run_id: str, op: dict) -> None:
             )
         print(f"logged the model to MLflow run {run_id} as {info.model_uri}")
         if op["registered_model"]:
-            # Records kept offline by an older gpt2tune have no "tags" and always moved it.
+            # Records kept offline by an older gpt2tune have no "move_alias": they moved it.
             alias = op["alias"] if op.get("move_alias", True) else ""
             version = _register(info.model_uri, op["registered_model"], alias, op.get("tags"))
             if version and op["alias"] and not alias:
