@@ -206,10 +206,11 @@ def test_resumed_run_equals_uninterrupted_one(base_dir, tmp_path, capsys):
         [v for _, v in hist_b["val_loss"]], [v for _, v in hist_a["val_loss"]], rtol=1e-5
     )
 
-    # Other settings: the saved run is not continued; training starts from the base weights.
+    # Other settings: the saved run is kept aside (test_train_kept_runs.py); training starts
+    # from the base weights.
     other = load_model(base_dir)
     _, hist_c = fit(other, TOKENS, VAL, c, tmp_path / "c", run_fingerprint="fp2", progress=False)
-    assert "is not continued (its settings or data differ)" in capsys.readouterr().out
+    assert "(3 steps, of other settings or data)" in capsys.readouterr().out
     assert [s for s, _ in hist_c["loss"]] == list(range(1, 7))
     assert hist_c["val_loss"][0][0] == 0
     assert_weights_close(weights(other), weights(straight))

@@ -3,6 +3,7 @@
     gpt2tune fetch | encode | train | assemble | sample | export   # the DVC stages, by hand
     gpt2tune chat [--model DIR]                                     # type a context, get text
     gpt2tune evaluate --model DIR --data PATH|val [--mlflow]        # loss and perplexity
+    gpt2tune promote EXPERIMENT|VERSION                             # move @candidate to it
     gpt2tune replay                                                 # send offline MLflow records
 
 Each subcommand is the very code of its DVC stage: ``stages/<stage>.py`` is a thin call of
@@ -59,6 +60,10 @@ def _evaluate_options(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--mlflow", action="store_true", help="log the result as a new MLflow run")
 
 
+def _promote_options(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("target", help="a DVC experiment's name (`dvc exp show`) or a version number")
+
+
 # The one list of commands, and which params.yaml sections each reads.
 COMMANDS: dict[str, Command] = {
     "fetch": Command("download GPT-2 model.name into models/<name>", ("model",), "fetch_model"),
@@ -96,6 +101,11 @@ COMMANDS: dict[str, Command] = {
         ("export", "sample"),
         "export",
         _export_options,
+    ),
+    "promote": Command(
+        "move mlflow.registered_alias to a DVC experiment's registered version (or a number)",
+        ("mlflow",),
+        options=_promote_options,
     ),
     "replay": Command("send the MLflow records kept offline to the server", ("mlflow",)),
 }

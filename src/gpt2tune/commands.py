@@ -103,11 +103,7 @@ def train(p: Params, args: argparse.Namespace) -> None:
         return
     with runstate.hold(RUN_DIR):  # one training per run folder; the first change on disk
         runstate.clean_leftovers(RUN_DIR)
-        latest = p.train.restore_from != "fresh"
-        complete = latest and runstate.complete_state(RUN_DIR, fp, p.train, base)
-        resumed = complete or (
-            latest and runstate.resumable_state(RUN_DIR, fp, p.train.steps, base)
-        )
+        resumed = runstate.settle(RUN_DIR, fp, p.train, base)  # another run is kept aside
         run_id = resumed.get("mlflow_run_id") if resumed else None
 
         def log_sample(text: str, step: int) -> None:
@@ -275,6 +271,17 @@ def evaluate(p: Params, args: argparse.Namespace) -> None:
             tracking.log_metrics({"eval_loss": result["loss"],
                                   "eval_perplexity": result["perplexity"]}, 0)  # fmt: skip
             print(f"logged to MLflow run {run.info.run_id}")
+
+
+def promote(p: Params, args: argparse.Namespace) -> None:
+    """Move mlflow.registered_alias (@candidate) to the version of a DVC experiment, or to a
+    version number: how an experiment run with `dvc exp run --temp/--queue`, which registers
+    its model without moving the alias, becomes the served one."""
+    from gpt2tune.tracking.client import promote as move_alias
+    from gpt2tune.tracking.client import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(p.mlflow.tracking_uri)
+    print(move_alias(uri, p.mlflow.registered_model, p.mlflow.registered_alias, args.target))
 
 
 def replay(p: Params, args: argparse.Namespace) -> None:

@@ -56,6 +56,14 @@ def project_root() -> Path:
     return Path(os.environ.get("DVC_ROOT") or os.getcwd()).resolve()
 
 
+def in_experiment_copy() -> bool:
+    """Whether this runs in DVC's temporary copy of the project: `dvc exp run --temp` and
+    queued experiments run the pipeline under .dvc/tmp/exps/, with ``$DVC_ROOT`` naming the
+    main workspace (a workspace run has the two equal)."""
+    root = os.environ.get("DVC_ROOT")
+    return bool(root) and Path.cwd().resolve() != Path(root).resolve()
+
+
 def fsync_file(path: str | os.PathLike) -> None:
     """Flush `path`'s data to disk, so that a rename after it can never name an empty file."""
     with open(path, "rb") as fh:

@@ -34,3 +34,13 @@ MLFLOW_OFFLINE = METRICS / "mlflow_offline"  # what the tracking server missed (
 def base_model(name: str) -> Path:
     """models/<name>: the folder of base model `name` (params' model.name)."""
     return MODELS / name
+
+
+def kept_runs(run_dir: Path) -> Path:
+    """Where the train stage moves a run of other settings that `run_dir` held, instead of
+    overwriting it: checkpoint/kept/ beside checkpoint/run1 (not a DVC output; git ignores
+    checkpoint/)."""
+    return Path(run_dir).parent / "kept"
+
+
+KEPT_RUNS = kept_runs(RUN_DIR)  # checkpoint/kept/<fingerprint>-step<N>/

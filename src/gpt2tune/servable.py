@@ -3,7 +3,10 @@
 The assemble stage calls :func:`gpt2tune.tracking.run.log_model`, which logs ``models/finetuned``
 to the run as an MLflow Model (MLflow 3 ``log_model(name="model")``, so it shows on the run
 and on the Logged Models page) with the ``python_function`` flavor, registers it as a new version of
-``mlflow.registered_model`` and points ``mlflow.registered_alias`` at that version. The
+``mlflow.registered_model`` (tagged ``dvc.exp_name`` with its DVC experiment) and points
+``mlflow.registered_alias`` at that version when it was assembled in the workspace; a
+``dvc exp run --temp/--queue`` experiment's version leaves the alias where it is (see
+``gpt2tune promote``), so the alias names the model in the workspace's models/finetuned. The
 OpenAI-format folder is the model's one artifact (``artifacts/finetuned/``, the folder's
 name), so its weights are uploaded once, and anything that reads OpenAI's layout can use that
 folder as it is.
@@ -360,7 +363,11 @@ def send_model(uri: str, run_id: str, op: dict) -> None:
             )
         print(f"logged the model to MLflow run {run_id} as {info.model_uri}")
         if op["registered_model"]:
-            _register(info.model_uri, op["registered_model"], op["alias"])
+            # Records kept offline by an older gpt2tune have no "move_alias": they moved it.
+            alias = op["alias"] if op.get("move_alias", True) else ""
+            version = _register(info.model_uri, op["registered_model"], alias, op.get("tags"))
+            if version and op["alias"] and not alias:
+                _say_alias_stays(op["registered_model"], op["alias"], version, op.get("tags"))
     except MlflowException as e:
         if uri.lower().startswith(("http://", "https://")):
             raise  # gpt2tune.tracking.run keeps the request for when the server answers again
@@ -370,11 +377,14 @@ def send_model(uri: str, run_id: str, op: dict) -> None:
         mlflow.set_tracking_uri(previous)
 
 
-def _register(model_uri: str, name: str, alias: str) -> None:
-    """A new version of `name`, with `alias` on it; a store without a registry only warns."""
+def _register(model_uri: str, name: str, alias: str, tags: dict | None = None) -> str | None:
+    """A new version of `name` with `tags`, `alias` on it; returns the version, or None when
+    the store has no registry (then it only warns)."""
+    from mlflow.exceptions import MlflowException
+
     try:
         with _quiet_mlflow():
-            version = mlflow.register_model(model_uri, name).version
+            version = mlflow.register_model(model_uri, name, tags=tags or None).version
             if alias:
                 mlflow.MlflowClient().set_registered_model_alias(name, alias, version)
     except MlflowException as e:
@@ -384,8 +394,17 @@ def _register(model_uri: str, name: str, alias: str) -> None:
             f"register it later with mlflow.register_model({model_uri!r}, {name!r})",
             file=sys.stderr,
         )
-        return
+        return None
     print(f"registered {name} version {version}" + (f" as @{alias}" if alias else ""))
+    return str(version)
+
+
+def _say_alias_stays(name: str, alias: str, version: str, tags: dict | None) -> None:
+    """The one line of an experiment run outside the workspace: why `alias` did not move."""
+    exp = next(iter((tags or {}).values()), "") or version
+    print(f"@{alias} stays where it was: {name} version {version} comes from a DVC experiment "
+          f"run outside the workspace (--temp/--queue); `gpt2tune promote {exp}` moves "
+          f"@{alias} to it")  # fmt: skip
 
 
 @contextmanager

@@ -22,6 +22,7 @@ from helpers import REPO
 # What a test project takes from the checkout: the code and the pipeline, as committed by design.
 PROJECT_FILES = (
     "dvc.yaml", ".dvcignore", ".gitignore", ".dvc/config", ".dvc/.gitignore", "hf/README.md",
+    "models/.gitignore",
 )  # fmt: skip
 PROJECT_CODE = ("src/gpt2tune", "stages")
 

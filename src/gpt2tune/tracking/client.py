@@ -11,6 +11,7 @@ recorded.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -108,6 +109,8 @@ def resolve_tracking_uri(uri: str) -> str:
     return uri
 
 
+EXP_TAG = "dvc.exp_name"  # the DVC experiment of a run, and of a registered model version
+
 # How long a stage waits for another process to finish opening (creating) a sqlite store.
 STORE_LOCK_WAIT_S = 300.0
 
@@ -128,7 +131,7 @@ def run_tags() -> dict[str, str]:
     """DVC experiment name and git commit, so an MLflow run leads back to its code."""
     tags = {}
     if os.environ.get("DVC_EXP_NAME"):
-        tags["dvc.exp_name"] = os.environ["DVC_EXP_NAME"]
+        tags[EXP_TAG] = os.environ["DVC_EXP_NAME"]
     commit = os.environ.get("DVC_EXP_BASELINE_REV")
     if not commit:
         try:
@@ -281,3 +284,42 @@ class MlflowRun:
                 for m in self.client.get_metric_history(self.run_id, key)
             }
         return self.seen
+
+
+def promote(uri: str, name: str, alias: str, target: str) -> str:
+    """Point `alias` of registered model `name` (store `uri`) at version `target` (a number)
+    or at the newest version that DVC experiment `target` registered; returns what was done,
+    in one line. Gpt2tuneError if there is no such version."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    if not name or not alias:
+        key = "registered_model" if not name else "registered_alias"
+        raise Gpt2tuneError(f'params.yaml: mlflow.{key} is "": there is no alias to move')
+    if not re.fullmatch(r"[\w.-]+", target):
+        raise Gpt2tuneError(f"{target!r}: give a version number or a DVC experiment's name")
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        try:
+            before = client.get_model_version_by_alias(name, alias).version
+        except MlflowException:
+            before = None  # no version has the alias yet
+        if target.isdigit():
+            version = client.get_model_version(name, target)
+        else:
+            found = client.search_model_versions(
+                f"name = '{name}' and tags.`{EXP_TAG}` = '{target}'"
+            )
+            if not found:
+                raise Gpt2tuneError(
+                    f"no version of {name} comes from DVC experiment {target!r} (`dvc exp show` "
+                    f"lists the experiments; or give a version number)"
+                )
+            version = max(found, key=lambda v: int(v.version))
+        client.set_registered_model_alias(name, alias, version.version)
+    except MlflowException as e:
+        raise Gpt2tuneError(f"could not move @{alias} of {name} to {target}: {reason(e)}") from None
+    exp = (version.tags or {}).get(EXP_TAG)
+    where = f"version {version.version}" + (f" (DVC experiment {exp})" if exp else "")
+    was = f"; it was on version {before}" if before and before != version.version else ""
+    return f"@{alias} of {name} is {where}{was}"

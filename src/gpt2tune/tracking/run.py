@@ -49,10 +49,11 @@ from typing import Any
 
 from gpt2tune.config.params import MlflowParams, ServeParams
 from gpt2tune.errors import Gpt2tuneError
-from gpt2tune.files import display_path, write_text_atomic
+from gpt2tune.files import display_path, in_experiment_copy, write_text_atomic
 from gpt2tune.paths import MLFLOW_RUN
 from gpt2tune.tracking import journal
 from gpt2tune.tracking.client import (
+    EXP_TAG,
     Unreachable,
     missing,
     param_value,
@@ -376,18 +377,24 @@ def log_model(
     caps: ServeParams | None = None,
 ) -> None:
     """Log `folder` to the open run as an MLflow Model (see gpt2tune.servable) and, unless
-    `registered_model` is "", register it as a new version with `alias` ("" = none). `caps`
-    (the serve section; None = its defaults) bound what one request to it may ask. Like
-    every call, it waits in the offline journal while the server is away."""
+    `registered_model` is "", register it as a new version, tagged with its DVC experiment's
+    name. `alias` ("" = none) moves to that version only when this runs in the workspace:
+    the version of a `dvc exp run --temp/--queue` experiment, whose model is not the one in
+    the workspace's models/finetuned, waits for `gpt2tune promote`. `caps` (the serve
+    section; None = its defaults) bound what one request to it may ask. Like every call, it
+    waits in the offline journal while the server is away."""
     from gpt2tune.servable import caps_dict, defaults_of
 
     path = Path(folder)
     if not path.is_dir():
         raise Gpt2tuneError(f"model folder {path} does not exist; nothing to log to MLflow")
+    exp = os.environ.get("DVC_EXP_NAME", "")
     _current().call({"op": "model", "path": str(path.resolve()),
                      "defaults": defaults_of(sampling_defaults),
                      "serve": caps_dict(caps or ServeParams()),
-                     "registered_model": registered_model, "alias": alias})  # fmt: skip
+                     "registered_model": registered_model, "alias": alias,
+                     "move_alias": not in_experiment_copy(),
+                     "tags": {EXP_TAG: exp} if exp else {}})  # fmt: skip
 
 
 def _now_ms() -> int:

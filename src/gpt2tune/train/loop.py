@@ -45,6 +45,7 @@ from gpt2tune.train.runstate import (
     load_state,
     restore,
     save_state,
+    settle,
     start_point,
     starting_weights,
     summary,
@@ -96,6 +97,7 @@ def fit(
         )
     base = base or starting_weights(cfg, model)  # before the adapters are attached
     trainer = Trainer(model, cfg, strategy)
+    settle(run_dir, run_fingerprint, cfg, base)  # another run moves aside, kept
     run = _Run(trainer, Path(run_dir), val_tokens, (log_metrics, log_sample, log_tag),
                dict(state_extra or {}, fingerprint=run_fingerprint, base=base))  # fmt: skip
     fresh = cfg.restore_from == "fresh"

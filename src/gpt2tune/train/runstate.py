@@ -4,9 +4,10 @@ crash loses nothing, and read back to continue a run (resume) rather than restar
 `checkpoint/run1` holds the weights under OpenAI's names plus the optimizer's slots
 (`<name>/Adam`, `<name>/Adam_1`, `global_step`, like TF1), `train_state.json` and the loss
 history. A rerun with the same settings (same `fingerprint`) continues from it; a rerun with
-different settings starts from the base model again. Also here: what the loss history becomes
-for DVC (the metrics summary and the plot files), and the lock that keeps one training per
-run folder (see "One training per run folder" below).
+different settings moves it aside to `checkpoint/kept/` and starts from the base model, and a
+later rerun with the first settings brings it back and continues it (`settle`). Also here:
+what the loss history becomes for DVC (the metrics summary and the plot files), and the lock
+that keeps one training per run folder (see "One training per run folder" below).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from gpt2tune.config.params import TrainParams
 from gpt2tune.errors import Gpt2tuneError
 from gpt2tune.files import LockBusy, display_path, exclusive_lock, write_text_atomic
 from gpt2tune.model.checkpoint import read_weights, weights_digest, write_checkpoint
-from gpt2tune.paths import LOSS_PLOTS
+from gpt2tune.paths import LOSS_PLOTS, kept_runs
 from gpt2tune.train.keeping import finished_early, prune
 
 if TYPE_CHECKING:
@@ -193,10 +194,9 @@ def start_point(
     """Where `fit` starts, as `cfg.restore_from` says: (the step, the loss history up to it).
 
     "latest" continues `run_dir` when it holds a run with the same `run_fingerprint` that
-    stopped before `cfg.steps`; otherwise (and always with "fresh") training starts from the
-    model's weights, or from the weights at `restore_from` when it is a path. A run that
-    started from other weights than `base` (models/<name> or restore_from's, changed since)
-    is not continued. Says which.
+    stopped before `cfg.steps` and started from the same weights (`base`) (`settle` has put it
+    there if it was kept aside); otherwise (and always with "fresh") training starts from the
+    model's weights, or from the weights at `restore_from` when it is a path. Says which.
     """
     resumed = None
     if cfg.restore_from != "fresh":
@@ -206,17 +206,8 @@ def start_point(
         history = restore(run_dir, trainer, start)
         print(f"resuming from step {start} in {run_dir}")
         return start, history
-    saved = load_state(run_dir)
-    if saved and cfg.restore_from == "fresh":
+    if load_state(run_dir) and cfg.restore_from == "fresh":
         print(f"training from the start (train.restore_from: fresh); replacing {run_dir}")
-    elif saved:
-        if saved.get("fingerprint") != run_fingerprint:
-            why = "its settings or data differ"
-        elif not same_base(saved, base):
-            why = "it started from other weights: the base model or train.restore_from changed"
-        else:
-            why = f"it already has {saved['step']} steps"
-        print(f"training from the base model: the run in {run_dir} is not continued ({why})")
     if restore_from_path(cfg):
         load_weights(trainer.model, cfg.restore_from)
         print(f"training from the weights in {cfg.restore_from}")
@@ -247,6 +238,91 @@ def same_base(state: Mapping, base: Mapping | None) -> bool:
     yes, as in run folders from before bases were recorded)."""
     saved = state.get("base")
     return not (base and isinstance(saved, Mapping)) or saved.get("digest") == base["digest"]
+
+
+# Never losing another run
+# ------------------------
+# One run folder holds one run. A training with other settings (or data) used to start in it
+# from the base model and overwrite the saved run: Ctrl-C'd at step 11 of 1000, then a quick
+# smoke run, and the 11 steps were gone. `settle` moves such a run aside, whole, to
+# checkpoint/kept/<fingerprint>-step<N>/ (one rename), and brings it back when a training with
+# its settings comes again, so continuing it takes nothing but its settings. Only
+# `restore_from: fresh` (asked for by name) still starts over in the run folder itself.
+
+
+def settle(
+    run_dir: str | os.PathLike, run_fingerprint: str, cfg: TrainParams, base: Mapping | None = None
+) -> dict | None:
+    """Make `run_dir` hold this run if one is saved, and nothing of another run; returns the
+    state of this run (resumable or complete), or None when training starts from the start.
+
+    A saved run of other settings, of other starting weights than `base`, or of these with
+    more steps than `cfg.steps`, is moved to
+    `kept_runs(run_dir)`; a run kept there with this fingerprint that this training can
+    continue or report (the most steps) is moved back. Each move says so in one line. With
+    `restore_from: fresh` nothing moves."""
+    if cfg.restore_from == "fresh":
+        return None
+    run_dir = Path(run_dir)
+    own = _usable_state(run_dir, run_fingerprint, cfg, base)
+    if own:
+        return own
+    saved = load_state(run_dir)
+    if saved:
+        _keep_aside(run_dir, saved, run_fingerprint, cfg.steps, base)
+    kept = [(s, d) for d in _kept_folders(run_dir)
+            if (s := _usable_state(d, run_fingerprint, cfg, base))]  # fmt: skip
+    if not kept:
+        return None
+    state, folder = max(kept, key=lambda found: found[0]["step"])
+    os.rename(folder, run_dir)
+    print(f"continuing the run kept in {display_path(folder)} ({_steps(state['step'])}): "
+          f"it is {display_path(run_dir)} again")  # fmt: skip
+    return state
+
+
+def _usable_state(
+    run_dir: Path, run_fingerprint: str, cfg: TrainParams, base: Mapping | None
+) -> dict | None:
+    return complete_state(run_dir, run_fingerprint, cfg, base) or resumable_state(
+        run_dir, run_fingerprint, cfg.steps, base
+    )
+
+
+def _kept_folders(run_dir: Path) -> list[Path]:
+    kept = kept_runs(run_dir)
+    return sorted(p for p in kept.iterdir() if p.is_dir()) if kept.is_dir() else []
+
+
+def _steps(n: object) -> str:
+    return f"{n} step{'' if n == 1 else 's'}"
+
+
+def _keep_aside(
+    run_dir: Path, saved: dict, run_fingerprint: str, steps: int, base: Mapping | None
+) -> Path:
+    """Move the run in `run_dir` (state `saved`) to a new folder of kept_runs(run_dir), named
+    by its fingerprint and step; say what was kept, where, and how to continue or remove it."""
+    fp, step = str(saved.get("fingerprint") or "unknown"), saved.get("step")
+    name = f"{fp[:12]}-step{step}"
+    kept = kept_runs(run_dir)
+    kept.mkdir(parents=True, exist_ok=True)
+    dest, n = kept / name, 1
+    while dest.exists():  # never over another kept run
+        n += 1
+        dest = kept / f"{name}-{n}"
+    os.rename(run_dir, dest)
+    if fp == run_fingerprint and not same_base(saved, base):
+        why = "started from other weights: the base model or train.restore_from changed"
+        back = "from those weights again continues it"
+    elif fp == run_fingerprint:
+        why, back = f"more than train.steps = {steps}", f"with train.steps >= {step} uses it"
+    else:
+        why, back = "of other settings or data", "with its settings again continues it"
+    where = display_path(dest)
+    print(f"kept the run that was in {display_path(run_dir)} ({_steps(step)}, {why}) in "
+          f"{where}: training {back}; `rm -r {where}` deletes it")  # fmt: skip
+    return dest
 
 
 def _read_restore_from(path: str, hparams: dict) -> dict:
