@@ -222,7 +222,8 @@ def test_lora_from_another_folder_is_assembled_onto_that_folder(base_dir, other_
 
 def test_a_run_whose_starting_weights_changed_is_not_resumed(base_dir, other_dir, tmp_path, capsys):
     """Same settings, but restore_from's folder now holds other weights: the saved run is not
-    continued (nor reported as complete); training starts again from the new weights."""
+    continued (nor reported as complete): it is kept aside, and training starts again from
+    the new weights."""
     restore = {**LORA, "restore_from": str(other_dir)}
     run(base_dir, tmp_path / "run", steps=3, **restore)
     save_model(init_model(load_model(other_dir).hparams, load_encoder(other_dir), seed=2),
@@ -230,7 +231,9 @@ def test_a_run_whose_starting_weights_changed_is_not_resumed(base_dir, other_dir
     capsys.readouterr()
     _, history = run(base_dir, tmp_path / "run", steps=3, **restore)
     out = capsys.readouterr().out
-    assert "is not continued (it started from other weights" in out, out
+    # Kept aside (checkpoint/kept/...), not continued: it started from other weights.
+    assert "kept the run" in out and "(3 steps, started from other weights" in out, out
+    assert (tmp_path / "kept").is_dir()
     assert [s for s, _ in history["loss"]] == [1, 2, 3]  # trained again, from step 1
     assert history["val_loss"][0][1] == pytest.approx(val_loss_of(load_model(other_dir)), 1e-5)
 

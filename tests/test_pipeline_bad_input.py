@@ -237,7 +237,11 @@ CASES: dict[str, tuple[tuple[str, ...], Callable[[Path], None], tuple[str, ...]]
     ),
     "nsamples too big for memory": (
         ("sample",),
-        set_param("sample", "nsamples", 10**9),
+        # serve.max_samples raised too: the memory check, not the served model's cap, refuses
+        lambda root: (
+            set_param("serve", "max_samples", 10**9)(root),
+            set_param("sample", "nsamples", 10**9)(root),
+        ),
         ("sample.nsamples", "GiB"),
     ),
 }

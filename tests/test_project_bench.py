@@ -86,3 +86,15 @@ def test_graphs_bench():
     assert "ResourceApplyAdam" in full["train_step/adam"]["by_type"]
     assert "ResourceApplyAdam" not in full["train_step/sgd"]["by_type"]
     assert totals["train_step/sgd"] < totals["train_step/adam"] > totals["train_step/lora"]
+
+
+def test_generation_memory_bench():
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "generation_memory.py"), "--case", "32,2,1,2,8,8"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    (case,) = result["cases"]
+    assert case["case"]["nsamples"] == 2 and case["grew_mb"] > 0 and case["estimate_mb"] > 0
+    assert result["min_ratio"] == case["ratio"] == round(case["estimate_mb"] / case["grew_mb"], 2)

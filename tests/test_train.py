@@ -137,6 +137,7 @@ def test_run_folder_holds_the_newest_checkpoint_and_state(trained, hp):
     assert 'model_checkpoint_path: "model-12"' in (run_dir / "checkpoint").read_text()
     state = json.loads((run_dir / "train_state.json").read_text())
     assert {k: state.pop(k) for k in ("best", "early_stopping")}  # test_train_stopping.py
+    assert set(state.pop("base")) == {"digest"}  # the weights it started from (models/<name>)
     assert state == {
         "step": 12, "mlflow_run_id": "abc", "fingerprint": "fp-trained", "checkpoints": [12],
     }  # fmt: skip

@@ -21,9 +21,7 @@ import tensorflow as tf
 from gpt2tune.config.params import Sampling
 from gpt2tune.errors import Gpt2tuneError
 from gpt2tune.generation.checks import check_request, resolve_sampling
-from gpt2tune.model.gpt2 import GPT2, NEG_INF, decode_step, forward
-
-CACHE_STEP = 64  # key/value caches hold prompt + new tokens rounded up to this many positions
+from gpt2tune.model.gpt2 import CACHE_STEP, GPT2, NEG_INF, decode_step, forward
 
 
 def _top_k(logits: tf.Tensor, k: tf.Tensor) -> tf.Tensor:

@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 
 HPARAM_KEYS = ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer")
 NEG_INF = -1e10  # masked attention scores (float32: the softmax is never computed in float16)
+# Decoding's key/value caches hold prompt + new tokens rounded up to this many positions, so
+# the compiled step is traced once per 64 positions, not per length.
+CACHE_STEP = 64
 
 # new keys, values -> (keys and values to attend over, mask of visible keys, present)
 KVCache = Callable[[tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor, tf.Tensor, Any]]

@@ -15,7 +15,8 @@ import math
 from collections.abc import Mapping
 from pathlib import Path
 
-from gpt2tune.model.gpt2 import variable_shapes
+from gpt2tune.model.gpt2 import CACHE_STEP, variable_shapes
+from gpt2tune.model.lora import adapter_shapes
 from gpt2tune.train.optim import OPTIMIZERS
 
 
@@ -44,8 +45,6 @@ def step_bytes(
 
 def lora_params(hparams: Mapping[str, int], rank: int, targets) -> int:
     """Numbers in LoRA's adapters: rank * (in + out) per targeted layer of every block."""
-    from gpt2tune.model.lora import adapter_shapes  # here: lora imports TensorFlow, this not
-
     return sum(math.prod(s) for s in adapter_shapes(hparams, rank, targets).values())
 
 
@@ -74,20 +73,41 @@ def training_bytes(hparams: Mapping[str, int], cfg, replicas: int = 1) -> int:
     return n_params(hparams) * (4 + low) + adapters * (trained + low) + acts + x_a
 
 
+# Generation's terms, measured with bench/generation_memory.py (peak RSS of one
+# generate_tokens call over the resident size before it, on the shared 2-core AMD EPYC):
+# a compiled loop and TensorFlow's runtime of ~170 MiB + ~12 MiB a layer whatever the batch
+# (varying by up to ~300 MiB between runs at 124M's shape, hence the slack in the constant),
+# the key/value caches held about three times at their padded size (the prompt pass's, the
+# padded copy, the loop's input and output), and ~6 vocabulary-sized float32 vectors per
+# sample and step for sampling (logits, softmax, top-k, the seen-token set).
+GENERATION_FIXED = 250 * 2**20
+GENERATION_PER_LAYER = 12 * 2**20
+CACHE_COPIES = 3
+SAMPLING_VECTORS = 6
+GENERATION_MARGIN = 1.1  # over the measured sum: what the terms above do not model
+
+
 def generation_memory(hparams: dict[str, int], nsamples: int, context: int, length: int) -> int:
     """Bytes that generating `length` tokens after `context` for `nsamples` samples at once
-    needs on top of the weights (a lower bound: float32 activations only).
+    needs on top of the weights, checked against free memory before any work.
 
-    The key/value cache holds 2 * n_layer * n_embd floats per sample and position, up to
-    n_ctx positions, and is copied as it grows; the prompt's forward pass holds, for the
-    layer being computed, the attention weights (n_head * context^2) and the MLP's hidden
-    layer (4 * n_embd per position), and at the end the logits (n_vocab per position).
+    The prompt's forward pass holds, for the layer being computed, the attention weights
+    (n_head * context^2 per sample) and the MLP's hidden layer (4 * n_embd per position), and
+    at the end the logits of every position (n_vocab each); the decoding loop holds the
+    output embedding transposed (n_vocab * n_embd, once per call), the key/value caches
+    (2 * n_layer * n_embd per sample and position, up to the context rounded up to
+    CACHE_STEP, in CACHE_COPIES copies) and SAMPLING_VECTORS vocabulary-sized vectors per
+    sample; plus the compiled loop's fixed cost. bench/generation_memory.py measures it
+    (see GENERATION_FIXED's comment for what it measured).
     """
     n_ctx, n_layer, n_embd = hparams["n_ctx"], hparams["n_layer"], hparams["n_embd"]
-    positions = min(context + length, n_ctx)
-    cache = nsamples * n_layer * 2 * positions * n_embd
-    prompt = nsamples * context * (hparams["n_head"] * context + 4 * n_embd + hparams["n_vocab"])
-    return 4 * (2 * cache + prompt)
+    n_vocab = hparams["n_vocab"]
+    positions = min(n_ctx, -(-(context + length) // CACHE_STEP) * CACHE_STEP)
+    cache = 4 * nsamples * n_layer * 2 * positions * n_embd
+    prompt = 4 * nsamples * context * (hparams["n_head"] * context + 4 * n_embd + n_vocab)
+    sampling = 4 * nsamples * SAMPLING_VECTORS * n_vocab
+    fixed = GENERATION_FIXED + GENERATION_PER_LAYER * n_layer + 4 * n_vocab * n_embd
+    return int(GENERATION_MARGIN * (fixed + prompt + CACHE_COPIES * cache + sampling))
 
 
 def available_memory() -> int | None:
