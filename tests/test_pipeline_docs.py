@@ -65,8 +65,8 @@ MARK = re.compile(r"<!--\s*(not-run:\s*(?P<reason>.+?)|(?P<run>run:\s*.+?))\s*--
 # The test project: a one-layer GPT-2 (128 positions: the smoke run's train.n_ctx) over the
 # tiny vocabulary, 30 KB of Kant, and training settings that make every training a few steps.
 HP = {"n_ctx": 128, "n_embd": 16, "n_head": 2, "n_layer": 1}
-TRAIN = dict(steps=4, batch_size=2, n_ctx=32, val_every=2, val_batch_count=2)
-SAMPLE = dict(length=8, nsamples=2, prompts=["Human reason"])
+TRAIN = dict(steps=4, n_ctx=32, sample_every=0, val_every=2, val_batch_count=2)  # the README's
+SAMPLE = dict(length=8, prompts=["Human reason"])  # and a short prompt
 
 
 @dataclass(frozen=True)
@@ -97,11 +97,9 @@ def page_blocks(page: str) -> list[Block]:
             body = "\n".join(line[indent:] for line in lines[i + 1 : end])
             prev = next((lines[j] for j in range(i - 1, -1, -1) if lines[j].strip()), "")
             mark = MARK.search(prev)
-            blocks.append(Block(
-                page, i + 1, body, mark and mark["reason"],
-                bool(mark and mark["run"] and mark["run"].strip() == ELSEWHERE),
-            ))  # fmt: skip
-            assert not (mark and mark["run"] and mark["run"].strip() != ELSEWHERE), prev
+            run = mark and mark["run"] and mark["run"].strip()
+            assert run in (None, ELSEWHERE), f"{page}:{i}: an unknown mark {prev}"
+            blocks.append(Block(page, i + 1, body, mark and mark["reason"], run == ELSEWHERE))
             i = end
         i += 1
     return blocks
@@ -201,14 +199,14 @@ def project(tmp_path_factory, tiny_vocab_dir, kant_path) -> Path:
     models = tmp / "gpt2-models"
     n_vocab = load_encoder(tiny_vocab_dir).n_vocab
     write_official_style_model(models / "124M", dict(HP, n_vocab=n_vocab), tiny_vocab_dir)
+    text = kant_path.read_text(encoding="utf-8")[:30_000]
     root = make_project(
-        tmp / "project", "",
+        tmp / "project", text,
         model=dict(name="124M", base_url=str(models)),
         data=dict(path="data/kant.txt"),
         train=TRAIN, sample=SAMPLE,
     )  # fmt: skip
-    (root / "data" / "dset.txt").unlink()
-    (root / "data" / "kant.txt").write_text(kant_path.read_text(encoding="utf-8")[:30_000])
+    (root / "data" / "dset.txt").rename(root / "data" / "kant.txt")  # make_project's name
     commit_project(root)
     return root
 
@@ -236,22 +234,32 @@ def run_blocks(root: Path, blocks: list[Block]) -> list[tuple[str, float]]:
     stdin = logs / "stdin.txt"
     stdin.write_text("Human reason\n")  # what a user types into `gpt2tune chat`
     timings = []
-    for block in blocks:
-        text, cmds = script(block, substitutions)
-        cwd = root.parent / f"elsewhere-{block.line}" if block.elsewhere else root
-        cwd.mkdir(exist_ok=True)
-        log = logs / f"{block.page.replace('/', '-')}-{block.line}.log"
-        t0 = time.monotonic()
-        # Output to a file, not a pipe: `dvc queue start` leaves a worker holding it.
-        with open(log, "w") as out, open(stdin) as typed:
-            proc = run_in(cwd, "bash", "-c", text, env=env, capture_output=False, stdin=typed,
-                          stdout=out, stderr=subprocess.STDOUT, timeout=1200)  # fmt: skip
+    try:
+        for block in blocks:
+            timings.append(run_block(root, block, logs, substitutions, env, stdin))
+    finally:
         stop_servers(logs)
-        output = log.read_text(errors="replace")
-        failed = re.search(r"<<failed \((\d+)\): (\d+)>>", output)
-        where = cmds[int(failed[2])] if failed else "(the block)"
-        assert proc.returncode == 0, f"{block}: `{where}` failed:\n{output[-6000:]}"
-        if "dvc queue start" in block.text:
-            wait_for_queue(root)
-        timings.append((str(block), round(time.monotonic() - t0, 1)))
+        run_in(root, "dvc", "queue", "stop", "--kill")  # a sweep left by a failed block
     return timings
+
+
+def run_block(root: Path, block: Block, logs: Path, substitutions: dict[str, str],
+              env: dict[str, str], stdin: Path) -> tuple[str, float]:  # fmt: skip
+    """Run one block in a fresh bash; fail on its first command that fails."""
+    text, cmds = script(block, substitutions)
+    cwd = root.parent / f"elsewhere-{block.line}" if block.elsewhere else root
+    cwd.mkdir(exist_ok=True)
+    log = logs / f"{block.page.replace('/', '-')}-{block.line}.log"
+    t0 = time.monotonic()
+    # Output to a file, not a pipe: `dvc queue start` leaves a worker holding it.
+    with open(log, "w") as out, open(stdin) as typed:
+        proc = run_in(cwd, "bash", "-c", text, env=env, capture_output=False, stdin=typed,
+                      stdout=out, stderr=subprocess.STDOUT, timeout=1200)  # fmt: skip
+    stop_servers(logs)
+    output = log.read_text(errors="replace")
+    failed = re.search(r"<<failed \((\d+)\): (\d+)>>", output)
+    where = cmds[int(failed[2])] if failed else "(the block)"
+    assert proc.returncode == 0, f"{block}: `{where}` failed:\n{output[-6000:]}"
+    if "dvc queue start" in block.text:
+        wait_for_queue(root)
+    return str(block), round(time.monotonic() - t0, 1)
