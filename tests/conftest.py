@@ -83,8 +83,9 @@ def server(tmp_path_factory):
 # out and the short files fill the gaps at the end, instead of one worker finishing a long
 # file alone. Any file not listed runs after them, in the usual order.
 LONGEST_FIRST = (
-    "test_pipeline.py", "test_tracking_stalls.py", "test_train_reliability.py",
-    "test_pipeline_faults.py", "test_train.py", "test_train_stage.py", "test_servable.py",
+    "test_pipeline_docs.py", "test_pipeline.py", "test_tracking_stalls.py",
+    "test_train_reliability.py", "test_pipeline_faults.py", "test_train.py",
+    "test_train_stage.py", "test_servable.py",
     "test_cli.py", "test_pipeline_bad_input.py", "test_train_options.py",
     "test_model_lora.py", "test_generation_interactive.py", "test_train_speed.py",
     "test_train_stopping.py", "test_tracking.py",
