@@ -131,7 +131,7 @@ def test_a_bare_export_always_exports(project, tiny_vocab_dir):
     assert again.returncode == 0, again.stderr
     assert f"exported {FINETUNED} to {FINETUNED_HF}" in again.stdout
     assert names(out) == HF_FILES and (out / "model.safetensors").read_bytes() != before
-    assert names(project / "models") == ["finetuned", "finetuned-hf", "tiny"]
+    assert names(project / "models") == [".gitignore", "finetuned", "finetuned-hf", "tiny"]
 
 
 # --------------------------------------------------------------------------- the DVC stage

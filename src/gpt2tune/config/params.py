@@ -414,8 +414,7 @@ class MlflowParams:
             'letters, digits, "_" or "-", not "latest" or v<number> ("" = no alias)',
             lambda v: bool(re.fullmatch(r"[\w-]*", v)) and not re.fullmatch(r"(?i)latest|v\d+", v),
         ),
-        "alias set on the version a workspace run registers (not a --temp/--queue "
-        "experiment's: `gpt2tune promote` moves it there)",
+        "alias on the version a workspace run registers (an experiment's: gpt2tune promote)",
     )
 
 
