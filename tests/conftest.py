@@ -88,7 +88,8 @@ LONGEST_FIRST = (
     "test_train_stage.py", "test_servable.py",
     "test_cli.py", "test_pipeline_bad_input.py", "test_train_options.py",
     "test_model_lora.py", "test_generation_interactive.py", "test_train_speed.py",
-    "test_train_stopping.py", "test_tracking.py",
+    "test_train_stopping.py", "test_tracking.py", "test_pipeline_export.py",
+    "test_pipeline_hf_source.py", "test_train_kept_runs.py",
 )  # fmt: skip
 
 
