@@ -4,5 +4,5 @@ import sys
 
 from gpt2tune.cli import main
 
-if __name__ == "__main__":  # importing the module alone (tests/test_imports.py) runs nothing
+if __name__ == "__main__":  # importing the module alone (the import test) runs nothing
     sys.exit(main())

@@ -10,7 +10,7 @@ Each subcommand is the very code of its DVC stage: ``stages/<stage>.py`` is a th
 :func:`stage` (so ``dvc repro`` and the command cannot drift apart), and its bodies live in
 :mod:`gpt2tune.commands`. ``--set section.key=value`` overrides params.yaml for one run
 (checked like the file), ``--params PATH`` reads another file; ``--help`` lists every key the
-command reads, with its default and meaning, rendered from the declarations in params.py.
+command reads, with its default and meaning, rendered from the declarations in config/params.py.
 """
 
 from __future__ import annotations

@@ -12,11 +12,11 @@ Any problem raises Gpt2tuneError with one line such as
 Why not pydantic (installed with MLflow)? Its errors are multi-line and worded its own way;
 keeping ours (``must be ... (got text)``, ``did you mean train.steps?``, unknown keys before
 missing ones) meant translating each of its error types back, which was longer than the
-~60-line validator in keys.py, and it would turn these plain frozen dataclasses into models.
+~60-line validator in schema.py, and it would turn these plain frozen dataclasses into models.
 
 Why this module is longer than the others (~480 lines): it is the list of every key, one
 declaration each (default, rule, one line of help), and grows with the keys, not with logic;
-the machinery that reads and checks the declarations is keys.py.
+the machinery that reads and checks the declarations is schema.py.
 """
 
 from __future__ import annotations

@@ -333,7 +333,7 @@ class GPT2(tf.Module):
         """Tensors the forward pass reads besides the weights (`lora.attach`: the adapters),
         made by `extra()` inside each traced call; the compiled functions are rebuilt."""
         self._extra = extra
-        self._sampler = None  # sample.py's compiled sampler, built on first use
+        self._sampler = None  # generation.sampler's compiled loop, built on first use
         self._logits_fn = tf.function(
             lambda tokens: forward(self.forward_params(), self.hparams, tokens)[0],
             input_signature=[tf.TensorSpec([None, None], tf.int32)],
