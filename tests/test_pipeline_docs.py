@@ -229,6 +229,8 @@ def run_blocks(root: Path, blocks: list[Block]) -> list[tuple[str, float]]:
         "<repo>": str(root),
         "/mnt/shared/gpt2tune": str(root.parent / "dvc-remote"),
         "5001": str(port),
+        # an experiment the sweep above made, as `dvc exp ls` names it
+        "<experiment>": '"$(dvc exp ls -A --name-only | tail -n 1)"',
     }
     env = stage_env(DOCS_LOGS=str(logs))
     stdin = logs / "stdin.txt"
