@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers.models import tiny_model
-from helpers.processes import run_in, run_stage, start_in
+from helpers.processes import run_in, run_stage, start_in, wait_until_held
 from helpers.projects import commit_project, make_project
 from helpers.vocab import TINY_CORPUS
 
@@ -134,10 +134,7 @@ def test_load_while_a_save_swaps_the_model_in_waits_for_it(tmp_path, tiny_vocab_
     saving = start_in(tmp_path, sys.executable, str(script),
                       kill_at=f"save.py:rename:finetuned:2:{go}")  # fmt: skip
     try:
-        deadline = time.monotonic() + 120
-        while not Path(f"{go}.held").exists():
-            assert saving.poll() is None and time.monotonic() < deadline, saving.communicate()
-            time.sleep(0.05)
+        wait_until_held(saving, go, 120)
         assert not (tmp_path / "finetuned").exists()  # between the renames
         monkeypatch.setattr(checkpoint, "SAVE_WAIT_S", 0.2)
         with pytest.raises(Gpt2tuneError, match=r"is being written by process \d+") as err:
@@ -272,10 +269,7 @@ def test_second_repro_at_once_is_refused(dvc_project, tmp_path):
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(first.stdout), daemon=True)
     reader.start()
-    deadline = time.monotonic() + 180
-    while not Path(f"{go}.held").exists():
-        assert first.poll() is None and time.monotonic() < deadline, "".join(lines)
-        time.sleep(0.1)
+    wait_until_held(first, go, 180, lambda: "".join(lines))
     began = time.monotonic()
     second = run_in(root, "dvc", "repro")
     assert second.returncode != 0

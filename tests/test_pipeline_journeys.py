@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from helpers import REPO
 from helpers.models import tiny_model
-from helpers.processes import run_in, start_in
+from helpers.processes import run_in, start_in, wait_until_held
 from helpers.projects import commit_project, git, make_project, project_mlflow, training_run_id
 from helpers.vocab import TINY_CORPUS
 
@@ -79,10 +79,7 @@ def interrupted_repro(root: Path, hold: Path) -> str:
     proc = start_in(root, "dvc", "repro", start_new_session=True,
                     kill_at=f"stages/train.py:replace:train_state.json:1:{hold}")  # fmt: skip
     try:
-        deadline = time.monotonic() + 240
-        while not Path(f"{hold}.held").exists():
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-            time.sleep(0.1)
+        wait_until_held(proc, hold, 240)
         os.killpg(proc.pid, signal.SIGINT)
         hold.touch()
         out, err = proc.communicate(timeout=120)

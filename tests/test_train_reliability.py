@@ -13,12 +13,11 @@ import hashlib
 import json
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 from helpers.models import tiny_model
-from helpers.processes import run_stage, stage_env, start_stage
+from helpers.processes import run_stage, stage_env, start_stage, wait_until_held
 from helpers.projects import make_project, project_mlflow, training_run_id, update_params
 from helpers.vocab import TINY_CORPUS
 
@@ -187,11 +186,7 @@ def test_a_second_training_in_the_same_folder_is_refused(encoded, tmp_path):
         root, "train", kill_at=f"stages/train.py:replace:run1/.checkpoint.tmp:1:{go}"
     )
     try:
-        deadline = time.monotonic() + 240
-        while not Path(f"{go}.held").exists():
-            assert first.poll() is None, first.communicate()[1][-3000:]
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
+        wait_until_held(first, go, 240, lambda: first.communicate()[1][-3000:])
         before = snapshot(root)
         second = run_stage(root, "train")
         lines = (second.stdout + second.stderr).strip().splitlines()

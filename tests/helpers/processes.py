@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from helpers import KILLPOINT, REPO, VENV_BIN
@@ -78,3 +80,15 @@ def run_stage_peak_rss(
     *rest, peak = proc.stderr.splitlines()
     proc.stderr = "".join(line + "\n" for line in rest)
     return proc, int(peak) / 1024
+
+
+def wait_until_held(proc: subprocess.Popen, hold: str | os.PathLike, timeout: float,
+                    output: Callable[[], object] | None = None) -> None:  # fmt: skip
+    """Wait until `proc` stops at its killpoint hold (tests/killpoint: it creates
+    `<hold>.held`); fail if it exits first or `timeout` seconds pass, with `output()` (by
+    default what the process printed) as the message."""
+    deadline = time.monotonic() + timeout
+    while not Path(f"{hold}.held").exists():
+        running = proc.poll() is None
+        assert running and time.monotonic() < deadline, (output or proc.communicate)()
+        time.sleep(0.1)
