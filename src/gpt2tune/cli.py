@@ -20,7 +20,15 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from gpt2tune.paths import ENCODED, FINETUNED, FINETUNED_HF, RUN_DIR, SAMPLES, VALIDATION_DATA
+from gpt2tune.paths import (
+    ENCODED,
+    FINETUNED,
+    FINETUNED_HF,
+    FINETUNED_SAVEDMODEL,
+    RUN_DIR,
+    SAMPLES,
+    VALIDATION_DATA,
+)
 from gpt2tune.stage import run_stage
 
 
@@ -46,7 +54,16 @@ def _sample_options(ap: argparse.ArgumentParser) -> None:
 
 def _export_options(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--model", help=f"OpenAI-layout model folder (default {FINETUNED})")
-    ap.add_argument("--out", help=f"folder to write (default {FINETUNED_HF})")
+    ap.add_argument(
+        "--format",
+        choices=("hf", "savedmodel"),
+        help="hf: a Hugging Face transformers folder (the default); savedmodel: a TensorFlow "
+        "SavedModel with generate and score signatures",
+    )
+    ap.add_argument(
+        "--out",
+        help=f"folder to write (default {FINETUNED_HF}, or {FINETUNED_SAVEDMODEL} for savedmodel)",
+    )
 
 
 def _evaluate_options(ap: argparse.ArgumentParser) -> None:
@@ -97,7 +114,7 @@ COMMANDS: dict[str, Command] = {
         options=_evaluate_options,
     ),
     "export": Command(
-        f"{FINETUNED} -> {FINETUNED_HF} for Hugging Face transformers",
+        f"{FINETUNED} -> {FINETUNED_HF} for Hugging Face transformers (or a SavedModel)",
         ("export", "sample"),
         "export",
         _export_options,

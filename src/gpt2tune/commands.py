@@ -14,15 +14,36 @@ import tempfile
 from pathlib import Path
 
 from gpt2tune.config.params import Params
-from gpt2tune.paths import ENCODED, FINETUNED, FINETUNED_HF, MODELS, RUN_DIR, SAMPLES, base_model
+from gpt2tune.paths import (
+    ENCODED,
+    FINETUNED,
+    FINETUNED_HF,
+    FINETUNED_SAVEDMODEL,
+    MODELS,
+    RUN_DIR,
+    SAMPLES,
+    base_model,
+)
 from gpt2tune.stage import import_tensorflow_quietly, say
 
-OFF_NOTE = (
-    "export.hf is false in params.yaml, so the export stage wrote no Hugging Face export here.\n"
-    "Set it to true and run `dvc repro export`, or export by hand (always exports):\n"
-    f"    gpt2tune export                      # {FINETUNED} into this folder\n"
-    "    gpt2tune export --out <new folder>   # kept by the next `dvc repro`\n"
-)
+# Each export format: (its default folder, what it is for).
+EXPORTS = {
+    "hf": (FINETUNED_HF, "Hugging Face transformers"),
+    "savedmodel": (FINETUNED_SAVEDMODEL, "TensorFlow SavedModel"),
+}
+
+
+def off_note(fmt: str) -> str:
+    """The README.txt the export stage leaves in format `fmt`'s folder when export.<fmt> is
+    false."""
+    flag = "" if fmt == "hf" else f" --format {fmt}"
+    return (
+        f"export.{fmt} is false in params.yaml, so the export stage wrote no "
+        f"{EXPORTS[fmt][1]} export here.\n"
+        "Set it to true and run `dvc repro export`, or export by hand (always exports):\n"
+        f"    gpt2tune export{flag}                      # {FINETUNED} into this folder\n"
+        f"    gpt2tune export{flag} --out <new folder>   # kept by the next `dvc repro`\n"
+    )
 
 
 def fetch(p: Params, args: argparse.Namespace) -> None:
@@ -224,24 +245,39 @@ def chat(p: Params, args: argparse.Namespace) -> None:
 
 def export(p: Params, args: argparse.Namespace) -> None:
     """DVC stage export: models/finetuned -> models/finetuned-hf, a Hugging Face
-    `transformers` folder. `export.hf: false` switches off the stage script (with no
-    --model/--out it leaves only a note); `gpt2tune export`, typed, always exports.
+    `transformers` folder, and models/finetuned-savedmodel, a TensorFlow SavedModel
+    (gpt2tune.generation.savedmodel). `export.hf` and `export.savedmodel` switch the stage
+    script's two (with no --model/--out/--format, a switched-off one leaves only a note);
+    `gpt2tune export [--format F]`, typed, always exports its one format (default hf).
 
     Either way the folder written must be new, empty or an earlier export of gpt2tune's
     (gpt2tune.model.hf.check_export_folder): nothing else in it is ever deleted. Under
-    `dvc repro` it is always new: DVC removes the stage's output before running it.
+    `dvc repro` it is always new: DVC removes the stage's outputs before running it.
     """
     from gpt2tune.model import hf
 
-    out = Path(args.out or FINETUNED_HF)
-    hf.check_export_folder(out)  # before TensorFlow's start-up
-    if args.stage_script and not (p.export.hf or args.model or args.out):
-        hf.write_export_note(out, OFF_NOTE)
-        print(f"export.hf is false: nothing exported (note in {out}/README.txt)")
+    if args.stage_script and not (args.model or args.out or args.format):
+        todo = {fmt: getattr(p.export, fmt) for fmt in EXPORTS}  # the DVC stage
+    else:
+        todo = {args.format or "hf": True}
+    outs = {fmt: Path(args.out or EXPORTS[fmt][0]) for fmt in todo}
+    for out in outs.values():
+        hf.check_export_folder(out)  # all of them before writing any, and before TensorFlow
+    for fmt in (f for f, on in todo.items() if not on):
+        hf.write_export_note(outs[fmt], off_note(fmt))
+        print(f"export.{fmt} is false: nothing exported (note in {outs[fmt]}/README.txt)")
+    if not any(todo.values()):
         return
     import_tensorflow_quietly()
-    hf.export_hf(args.model or FINETUNED, out, sampling=p.sample)
-    print(f"exported {args.model or FINETUNED} to {out} (Hugging Face transformers)")
+    model = args.model or FINETUNED
+    for fmt in (f for f, on in todo.items() if on):
+        if fmt == "hf":
+            hf.export_hf(model, outs[fmt], sampling=p.sample)
+        else:
+            from gpt2tune.generation.savedmodel import export_savedmodel
+
+            export_savedmodel(model, outs[fmt], sampling=p.sample)
+        print(f"exported {model} to {outs[fmt]} ({EXPORTS[fmt][1]})")
 
 
 def evaluate(p: Params, args: argparse.Namespace) -> None:

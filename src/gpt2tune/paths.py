@@ -17,6 +17,7 @@ VALIDATION_DATA = "val"
 RUN_DIR = Path("checkpoint/run1")  # the training's run folder: checkpoints, state, history
 FINETUNED = MODELS / "finetuned"  # the assembled model, OpenAI's layout
 FINETUNED_HF = MODELS / "finetuned-hf"  # its Hugging Face export
+FINETUNED_SAVEDMODEL = MODELS / "finetuned-savedmodel"  # its TensorFlow SavedModel export
 SAMPLES = Path("samples")  # samples.json and samples.md (the sample stage)
 # Local Hugging Face folders (model.name: hf:hf/<folder>): fetch_model depends on it, so an
 # edited folder is converted again.

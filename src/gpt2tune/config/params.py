@@ -426,6 +426,12 @@ class ExportParams:
         "export stage: write models/finetuned-hf for HF transformers "
         "(`gpt2tune export` always does)",
     )
+    savedmodel: bool = key(
+        False,
+        SWITCH,
+        "export stage: write models/finetuned-savedmodel for TF Serving "
+        "(`--format savedmodel` always does)",
+    )
 
 
 @dataclass(frozen=True)
@@ -445,7 +451,9 @@ class Params:
         ServeParams, "caps on one request to the served model (stored by stage: assemble)"
     )
     mlflow: MlflowParams = section(MlflowParams, "run tracking (every stage)")
-    export: ExportParams = section(ExportParams, "Hugging Face export (stage: export)")
+    export: ExportParams = section(
+        ExportParams, "Hugging Face and SavedModel exports (stage: export)"
+    )
 
     def flat(self) -> dict[str, object]:
         """``{"train.steps": 1000, ...}`` for mlflow.log_params; prompts as a JSON list string."""

@@ -182,6 +182,11 @@ def _build_sampler(model: GPT2) -> tf.types.experimental.GenericFunction:
     return sample_segment
 
 
+# The compiled decoding loop and its knob types, for generation/savedmodel.py (the
+# SavedModel's `generate` signature runs this very loop).
+build_sampler, KNOB_TYPES = _build_sampler, _KNOB_TYPES
+
+
 def _sampler(model: GPT2):
     # One compiled sampler per model, made on first use and reused for every call.
     if getattr(model, "_sampler", None) is None:

@@ -243,7 +243,7 @@ def export_hf(
         "generation_config.json": generation_config(sampling or Sampling(), eot),
         "tokenizer_config.json": tokenizer,
     }
-    with _export_folder(out) as tmp:
+    with export_folder(out) as tmp:
         _save_safetensors(tensors, tmp / WEIGHTS)
         for name, content in jsons.items():
             (tmp / name).write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
@@ -257,7 +257,7 @@ def write_export_note(out_folder: str | os.PathLike, text: str) -> Path:
     export stage leaves when it is switched off. The same rules as export_hf's."""
     out = Path(out_folder)
     check_export_folder(out)
-    with _export_folder(out) as tmp:
+    with export_folder(out) as tmp:
         (tmp / "README.txt").write_text(text, encoding="utf-8")
     return out
 
@@ -288,7 +288,7 @@ def check_export_folder(out_folder: str | os.PathLike) -> None:
                 f"export (it has no {EXPORT_MARKER}); {fix}"
             )
         return
-    foreign = [n for n in entries if n not in written or (out / n).is_dir()]
+    foreign = _not_written(out, written)
     if foreign:
         raise Gpt2tuneError(
             f"cannot export to {shown}: it is an earlier export, but {foreign[0]} in it was not "
@@ -309,13 +309,31 @@ def _export_files(folder: Path) -> set[str] | None:
     return {*files, EXPORT_MARKER}
 
 
+def _not_written(out: Path, written: set[str]) -> list[str]:
+    """What in `out` an export did not write: files (by path relative to `out`, as the marker
+    lists them; a SavedModel's are in variables/ and assets/) not in `written`, folders
+    holding none of them, links and anything else."""
+    foreign = []
+    for top, dirs, files in os.walk(out):
+        for name in sorted(dirs + files):
+            path = Path(top) / name
+            rel = path.relative_to(out).as_posix()
+            if path.is_file():
+                listed = rel in written
+            else:
+                listed = path.is_dir() and any(w.startswith(rel + "/") for w in written)
+            if path.is_symlink() or not listed:
+                foreign.append(rel)
+    return foreign
+
+
 @contextlib.contextmanager
-def _export_folder(out: Path) -> Iterator[Path]:
+def export_folder(out: Path) -> Iterator[Path]:
     """_atomic_folder, the marker listing what was written added last; the folder is checked
     once more just before the swap (an export of a big model takes a while)."""
     with _atomic_folder(out) as tmp:
         yield tmp
-        files = sorted(p.name for p in tmp.iterdir())
+        files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
         marker = {"written_by": "gpt2tune export", "files": files}
         (tmp / EXPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
         check_export_folder(out)
