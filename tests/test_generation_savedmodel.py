@@ -127,7 +127,7 @@ def test_a_fresh_process_gets_gpt2tunes_ids_and_log_probs(exported):
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
 
     assert "max_new_tokens must be 1..1000000" in too_few["error"]
-    assert "longer than the model's context of 32" in too_long["error"]
+    assert "tokens: longer than the model context of 32 tokens" in too_long["error"]
 
 
 @pytest.mark.slow
@@ -233,11 +233,12 @@ def test_an_export_with_subfolders_is_replaced_only_if_its_marker_lists_every_fi
     is not listed (a file, a folder, a link) would be deleted by the next export: refused."""
     out = tmp_path / "sm"
     with hf.export_folder(out) as tmp:
+        (tmp / "assets").mkdir()  # empty, as tf.saved_model.save leaves it
         (tmp / "variables").mkdir()
         (tmp / "variables" / "variables.index").write_bytes(b"index")
         (tmp / "saved_model.pb").write_bytes(b"graph")
     listed = json.loads((out / hf.EXPORT_MARKER).read_text())["files"]
-    assert listed == ["saved_model.pb", "variables/variables.index"]
+    assert listed == ["assets/", "saved_model.pb", "variables/", "variables/variables.index"]
     hf.check_export_folder(out)  # over its own export: allowed
 
     def refused(path: Path) -> str:
@@ -249,7 +250,7 @@ def test_an_export_with_subfolders_is_replaced_only_if_its_marker_lists_every_fi
     for make, path in [
         (lambda p: p.write_text("mine"), out / "variables" / "notes.txt"),
         (lambda p: p.mkdir(), out / "variables" / "mine"),
-        (lambda p: p.mkdir(), out / "assets"),
+        (lambda p: p.mkdir(), out / "extra"),
         (lambda p: p.symlink_to(tmp_path), out / "variables" / "link"),
     ]:
         make(path)

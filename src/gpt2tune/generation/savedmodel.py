@@ -97,11 +97,11 @@ def _check_tokens(tokens: tf.Tensor, hparams: dict[str, int]) -> list[tf.Operati
     return [
         tf.debugging.assert_greater_equal(seq, 1, message="tokens: give at least one token id"),
         tf.debugging.assert_less_equal(
-            seq, n_ctx, message=f"tokens: longer than the model's context of {n_ctx}"
+            seq, n_ctx, message=f"tokens: longer than the model context of {n_ctx} tokens"
         ),
         tf.debugging.assert_non_negative(tokens, message="tokens: ids must be >= 0"),
         tf.debugging.assert_less(
-            tokens, n_vocab, message=f"tokens: ids must be below the vocabulary's {n_vocab}"
+            tokens, n_vocab, message=f"tokens: ids must be below {n_vocab}, the vocabulary size"
         ),
     ]
 

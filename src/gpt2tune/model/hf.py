@@ -310,18 +310,15 @@ def _export_files(folder: Path) -> set[str] | None:
 
 
 def _not_written(out: Path, written: set[str]) -> list[str]:
-    """What in `out` an export did not write: files (by path relative to `out`, as the marker
-    lists them; a SavedModel's are in variables/ and assets/) not in `written`, folders
-    holding none of them, links and anything else."""
+    """What in `out` an export did not write: files and folders (a SavedModel's variables/
+    and assets/) not in `written`, where the marker lists them by path relative to `out`,
+    folders with a trailing "/"; links and anything else."""
     foreign = []
     for top, dirs, files in os.walk(out):
         for name in sorted(dirs + files):
             path = Path(top) / name
             rel = path.relative_to(out).as_posix()
-            if path.is_file():
-                listed = rel in written
-            else:
-                listed = path.is_dir() and any(w.startswith(rel + "/") for w in written)
+            listed = rel in written if path.is_file() else path.is_dir() and rel + "/" in written
             if path.is_symlink() or not listed:
                 foreign.append(rel)
     return foreign
@@ -333,7 +330,8 @@ def export_folder(out: Path) -> Iterator[Path]:
     once more just before the swap (an export of a big model takes a while)."""
     with _atomic_folder(out) as tmp:
         yield tmp
-        files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+        files = sorted(p.relative_to(tmp).as_posix() + ("/" if p.is_dir() else "")
+                       for p in tmp.rglob("*"))  # fmt: skip
         marker = {"written_by": "gpt2tune export", "files": files}
         (tmp / EXPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
         check_export_folder(out)
