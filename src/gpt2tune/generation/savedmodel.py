@@ -69,8 +69,10 @@ Python (no gpt2tune needed):
       temperature=tf.constant(0.8), top_k=tf.constant(40), top_p=tf.constant(0.0),
       seed=tf.constant(0, tf.int64))["tokens"]
 
-TF Serving (this folder is version 1 of model gpt2):
-  docker run -p 8501:8501 -v "$PWD/{folder}:/models/gpt2/1" -e MODEL_NAME=gpt2 tensorflow/serving
+TF Serving (this folder is version 1 of model gpt2; each decoding step is compiled with XLA,
+which TF Serving's CPU build runs only with --xla_cpu_compilation_enabled=true):
+  docker run -p 8501:8501 -v "{mount}:/models/gpt2/1" -e MODEL_NAME=gpt2 \\
+      tensorflow/serving --xla_cpu_compilation_enabled=true
   curl -d '{{"signature_name": "generate", "inputs": {{"tokens": [[{eot}]], "max_new_tokens": 20,
       "temperature": 0.8, "top_k": 40, "top_p": 0.0, "seed": 0}}}}' \\
       localhost:8501/v1/models/gpt2:predict
@@ -202,6 +204,7 @@ def export_savedmodel(
     readme = README.format(
         model=Path(model_folder).as_posix(),
         folder=out.as_posix(),
+        mount=out.as_posix() if out.is_absolute() else f"$PWD/{out.as_posix()}",
         eot=model.encoder.eot_token,
         repetition_penalty=sampling.repetition_penalty,
         **model.hparams,
