@@ -57,6 +57,8 @@ NOT_RUN = {
         "needs cloud storage, its credentials and a DVC extra",
     ("docs/serving.md", ".venv/bin/pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"):  # noqa: E501
         "downloads torch from the internet",
+    ("docs/serving.md", 'docker run -p 8501:8501 -v "$PWD/models/finetuned-savedmodel:/models/gpt2/1" \\'):  # noqa: E501
+        "needs Docker and the tensorflow/serving image",
 }  # fmt: skip
 
 ELSEWHERE = "run: on another machine"
