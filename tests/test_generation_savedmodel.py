@@ -228,6 +228,34 @@ def test_the_export_stage_writes_the_savedmodel_when_switched_on(tmp_path, tiny_
     assert "--format savedmodel" in (out / "README.txt").read_text(encoding="utf-8")
 
 
+# An export under a 20 KB file-size limit (SIGXFSZ ignored: writes fail with EFBIG), as on a
+# full disk: TensorFlow's own writes (saved_model.pb, variables/) fail.
+LIMITED_EXPORT = textwrap.dedent(
+    """
+    import resource, signal, sys
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (20000, resource.RLIM_INFINITY))
+    from gpt2tune.errors import Gpt2tuneError
+    from gpt2tune.generation.savedmodel import export_savedmodel
+    try:
+        export_savedmodel(sys.argv[1], sys.argv[2])
+    except Gpt2tuneError as e:
+        sys.exit(f"error: {e}")
+    """
+)
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_the_export_is_one_line_and_leaves_nothing(exported, tmp_path):
+    _, model_folder, _ = exported
+    out = tmp_path / "disk" / "sm"
+    proc = run_in(tmp_path, sys.executable, "-c", LIMITED_EXPORT, str(model_folder), str(out))
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and lines[-1].startswith("error: could not write"), proc.stderr
+    assert "File too large" in lines[-1] and "check free disk space" in lines[-1], lines[-1]
+    assert list((tmp_path / "disk").iterdir()) == []  # no SavedModel, no temporary folder
+
+
 def test_an_export_with_subfolders_is_replaced_only_if_its_marker_lists_every_file(tmp_path):
     """A SavedModel's files are in subfolders; the marker lists them by relative path. What
     is not listed (a file, a folder, a link) would be deleted by the next export: refused."""

@@ -29,7 +29,7 @@ from pathlib import Path
 import tensorflow as tf
 
 from gpt2tune.config.params import Sampling
-from gpt2tune.errors import Gpt2tuneError
+from gpt2tune.errors import Gpt2tuneError, first_line
 from gpt2tune.generation import sampler
 from gpt2tune.model import hf
 from gpt2tune.model.checkpoint import load_model
@@ -210,7 +210,10 @@ def export_savedmodel(
         **model.hparams,
     )
     with hf.export_folder(out) as tmp:
-        tf.saved_model.save(servable, str(tmp), signatures=signatures)
+        try:
+            tf.saved_model.save(servable, str(tmp), signatures=signatures)
+        except tf.errors.OpError as e:  # TensorFlow's own file writes: a full disk, say
+            raise OSError(first_line(e)) from None
         for name in ("encoder.json", "vocab.bpe"):
             (tmp / name).write_bytes(model.encoder.files[name])
         (tmp / "README.txt").write_text(readme, encoding="utf-8")
