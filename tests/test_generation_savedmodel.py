@@ -2,8 +2,9 @@
 a fresh Python that never imports gpt2tune loads it with tf.saved_model.load and gets from its
 `generate` signature the ids gpt2tune.generate_tokens gives (greedy, sampled, and past the
 context, where the window slides), from `score` the model's log-probabilities within 1e-5;
-`saved_model_cli` lists both signatures; the weights are on disk once; the export folder
-rules hold for a folder with subfolders (variables/).
+`saved_model_cli` lists both signatures; the weights are on disk once; a full disk is one
+line and leaves nothing behind; the export folder rules hold for a folder with subfolders
+(variables/); the export stage's switch.
 
 The loading, listing and exporting run TensorFlow in subprocesses (each ~5-30 s of start-up
 and XLA compiling on 2 busy cores): slow. The folder rules need no TensorFlow: default.
