@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from helpers.projects import seed_mlflow_store
+from helpers.tracking import encoded_dir
 from mlflow.tracking import MlflowClient
 
 from gpt2tune.config.params import MlflowParams
@@ -260,19 +261,6 @@ def test_offline_run_whose_journal_is_gone_continues_in_a_new_run(workdir, capsy
         # The stages after it find the same run through the offline id.
         with tracking.reopen_run(cfg) as again:
             assert again.info.run_id == got.info.run_id
-
-
-def encoded_dir(root: Path, train: list[int], val: list[int]) -> tuple[Path, dict]:
-    """A data/encoded as the encode stage leaves it: train.npy, val.npy and their stats."""
-    import numpy as np
-
-    out = root / "data" / "encoded"
-    out.mkdir(parents=True, exist_ok=True)
-    np.save(out / "train.npy", np.array(train, dtype=np.uint16))
-    np.save(out / "val.npy", np.array(val, dtype=np.uint16))
-    stats = {"n_vocab": 50257, "train_tokens": len(train), "val_tokens": len(val)}
-    (out / "stats.json").write_text(json.dumps(stats))
-    return out, stats
 
 
 def test_runs_name_their_token_sets_and_share_them(workdir):
