@@ -58,7 +58,7 @@ def test_mlflow_ui_shows_the_datasets_and_compares_the_text(tmp_path, monkeypatc
         ml = "workflowType=machine_learning"  # MLflow 3.17's sidebar switch: Model training
         page = page_text(f"{server.url}/#/experiments/{exp}/runs/{run_id}?{ml}", tmp_path)
         digest = next(r["digest"] for r in sets if r["name"] == "kant.txt-train")
-        assert f"Datasets kant.txt-train ({digest}) Training" in page, page[:3000]
+        assert f"Datasets kant.txt-train ({digest}) training" in page, page[:3000]
         url = f"{server.url}/#/experiments/{exp}/runs?compareRunsMode=ARTIFACT&{ml}"
         page = page_text(url, tmp_path)
         assert "Table: samples/table.json Group by: step Compare: text" in page, page[:3000]
