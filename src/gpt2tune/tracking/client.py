@@ -175,7 +175,10 @@ class MlflowRun:
                 elif exp is not None:
                     self.experiment_id = exp.experiment_id
                     if KIND_TAG not in exp.tags:  # made before gpt2tune tagged experiments
-                        self.client.set_experiment_tag(exp.experiment_id, KIND_TAG, KIND)
+                        try:
+                            self.client.set_experiment_tag(exp.experiment_id, KIND_TAG, KIND)
+                        except Exception:  # noqa: BLE001 - a label: never a reason to stop
+                            pass
                 else:
                     location = None
                     if self.uri.startswith("sqlite:"):
