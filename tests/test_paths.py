@@ -25,8 +25,8 @@ def named_paths() -> set[str]:
 
 
 def dvc_paths() -> set[str]:
-    """The paths of dvc.yaml's stages (deps, outs, metrics) and plots, base models as named by
-    paths.base_model."""
+    """The paths of dvc.yaml's stages (deps, outs, metrics), plots and artifacts, base models
+    as named by paths.base_model."""
     found: set[str] = set()
     for spec in DVC["stages"].values():
         for field in ("deps", "outs", "metrics"):
@@ -35,6 +35,7 @@ def dvc_paths() -> set[str]:
     for plot in DVC.get("plots", []):
         for spec in plot.values():
             found.update(spec["y"])
+    found.update(artifact["path"] for artifact in DVC.get("artifacts", {}).values())
     model = paths.base_model("${model.name}").as_posix()
     return {model if p == model else p for p in found}
 

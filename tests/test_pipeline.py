@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from helpers import REPO
 from helpers.httpserver import FolderServer
 from helpers.mlflowserver import MlflowServer
@@ -161,6 +162,17 @@ def test_repro_runs_every_stage(project):
     assert float(run.data.params["train.learning_rate"]) == 0.001
     assert run.data.params["model.name"] == "tiny"
     assert run.data.tags["git.commit"] == git(root, "rev-parse", "HEAD")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # model training
+    # Its Datasets: the token sets, by DVC's hash of each (data/encoded's listing in the DVC
+    # cache), from data.path, with their token counts.
+    listing = encoded_hashes(root)
+    stats = json.loads((root / "data" / "encoded" / "stats.json").read_text())
+    inputs = {i.dataset.name: i.dataset for i in run.inputs.dataset_inputs}
+    assert {n: (d.digest, json.loads(d.source)["uri"], json.loads(d.profile)["tokens"])
+            for n, d in inputs.items()} == {
+        f"dset.txt-{s}": (listing[f"{s}.npy"], "data/dset.txt", stats[f"{s}_tokens"])
+        for s in ("train", "val")
+    }  # fmt: skip
 
     def artifacts(path: str) -> list[str]:
         return sorted(a.path for a in client.list_artifacts(run.info.run_id, path))
@@ -198,6 +210,13 @@ def test_repro_runs_every_stage(project):
     assert run.data.tags["mlflow.loggedArtifacts"] == json.dumps(
         [{"path": "samples/table.json", "type": "table"}]
     )
+
+
+def encoded_hashes(root: Path) -> dict[str, str]:
+    """DVC's hash of each file of data/encoded: the .dir listing dvc.lock names, in the cache."""
+    [out] = yaml.safe_load((root / "dvc.lock").read_text())["stages"]["encode"]["outs"]
+    listing = root / ".dvc" / "cache" / "files" / "md5" / out["md5"][:2] / out["md5"][2:]
+    return {entry["relpath"]: entry["md5"] for entry in json.loads(listing.read_text())}
 
 
 def download_table(client, run_id: str, dest: Path) -> list[dict]:
@@ -239,6 +258,9 @@ def test_exp_run_is_a_second_mlflow_run(project):
     run = client.get_run(second["run_id"])
     assert run.info.experiment_id == first["experiment_id"]
     assert float(run.data.params["train.learning_rate"]) == 0.002
+    datasets = [sorted((i.dataset.name, i.dataset.digest) for i in r.inputs.dataset_inputs)
+                for r in (run, client.get_run(first["run_id"]))]  # fmt: skip
+    assert datasets[0] == datasets[1] and len(datasets[0]) == 2  # the same tokens: shared
     refs = git(project.root, "for-each-ref", "--format=%(refname)", "refs/exps").split()
     exp_names = [ref.rsplit("/", 1)[1] for ref in refs]
     assert run.data.tags.get("dvc.exp_name") in exp_names, (run.data.tags, exp_names)

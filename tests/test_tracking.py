@@ -13,12 +13,14 @@ from pathlib import Path
 
 import pytest
 from helpers.projects import seed_mlflow_store
+from helpers.tracking import encoded_dir
 from mlflow.tracking import MlflowClient
 
 from gpt2tune.config.params import MlflowParams
 from gpt2tune.tracking import journal
 from gpt2tune.tracking import run as tracking
 from gpt2tune.tracking.client import resolve_tracking_uri
+from gpt2tune.tracking.datasets import token_sets
 
 PARAMS = {"train.steps": 8, "model.name": "tiny"}
 SECRET = "s3cret-pw"
@@ -129,6 +131,7 @@ def test_server_down_at_start_is_replayed_by_the_next_stage(workdir, server, mon
         tracking.log_text("a sample", "samples/train/step_000004.txt")
         for step in (4, 8):  # kept, then appended to the one table in order when replayed
             tracking.log_table({"step": [step], "text": [f"at {step}"]}, "samples/table.json")
+        tracking.log_datasets(token_sets(*encoded_dir(workdir, [1, 2, 3], [4]), "d.txt"))
     info = json.loads((workdir / "metrics" / "mlflow_run.json").read_text())
     assert info["run_id"] == offline_id
     kept = workdir / "metrics" / "mlflow_offline" / f"{offline_id}.jsonl"
@@ -155,6 +158,7 @@ def test_server_down_at_start_is_replayed_by_the_next_stage(workdir, server, mon
         Path(client.download_artifacts(run_id, "samples/table.json", "t")).read_text()
     )
     assert table == {"columns": ["step", "text"], "data": [[4, "at 4"], [8, "at 8"]]}
+    assert sorted(i.dataset.name for i in got.inputs.dataset_inputs) == ["d.txt-train", "d.txt-val"]
     assert got.info.status == "FINISHED"
 
     # A resumed training with the local id lands in the same run, without repeating steps.
@@ -257,3 +261,55 @@ def test_offline_run_whose_journal_is_gone_continues_in_a_new_run(workdir, capsy
         # The stages after it find the same run through the offline id.
         with tracking.reopen_run(cfg) as again:
             assert again.info.run_id == got.info.run_id
+
+
+def test_runs_name_their_token_sets_and_share_them(workdir):
+    """Each training run's Datasets: its train and val tokens, by content (the .npy's MD5),
+    source and token counts; runs on the same tokens share them, a resumed run adds none,
+    and other tokens are other datasets. The experiment is a model-training one."""
+    import hashlib
+
+    cfg = MlflowParams(tracking_uri="sqlite:///mlflow.db", experiment="lineage")
+    client = MlflowClient(resolve_tracking_uri(cfg.tracking_uri))
+    folder, stats = encoded_dir(workdir, [1, 2, 3, 4, 5], [6, 7])
+    sets = token_sets(folder, stats, "data/dset.txt")
+    run_ids = []
+    for resume in (None, None, "first"):
+        with tracking.training_run(cfg, PARAMS, run_ids[0] if resume else None) as run:
+            tracking.log_datasets(sets)
+            run_ids.append(run.info.run_id)
+    first, second = (client.get_run(r).inputs.dataset_inputs for r in run_ids[:2])
+    assert len(first) == 2 and run_ids[2] == run_ids[0]  # resumed: no third input
+    got = {i.dataset.name: i for i in first}
+    assert sorted(got) == ["dset.txt-train", "dset.txt-val"]
+    for split, n in (("train", 5), ("val", 2)):
+        d = got[f"dset.txt-{split}"].dataset
+        assert d.digest == hashlib.md5((folder / f"{split}.npy").read_bytes()).hexdigest()
+        assert json.loads(d.source) == {"uri": "data/dset.txt"} and d.source_type == "local"
+        assert json.loads(d.profile) == {"tokens": n, "n_vocab": 50257}
+        assert "uint16" in d.schema
+        context = {t.key: t.value for t in got[f"dset.txt-{split}"].tags}["mlflow.data.context"]
+        assert context == {"train": "training", "val": "validation"}[split]
+    assert sorted((i.dataset.name, i.dataset.digest) for i in second) == sorted(
+        (i.dataset.name, i.dataset.digest) for i in first
+    )
+    # Other tokens, a separate validation text: other digests, the val set's own source.
+    folder, stats = encoded_dir(workdir, [1, 2, 3, 4, 6], [6, 7])
+    other = {r["name"]: r for r in token_sets(folder, stats, "data/dset.txt", "data/v.txt")}
+    assert sorted(other) == ["dset.txt-train", "v.txt-val"]
+    assert other["dset.txt-train"]["digest"] != got["dset.txt-train"].dataset.digest
+    assert json.loads(other["v.txt-val"]["source"]) == {"uri": "data/v.txt"}
+
+    exp = client.get_experiment_by_name("lineage")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_experiments_made_before_get_the_kind_unless_they_have_one(workdir):
+    client = MlflowClient(resolve_tracking_uri("sqlite:///mlflow.db"))
+    old = client.create_experiment("old")  # made by an earlier gpt2tune: no kind
+    genai = client.create_experiment("mine", tags={"mlflow.experimentKind": "genai_development"})
+    for name in ("old", "mine"):
+        with tracking.training_run(MlflowParams(experiment=name), PARAMS):
+            pass
+    assert client.get_experiment(old).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert client.get_experiment(genai).tags["mlflow.experimentKind"] == "genai_development"

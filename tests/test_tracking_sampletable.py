@@ -30,7 +30,7 @@ def test_training_row_settings_give_its_text_again(base_dir, tmp_path):
         log_sample=lambda text, step: samples.append((step, text)))  # fmt: skip
     [(step, text)] = samples  # taken after the last step: the weights `model` ends with
     table = training_rows(text, step, c)
-    assert list(table) == ["step", "prompt", "index", "text", *SETTINGS]
+    assert list(table) == ["step", "text", "prompt", "index", *SETTINGS]
     assert (table["step"], table["prompt"], table["text"]) == ([4], [""], [text])
     assert (table["seed"], table["length"], table["temperature"]) == ([7], [6], [1.0])
     assert generate(model, None, sampling=settings_of(table, 0)) == [text]
@@ -57,4 +57,4 @@ def test_sample_stage_rows(base_dir, tmp_path, monkeypatch):
     (tmp_path / "metrics").mkdir()
     (tmp_path / "metrics" / "train.json").write_text(json.dumps({"steps": 6}))
     assert sample_stage_rows(records, p, steps=9)["step"] == [6] * 4
-    assert rows(3, [], p) == {k: [] for k in ["step", "prompt", "index", "text", *SETTINGS]}
+    assert rows(3, [], p) == {k: [] for k in ["step", "text", "prompt", "index", *SETTINGS]}

@@ -108,6 +108,7 @@ def train(p: Params, args: argparse.Namespace) -> None:
 
     from gpt2tune.tracking import run as tracking
     from gpt2tune.tracking import sampletable
+    from gpt2tune.tracking.datasets import token_sets
     from gpt2tune.train import distribute, loop, report, runstate
     from gpt2tune.train.signals import Stopped
 
@@ -134,6 +135,7 @@ def train(p: Params, args: argparse.Namespace) -> None:
         with tracking.training_run(p.mlflow, p.flat(), run_id, name=report.run_name(p),
                                    tags=report.run_description(p, stats),
                                    run_folder=RUN_DIR) as run:  # fmt: skip
+            tracking.log_datasets(token_sets(ENCODED, stats, p.data.path, p.data.val_path))
             try:  # a complete run (killed after its last checkpoint) is reported, not retrained
                 metrics, history = loop.fit(
                     model, train_tokens, val_tokens, p.train, RUN_DIR,

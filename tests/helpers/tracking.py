@@ -1,8 +1,10 @@
 """MLflow servers that misbehave (a port that accepts and never answers) and a training
-tracked against one, timed part by part (tests/test_tracking_stalls.py and bench/tracking.py)."""
+tracked against one, timed part by part (tests/test_tracking_stalls.py and bench/tracking.py);
+a data/encoded to log as a run's datasets."""
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -85,3 +87,16 @@ def tracked_training(model, train_tokens, val_tokens, cfg: TrainParams, run_dir:
             state_extra={"mlflow_run_id": run.info.run_id}, progress=False)  # fmt: skip
         t2 = time.monotonic()
     return Waits(t1 - t0, t2 - t_fit, in_calls, time.monotonic() - t2), run
+
+
+def encoded_dir(root: Path, train: list[int], val: list[int]) -> tuple[Path, dict]:
+    """root/data/encoded as the encode stage leaves it: train.npy, val.npy and their stats."""
+    import numpy as np
+
+    out = root / "data" / "encoded"
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / "train.npy", np.array(train, dtype=np.uint16))
+    np.save(out / "val.npy", np.array(val, dtype=np.uint16))
+    stats = {"n_vocab": 50257, "train_tokens": len(train), "val_tokens": len(val)}
+    (out / "stats.json").write_text(json.dumps(stats))
+    return out, stats

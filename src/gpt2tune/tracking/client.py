@@ -111,6 +111,10 @@ def resolve_tracking_uri(uri: str) -> str:
 
 EXP_TAG = "dvc.exp_name"  # the DVC experiment of a run, and of a registered model version
 
+# What an experiment is for, to MLflow 3's UI: model training, not a GenAI app (whose page
+# opens on traces). A kind the experiment already has (the user's) is left as it is.
+KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
+
 # How long a stage waits for another process to finish opening (creating) a sqlite store.
 STORE_LOCK_WAIT_S = 300.0
 
@@ -170,6 +174,11 @@ class MlflowRun:
                     deleted = exp.experiment_id
                 elif exp is not None:
                     self.experiment_id = exp.experiment_id
+                    if KIND_TAG not in exp.tags:  # made before gpt2tune tagged experiments
+                        try:
+                            self.client.set_experiment_tag(exp.experiment_id, KIND_TAG, KIND)
+                        except Exception:  # noqa: BLE001 - a label: never a reason to stop
+                            pass
                 else:
                     location = None
                     if self.uri.startswith("sqlite:"):
@@ -178,7 +187,7 @@ class MlflowRun:
                         # mlflow.db.
                         location = (project_root() / "mlartifacts").as_uri()
                     self.experiment_id = self.client.create_experiment(
-                        self.experiment, artifact_location=location
+                        self.experiment, artifact_location=location, tags={KIND_TAG: KIND}
                     )
         except LockBusy as e:  # as for a sqlite store locked by another process: wait later
             raise Unreachable(
@@ -249,6 +258,10 @@ class MlflowRun:
             self._continue(op["params"], op.get("name"))
         elif kind == "status":  # update_run would leave end_time unset: no duration in the UI
             c.set_terminated(self.run_id, status=op["status"], end_time=op.get("ts"))
+        elif kind == "inputs":  # the token sets (gpt2tune.tracking.datasets); MLflow dedups
+            from gpt2tune.tracking.datasets import dataset_inputs
+
+            c.log_inputs(self.run_id, datasets=dataset_inputs(op["datasets"]))
         elif kind == "model":
             from gpt2tune.servable import send_model
 

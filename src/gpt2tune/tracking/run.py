@@ -357,6 +357,13 @@ def log_table(data: dict[str, list], artifact_file: str) -> None:
     _current().call({"op": "table", "data": data, "file": artifact_file})
 
 
+def log_datasets(records: list[dict]) -> None:
+    """Log the training's token sets as the run's dataset inputs (records of
+    gpt2tune.tracking.datasets.token_sets); logging them again, as a resumed training does,
+    adds nothing."""
+    _current().call({"op": "inputs", "datasets": records})
+
+
 def log_folder(folder: str | os.PathLike, artifact_path: str) -> None:
     path = str(Path(folder).resolve())
     _current().call({"op": "folder", "path": path, "artifact_path": artifact_path})

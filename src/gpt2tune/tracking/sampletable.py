@@ -1,6 +1,7 @@
 """The samples table: every text sample as one row of an MLflow table, so that MLflow's UI
 (a run's Artifacts tab, or the experiment's Evaluation view across runs) sets the samples of
-several runs side by side, matched by step and prompt.
+several runs side by side, matched by step (add prompt and index to "Group by" for the sample
+stage's rows), the text compared.
 
 Training samples (every `train.sample_every` steps) and the sample stage's go to the same
 table, `samples/table.json` of the training's run; `samples/samples.json` and `samples.md` stay
@@ -22,11 +23,16 @@ from gpt2tune.train.loop import training_sampling
 TABLE = "samples/table.json"
 
 
+# The column order is what MLflow's Evaluation view opens on: it groups by the first column
+# and compares the next (unless one is called "output"), so text comes right after step.
+COLUMNS = ("step", "text", "prompt", "index")
+
+
 def rows(step: int, records: list[dict], sampling: Sampling) -> dict[str, list]:
-    """Columns step, prompt ("" = unconditional), index, text, then every sampling setting;
+    """Columns step, text, prompt ("" = unconditional), index, then every sampling setting;
     one row per record of gpt2tune.generation.samples.sample_records."""
     settings = {f.name: getattr(sampling, f.name) for f in dataclasses.fields(Sampling)}
-    table: dict[str, list] = {k: [] for k in ("step", "prompt", "index", "text", *settings)}
+    table: dict[str, list] = {k: [] for k in (*COLUMNS, *settings)}
     for r in records:
         row = dict(step=step, prompt=r["prompt"] or "", index=r["index"], text=r["text"])
         for k, v in {**row, **settings}.items():
