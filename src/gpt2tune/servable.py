@@ -33,9 +33,14 @@ What ``predict`` takes and gives (:class:`GPT2Completer`):
 
 The model is "models from code" (MLflow's own recommendation): MLflow keeps a three-line
 script, :mod:`gpt2tune.mlflow_model_code`, that builds the :class:`GPT2Completer` when the model
-loads, so nothing is unpickled; it imports gpt2tune, which must be installed where the model
-is served (``--env-manager local`` in the environment that has it). The project folder is not
-needed: the weights and tokenizer come from the model's own artifact.
+loads, so nothing is unpickled. The model is self-contained: it carries the gpt2tune package
+as it was when logged (``code/gpt2tune``, MLflow's ``code_paths``, first on ``sys.path`` when
+it loads; a process that imported gpt2tune before keeps its own), its ``requirements.txt``
+pins what that code imports to the versions it was logged with, and its ``constraints.txt``
+pins everything those need in turn, so any environment MLflow builds from them
+(``--env-manager local``, ``virtualenv``, ``uv``, ``build-docker``) loads it without gpt2tune
+installed. The project folder is not needed: the weights and tokenizer come from the model's
+own artifact. A model logged before it carried its code imports the installed gpt2tune.
 
 Served by ``mlflow models serve``, the model also ends its process within seconds of SIGTERM
 or SIGINT (see :func:`_end_on_signals`); uvicorn alone would wait for a running generation to
