@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -159,23 +160,32 @@ def post(url: str, body: dict) -> dict:
 
 
 @contextmanager
-def serving(uri: str, version: int, tmp_path, python: str = sys.executable):
+def serving(
+    uri: str, version: int, tmp_path, python: str = sys.executable, env_root: Path | None = None
+):
     """`mlflow models serve` of version `version` by `python`'s MLflow, in its own process
-    group, once /ping answers: yields (url, the `mlflow` process, its log file)."""
+    group, once /ping answers: yields (url, the `mlflow` process, its log file). With
+    `env_root`, `--env-manager virtualenv`: MLflow first builds the model's own virtualenv
+    there (MLFLOW_ENV_ROOT) from its python_env.yaml and requirements.txt, which takes minutes."""
     port = free_ports(1)[0]
+    manager = "virtualenv" if env_root else "local"
     cmd = [
         python, "-m", "mlflow", "models", "serve", "-m", f"models:/{NAME}/{version}",
-        "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        "--env-manager", manager, "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
     ]  # fmt: skip
-    log = tmp_path / f"serve-{version}.log"
+    env = fresh_env(uri, python)
+    if env_root:  # the model's virtualenv gets nothing of the checkout
+        env["MLFLOW_ENV_ROOT"] = str(env_root)
+        env.pop("PYTHONPATH", None)
+    log = tmp_path / f"serve-{version}-{manager}.log"
     with open(log, "wb") as out:
         server = subprocess.Popen(
-            cmd, cwd=tmp_path, env=fresh_env(uri, python), stdout=out, stderr=subprocess.STDOUT,
+            cmd, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True,  # its uvicorn worker is in the same process group
         )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + (1800 if env_root else 180)
         while True:
             try:
                 with urllib.request.urlopen(url + "/ping", timeout=2) as r:
@@ -420,25 +430,42 @@ def test_the_logged_model_carries_its_code_and_pins_what_it_needs(logged, tmp_pa
     assert not {"gpt2tune", "torch", "dvc"} & set(constraints)
 
 
-@pytest.mark.slow
-def test_a_venv_of_the_models_requirements_alone_loads_and_serves_it(logged, model_dir, tmp_path):
-    """Serving anywhere: a fresh virtualenv built from the logged model's requirements.txt
-    (and so its constraints.txt) alone, without gpt2tune or torch and without the checkout on
-    its path, loads the model with mlflow.pyfunc.load_model and serves it with `mlflow models
-    serve --env-manager local`, answering as gpt2tune.generate does here at the same seed.
-
-    The install fetches TensorFlow (~570 MB) and ~110 other wheels: minutes (see
-    docs/serving.md)."""
-    model = downloaded(logged, tmp_path)
-    venv = tmp_path / "venv"
+def venv_of_requirements(model: Path, venv: Path) -> str:
+    """A fresh virtualenv with only what the model's requirements.txt (and so constraints.txt)
+    name, as `python -m venv` and pip make it: its python."""
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     python = str(venv / "bin" / "python")
-    env = fresh_env(logged["uri"], python)
     install = subprocess.run(
         [python, "-m", "pip", "install", "-q", "-r", str(model / "requirements.txt")],
-        env=env, capture_output=True, text=True, timeout=1500,
+        env=fresh_env("", python), capture_output=True, text=True, timeout=1800,
     )  # fmt: skip
     assert install.returncode == 0, install.stderr[-3000:]
+    return python
+
+
+@pytest.mark.slow
+def test_a_venv_of_the_models_requirements_alone_loads_and_serves_it(logged, model_dir, tmp_path):
+    """Serving anywhere: a fresh virtualenv built from the logged model's own environment
+    files alone (requirements.txt and its constraints.txt), without gpt2tune or torch and
+    without the checkout on its path, loads the model with mlflow.pyfunc.load_model and
+    serves it with `mlflow models serve --env-manager local`, answering as gpt2tune.generate
+    does here at the same seed.
+
+    Where pyenv is installed, the virtualenv is the one `mlflow models serve --env-manager
+    virtualenv` builds (python_env.yaml's Python, from pyenv), whose answer is checked too;
+    elsewhere `python -m venv` and `pip install -r requirements.txt` build it. Either way
+    the install fetches TensorFlow (~570 MB) and ~110 other wheels: minutes
+    (docs/serving.md)."""
+    body = {"inputs": PROMPTS, "params": {"length": 7, "seed": 11, "nsamples": 1}}
+    want = expected(model_dir, PROMPTS, length=7, seed=11, nsamples=1)
+    if shutil.which("pyenv"):
+        envs = tmp_path / "envs"
+        with serving(logged["uri"], 1, tmp_path, env_root=envs) as (url, _, _):
+            assert post(url + "/invocations", body)["predictions"] == want
+        [python] = [str(p) for p in envs.glob("*/bin/python")]  # the one MLflow built
+    else:
+        python = venv_of_requirements(downloaded(logged, tmp_path), tmp_path / "venv")
+    env = fresh_env(logged["uri"], python)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     probe = "import importlib.util as u; print([bool(u.find_spec(n)) for n in sys.argv[1:]])"
@@ -458,10 +485,8 @@ def test_a_venv_of_the_models_requirements_alone_loads_and_serves_it(logged, mod
     assert got["list"] == expected(model_dir, PROMPTS, length=6, seed=3)
     assert got["tuned"] == expected(model_dir, PROMPTS, **TUNED)
 
-    with serving(logged["uri"], 1, tmp_path, python) as (url, _, log):
-        body = {"inputs": PROMPTS, "params": {"length": 7, "seed": 11, "nsamples": 1}}
-        served = post(url + "/invocations", body)["predictions"]
-        assert served == expected(model_dir, PROMPTS, length=7, seed=11, nsamples=1)
-        (refused, reason) = REFUSED[0]
+    with serving(logged["uri"], 1, tmp_path, python) as (url, _, _):
+        assert post(url + "/invocations", body)["predictions"] == want
+        refused, reason = REFUSED[0]
         status, answer = invoke(url, refused)
         assert status == 400 and reason in answer["message"], answer
