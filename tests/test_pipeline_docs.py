@@ -51,7 +51,9 @@ NOT_RUN = {
         "installs from PyPI, then downloads GPT-2 124M and trains it 1000 steps",
     ("README.md", "mlflow ui --backend-store-uri sqlite:///mlflow.db   # http://127.0.0.1:5000: runs, loss curves,"):  # noqa: E501
         "a web UI that runs until stopped",
-    ("README.md", "python3 -m venv .venv && .venv/bin/pip install torch==2.13.0 && .venv/bin/pip install -e '.[dev,hf]' && .venv/bin/python -m pytest -q"):  # noqa: E501
+    ("README.md", "mlflow models build-docker -m models:/gpt2tune@candidate -n gpt2tune-serve"):
+        "needs Docker and network",
+    ("README.md", "python3 -m venv .venv && .venv/bin/pip install -c requirements/lock.txt torch==2.13.0 && .venv/bin/pip install -c requirements/lock.txt -e '.[dev,hf]' && .venv/bin/python -m pytest -q"):  # noqa: E501
         "installs from PyPI and runs the whole test suite",
     ("docs/experiments.md", "dvc remote add -d storage s3://bucket/path       # pip install 'dvc[s3]'"):  # noqa: E501
         "needs cloud storage, its credentials and a DVC extra",

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -19,6 +20,8 @@ import time
 import urllib.error
 import urllib.request
 from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
 
 import mlflow
 import pandas as pd
@@ -79,11 +82,17 @@ def expected(model_dir, prompts, **settings) -> list[str]:
     return [text for p in prompts for text in gpt2tune.generate(model, p, **kw)]
 
 
-def fresh_env(uri: str) -> dict[str, str]:
+def fresh_env(uri: str, python: str = sys.executable) -> dict[str, str]:
     """The registry's address, and the virtualenv's bin on PATH, as once it is activated
-    (`mlflow models serve` runs `uvicorn` from there)."""
-    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
-    return dict(os.environ, MLFLOW_TRACKING_URI=uri, TF_CPP_MIN_LOG_LEVEL="2", PATH=path)
+    (`mlflow models serve` runs `uvicorn` from there). The python of another virtualenv gets
+    nothing of this one: no PYTHONPATH (the checkout's src/), no VIRTUAL_ENV."""
+    path = os.pathsep.join([os.path.dirname(python), os.environ.get("PATH", "")])
+    env = dict(os.environ, MLFLOW_TRACKING_URI=uri, TF_CPP_MIN_LOG_LEVEL="2", PATH=path)
+    if python != sys.executable:
+        for name in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME"):
+            env.pop(name, None)
+        env["PYTHONNOUSERSITE"] = "1"
+    return env
 
 
 def test_run_holds_one_registered_mlflow_model(logged, model_dir):
@@ -113,6 +122,7 @@ print(json.dumps({
     "frame": m.predict(pd.DataFrame({"prompt": json.loads(sys.argv[2])})),
     "tuned": m.predict(json.loads(sys.argv[2]), params=json.loads(sys.argv[3])),
     "keras": "keras" in sys.modules,
+    "gpt2tune": sys.modules["gpt2tune"].__file__,
 }))
 """
 
@@ -150,23 +160,32 @@ def post(url: str, body: dict) -> dict:
 
 
 @contextmanager
-def serving(uri: str, version: int, tmp_path):
-    """`mlflow models serve` of version `version`, in its own process group, once /ping
-    answers: yields (url, the `mlflow` process, its log file)."""
+def serving(
+    uri: str, version: int, tmp_path, python: str = sys.executable, env_root: Path | None = None
+):
+    """`mlflow models serve` of version `version` by `python`'s MLflow, in its own process
+    group, once /ping answers: yields (url, the `mlflow` process, its log file). With
+    `env_root`, `--env-manager virtualenv`: MLflow first builds the model's own virtualenv
+    there (MLFLOW_ENV_ROOT) from its python_env.yaml and requirements.txt, which takes minutes."""
     port = free_ports(1)[0]
+    manager = "virtualenv" if env_root else "local"
     cmd = [
-        sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{NAME}/{version}",
-        "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        python, "-m", "mlflow", "models", "serve", "-m", f"models:/{NAME}/{version}",
+        "--env-manager", manager, "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
     ]  # fmt: skip
-    log = tmp_path / f"serve-{version}.log"
+    env = fresh_env(uri, python)
+    if env_root:  # the model's virtualenv gets nothing of the checkout
+        env["MLFLOW_ENV_ROOT"] = str(env_root)
+        env.pop("PYTHONPATH", None)
+    log = tmp_path / f"serve-{version}-{manager}.log"
     with open(log, "wb") as out:
         server = subprocess.Popen(
-            cmd, cwd=tmp_path, env=fresh_env(uri), stdout=out, stderr=subprocess.STDOUT,
+            cmd, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True,  # its uvicorn worker is in the same process group
         )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + (1800 if env_root else 180)
         while True:
             try:
                 with urllib.request.urlopen(url + "/ping", timeout=2) as r:
@@ -369,3 +388,105 @@ def test_a_model_logged_by_an_earlier_layout_loads(tmp_path):
     kw = {**got["params"], **settings}  # the logged defaults (sample.*), then the request's
     want = [t for p in PROMPTS for t in gpt2tune.generate(model, p, **kw)]
     assert got["tuned"] == want and len(want) == 2
+
+
+def downloaded(logged, tmp_path) -> Path:
+    """Version 1's folder, as MLflow keeps it in the registry."""
+    return Path(
+        mlflow.artifacts.download_artifacts(
+            f"models:/{NAME}/1", dst_path=str(tmp_path / "model"), tracking_uri=logged["uri"]
+        )
+    )
+
+
+def requirement_lines(path: Path) -> list[str]:
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_the_logged_model_carries_its_code_and_pins_what_it_needs(logged, tmp_path):
+    """Self-contained: the gpt2tune package as code/gpt2tune (no bytecode), requirements.txt
+    pinning what that code imports to the versions in use here, and constraints.txt pinning
+    everything those need in turn; neither names gpt2tune itself or torch."""
+    model = downloaded(logged, tmp_path)
+    package, code = Path(gpt2tune.__file__).parent, model / "code" / "gpt2tune"
+
+    def files(root: Path) -> list[str]:
+        return sorted(
+            p.relative_to(root).as_posix()
+            for p in root.rglob("*")
+            if p.is_file() and "__pycache__" not in p.parts
+        )
+
+    assert files(code) == files(package) and not list(code.rglob("__pycache__"))
+    reqs = requirement_lines(model / "requirements.txt")
+    assert reqs[-1] == "-c constraints.txt", reqs
+    pins = dict(line.split("==") for line in reqs[:-1])
+    assert set(pins) == set(servable._REQUIREMENTS)
+    assert all(metadata.version(name) == version for name, version in pins.items()), pins
+    constraints = dict(line.split("==") for line in requirement_lines(model / "constraints.txt"))
+    assert all(metadata.version(name) == version for name, version in constraints.items())
+    # What mlflow's server and tensorflow need are pinned too, and nothing of the project's.
+    assert {*pins, "uvicorn", "fastapi", "keras", "protobuf"} <= set(constraints)
+    assert not {"gpt2tune", "torch", "dvc"} & set(constraints)
+
+
+def venv_of_requirements(model: Path, venv: Path) -> str:
+    """A fresh virtualenv with only what the model's requirements.txt (and so constraints.txt)
+    name, as `python -m venv` and pip make it: its python."""
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    python = str(venv / "bin" / "python")
+    install = subprocess.run(
+        [python, "-m", "pip", "install", "-q", "-r", str(model / "requirements.txt")],
+        env=fresh_env("", python), capture_output=True, text=True, timeout=1800,
+    )  # fmt: skip
+    assert install.returncode == 0, install.stderr[-3000:]
+    return python
+
+
+@pytest.mark.slow
+def test_a_venv_of_the_models_requirements_alone_loads_and_serves_it(logged, model_dir, tmp_path):
+    """Serving anywhere: a fresh virtualenv built from the logged model's own environment
+    files alone (requirements.txt and its constraints.txt), without gpt2tune or torch and
+    without the checkout on its path, loads the model with mlflow.pyfunc.load_model and
+    serves it with `mlflow models serve --env-manager local`, answering as gpt2tune.generate
+    does here at the same seed.
+
+    Where pyenv is installed, the virtualenv is the one `mlflow models serve --env-manager
+    virtualenv` builds (python_env.yaml's Python, from pyenv), whose answer is checked too;
+    elsewhere `python -m venv` and `pip install -r requirements.txt` build it. Either way
+    the install fetches TensorFlow (~570 MB) and ~110 other wheels: minutes
+    (docs/serving.md)."""
+    body = {"inputs": PROMPTS, "params": {"length": 7, "seed": 11, "nsamples": 1}}
+    want = expected(model_dir, PROMPTS, length=7, seed=11, nsamples=1)
+    if shutil.which("pyenv"):
+        envs = tmp_path / "envs"
+        with serving(logged["uri"], 1, tmp_path, env_root=envs) as (url, _, _):
+            assert post(url + "/invocations", body)["predictions"] == want
+        [python] = [str(p) for p in envs.glob("*/bin/python")]  # the one MLflow built
+    else:
+        python = venv_of_requirements(downloaded(logged, tmp_path), tmp_path / "venv")
+    env = fresh_env(logged["uri"], python)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    probe = "import importlib.util as u; print([bool(u.find_spec(n)) for n in sys.argv[1:]])"
+    found = subprocess.run(
+        [python, "-c", f"import sys; {probe}", "gpt2tune", "torch", "mlflow"],
+        cwd=elsewhere, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert found.stdout.strip() == "[False, False, True]", found.stderr[-3000:]
+
+    proc = subprocess.run(
+        [python, "-c", LOAD, f"models:/{NAME}/1", json.dumps(PROMPTS), json.dumps(TUNED)],
+        cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert f"{os.sep}code{os.sep}gpt2tune{os.sep}" in got["gpt2tune"]  # the model's own copy
+    assert got["list"] == expected(model_dir, PROMPTS, length=6, seed=3)
+    assert got["tuned"] == expected(model_dir, PROMPTS, **TUNED)
+
+    with serving(logged["uri"], 1, tmp_path, python) as (url, _, _):
+        assert post(url + "/invocations", body)["predictions"] == want
+        refused, reason = REFUSED[0]
+        status, answer = invoke(url, refused)
+        assert status == 400 and reason in answer["message"], answer

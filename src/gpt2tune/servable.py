@@ -33,9 +33,14 @@ What ``predict`` takes and gives (:class:`GPT2Completer`):
 
 The model is "models from code" (MLflow's own recommendation): MLflow keeps a three-line
 script, :mod:`gpt2tune.mlflow_model_code`, that builds the :class:`GPT2Completer` when the model
-loads, so nothing is unpickled; it imports gpt2tune, which must be installed where the model
-is served (``--env-manager local`` in the environment that has it). The project folder is not
-needed: the weights and tokenizer come from the model's own artifact.
+loads, so nothing is unpickled. The model is self-contained: it carries the gpt2tune package
+as it was when logged (``code/gpt2tune``, MLflow's ``code_paths``, first on ``sys.path`` when
+it loads; a process that imported gpt2tune before keeps its own), its ``requirements.txt``
+pins what that code imports to the versions it was logged with, and its ``constraints.txt``
+pins everything those need in turn, so any environment MLflow builds from them
+(``--env-manager local``, ``virtualenv``, ``uv``, ``build-docker``) loads it without gpt2tune
+installed. The project folder is not needed: the weights and tokenizer come from the model's
+own artifact. A model logged before it carried its code imports the installed gpt2tune.
 
 Served by ``mlflow models serve``, the model also ends its process within seconds of SIGTERM
 or SIGINT (see :func:`_end_on_signals`); uvicorn alone would wait for a running generation to
@@ -51,9 +56,10 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import tempfile
 import threading
 import typing
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import fields
 from importlib import metadata
@@ -87,7 +93,13 @@ def _param_types() -> dict[str, type]:
 # left for check_sampling to refuse.
 PARAM_TYPES: dict[str, type] = _param_types()
 _CODE = Path(__file__).with_name("mlflow_model_code.py")
-_REQUIREMENTS = ("mlflow", "tensorflow", "numpy", "pandas", "regex", "tiktoken")
+# gpt2tune itself, carried inside every logged model as code/gpt2tune (MLflow's code_paths,
+# without __pycache__), so that the model loads where gpt2tune is not installed.
+_PACKAGE = Path(__file__).parent
+# The distributions the carried code imports when the model loads and predicts: servable,
+# model/, generation/ and config/ (pyyaml: config.schema). tests/test_servable.py loads and
+# serves a logged model in a fresh venv of its requirements.txt alone, which a missing one fails.
+_REQUIREMENTS = ("mlflow", "tensorflow", "numpy", "pandas", "regex", "tiktoken", "pyyaml")
 
 
 class RequestRefused(MlflowException):
@@ -326,7 +338,7 @@ def pip_requirements() -> list[str]:
     """What gpt2tune's model code imports, pinned to the versions it was logged with.
 
     Given explicitly so that MLflow does not load the model in a subprocess to guess them.
-    gpt2tune itself is not on PyPI: install it where the model is served.
+    gpt2tune itself is not among them: the model carries its code (code_paths).
     """
     reqs = []
     for name in _REQUIREMENTS:
@@ -335,6 +347,52 @@ def pip_requirements() -> list[str]:
         except metadata.PackageNotFoundError:
             reqs.append(name)
     return reqs
+
+
+def pinned_closure(names: Iterable[str]) -> list[str]:
+    """Every installed distribution that `names` need, theirs in turn and so on, as
+    `name==version`: the model's constraints.txt, so that an environment built from its
+    requirements gets the very versions it was logged with, not whatever is newest then.
+
+    A requirement's extras count only where asked for (`uvicorn[standard]`); one whose
+    marker does not hold here (another platform or Python) and one not installed are left out.
+    """
+    from packaging.requirements import InvalidRequirement, Requirement
+    from packaging.utils import canonicalize_name
+
+    pins: dict[str, str] = {}
+    done: set[tuple[str, frozenset[str]]] = set()
+    todo = [(name, frozenset()) for name in names]
+    while todo:
+        name, extras = todo.pop()
+        key = canonicalize_name(name)
+        if (key, extras) in done:
+            continue
+        done.add((key, extras))
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            continue
+        pins[key] = dist.version
+        for line in dist.requires or []:
+            try:
+                req = Requirement(line)
+            except InvalidRequirement:
+                continue
+            if req.marker is None or any(req.marker.evaluate({"extra": e}) for e in {"", *extras}):
+                todo.append((req.name, frozenset(req.extras)))
+    return [f"{key}=={version}" for key, version in sorted(pins.items())]
+
+
+@contextmanager
+def _requirements() -> Iterator[list[str]]:
+    """log_model's pip_requirements: the pins of pip_requirements() and `-c` a constraints
+    file of their pinned_closure(), which MLflow copies into the model (constraints.txt,
+    named in its requirements.txt as `-c constraints.txt`)."""
+    with tempfile.TemporaryDirectory(prefix="gpt2tune-reqs-") as tmp:
+        constraints = Path(tmp, "constraints.txt")
+        constraints.write_text("\n".join(pinned_closure(_REQUIREMENTS)) + "\n")
+        yield [*pip_requirements(), f"-c {constraints}"]
 
 
 def send_model(uri: str, run_id: str, op: dict) -> None:
@@ -349,17 +407,18 @@ def send_model(uri: str, run_id: str, op: dict) -> None:
     try:
         # The fluent API logs to the active run: reopen the training's; leaving it marks the
         # run FINISHED, and the gpt2tune session then sets its own final status.
-        with mlflow.start_run(run_id=run_id), _quiet_mlflow():
+        with mlflow.start_run(run_id=run_id), _quiet_mlflow(), _requirements() as reqs:
             info = mlflow.pyfunc.log_model(
                 name=MODEL_NAME,
                 python_model=str(_CODE),
+                code_paths=[str(_PACKAGE)],  # the model loads without gpt2tune installed
                 artifacts={ARTIFACT: str(folder)},
                 signature=signature(defaults),
                 # The caps; an offline record from before them: ServeParams' defaults.
                 model_config=op.get("serve") or caps_dict(ServeParams()),
                 # A short request, so that MLflow's check that the example loads is quick.
                 input_example=(["Human reason", ""], {"length": 4, "nsamples": 1}),
-                pip_requirements=pip_requirements(),
+                pip_requirements=reqs,
             )
         print(f"logged the model to MLflow run {run_id} as {info.model_uri}")
         if op["registered_model"]:
