@@ -273,6 +273,61 @@ def evaluate(p: Params, args: argparse.Namespace) -> None:
             print(f"logged to MLflow run {run.info.run_id}")
 
 
+def score(p: Params, args: argparse.Namespace) -> None:
+    """Print one JSON line per text: its tokens, total and mean log-probability and perplexity
+    under --model (and with --tokens each token's), see gpt2tune.generation.score. The texts
+    are the arguments, or --file's lines (a .jsonl file's --field)."""
+    from gpt2tune.files import check_model_folder
+
+    check_model_folder(args.model, "--model")
+    texts = _score_texts(args)  # a bad file fails before TensorFlow's start-up
+    import_tensorflow_quietly()
+    from gpt2tune import load_model
+    from gpt2tune.generation.score import score as score_texts
+
+    results = score_texts(load_model(args.model), texts, tokens=args.tokens,
+                          batch_size=args.batch_size)  # fmt: skip
+    for r in results:
+        print(json.dumps(r, ensure_ascii=False))
+
+
+def _score_texts(args: argparse.Namespace) -> list[str]:
+    """The texts of `gpt2tune score`: its arguments, or --file's non-empty lines (.jsonl:
+    each line's --field), checked with one line naming the file, line and fix."""
+    from gpt2tune.errors import Gpt2tuneError
+
+    if bool(args.texts) == bool(args.file):
+        raise Gpt2tuneError("gpt2tune score: give texts as arguments or --file PATH (one of them)")
+    if args.batch_size < 1:
+        raise Gpt2tuneError(f"--batch-size = {args.batch_size}: must be at least 1")
+    if args.texts:
+        return list(args.texts)
+    try:
+        lines = Path(args.file).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise Gpt2tuneError(f"--file {args.file}: cannot read it as UTF-8 text ({e})") from None
+    texts = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if not args.file.endswith(".jsonl"):
+            texts.append(line)
+            continue
+        try:
+            value = json.loads(line)[args.field]
+        except (ValueError, KeyError, TypeError, IndexError):
+            value = None
+        if not isinstance(value, str):
+            raise Gpt2tuneError(
+                f"--file {args.file} line {n}: not a JSON object with a string field "
+                f"{args.field!r}; fix the line or give --field"
+            )
+        texts.append(value)
+    if not texts:
+        raise Gpt2tuneError(f"--file {args.file}: no text in it (empty lines are skipped)")
+    return texts
+
+
 def promote(p: Params, args: argparse.Namespace) -> None:
     """Move mlflow.registered_alias (@candidate) to the version of a DVC experiment, or to a
     version number: how an experiment run with `dvc exp run --temp/--queue`, which registers
