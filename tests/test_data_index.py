@@ -44,7 +44,7 @@ def test_a_planted_span_is_reported_exactly(tmp_path):
     sample[70:120] = corpus[at : at + 50]
     # The tokens around the span differ from the corpus's, so the run is exactly 50 long.
     sample[69], sample[120] = (corpus[at - 1] + 1) % eot, (corpus[at + 50] + 1) % eot
-    r = ix.report(index, sample, 32, lambda ids: " ".join(map(str, ids)))
+    r = ix.report(index, sample, lambda ids: " ".join(map(str, ids)), 32)
     assert r["copied_tokens"] == 50 and r["copied_offset"] == at
     assert r["copied_document"] == "b.txt"
     assert r["copied_snippet"] == " ".join(map(str, corpus[at : at + 40])) + "…"
@@ -71,7 +71,7 @@ def test_random_text_shares_only_short_runs(tmp_path):
     corpus, sample = rng.integers(0, V, 20_000), rng.integers(0, V, 200)
     write_encoded(tmp_path / "big", corpus)
     index = ix.corpus_index(tmp_path / "big", V - 1, tmp_path / "cache")
-    r = ix.report(index, sample, 32, str)
+    r = ix.report(index, sample, str, 32)
     assert 1 <= r["copied_tokens"] <= 2 and r["copied_fraction"] == 0.0
     assert r["copied_document"] == "document 1 of train.npy"  # no files named: numbered
 

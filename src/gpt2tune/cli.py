@@ -216,12 +216,10 @@ def main_parser() -> argparse.ArgumentParser:
 
 def dispatch(name: str, args: argparse.Namespace) -> None:
     """Load the params (file, then --set) and run command `name`'s body."""
-    from gpt2tune import commands
-    from gpt2tune.config.params import load_params
-
     from pathlib import Path
 
-    from gpt2tune.config.params import Params
+    from gpt2tune import commands
+    from gpt2tune.config.params import Params, load_params
 
     # A command that reads no section (score) also runs outside a project, on the defaults.
     bare = not COMMANDS[name].sections and not Path(args.params).exists() and not args.overrides

@@ -14,7 +14,16 @@ import tempfile
 from pathlib import Path
 
 from gpt2tune.config.params import Params
-from gpt2tune.paths import ENCODED, FINETUNED, FINETUNED_HF, MODELS, RUN_DIR, SAMPLES, base_model
+from gpt2tune.paths import (
+    ENCODED,
+    FINETUNED,
+    FINETUNED_HF,
+    MEMORIZATION,
+    MODELS,
+    RUN_DIR,
+    SAMPLES,
+    base_model,
+)
 from gpt2tune.stage import import_tensorflow_quietly, say
 
 OFF_NOTE = (
@@ -106,9 +115,17 @@ def train(p: Params, args: argparse.Namespace) -> None:
         resumed = runstate.settle(RUN_DIR, fp, p.train, base)  # another run is kept aside
         run_id = resumed.get("mlflow_run_id") if resumed else None
 
+        index = []  # the memorization index, built at the first sample
+
         def log_sample(text: str, step: int) -> None:
+            from gpt2tune.data.index import corpus_index
+            from gpt2tune.generation.samples import memorization
+
             tracking.log_text(text, f"samples/train/step_{step:06d}.txt")
-            tracking.log_table(sampletable.training_rows(text, step, p.train), sampletable.TABLE)
+            index[:] = index or [corpus_index(ENCODED, model.encoder.eot_token)]
+            memo = memorization(index[0], model.encoder, text)
+            rows = sampletable.training_rows(text, step, p.train, memo)
+            tracking.log_table(rows, sampletable.TABLE)
 
         with tracking.training_run(p.mlflow, p.flat(), run_id, name=report.run_name(p),
                                    tags=report.run_description(p, stats),
@@ -200,12 +217,16 @@ def sample(p: Params, args: argparse.Namespace) -> None:
         return
 
     records = samples.sample_records(model, p.sample)
+    copied = _memorization_report(records, model, p.sample.copied_min_tokens)
     out = SAMPLES
     out.mkdir(exist_ok=True)
     write_text_atomic(
         out / "samples.json", json.dumps(records, indent=2, ensure_ascii=False) + "\n"
     )
     write_text_atomic(out / "samples.md", samples.records_markdown(records, p.sample))
+    if copied:
+        MEMORIZATION.parent.mkdir(exist_ok=True)
+        write_text_atomic(MEMORIZATION, json.dumps(copied, indent=2) + "\n")
 
     from gpt2tune.tracking import run as tracking
     from gpt2tune.tracking import sampletable
@@ -214,7 +235,23 @@ def sample(p: Params, args: argparse.Namespace) -> None:
         tracking.log_folder(out, "samples")
         rows = sampletable.sample_stage_rows(records, p.sample, p.train.steps)
         tracking.log_table(rows, sampletable.TABLE)
+        if copied:
+            tracking.log_metrics(copied, rows["step"][0] if rows["step"] else 0)
     print(f"wrote {len(records)} samples to {out}/samples.json and {out}/samples.md")
+
+
+def _memorization_report(records: list[dict], model, min_tokens: int) -> dict:
+    """Add the memorization columns to the sample records (gpt2tune.data.index) and return
+    metrics/memorization.json's values; {} when there is no data/encoded/train.npy to compare
+    with (a model sampled outside the pipeline: said on stderr)."""
+    from gpt2tune.data.index import corpus_index
+    from gpt2tune.generation.samples import add_memorization
+
+    if not (ENCODED / "train.npy").is_file():
+        say(f"no {ENCODED}/train.npy here: the samples get no memorization report")
+        return {}
+    index = corpus_index(ENCODED, model.encoder.eot_token)
+    return add_memorization(records, index, model.encoder, min_tokens)
 
 
 def chat(p: Params, args: argparse.Namespace) -> None:

@@ -32,8 +32,8 @@ import numpy as np
 
 from gpt2tune.errors import Gpt2tuneError
 from gpt2tune.files import fsync_file
+from gpt2tune.paths import INDEX_CACHE
 
-INDEX_CACHE = Path(".gpt2tune/index")  # <sha256 of train.npy>/sa.npy, eot.npy, index.json
 KEEP = 2  # index folders kept: the current encoding's and the one before (an experiment's)
 WIDTH = 1024  # tokens compared per step of the search
 ROWS = 256  # sample positions searched together (memory: ROWS x WIDTH int64 per array)
@@ -82,7 +82,9 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def corpus_index(encoded: str | os.PathLike, eot_token: int, cache: Path = INDEX_CACHE) -> CorpusIndex:
+def corpus_index(
+    encoded: str | os.PathLike, eot_token: int, cache: Path = INDEX_CACHE
+) -> CorpusIndex:
     """The index of `encoded`/train.npy: read from the cache, or built (and kept) there."""
     from gpt2tune.data.encoded import load_tokens, read_stats
 
@@ -113,8 +115,8 @@ def _build(tokens: np.ndarray, eot_token: int, folder: Path) -> None:
     shutil.rmtree(temp, ignore_errors=True)
     temp.mkdir(parents=True)
     try:
-        for name, array in (("sa.npy", suffix_array(tokens)),
-                            ("eot.npy", np.flatnonzero(np.asarray(tokens) == eot_token))):  # fmt: skip
+        eot = np.flatnonzero(np.asarray(tokens) == eot_token)
+        for name, array in (("sa.npy", suffix_array(tokens)), ("eot.npy", eot)):
             np.save(temp / name, array)
             fsync_file(temp / name)
         (temp / _MARK).write_text(json.dumps({"tokens": len(tokens)}) + "\n")
@@ -203,21 +205,24 @@ def document(index: CorpusIndex, offset: int) -> str:
     return index.files[k] if index.files else f"document {k + 1} of train.npy"
 
 
-def report(index: CorpusIndex, sample: np.ndarray, min_tokens: int, decode) -> dict:
+def report(index: CorpusIndex, sample: np.ndarray, decode, min_tokens: int | None = None) -> dict:
     """The memorization columns of one sample: copied_tokens (the longest run it shares with
     the training tokens), copied_offset (its token offset in train.npy, -1 if none),
-    copied_document, copied_snippet (the run's first SNIPPET_TOKENS tokens, decoded) and
-    copied_fraction (share of its tokens inside runs of >= min_tokens); `decode`: ids ->
-    text."""
+    copied_document, copied_snippet (the run's first SNIPPET_TOKENS tokens, decoded by
+    `decode`, ids -> text) and, given `min_tokens`, copied_fraction (the share of its tokens
+    inside runs of >= min_tokens)."""
     lengths, offsets = matches(index, sample)
-    mask = copied_mask(lengths, min_tokens)
-    if not len(lengths) or lengths.max() == 0:
-        return {"copied_tokens": 0, "copied_offset": -1, "copied_document": "",
-                "copied_snippet": "", "copied_fraction": 0.0}  # fmt: skip
-    i = int(lengths.argmax())
-    length, offset = int(lengths[i]), int(offsets[i])
-    shown = [int(t) for t in index.tokens[offset : offset + min(length, SNIPPET_TOKENS)]]
-    snippet = decode(shown) + ("…" if length > SNIPPET_TOKENS else "")
-    return {"copied_tokens": length, "copied_offset": offset,
-            "copied_document": document(index, offset), "copied_snippet": snippet,
-            "copied_fraction": float(mask.mean())}  # fmt: skip
+    out = {"copied_tokens": 0, "copied_offset": -1, "copied_document": "", "copied_snippet": ""}
+    if len(lengths) and lengths.max() > 0:
+        i = int(lengths.argmax())
+        length, offset = int(lengths[i]), int(offsets[i])
+        shown = [int(t) for t in index.tokens[offset : offset + min(length, SNIPPET_TOKENS)]]
+        more = "…" if length > SNIPPET_TOKENS else ""
+        out = {"copied_tokens": length, "copied_offset": offset,
+               "copied_document": document(index, offset),
+               "copied_snippet": decode(shown) + more}  # fmt: skip
+    if min_tokens is not None:
+        out["copied_fraction"] = (
+            float(copied_mask(lengths, min_tokens).mean()) if len(lengths) else 0.0
+        )
+    return out
