@@ -226,7 +226,8 @@ def sample(p: Params, args: argparse.Namespace) -> None:
     write_text_atomic(out / "samples.md", samples.records_markdown(records, p.sample))
     if copied:
         MEMORIZATION.parent.mkdir(exist_ok=True)
-        write_text_atomic(MEMORIZATION, json.dumps(copied, indent=2) + "\n")
+        metric = {"copied_fraction": copied["copied_fraction"]}  # the one DVC compares by
+        write_text_atomic(MEMORIZATION, json.dumps(metric, indent=2) + "\n")
 
     from gpt2tune.tracking import run as tracking
     from gpt2tune.tracking import sampletable
