@@ -56,17 +56,18 @@ def test_a_planted_span_is_reported_exactly(tmp_path):
 
 def test_random_text_shares_only_short_runs(tmp_path):
     rng = np.random.default_rng(1)
-    # A small alphabet gives runs of several tokens by chance: each is checked against brute
-    # force. Expected runs of k tokens at one (sample, corpus) pair: 16^-k, so over 200 x
-    # 20,000 pairs the longest is about log_16(4e6) ~ 5.5 tokens.
-    corpus, sample = rng.integers(0, 16, 20_000), rng.integers(0, 16, 200)
+    # A small alphabet gives runs of many tokens by chance (longer than the search's first
+    # look, PEEK): each is checked against brute force. A run of k tokens at one (sample,
+    # corpus) pair has probability 4^-k, so over 200 x 20,000 pairs the longest is about
+    # log_4(4e6) ~ 11 tokens.
+    corpus, sample = rng.integers(0, 4, 20_000), rng.integers(0, 4, 200)
     write_encoded(tmp_path / "small", corpus)
-    index = ix.corpus_index(tmp_path / "small", 15, tmp_path / "cache")
+    index = ix.corpus_index(tmp_path / "small", 3, tmp_path / "cache")
     lengths, offsets = ix.matches(index, sample)
     assert np.array_equal(lengths, brute_lengths(corpus, sample))
     for i, (n, o) in enumerate(zip(lengths, offsets, strict=True)):
         assert np.array_equal(corpus[o : o + n], sample[i : i + n])
-    assert 3 <= lengths.max() <= 12  # P(a run of 13) <= 4e6 * 16^-13 ~ 1e-9
+    assert ix.PEEK < lengths.max() <= 24  # P(a run of 25) <= 4e6 * 4^-25 ~ 4e-9
     # GPT-2's vocabulary: a run of 3 has probability <= 4e6 / 50257^3 ~ 3e-8.
     corpus, sample = rng.integers(0, V, 20_000), rng.integers(0, V, 200)
     write_encoded(tmp_path / "big", corpus)

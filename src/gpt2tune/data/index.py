@@ -37,6 +37,7 @@ from gpt2tune.paths import INDEX_CACHE
 KEEP = 2  # index folders kept: the current encoding's and the one before (an experiment's)
 WIDTH = 1024  # tokens compared per step of the search
 ROWS = 256  # sample positions searched together (memory: ROWS x WIDTH int64 per array)
+PEEK = 8  # tokens read first at each step of the search (a suffix rarely ties a query on 8)
 SNIPPET_TOKENS = 40  # tokens of a run shown as its snippet
 _MARK = "index.json"  # what makes a folder one of ours (only those are ever removed)
 
@@ -146,6 +147,26 @@ def _rows(tokens: np.ndarray, starts: np.ndarray, width: int, pad: int) -> np.nd
     return np.where(inside, np.asarray(tokens[np.minimum(idx, len(tokens) - 1)], np.int64), pad)
 
 
+def _below(q: np.ndarray, tokens: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Whether each row of q sorts before the corpus suffix at the same row's offset (on q's
+    width). The first PEEK tokens decide almost every row; only ties read the whole width."""
+    w = q.shape[1]
+    below = np.zeros(len(q), bool)
+    undecided = np.arange(len(q))
+    for width in dict.fromkeys((min(PEEK, w), w)):
+        c = _rows(tokens, offsets[undecided], width, -2)
+        qq = q[undecided, :width]
+        differ = qq != c
+        first = differ.argmax(axis=1)
+        rows = np.arange(len(undecided))
+        decided = differ.any(axis=1)
+        below[undecided] = decided & (qq[rows, first] < c[rows, first])
+        undecided = undecided[~decided]
+        if not len(undecided):
+            break
+    return below  # rows equal on the whole width: not below (the search moves right)
+
+
 def _common(q: np.ndarray, c: np.ndarray) -> np.ndarray:
     """Leading tokens each row of q shares with the same row of c (q's padding matches none)."""
     eq = (q == c) & (q >= 0)
@@ -167,11 +188,7 @@ def matches(index: CorpusIndex, sample: np.ndarray) -> tuple[np.ndarray, np.ndar
         lo, hi = np.zeros(len(starts), np.int64), np.full(len(starts), n, np.int64)
         while (active := lo < hi).any():  # lo: the first suffix not below the query
             mid = (lo + hi) // 2
-            c = _rows(index.tokens, np.asarray(index.sa[np.minimum(mid, n - 1)], np.int64), w, -2)
-            differ = q != c
-            first = differ.argmax(axis=1)
-            rows = np.arange(len(starts))
-            below = differ.any(axis=1) & (q[rows, first] < c[rows, first])
+            below = _below(q, index.tokens, np.asarray(index.sa[np.minimum(mid, n - 1)], np.int64))
             hi = np.where(active & below, mid, hi)
             lo = np.where(active & ~below, mid + 1, lo)
         best, where = np.zeros(len(starts), np.int64), np.zeros(len(starts), np.int64)
