@@ -8,6 +8,7 @@ import json
 import sys
 
 from gpt2tune.config.params import SampleParams, Sampling
+from gpt2tune.data.index import report
 from gpt2tune.errors import Gpt2tuneError
 from gpt2tune.generation.checks import check_request
 from gpt2tune.generation.sampler import generate, generate_many
@@ -48,12 +49,7 @@ def sample_records(model: GPT2, cfg: SampleParams) -> list[dict]:
 def memorization(index, encoder, text: str, min_tokens: int | None = None) -> dict:
     """The memorization columns of one sample text (gpt2tune.data.index.report), its tokens
     as the encode stage would make them."""
-    import numpy as np
-
-    from gpt2tune.data.index import report
-
-    ids = np.array(encoder.encode(text, allow_endoftext=True), np.int64)
-    return report(index, ids, encoder.decode, min_tokens)
+    return report(index, encoder.encode(text, allow_endoftext=True), encoder.decode, min_tokens)
 
 
 def add_memorization(records: list[dict], index, encoder, min_tokens: int) -> dict:
@@ -62,9 +58,9 @@ def add_memorization(records: list[dict], index, encoder, min_tokens: int) -> di
     verbatim with train.npy) and longest_copied_tokens."""
     tokens = copied = longest = 0
     for r in records:
-        r.update(memorization(index, encoder, r["text"], min_tokens))
-        n = len(encoder.encode(r["text"], allow_endoftext=True))
-        tokens, copied = tokens + n, copied + round(r["copied_fraction"] * n)
+        ids = encoder.encode(r["text"], allow_endoftext=True)
+        r.update(report(index, ids, encoder.decode, min_tokens))
+        tokens, copied = tokens + len(ids), copied + round(r["copied_fraction"] * len(ids))
         longest = max(longest, r["copied_tokens"])
     return {"copied_fraction": copied / tokens if tokens else 0.0,
             "longest_copied_tokens": longest}  # fmt: skip
