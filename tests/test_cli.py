@@ -382,3 +382,29 @@ def test_old_name_117M_fetches_124M_into_its_folder(tmp_path):
     for name in RELEASE_FILES:  # in models/117M, where dvc.yaml's models/${model.name} is
         assert (work / "models" / "117M" / name).read_bytes() == (source / name).read_bytes()
     assert not (work / "models" / "124M").exists()
+
+
+# --------------------------------------------------------------------------- score
+
+
+def test_score_prints_the_api_results_as_json_lines(model_dir, tmp_path):
+    from gpt2tune import load_model, score
+
+    texts = ["Human reason", "has this peculiar fate"]
+    want = score(load_model(model_dir), texts, tokens=True)
+    (tmp_path / "texts.jsonl").write_text(
+        "".join(json.dumps({"text": t}) + "\n\n" for t in texts), encoding="utf-8"
+    )
+    proc = gpt2tune(tmp_path, "score", "--model", str(model_dir), "--file", "texts.jsonl",
+                    "--tokens")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    got = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [g["text"] for g in got] == texts
+    for g, w in zip(got, want, strict=True):
+        assert g["tokens"] == w["tokens"] and g["logprob"] == pytest.approx(w["logprob"], abs=1e-5)
+        assert g["perplexity"] == pytest.approx(math.exp(-g["mean_logprob"]))
+        assert [t for t, _ in g["token_logprobs"]] == [t for t, _ in w["token_logprobs"]]
+    (tmp_path / "bad.jsonl").write_text('{"body": "x"}\n', encoding="utf-8")
+    bad = gpt2tune(tmp_path, "score", "--model", str(model_dir), "--file", "bad.jsonl")
+    assert bad.returncode == 1 and bad.stderr.count("\n") == 1, bad.stderr
+    assert "bad.jsonl line 1" in bad.stderr and "'text'" in bad.stderr

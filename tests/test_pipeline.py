@@ -147,6 +147,25 @@ def test_repro_runs_every_stage(project):
     assert [r["prompt"] for r in records] == [None] * NSAMPLES + PROMPTS * NSAMPLES
     assert all(isinstance(r["text"], str) for r in records)
     assert (root / "samples" / "samples.md").is_file()
+    # The memorization report: each sample's longest run is in train.npy at its offset (a
+    # barely trained model may sample tokens the text never has: then no run at all).
+    from gpt2tune.model.encoder import load_encoder
+
+    enc, page = load_encoder(fetched), (root / "samples" / "samples.md").read_text()
+    for r in records:
+        ids, n, at = enc.encode(r["text"]), r["copied_tokens"], r["copied_offset"]
+        assert 0 <= r["copied_fraction"] <= 1
+        if n:
+            run = tokens[at : at + n].tolist()
+            assert any(ids[i : i + n] == run for i in range(len(ids))), r
+            assert r["copied_document"] == "data/dset.txt"
+            assert f"{n} tokens, at token {at} of train.npy (data/dset.txt)" in page
+        else:
+            assert at == -1 and not set(ids) & set(tokens.tolist()), r
+    copied = json.loads((root / "metrics" / "memorization.json").read_text())["copied_fraction"]
+    weights = [len(enc.encode(r["text"])) for r in records]
+    fractions = [r["copied_fraction"] for r in records]
+    assert copied == pytest.approx(np.average(fractions, weights=weights))
 
     # One MLflow run on the server holds everything of this fine-tuning.
     info = project.run_info()
@@ -159,6 +178,7 @@ def test_repro_runs_every_stage(project):
     val_steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_loss"))
     assert val_steps == [0, 4, STEPS]
     assert "val_perplexity" in run.data.metrics
+    assert run.data.metrics["copied_fraction"] == pytest.approx(copied)
     assert float(run.data.params["train.learning_rate"]) == 0.001
     assert run.data.params["model.name"] == "tiny"
     assert run.data.tags["git.commit"] == git(root, "rev-parse", "HEAD")
@@ -201,9 +221,12 @@ def test_repro_runs_every_stage(project):
         assert (r["prompt"], r["temperature"], r["top_k"], r["length"], r["seed"]) == (
             "", 1.0, 40, 8, r["step"],
         )  # fmt: skip
+        assert r["copied_document"] == ("data/dset.txt" if r["copied_tokens"] else "")
     assert [(r["prompt"] or None, r["index"], r["text"]) for r in stage_rows] == [
         (r["prompt"], r["index"], r["text"]) for r in records
     ]
+    memo = ("copied_tokens", "copied_offset", "copied_document", "copied_fraction")
+    assert [[r[k] for k in memo] for r in stage_rows] == [[r[k] for k in memo] for r in records]
     assert {(r["step"], r["temperature"], r["length"], r["nsamples"]) for r in stage_rows} == {
         (STEPS, 0.8, 8, NSAMPLES)
     }
@@ -273,6 +296,7 @@ def test_exp_run_is_a_second_mlflow_run(project):
 def test_metrics_and_plots_show(project):
     out = project.dvc("metrics", "show")
     assert "val_loss" in out and "metrics/train.json" in out, out
+    assert "copied_fraction" in out and "metrics/memorization.json" in out, out
     project.dvc("plots", "show")
     index = project.root / "dvc_plots" / "index.html"
     assert index.is_file()

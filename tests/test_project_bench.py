@@ -47,6 +47,11 @@ def test_encode_bench(kant_path, official_vocab_dir):
     assert r["stage_mb"] > 1 and r["stage_tokens"] > 2 * 280_000 and r["stage_peak_rss_mb"] > 0
 
 
+def test_memorization_bench():
+    r = run_bench("memorization.py", "--tokens", "100000", "--queries", "2")
+    assert r["planted_found"] and r["tokens"] == 100_000 and r["query_ms"] > 0 and r["build_s"] > 0
+
+
 def test_tracking_bench():
     r = run_bench("tracking.py", "--steps", "2", "--rounds", "1", "--wait", "1")
     for store in ("accept", "backlog"):  # one timeout at the start, at most one at the end

@@ -233,7 +233,9 @@ def served(logged, tmp_path_factory):
 def test_mlflow_models_serve_answers_invocations(served, model_dir):
     url, _ = served
     body = {"inputs": PROMPTS, "params": {"length": 7, "seed": 11, "nsamples": 1}}
-    got = post(url + "/invocations", body)["predictions"]
+    status, answer = invoke(url, body)
+    assert status == 200, answer
+    got = answer["predictions"]
     assert got == expected(model_dir, PROMPTS, length=7, seed=11, nsamples=1)
     # Each completion is 7 tokens: the sampler's own ids decode to exactly the served text.
     # (Re-encoding the text is no count: a random model splits UTF-8 characters, which decode
@@ -244,6 +246,16 @@ def test_mlflow_models_serve_answers_invocations(served, model_dir):
         kw = {**servable.defaults_of(DEFAULTS), "length": 7, "seed": 11, "nsamples": 1}
         [ids] = gpt2tune.generate_tokens(model, context, **kw)
         assert len(ids) == 7 and model.encoder.decode(ids.tolist()) == text
+    # task "score": a row per text, gpt2tune.score's values (the payload docs/serving.md shows)
+    texts = ["Human reason", "has this fate"]
+    status, rows = invoke(url, {"inputs": texts, "params": {"task": "score"}})
+    assert status == 200, rows
+    want = gpt2tune.score(model, texts, tokens=True)
+    for row, w in zip(rows["predictions"], want, strict=True):
+        assert row["text"] == w["text"] and row["tokens"] == w["tokens"]
+        assert row["logprob"] == pytest.approx(w["logprob"], abs=1e-5)
+        assert row["perplexity"] == pytest.approx(w["perplexity"], rel=1e-5)
+        assert [t for t, _ in row["token_logprobs"]] == [t for t, _ in w["token_logprobs"]]
 
 
 # Requests refused with a 400, and a word of the one-line reason each must give.
@@ -259,6 +271,10 @@ REFUSED = [
     ({"inputs": ["a", "b", "c", "d"], "params": {"nsamples": 2}}, "serve.max_samples"),
     ({"inputs": ["Human reason " * 10]}, "serve.max_prompt_tokens"),
     ({"inputs": ["a"], "params": {"top_p": 2.0}}, "top_p = 2.0"),
+    ({"inputs": ["a"], "params": {"task": "scores"}}, "task = 'scores'"),
+    ({"inputs": ["a"] * 7, "params": {"task": "score"}}, "7 texts"),
+    ({"inputs": ["Human reason " * 10], "params": {"task": "score"}}, "text 0 is"),
+    ({"inputs": [""], "params": {"task": "score"}}, "text 0 is empty"),
 ]
 
 

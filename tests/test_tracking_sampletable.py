@@ -58,3 +58,15 @@ def test_sample_stage_rows(base_dir, tmp_path, monkeypatch):
     (tmp_path / "metrics" / "train.json").write_text(json.dumps({"steps": 6}))
     assert sample_stage_rows(records, p, steps=9)["step"] == [6] * 4
     assert rows(3, [], p) == {k: [] for k in ["step", "text", "prompt", "index", *SETTINGS]}
+
+
+def test_memorization_columns_follow_the_settings():
+    memo = {"copied_tokens": 5, "copied_offset": 17, "copied_document": "a.txt",
+            "copied_snippet": "Human reason"}  # fmt: skip
+    table = training_rows("text", 4, cfg(), memo)
+    assert list(table) == ["step", "text", "prompt", "index", *SETTINGS, *memo]
+    assert [table[k][0] for k in memo] == list(memo.values())
+    records = [{"prompt": None, "index": i, "text": "t", **memo, "copied_fraction": f}
+               for i, f in enumerate((0.0, 0.5))]  # fmt: skip
+    stage = rows(9, records, Sampling())
+    assert list(stage)[-5:] == [*memo, "copied_fraction"] and stage["copied_fraction"] == [0, 0.5]

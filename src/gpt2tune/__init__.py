@@ -7,6 +7,7 @@ checking) start fast:
     m = gpt2tune.load_model("models/124M")
     texts = gpt2tune.generate(m, "Human reason ...", length=100)
     texts = gpt2tune.generate(m, "Human reason ...", sampling=gpt2tune.Sampling(top_k=40))
+    scores = gpt2tune.score(m, ["Human reason ..."])  # log-probabilities, perplexity
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ _API = {
     "generate": "gpt2tune.generation.sampler",
     "generate_tokens": "gpt2tune.generation.sampler",
     "generate_many": "gpt2tune.generation.sampler",
+    "score": "gpt2tune.generation.score",
     "Sampling": "gpt2tune.config.params",
 }
 

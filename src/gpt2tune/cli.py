@@ -3,6 +3,7 @@
     gpt2tune fetch | encode | train | assemble | sample | export   # the DVC stages, by hand
     gpt2tune chat [--model DIR]                                     # type a context, get text
     gpt2tune evaluate --model DIR --data PATH|val [--mlflow]        # loss and perplexity
+    gpt2tune score --model DIR TEXT... | --file PATH [--tokens]      # log-probability per text
     gpt2tune promote EXPERIMENT|VERSION                             # move @candidate to it
     gpt2tune replay                                                 # send offline MLflow records
 
@@ -77,6 +78,20 @@ def _evaluate_options(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--mlflow", action="store_true", help="log the result as a new MLflow run")
 
 
+def _score_options(ap: argparse.ArgumentParser) -> None:
+    _model_option(str(FINETUNED))(ap)
+    ap.add_argument("texts", nargs="*", metavar="TEXT", help="texts to score")
+    ap.add_argument(
+        "--file",
+        help="texts to score, one per line; a .jsonl file: one JSON object per line, its --field",
+    )
+    ap.add_argument("--field", default="text", help="the .jsonl field holding the text (text)")
+    ap.add_argument("--tokens", action="store_true", help="also each token's log-probability")
+    ap.add_argument(
+        "--batch-size", type=int, default=8, help="context windows per forward pass (8)"
+    )
+
+
 def _promote_options(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("target", help="a DVC experiment's name (`dvc exp show`) or a version number")
 
@@ -112,6 +127,11 @@ COMMANDS: dict[str, Command] = {
         "loss and perplexity of a model folder on a text, with training's validation windows",
         ("data", "train", "mlflow"),
         options=_evaluate_options,
+    ),
+    "score": Command(
+        "log-probability and perplexity of texts under a model folder, as JSON lines",
+        (),
+        options=_score_options,
     ),
     "export": Command(
         f"{FINETUNED} -> {FINETUNED_HF} for Hugging Face transformers (or a SavedModel)",
@@ -213,10 +233,14 @@ def main_parser() -> argparse.ArgumentParser:
 
 def dispatch(name: str, args: argparse.Namespace) -> None:
     """Load the params (file, then --set) and run command `name`'s body."""
-    from gpt2tune import commands
-    from gpt2tune.config.params import load_params
+    from pathlib import Path
 
-    p = load_params(args.params, args.overrides)
+    from gpt2tune import commands
+    from gpt2tune.config.params import Params, load_params
+
+    # A command that reads no section (score) also runs outside a project, on the defaults.
+    bare = not COMMANDS[name].sections and not Path(args.params).exists() and not args.overrides
+    p = Params() if bare else load_params(args.params, args.overrides)
     getattr(commands, name)(p, args)
 
 

@@ -19,6 +19,7 @@ from gpt2tune.paths import (
     FINETUNED,
     FINETUNED_HF,
     FINETUNED_SAVEDMODEL,
+    MEMORIZATION,
     MODELS,
     RUN_DIR,
     SAMPLES,
@@ -128,9 +129,17 @@ def train(p: Params, args: argparse.Namespace) -> None:
         resumed = runstate.settle(RUN_DIR, fp, p.train, base)  # another run is kept aside
         run_id = resumed.get("mlflow_run_id") if resumed else None
 
+        index = []  # the memorization index, built at the first sample
+
         def log_sample(text: str, step: int) -> None:
+            from gpt2tune.data.index import corpus_index
+            from gpt2tune.generation.samples import memorization
+
             tracking.log_text(text, f"samples/train/step_{step:06d}.txt")
-            tracking.log_table(sampletable.training_rows(text, step, p.train), sampletable.TABLE)
+            index[:] = index or [corpus_index(ENCODED, model.encoder.eot_token)]
+            memo = memorization(index[0], model.encoder, text)
+            rows = sampletable.training_rows(text, step, p.train, memo)
+            tracking.log_table(rows, sampletable.TABLE)
 
         with tracking.training_run(p.mlflow, p.flat(), run_id, name=report.run_name(p),
                                    tags=report.run_description(p, stats),
@@ -223,12 +232,17 @@ def sample(p: Params, args: argparse.Namespace) -> None:
         return
 
     records = samples.sample_records(model, p.sample)
+    copied = _memorization_report(records, model, p.sample.copied_min_tokens)
     out = SAMPLES
     out.mkdir(exist_ok=True)
     write_text_atomic(
         out / "samples.json", json.dumps(records, indent=2, ensure_ascii=False) + "\n"
     )
     write_text_atomic(out / "samples.md", samples.records_markdown(records, p.sample))
+    if copied:
+        MEMORIZATION.parent.mkdir(exist_ok=True)
+        metric = {"copied_fraction": copied["copied_fraction"]}  # the one DVC compares by
+        write_text_atomic(MEMORIZATION, json.dumps(metric, indent=2) + "\n")
 
     from gpt2tune.tracking import run as tracking
     from gpt2tune.tracking import sampletable
@@ -237,7 +251,23 @@ def sample(p: Params, args: argparse.Namespace) -> None:
         tracking.log_folder(out, "samples")
         rows = sampletable.sample_stage_rows(records, p.sample, p.train.steps)
         tracking.log_table(rows, sampletable.TABLE)
+        if copied:
+            tracking.log_metrics(copied, rows["step"][0] if rows["step"] else 0)
     print(f"wrote {len(records)} samples to {out}/samples.json and {out}/samples.md")
+
+
+def _memorization_report(records: list[dict], model, min_tokens: int) -> dict:
+    """Add the memorization columns to the sample records (gpt2tune.data.index) and return
+    metrics/memorization.json's values; {} when there is no data/encoded/train.npy to compare
+    with (a model sampled outside the pipeline: said on stderr)."""
+    from gpt2tune.data.index import corpus_index
+    from gpt2tune.generation.samples import add_memorization
+
+    if not (ENCODED / "train.npy").is_file():
+        say(f"no {ENCODED}/train.npy here: the samples get no memorization report")
+        return {}
+    index = corpus_index(ENCODED, model.encoder.eot_token)
+    return add_memorization(records, index, model.encoder, min_tokens)
 
 
 def chat(p: Params, args: argparse.Namespace) -> None:
@@ -309,6 +339,61 @@ def evaluate(p: Params, args: argparse.Namespace) -> None:
             tracking.log_metrics({"eval_loss": result["loss"],
                                   "eval_perplexity": result["perplexity"]}, 0)  # fmt: skip
             print(f"logged to MLflow run {run.info.run_id}")
+
+
+def score(p: Params, args: argparse.Namespace) -> None:
+    """Print one JSON line per text: its tokens, total and mean log-probability and perplexity
+    under --model (and with --tokens each token's), see gpt2tune.generation.score. The texts
+    are the arguments, or --file's lines (a .jsonl file's --field)."""
+    from gpt2tune.files import check_model_folder
+
+    check_model_folder(args.model, "--model")
+    texts = _score_texts(args)  # a bad file fails before TensorFlow's start-up
+    import_tensorflow_quietly()
+    from gpt2tune import load_model
+    from gpt2tune.generation.score import score as score_texts
+
+    results = score_texts(load_model(args.model), texts, tokens=args.tokens,
+                          batch_size=args.batch_size)  # fmt: skip
+    for r in results:
+        print(json.dumps(r, ensure_ascii=False))
+
+
+def _score_texts(args: argparse.Namespace) -> list[str]:
+    """The texts of `gpt2tune score`: its arguments, or --file's non-empty lines (.jsonl:
+    each line's --field), checked with one line naming the file, line and fix."""
+    from gpt2tune.errors import Gpt2tuneError
+
+    if bool(args.texts) == bool(args.file):
+        raise Gpt2tuneError("gpt2tune score: give texts as arguments or --file PATH (one of them)")
+    if args.batch_size < 1:
+        raise Gpt2tuneError(f"--batch-size = {args.batch_size}: must be at least 1")
+    if args.texts:
+        return list(args.texts)
+    try:
+        lines = Path(args.file).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise Gpt2tuneError(f"--file {args.file}: cannot read it as UTF-8 text ({e})") from None
+    texts = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if not args.file.endswith(".jsonl"):
+            texts.append(line)
+            continue
+        try:
+            value = json.loads(line)[args.field]
+        except (ValueError, KeyError, TypeError, IndexError):
+            value = None
+        if not isinstance(value, str):
+            raise Gpt2tuneError(
+                f"--file {args.file} line {n}: not a JSON object with a string field "
+                f"{args.field!r}; fix the line or give --field"
+            )
+        texts.append(value)
+    if not texts:
+        raise Gpt2tuneError(f"--file {args.file}: no text in it (empty lines are skipped)")
+    return texts
 
 
 def promote(p: Params, args: argparse.Namespace) -> None:

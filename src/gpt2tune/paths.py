@@ -30,6 +30,10 @@ LOSS_PLOTS = {"loss": METRICS / "loss.tsv", "val_loss": METRICS / "val_loss.tsv"
 LOSS_CHART = METRICS / "loss.png"  # the same curves as a picture
 MLFLOW_RUN = METRICS / "mlflow_run.json"  # the training's MLflow run, for assemble and sample
 MLFLOW_OFFLINE = METRICS / "mlflow_offline"  # what the tracking server missed (not DVC's)
+MEMORIZATION = METRICS / "memorization.json"  # the sample stage's copied_fraction (a DVC metric)
+# The memorization index of each encoding, <sha256 of train.npy>/ (gpt2tune.data.index): a
+# cache, not DVC's; git ignores it.
+INDEX_CACHE = Path(".gpt2tune/index")
 
 
 def base_model(name: str) -> Path:

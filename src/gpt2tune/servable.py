@@ -26,6 +26,9 @@ What ``predict`` takes and gives (:class:`GPT2Completer`):
 * refusals: a bad request (an unknown param, a non-string prompt, a setting out of range or
   over a cap, a batch over free memory) is a :class:`RequestRefused`, which MLflow's server
   answers with a 400 whose message is the one-line reason, before any token is generated;
+* ``task`` param: ``"generate"`` (the default) as below; ``"score"`` takes the strings as
+  texts and answers a table, a row per text (:func:`score_frame`: tokens, logprob,
+  mean_logprob, perplexity, token_logprobs), bounded by the same caps;
 * output: a list of completions (without the prompt, each cut before the first ``stop``
   string), ``nsamples`` per prompt, prompt by prompt. Each prompt is sampled as
   ``gpt2tune.generate(model, prompt, **params)`` would, so a fixed seed gives the same text
@@ -151,12 +154,44 @@ class GPT2Completer(mlflow.pyfunc.PythonModel):
         from gpt2tune.generation.sampler import generate
 
         try:
+            params = dict(params or {})
+            task = params.pop("task", "generate")
+            if task not in TASKS:
+                raise Gpt2tuneError(f"task = {task!r}: must be one of {', '.join(TASKS)}")
             prompts = prompts_of(model_input)
-            s = resolve_sampling(None, None, sampling_settings(params or {}))
+            if task == "score":
+                return score_frame(self.model, self.caps, prompts)
+            s = resolve_sampling(None, None, sampling_settings(params))
             check_caps(self.caps, prompts, s, self.model.encoder.encode)
             return [text for p in prompts for text in generate(self.model, p, sampling=s)]
         except Gpt2tuneError as e:  # every check comes before the first token
             raise RequestRefused(str(e)) from None
+
+
+# `task`: what predict does with the input strings. "score": each is a text to score, the
+# answer a table (score_frame); the generation params are then ignored.
+TASKS = ("generate", "score")
+
+
+def score_frame(model: Any, caps: ServeParams, texts: list[str]) -> pd.DataFrame:
+    """task "score": a row per text, columns text, tokens, logprob, mean_logprob, perplexity,
+    token_logprobs ([[token, log-probability], ...]); gpt2tune.score's values. The caps bound
+    it as they bound prompts: serve.max_samples texts of serve.max_prompt_tokens tokens."""
+    from gpt2tune.generation.score import score
+
+    if len(texts) > caps.max_samples:
+        raise Gpt2tuneError(
+            f"{len(texts)} texts: this model scores at most {caps.max_samples} per request "
+            "(serve.max_samples); send fewer"
+        )
+    for i, t in enumerate(texts):
+        n = len(model.encoder.encode(t)) if len(t.encode()) > caps.max_prompt_tokens else 0
+        if n > caps.max_prompt_tokens:
+            raise Gpt2tuneError(
+                f"text {i} is {n} tokens: this model scores texts of at most "
+                f"{caps.max_prompt_tokens} tokens (serve.max_prompt_tokens); shorten it"
+            )
+    return pd.DataFrame(score(model, texts, tokens=True))
 
 
 def caps_of(model_config: dict[str, Any]) -> ServeParams:
@@ -209,7 +244,7 @@ def _refuse_unknown_params() -> None:
 
     def strict(params: Any, schema: Any) -> Any:
         declared = {p.name for p in schema.params} if schema is not None else set()
-        if isinstance(params, dict) and declared and declared <= set(PARAM_TYPES):
+        if isinstance(params, dict) and declared and declared <= {*PARAM_TYPES, "task"}:
             unknown = sorted(set(map(str, params)) - declared)
             if unknown:
                 raise RequestRefused(
@@ -327,6 +362,7 @@ def signature(defaults: dict[str, Any]) -> mlflow.models.ModelSignature:
         ParamSpec(k, kinds[t], defaults[k], shape=(-1,) if t is list else None)
         for k, t in PARAM_TYPES.items()
     ]
+    specs.append(ParamSpec("task", "string", TASKS[0]))  # "score": see score_frame
     return ModelSignature(
         inputs=None,
         outputs=Schema([ColSpec("string")]),

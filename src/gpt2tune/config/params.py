@@ -367,6 +367,14 @@ class SampleParams(Sampling):
         Rule("a list (may be empty) of non-empty strings", lambda v: all(map(_nonempty, v))),
         "each prompt is continued nsamples times",
     )
+    # The memorization report (gpt2tune.data.index): GPT-2 small's own samples share runs of a
+    # few tokens with any large text by chance; 32 verbatim tokens are copied, not chance.
+    copied_min_tokens: int = key(
+        32,
+        int_in(1, _MAX_LENGTH),
+        "copied_fraction: share of sample tokens in runs of at least this many tokens "
+        "shared verbatim with train.npy",
+    )
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ import json
 import sys
 
 from gpt2tune.config.params import SampleParams, Sampling
+from gpt2tune.data.index import report
 from gpt2tune.errors import Gpt2tuneError
 from gpt2tune.generation.checks import check_request
 from gpt2tune.generation.sampler import generate, generate_many
@@ -45,6 +46,26 @@ def sample_records(model: GPT2, cfg: SampleParams) -> list[dict]:
     ]
 
 
+def memorization(index, encoder, text: str, min_tokens: int | None = None) -> dict:
+    """The memorization columns of one sample text (gpt2tune.data.index.report), its tokens
+    as the encode stage would make them."""
+    return report(index, encoder.encode(text, allow_endoftext=True), encoder.decode, min_tokens)
+
+
+def add_memorization(records: list[dict], index, encoder, min_tokens: int) -> dict:
+    """Add the memorization columns to each record; return the stage's metrics:
+    copied_fraction (of all sample tokens, those inside a run of >= min_tokens shared
+    verbatim with train.npy) and longest_copied_tokens."""
+    tokens = copied = longest = 0
+    for r in records:
+        ids = encoder.encode(r["text"], allow_endoftext=True)
+        r.update(report(index, ids, encoder.decode, min_tokens))
+        tokens, copied = tokens + len(ids), copied + round(r["copied_fraction"] * len(ids))
+        longest = max(longest, r["copied_tokens"])
+    return {"copied_fraction": copied / tokens if tokens else 0.0,
+            "longest_copied_tokens": longest}  # fmt: skip
+
+
 def records_markdown(records: list[dict], cfg: Sampling) -> str:
     # Every setting but nsamples (the samples themselves show it), in Sampling's order.
     settings = [f.name for f in dataclasses.fields(Sampling) if f.name != "nsamples"]
@@ -53,7 +74,18 @@ def records_markdown(records: list[dict], cfg: Sampling) -> str:
         title = "Unconditional" if r["prompt"] is None else f"Prompt: {r['prompt']}"
         body = r["text"] if r["prompt"] is None else f"**{r['prompt']}**{r['text']}"
         parts.append(f"## {title} — sample {r['index'] + 1}\n\n{body}\n")
+        if "copied_tokens" in r:  # the memorization report
+            parts.append(_copied_line(r))
     return "\n".join(parts)
+
+
+def _copied_line(r: dict) -> str:
+    if not r["copied_tokens"]:
+        return "*Shares no token with the training text.*\n"
+    snippet = json.dumps(r["copied_snippet"], ensure_ascii=False)
+    return (f"*Longest run shared with the training text: {r['copied_tokens']} tokens, at "
+            f"token {r['copied_offset']} of train.npy ({r['copied_document']}): {snippet}; "
+            f"copied fraction {r['copied_fraction']:.3f}.*\n")  # fmt: skip
 
 
 def _show(value: object) -> str:

@@ -21,6 +21,10 @@ from gpt2tune.paths import TRAIN_METRICS
 from gpt2tune.train.loop import training_sampling
 
 TABLE = "samples/table.json"
+# The memorization report's columns (gpt2tune.data.index.report), where the records have
+# them; copied_fraction only the sample stage's rows have (training's have no N).
+MEMORIZATION = ("copied_tokens", "copied_offset", "copied_document", "copied_snippet",
+                "copied_fraction")  # fmt: skip
 
 
 # The column order is what MLflow's Evaluation view opens on: it groups by the first column
@@ -29,20 +33,26 @@ COLUMNS = ("step", "text", "prompt", "index")
 
 
 def rows(step: int, records: list[dict], sampling: Sampling) -> dict[str, list]:
-    """Columns step, text, prompt ("" = unconditional), index, then every sampling setting;
-    one row per record of gpt2tune.generation.samples.sample_records."""
+    """Columns step, text, prompt ("" = unconditional), index, then every sampling setting,
+    then the memorization columns the records have; one row per record of
+    gpt2tune.generation.samples.sample_records."""
     settings = {f.name: getattr(sampling, f.name) for f in dataclasses.fields(Sampling)}
-    table: dict[str, list] = {k: [] for k in (*COLUMNS, *settings)}
+    memo = [k for k in MEMORIZATION if records and k in records[0]]
+    table: dict[str, list] = {k: [] for k in (*COLUMNS, *settings, *memo)}
     for r in records:
         row = dict(step=step, prompt=r["prompt"] or "", index=r["index"], text=r["text"])
-        for k, v in {**row, **settings}.items():
+        for k, v in {**row, **settings, **{k: r[k] for k in memo}}.items():
             table[k].append(v)
     return table
 
 
-def training_rows(text: str, step: int, cfg: TrainParams) -> dict[str, list]:
-    """The one row of the training sample `text` taken at `step`."""
-    return rows(step, [{"prompt": None, "index": 0, "text": text}], training_sampling(cfg, step))
+def training_rows(
+    text: str, step: int, cfg: TrainParams, memorization: dict | None = None
+) -> dict[str, list]:
+    """The one row of the training sample `text` taken at `step`, with its memorization
+    columns if given."""
+    record = {"prompt": None, "index": 0, "text": text, **(memorization or {})}
+    return rows(step, [record], training_sampling(cfg, step))
 
 
 def sample_stage_rows(records: list[dict], sampling: Sampling, steps: int) -> dict[str, list]:
