@@ -65,7 +65,8 @@ def run_ggml(binary: str, model: str, settings: dict, threads: int) -> dict:
     cmd = [binary, "-m", model, "-p", prompt, "-n", str(settings["length"] + 1), "-np",
            str(settings["batch"]), "-t", str(threads), "--ignore-eos", "-s", "0",
            "--top_k", str(settings["top_k"]), "--temp", str(settings["temperature"])]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    # Its samples of random weights are bytes that need not be UTF-8.
+    proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace")
     out = proc.stdout + proc.stderr
 
     def number(label: str) -> float:
