@@ -136,6 +136,7 @@ def test_float32_untouched(model):
     np.testing.assert_array_equal(model(np.array([[3, 1, 4]], np.int32)).numpy(), logits0)
 
 
+@pytest.mark.slow  # two samplers compiled for a vocabulary-sized model: ~35 s under load
 def test_saved_model_files_unchanged_by_reduced_generation(tmp_path, tiny_vocab_dir):
     from helpers.models import tiny_model
 
@@ -151,3 +152,23 @@ def test_saved_model_files_unchanged_by_reduced_generation(tmp_path, tiny_vocab_
 def test_unknown_precision_is_one_clear_error(model):
     with pytest.raises(Gpt2tuneError, match="precision.*float32, bfloat16, int8"):
         generate_tokens(model, [1], 2, precision="float16")
+
+
+@pytest.mark.slow  # ~6-12 s each under load
+@pytest.mark.parametrize("precision", REDUCED)
+def test_evaluate_at_a_precision(model, precision):
+    # Cross-entropy moves by at most 2 x the largest change of a logit (log-softmax is
+    # 2-Lipschitz in the max norm), so the loss at a precision is that close to float32's.
+    from gpt2tune.config.params import Params, TrainParams
+    from gpt2tune.data.batches import eval_windows
+    from gpt2tune.train.evaluate import evaluate_loss
+
+    tokens = np.random.default_rng(2).integers(0, HP["n_vocab"], 200)
+    p = Params(train=TrainParams(n_ctx=16, batch_size=4, val_batch_count=6))
+    base = evaluate_loss(model, tokens, p, False)
+    got = evaluate_loss(model, tokens, p, False, precision)
+    windows = tf.constant(eval_windows(tokens, 16, 6)[:, :-1], tf.int32)
+    want = forward(model.params, HP, windows)[0].numpy()
+    err = np.abs(forward(prepare(model.params, precision), HP, windows)[0].numpy() - want).max()
+    assert got["windows"] == base["windows"] == 6
+    assert 0 < abs(got["loss"] - base["loss"]) <= 2 * err * (1 + 1e-4) + 1e-6
