@@ -40,18 +40,20 @@ def train(model, tokens: np.ndarray, steps: int, seq: int = 64, batch: int = 8) 
     from gpt2tune.train.trainer import lm_loss
 
     variables = list(model.params.values())
-    m = [tf.zeros_like(v) for v in variables]
-    s = [tf.zeros_like(v) for v in variables]
+    m = [tf.Variable(tf.zeros_like(v)) for v in variables]
+    s = [tf.Variable(tf.zeros_like(v)) for v in variables]
     rng = np.random.default_rng(0)
 
     @tf.function
     def step(w, t):
         with tf.GradientTape() as tape:
             loss = lm_loss(model.params, model.hparams, w)
-        for i, (v, g) in enumerate(zip(variables, tape.gradient(loss, variables), strict=True)):
-            m[i] = 0.9 * m[i] + 0.1 * g
-            s[i] = 0.999 * s[i] + 0.001 * g * g
-            v.assign_sub(1e-3 * (m[i] / (1 - 0.9**t)) / (tf.sqrt(s[i] / (1 - 0.999**t)) + 1e-8))
+        grads = tape.gradient(loss, variables)
+        for v, g, m_, s_ in zip(variables, grads, m, s, strict=True):
+            g = tf.convert_to_tensor(g)  # wte's is sparse (a gather)
+            m_.assign(0.9 * m_ + 0.1 * g)
+            s_.assign(0.999 * s_ + 0.001 * g * g)
+            v.assign_sub(1e-3 * (m_ / (1 - 0.9**t)) / (tf.sqrt(s_ / (1 - 0.999**t)) + 1e-8))
         return loss
 
     loss = float("nan")
