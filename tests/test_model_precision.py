@@ -172,3 +172,40 @@ def test_evaluate_at_a_precision(model, precision):
     err = np.abs(forward(prepare(model.params, precision), HP, windows)[0].numpy() - want).max()
     assert got["windows"] == base["windows"] == 6
     assert 0 < abs(got["loss"] - base["loss"]) <= 2 * err * (1 + 1e-4) + 1e-6
+
+
+@pytest.mark.slow  # three processes start TensorFlow: ~30 s
+def test_cli_evaluate_and_chat_at_a_precision(tmp_path, tiny_vocab_dir):
+    # `gpt2tune evaluate --precision` prints the loss evaluate_loss gives at it; chat and the
+    # sample stage take sample.precision from params (here --set); a bad value is one line.
+    import re
+    import sys
+
+    from helpers.models import tiny_model
+    from helpers.processes import run_in
+    from helpers.projects import write_params
+    from helpers.vocab import TINY_CORPUS
+
+    from gpt2tune.config.params import load_params
+    from gpt2tune.train.evaluate import evaluate_loss
+
+    folder = tmp_path / "m"
+    save_model(tiny_model(tiny_vocab_dir), folder)
+    write_params(tmp_path, train={"n_ctx": 16, "val_batch_count": 4, "batch_size": 2},
+                 sample={"length": 4, "nsamples": 1})  # fmt: skip
+    (tmp_path / "eval.txt").write_text(TINY_CORPUS, encoding="utf-8")
+    m, p = load_model(folder), load_params(tmp_path / "params.yaml")
+    want = evaluate_loss(m, np.array(m.encoder.encode(TINY_CORPUS)), p, False, "int8")["loss"]
+
+    def gpt2tune(*args, **kw):
+        return run_in(tmp_path, sys.executable, "-m", "gpt2tune", *args, **kw)
+
+    proc = gpt2tune("evaluate", "--model", str(folder), "--data", "eval.txt", "--precision", "int8")
+    assert proc.returncode == 0, proc.stderr
+    assert float(re.match(r"loss (\S+)", proc.stdout).group(1)) == pytest.approx(want, abs=1e-6)
+    chat = gpt2tune("chat", "--model", str(folder), "--set", "sample.precision=bfloat16",
+                    input="Human reason\n")  # fmt: skip
+    assert chat.returncode == 0 and " SAMPLE 1 " in chat.stdout, chat.stderr
+    bad = gpt2tune("chat", "--model", str(folder), "--set", "sample.precision=fp8", input="")
+    assert bad.returncode != 0 and "sample.precision" in bad.stderr
+    assert "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
