@@ -145,7 +145,7 @@ def test_markdown_names_every_setting_but_nsamples():
     md = records_markdown(records, cfg)
     assert md.startswith(
         "# Samples\n\nlength 5, temperature 0.5, top_k 3, top_p 0.9, seed 4, "
-        "repetition_penalty 1.0, stop []\n"
+        "repetition_penalty 1.0, stop [], precision float32\n"
     )
     assert "## Prompt: Hi — sample 1\n\n**Hi**b\n" in md
 

@@ -103,3 +103,28 @@ def test_generation_memory_bench():
     (case,) = result["cases"]
     assert case["case"]["nsamples"] == 2 and case["grew_mb"] > 0 and case["estimate_mb"] > 0
     assert result["min_ratio"] == case["ratio"] == round(case["estimate_mb"] / case["grew_mb"], 2)
+
+
+@pytest.mark.slow
+def test_generate_bench_at_reduced_precision():
+    r = run_bench("generate.py", *TINY, "--prompt", "4", "--length", "4", "--repeat", "1",
+                  "--bandwidth-mb", "32", "--precision", "int8")  # fmt: skip
+    # int8 matrices and output embedding, a float32 scale per output row (3e + e + 4e + e
+    # per layer, n_vocab for wte), float32 biases and layer norms, wte's and wpe's row.
+    e, v = 32, 300
+    assert r["precision"] == "int8" and r["weight_bytes_per_token"] == (
+        12 * e * e + 9 * e * 4 + v * e + 4 * v + 4 * (13 * e + 2 * e) + 4 * e + 4 * e
+    )
+
+
+@pytest.mark.slow
+def test_precision_bench():
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "precision.py"), *TINY, "--window", "8"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["float32"] == {"rel_error": 0.0, "top_k_agree": 1.0, "argmax_agree": 1.0}
+    for p in ("bfloat16", "int8"):
+        assert 0 < r[p]["rel_error"] < 0.1 and 0.5 < r[p]["top_k_agree"] <= 1, r

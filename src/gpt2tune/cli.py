@@ -68,6 +68,8 @@ def _export_options(ap: argparse.ArgumentParser) -> None:
 
 
 def _evaluate_options(ap: argparse.ArgumentParser) -> None:
+    from gpt2tune.config.params import PRECISIONS
+
     ap.add_argument("--model", required=True, help="model folder (OpenAI layout)")
     ap.add_argument(
         "--data",
@@ -76,6 +78,8 @@ def _evaluate_options(ap: argparse.ArgumentParser) -> None:
         "the tokens training validates on",
     )
     ap.add_argument("--mlflow", action="store_true", help="log the result as a new MLflow run")
+    ap.add_argument("--precision", default="float32", choices=tuple(PRECISIONS),
+                    help="weights as generation reads them at this sample.precision")  # fmt: skip
 
 
 def _score_options(ap: argparse.ArgumentParser) -> None:

@@ -326,13 +326,15 @@ def evaluate(p: Params, args: argparse.Namespace) -> None:
 
     model = load_model(args.model)
     print(f"evaluating {args.model} on {args.data} ({len(tokens):,} tokens)...", file=sys.stderr)
-    result = evaluate_loss(model, tokens, p)
+    precision = getattr(args, "precision", "float32")
+    result = evaluate_loss(model, tokens, p, precision=precision)
     print(f"loss {result['loss']:.6f}  perplexity {result['perplexity']:.4f}  "
           f"({result['windows']} windows, {result['tokens']:,} tokens predicted)")  # fmt: skip
     if args.mlflow:
         from gpt2tune.tracking import run as tracking
 
-        params = {"model": args.model, "data": args.data, **p.flat()}
+        params = {"model": args.model, "data": args.data, "precision": precision,
+                  **p.flat()}  # fmt: skip
         name = f"evaluate {args.model} on {args.data}"
         with tracking.training_run(p.mlflow, params, record=False, name=name,
                                    kind="evaluate") as run:  # fmt: skip

@@ -357,7 +357,7 @@ def signature(defaults: dict[str, Any]) -> mlflow.models.ModelSignature:
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
-    kinds = {int: "long", float: "double", list: "string"}
+    kinds = {int: "long", float: "double", str: "string", list: "string"}
     specs = [
         ParamSpec(k, kinds[t], defaults[k], shape=(-1,) if t is list else None)
         for k, t in PARAM_TYPES.items()

@@ -319,6 +319,14 @@ class AssembleParams:
     )  # fmt: skip
 
 
+# Generation's weight precisions (gpt2tune.model.precision prepares them).
+PRECISIONS = {
+    "float32": "the weights as trained",
+    "bfloat16": "8-bit mantissa: half the bytes read per token",
+    "int8": "weight-only, a float32 scale per output row: a quarter of the bytes",
+}
+
+
 @dataclass(frozen=True)
 class Sampling:
     """How text is generated: one value passed through the API, the sample stage, the
@@ -355,6 +363,9 @@ class Sampling:
         Rule("a list (may be empty) of non-empty strings", lambda v: all(map(len, v))),
         "a sample ends before the first of these strings",
     )
+    # Applied once when a model is loaded for generation (gpt2tune.model.precision): the
+    # files and training stay float32. Quality and speed per precision: docs/generation.md.
+    precision: str = key("float32", one_of(PRECISIONS), "weights generation reads")
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from gpt2tune.config.params import Sampling
 from gpt2tune.errors import Gpt2tuneError
 from gpt2tune.generation.checks import check_request, resolve_sampling
 from gpt2tune.model.gpt2 import CACHE_STEP, GPT2, NEG_INF, decode_step, forward
+from gpt2tune.model.precision import prepare
 
 
 def _top_k(logits: tf.Tensor, k: tf.Tensor) -> tf.Tensor:
@@ -90,7 +91,7 @@ def _seen(history: tf.Tensor, n_vocab: int) -> tf.Tensor:
 
 # Sampling fields the host loop uses itself; every other one reaches `_choose` as a tensor,
 # so a new setting needs no change to the compiled sampler's signature or its call.
-HOST_FIELDS = ("nsamples", "length", "seed", "stop")
+HOST_FIELDS = ("nsamples", "length", "seed", "stop", "precision")
 _TF_TYPES = {bool: tf.bool, int: tf.int32, float: tf.float32}
 _KNOB_TYPES = {
     name: _TF_TYPES[t] for name, t in typing.get_type_hints(Sampling).items()
@@ -104,15 +105,27 @@ def _knobs(s: Sampling) -> dict[str, tf.Tensor]:
 
 # Over 60 lines: the decoding loop is one tf.function whose while_loop body and condition
 # must close over the same tensors; its parts are named inner functions.
-def _build_sampler(model: GPT2) -> tf.types.experimental.GenericFunction:
+def _generation_params(model: GPT2, precision: str) -> Callable[[], dict[str, tf.Tensor]]:
+    """What the compiled loop reads. float32: the live weights (training's samples see each
+    step's). Otherwise the weights prepared in `precision` now, once, and kept with this
+    sampler (precision.prepare), plus any extra tensors (LoRA adapters) read live."""
+    if precision == "float32":
+        return model.forward_params
+    prepared = prepare(model.params, precision)
+    return lambda: {
+        **prepared,
+        **{k: v for k, v in model.forward_params().items() if k not in model.params},
+    }
+
+
+def _build_sampler(model: GPT2, precision: str) -> tf.types.experimental.GenericFunction:
     # Over ~60 lines: the compiled loop's pieces (prompt pass, caches, seen set, while_loop)
     # share one trace's tensors; split into functions they would only pass them all around.
     hp = model.hparams
+    params = _generation_params(model, precision)
     # Compiled once per (batch, cache size); the cache size is rounded up to CACHE_STEP.
     step = tf.function(
-        lambda wte_t, token, pos, caches: decode_step(
-            model.forward_params(), hp, wte_t, token, pos, caches
-        ),
+        lambda wte_t, token, pos, caches: decode_step(params(), hp, wte_t, token, pos, caches),
         jit_compile=True,
     )
 
@@ -127,7 +140,7 @@ def _build_sampler(model: GPT2) -> tf.types.experimental.GenericFunction:
         ]
     )
     def sample_segment(context, history, steps, knobs, keys, stop_token):
-        logits, past = forward(model.forward_params(), hp, context)
+        logits, past = forward(params(), hp, context)
         # Each row's key for this segment; step i folds in i (see pick).
         keys = tf.map_fn(lambda k: tf.random.experimental.stateless_fold_in(k[:2], k[2]), keys)
 
@@ -147,8 +160,9 @@ def _build_sampler(model: GPT2) -> tf.types.experimental.GenericFunction:
         caches = [
             (tf.pad(past[:, i, 0], pad), tf.pad(past[:, i, 1], pad)) for i in range(hp["n_layer"])
         ]
-        # Once per call, not kept: training changes wte between samples.
-        wte_t = tf.transpose(model.params["model/wte"])
+        # Once per call, not kept: training changes wte between samples. Reduced precision
+        # reads its prepared copy of wte instead (None).
+        wte_t = tf.transpose(model.params["model/wte"]) if precision == "float32" else None
 
         def cond(i, caches, token, done, seen, out):
             return (i < steps) & ~tf.reduce_all(done)
@@ -187,10 +201,15 @@ def _build_sampler(model: GPT2) -> tf.types.experimental.GenericFunction:
 build_sampler, KNOB_TYPES = _build_sampler, _KNOB_TYPES
 
 
-def _sampler(model: GPT2):
-    # One compiled sampler per model, made on first use and reused for every call.
+def _sampler(model: GPT2, precision: str = "float32"):
+    # One compiled sampler per model and precision, made on first use and reused for every
+    # call; GPT2.set_extra_tensors drops them (and the prepared weights they hold).
+    if precision != "float32":
+        if precision not in model._samplers_at:
+            model._samplers_at[precision] = _build_sampler(model, precision)
+        return model._samplers_at[precision]
     if getattr(model, "_sampler", None) is None:
-        model._sampler = _build_sampler(model)
+        model._sampler = _build_sampler(model, precision)
     return model._sampler
 
 
@@ -234,7 +253,7 @@ def _generate_rows(
     (after a segment), leaving fewer than `length` tokens."""
     length, n_ctx, eot = s.length, model.hparams["n_ctx"], _eot(model)
     seed = int(np.random.SeedSequence().entropy % 2**31) if s.seed is None else int(s.seed)
-    fn, knobs = _sampler(model), _knobs(s)
+    fn, knobs = _sampler(model, s.precision), _knobs(s)
     tokens = np.repeat(np.asarray(contexts, np.int32), s.nsamples, axis=0)
     index = np.tile(np.arange(s.nsamples, dtype=np.int64), len(contexts))
     new = np.zeros((len(tokens), 0), np.int32)

@@ -21,6 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from gpt2tune.errors import Gpt2tuneError
+from gpt2tune.model.precision import PREPARED_SUFFIXES, matmul_t
 
 if TYPE_CHECKING:
     from gpt2tune.model.encoder import Encoder
@@ -91,11 +92,19 @@ def norm(x: tf.Tensor, g: tf.Tensor, b: tf.Tensor, epsilon: float = 1e-5) -> tf.
 
 
 def conv1d(
-    x: tf.Tensor, w: tf.Tensor, b: tf.Tensor, lora: tuple[tf.Tensor, tf.Tensor] | None = None
+    x: tf.Tensor,
+    w: tf.Tensor,
+    b: tf.Tensor,
+    lora: tuple[tf.Tensor, tf.Tensor] | None = None,
+    w_scale: tf.Tensor | None = None,
 ) -> tf.Tensor:
-    # OpenAI stores dense layers as 1x1 convolutions: w is [1, nx, nf].
+    # OpenAI stores dense layers as 1x1 convolutions: w is [1, nx, nf]. Generation at reduced
+    # precision passes a prepared w [nf, nx] (bfloat16, or int8 and its w_scale; precision.py).
     *start, nx = tf.unstack(tf.shape(x))
     x = tf.reshape(x, [-1, nx])
+    if w.shape.rank == 2:
+        y = matmul_t(x, w, w_scale) + b
+        return tf.reshape(y, start + [tf.shape(w)[0]])
     y = tf.matmul(x, w[0]) + b
     if lora is not None:
         # A LoRA adapter (lora.py): A [nx, r], B [r, nf] already scaled by alpha / r. x A B
@@ -107,9 +116,10 @@ def conv1d(
 def dense(x: tf.Tensor, p: Mapping[str, tf.Tensor], layer: str) -> tf.Tensor:
     """The block's dense `layer` ("attn/c_attn", ...), with its LoRA adapter if p has one."""
     a = p.get(layer + "/lora_a")
-    return conv1d(
-        x, p[layer + "/w"], p[layer + "/b"], None if a is None else (a, p[layer + "/lora_b"])
-    )
+    lora = None if a is None else (a, p[layer + "/lora_b"])
+    if layer + "/w_t" in p:  # generation's reduced-precision weights (precision.prepare)
+        return conv1d(x, p[layer + "/w_t"], p[layer + "/b"], lora, p.get(layer + "/w_t_scale"))
+    return conv1d(x, p[layer + "/w"], p[layer + "/b"], lora)
 
 
 def split_heads(x: tf.Tensor, n_head: int) -> tf.Tensor:
@@ -195,8 +205,13 @@ def block(x: tf.Tensor, p: Mapping[str, tf.Tensor], n_head: int, cache: KVCache 
 
 def cast_block(p: Mapping[str, tf.Tensor], dtype: tf.DType) -> dict[str, tf.Tensor]:
     """A block's weights in the compute dtype. Layer norm gains and biases stay float32
-    (`norm` computes in float32); in float32 the casts are no-ops."""
-    return {k: v if k.startswith("ln_") else tf.cast(v, dtype) for k, v in p.items()}
+    (`norm` computes in float32); in float32 the casts are no-ops. Generation's prepared
+    weights (precision.py) stay as prepared."""
+    keep = ("ln_",)
+    return {
+        k: v if k.startswith(keep) or k.endswith(PREPARED_SUFFIXES) else tf.cast(v, dtype)
+        for k, v in p.items()
+    }
 
 
 def recomputed_block(n_head: int, names: list[str], dtype: tf.DType):
@@ -269,11 +284,11 @@ def forward(
     caches = None if recompute else [past_cache(layer_past) for layer_past in pasts]
     h, presents = transformer(params, hparams, tf.cast(h, dtype), caches, dtype)
     # Output embedding is tied to the input embedding, as in the paper.
-    logits = tf.matmul(
-        tf.reshape(h, [-1, hparams["n_embd"]]),
-        tf.cast(params["model/wte"], dtype),
-        transpose_b=True,
-    )
+    h = tf.reshape(h, [-1, hparams["n_embd"]])
+    if "model/wte_out" in params:  # generation's reduced-precision copy (precision.prepare)
+        logits = matmul_t(h, params["model/wte_out"], params.get("model/wte_out_scale"))
+    else:
+        logits = tf.matmul(h, tf.cast(params["model/wte"], dtype), transpose_b=True)
     logits = tf.reshape(tf.cast(logits, tf.float32), [tf.shape(tokens)[0], t, hparams["n_vocab"]])
     return logits, tf.stack(presents, axis=1) if presents else None
 
@@ -281,7 +296,7 @@ def forward(
 def decode_step(
     params: Mapping[str, tf.Tensor],
     hparams: Mapping[str, int],
-    wte_t: tf.Tensor,
+    wte_t: tf.Tensor | None,
     token: tf.Tensor,
     pos: tf.Tensor,
     caches: list[tuple[tf.Tensor, tf.Tensor]],
@@ -292,11 +307,15 @@ def decode_step(
     Made for the sampler, which compiles it with XLA: the cache never grows, and the ~30
     small ops of a layer fuse into a few kernels. `wte_t` is the token embedding transposed,
     [n_embd, n_vocab]: for a few rows, h @ wte_t streams it 3-5x faster than h @ wte^T
-    (transpose_b), and it is a third of the weights read per token.
+    (transpose_b), and it is a third of the weights read per token. With prepared
+    reduced-precision params (precision.prepare) the logits read `model/wte_out` and wte_t
+    is None.
     """
     # gather, not [pos]: XLA would take a slice start as a constant and compile per position.
     h = tf.gather(params["model/wte"], token[:, None]) + tf.gather(params["model/wpe"], pos)
     h, caches = transformer(params, hparams, h, slot_caches(caches, pos))
+    if wte_t is None:
+        return matmul_t(h[:, 0], params["model/wte_out"], params.get("model/wte_out_scale")), caches
     return tf.matmul(h[:, 0], wte_t), caches
 
 
@@ -334,6 +353,7 @@ class GPT2(tf.Module):
         made by `extra()` inside each traced call; the compiled functions are rebuilt."""
         self._extra = extra
         self._sampler = None  # generation.sampler's compiled loop, built on first use
+        self._samplers_at: dict = {}  # the same per reduced precision, with its weights
         self._logits_fn = tf.function(
             lambda tokens: forward(self.forward_params(), self.hparams, tokens)[0],
             input_signature=[tf.TensorSpec([None, None], tf.int32)],

@@ -48,9 +48,12 @@ def text_tokens(path_spec: str, model_dir: str, p: Params, what: str = "--data")
         return np.array(load_tokens(tmp, "train", enc.n_vocab))
 
 
-def evaluate_loss(model, tokens: np.ndarray, p: Params, progress: bool | None = None) -> dict:
+def evaluate_loss(
+    model, tokens: np.ndarray, p: Params, progress: bool | None = None, precision: str = "float32"
+) -> dict:
     """{"loss", "perplexity", "windows", "tokens"} of `model` on `tokens`, with training's
-    validation windows and eval step; a bar per batch of windows on a terminal."""
+    validation windows and eval step; a bar per batch of windows on a terminal. `precision`
+    (sample.precision's values): the loss with the weights generation reads at it."""
     import dataclasses
 
     import tensorflow as tf
@@ -63,11 +66,19 @@ def evaluate_loss(model, tokens: np.ndarray, p: Params, progress: bool | None = 
     if not len(windows):
         raise Gpt2tuneError(f"the text is only {len(tokens)} token(s): nothing to evaluate")
     cfg = dataclasses.replace(p.train, n_ctx=n_ctx)
-    trainer = Trainer(model, cfg, tf.distribute.get_strategy())
+    if precision == "float32":
+        loss_of = Trainer(model, cfg, tf.distribute.get_strategy()).eval_loss
+    else:  # the same loss, over the weights as gpt2tune.model.precision prepares them
+        from gpt2tune.model.precision import prepare
+        from gpt2tune.train.trainer import lm_loss
+
+        params = prepare(model.forward_params(), precision)
+        step = tf.function(lambda w: lm_loss(params, model.hparams, w))
+        loss_of = lambda w: float(step(tf.constant(w)))  # noqa: E731
     b, total = cfg.batch_size, 0.0
     quiet = None if progress is None else not progress  # tqdm: None = only on a terminal
     for i in tqdm(range(0, len(windows), b), desc="evaluate", unit="batch", disable=quiet):
-        total += trainer.eval_loss(windows[i : i + b]) * len(windows[i : i + b])
+        total += loss_of(windows[i : i + b]) * len(windows[i : i + b])
     loss = total / len(windows)
     return {"loss": loss, "perplexity": math.exp(loss), "windows": len(windows),
             "tokens": int(windows.shape[0] * (windows.shape[1] - 1))}  # fmt: skip
