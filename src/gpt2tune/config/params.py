@@ -383,8 +383,7 @@ class SampleParams(Sampling):
     copied_min_tokens: int = key(
         32,
         int_in(1, _MAX_LENGTH),
-        "copied_fraction: share of sample tokens in runs of at least this many tokens "
-        "shared verbatim with train.npy",
+        "copied_fraction counts runs of at least this many tokens found verbatim in train.npy",
     )
 
 
