@@ -65,11 +65,21 @@ def encode(p: Params, args: argparse.Namespace) -> None:
         val_path=p.data.val_path,
         max_line_mb=p.data.max_line_mb,
         follow_symlinks_outside=p.data.follow_symlinks_outside,
+        prompt_field=p.data.prompt_field,
+        window=p.train.n_ctx,
     )
     print(
         f"encoded {s['documents']} document(s), {s['bytes']:,} bytes -> {s['tokens']:,} tokens "
         f"(train {s['train_tokens']:,}, val {s['val_tokens']:,}) in {ENCODED}"
     )
+    if s.get("truncated_prompts") or s.get("truncated_completions"):
+        print(
+            f"warning: {s['truncated_prompts']} record(s) longer than a window "
+            f"(train.n_ctx = {s['window']} tokens) lost the start of their prompt, and "
+            f"{s['truncated_completions']} the end of their completion (counted in "
+            f"{ENCODED}/stats.json)",
+            file=sys.stderr,
+        )
 
 
 # Over 60 lines: the stage in the order of its side effects (checks, lock, run, outputs);
@@ -85,12 +95,14 @@ def train(p: Params, args: argparse.Namespace) -> None:
     """
     import_tensorflow_quietly()
 
+    from gpt2tune.data import encoded
     from gpt2tune.tracking import run as tracking
     from gpt2tune.tracking import sampletable
     from gpt2tune.train import distribute, loop, report, runstate
     from gpt2tune.train.signals import Stopped
 
     model, strategy, train_tokens, val_tokens, stats, base = _training_inputs(p)
+    masks = {f"{split}_mask": encoded.load_mask(ENCODED, split) for split in encoded.SPLITS}
     fp = runstate.fingerprint(p.train, p.model.name, stats)
     if not distribute.is_chief(strategy):
         # A non-chief worker of a multi-worker run computes and all-reduces like the chief
@@ -99,7 +111,7 @@ def train(p: Params, args: argparse.Namespace) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             run_dir = distribute.worker_run_dir(RUN_DIR, tmp)
             loop.fit(model, train_tokens, val_tokens, p.train, run_dir,
-                         strategy=strategy, run_fingerprint=fp, base=base)  # fmt: skip
+                         strategy=strategy, run_fingerprint=fp, base=base, **masks)  # fmt: skip
         return
     with runstate.hold(RUN_DIR):  # one training per run folder; the first change on disk
         runstate.clean_leftovers(RUN_DIR)
@@ -123,6 +135,7 @@ def train(p: Params, args: argparse.Namespace) -> None:
                     log_tag=tracking.set_tag,
                     state_extra={"mlflow_run_id": run.info.run_id},
                     base=base,
+                    **masks,
                 )  # fmt: skip
             except Stopped:  # saved and resumable: killed, not failed (a NaN fails it)
                 tracking.end_run("KILLED")

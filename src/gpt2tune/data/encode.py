@@ -112,7 +112,7 @@ def encode_corpus(
     max_line_mb: int = MAX_LINE_MB,
     follow_symlinks_outside: bool = False,
     prompt_field: str = "",
-    window: int = 1025,
+    window: int = 1024,
 ) -> dict:
     """Encode the text of ``path_spec`` into out_dir/train.npy, val.npy and stats.json, and
     return the stats. ``val_path`` (data.val_path): a separate validation text; then all of
@@ -127,7 +127,7 @@ def encode_corpus(
     the project (the working directory) lead to outside it, instead of refusing them.
     ``what``: what path_spec is called in messages, the params.yaml key or an option such as
     ``--data``. ``prompt_field`` (data.prompt_field): read prompt -> completion records
-    instead, with a loss mask, cut to ``window`` tokens (train.n_ctx + 1; see
+    instead, with a loss mask, each cut to ``window`` tokens (train.n_ctx; see
     :mod:`gpt2tune.data.records` and "Records" above).
     """
     _check_options(encoding, val_fraction, chunk_chars, workers)
