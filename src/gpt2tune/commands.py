@@ -14,7 +14,16 @@ import tempfile
 from pathlib import Path
 
 from gpt2tune.config.params import Params
-from gpt2tune.paths import ENCODED, FINETUNED, FINETUNED_HF, MODELS, RUN_DIR, SAMPLES, base_model
+from gpt2tune.paths import (
+    ENCODED,
+    FINETUNED,
+    FINETUNED_HF,
+    MODELS,
+    RUN_DIR,
+    SAMPLES,
+    VAL_RECORDS,
+    base_model,
+)
 from gpt2tune.stage import import_tensorflow_quietly, say
 
 OFF_NOTE = (
@@ -212,20 +221,26 @@ def sample(p: Params, args: argparse.Namespace) -> None:
         samples.interactive(model, p.sample)
         return
 
-    records = samples.sample_records(model, p.sample)
+    cfg, references = p.sample, None
+    if p.sample.prompts_from == "val":  # the validation records' prompts, and their answers
+        from gpt2tune.data.records import read_val_records
+
+        cfg, references = samples.val_prompts(p.sample, read_val_records(VAL_RECORDS),
+                                              VAL_RECORDS.as_posix())  # fmt: skip
+    records = samples.sample_records(model, cfg, references)
     out = SAMPLES
     out.mkdir(exist_ok=True)
     write_text_atomic(
         out / "samples.json", json.dumps(records, indent=2, ensure_ascii=False) + "\n"
     )
-    write_text_atomic(out / "samples.md", samples.records_markdown(records, p.sample))
+    write_text_atomic(out / "samples.md", samples.records_markdown(records, cfg))
 
     from gpt2tune.tracking import run as tracking
     from gpt2tune.tracking import sampletable
 
     with tracking.reopen_run(p.mlflow, params=p.flat()):
         tracking.log_folder(out, "samples")
-        rows = sampletable.sample_stage_rows(records, p.sample, p.train.steps)
+        rows = sampletable.sample_stage_rows(records, cfg, p.train.steps)
         tracking.log_table(rows, sampletable.TABLE)
     print(f"wrote {len(records)} samples to {out}/samples.json and {out}/samples.md")
 

@@ -171,7 +171,7 @@ class DataParams:
     prompt_field: str = key(
         "",
         Rule('a CSV column or JSON key other than data.field ("" = off)'),
-        'the CSV column or JSON key of each record\'s prompt; the loss counts only the '
+        "the CSV column or JSON key of each record's prompt; the loss counts only the "
         'completion (data.field) ("" = plain text: every token)',
     )
     val_fraction: float = key(
@@ -535,7 +535,7 @@ def _check_combinations(params: Params, source: str) -> None:
     if d.prompt_field and d.format not in ("jsonl", "csv"):
         raise Gpt2tuneError(
             f"{source}: data.prompt_field = {d.prompt_field!r}: needs data.format jsonl or csv "
-            f"(records with a prompt and a completion), not {d.format}; set it to \"\" or "
+            f'(records with a prompt and a completion), not {d.format}; set it to "" or '
             "change data.format"
         )
     if d.prompt_field and d.prompt_field == d.field:

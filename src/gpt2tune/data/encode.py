@@ -457,9 +457,10 @@ def _encode_records(
         starts.append(train.tokens + val.tokens)  # the end of the last record
         # The split of the records, in records (the token rule, with records for tokens).
         split = _split(train.records, val.records, o.val_fraction, separate=bool(val_files))
-        to_tokens = [(starts[a], starts[b]) for a, b in split.train], [
-            (starts[a], starts[b]) for a, b in split.val
-        ]
+        to_tokens = (
+            [(starts[a], starts[b]) for a, b in split.train],
+            [(starts[a], starts[b]) for a, b in split.val],
+        )
         val_ids = [i for a, b in split.val for i in range(a, b)]
         token_split = _Split(split.block, split.val_blocks, *to_tokens)
         mask = np.memmap(streams["mask"], dtype=MASK_DTYPE, mode="r", shape=(starts[n],))

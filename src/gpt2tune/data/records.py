@@ -41,9 +41,11 @@ from typing import BinaryIO, TextIO
 import numpy as np
 
 from gpt2tune.data.formats import RECORD_READERS, Limit, read_lines
+from gpt2tune.errors import Gpt2tuneError
 from gpt2tune.files import display_path
 
 MASK_DTYPE = np.dtype("u1")
+KEYS = ("prompt", "completion")  # of each line of val_records.jsonl
 
 
 @dataclass
@@ -122,6 +124,21 @@ def write_records(
 
 
 def read_val_records(path: Path) -> list[dict]:
-    """The {"prompt", "completion"} records of a val_records.jsonl, in order."""
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    """The {"prompt", "completion"} records of a val_records.jsonl, in order; Gpt2tuneError
+    when it is missing or not what the encode stage writes."""
+    again = "run `dvc repro encode` with data.prompt_field set (data.format jsonl or csv)"
+    try:
+        with open(path, encoding="utf-8") as fh:
+            records = [json.loads(line) for line in fh if line.strip()]
+    except FileNotFoundError:
+        raise Gpt2tuneError(f"{display_path(path)} not found; {again}") from None
+    except (OSError, ValueError) as e:
+        raise Gpt2tuneError(
+            f"{display_path(path)} is not readable JSON lines ({e}); {again}"
+        ) from None
+    for n, r in enumerate(records, 1):
+        if not (isinstance(r, dict) and all(isinstance(r.get(k), str) for k in KEYS)):
+            raise Gpt2tuneError(
+                f'{display_path(path)}:{n}: not a {{"prompt", "completion"}} record; {again}'
+            )
+    return records

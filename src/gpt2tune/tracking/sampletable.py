@@ -23,12 +23,18 @@ TABLE = "samples/table.json"
 
 
 def rows(step: int, records: list[dict], sampling: Sampling) -> dict[str, list]:
-    """Columns step, prompt ("" = unconditional), index, text, then every sampling setting;
-    one row per record of gpt2tune.generation.samples.sample_records."""
+    """Columns step, prompt ("" = unconditional), index, text, reference (only when records
+    have one: sample.prompts_from val; "" for the unconditional samples), then every
+    sampling setting; one row per record of gpt2tune.generation.samples.sample_records."""
     settings = {f.name: getattr(sampling, f.name) for f in dataclasses.fields(Sampling)}
-    table: dict[str, list] = {k: [] for k in ("step", "prompt", "index", "text", *settings)}
+    texts = ["step", "prompt", "index", "text"]
+    if any("reference" in r for r in records):
+        texts.append("reference")
+    table: dict[str, list] = {k: [] for k in (*texts, *settings)}
     for r in records:
         row = dict(step=step, prompt=r["prompt"] or "", index=r["index"], text=r["text"])
+        if "reference" in texts:
+            row["reference"] = r.get("reference", "")
         for k, v in {**row, **settings}.items():
             table[k].append(v)
     return table

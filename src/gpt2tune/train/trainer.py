@@ -251,10 +251,8 @@ class Trainer:
         [k, len], the mean over the targets whose mask is 1 only."""
         b = self.cfg.batch_size
         if masks is not None:
-            sums = [
-                self.eval_step_masked(tf.constant(windows[i : i + b]), tf.constant(masks[i : i + b]))
-                for i in range(0, len(windows), b)
-            ]
+            pairs = [(windows[i : i + b], masks[i : i + b]) for i in range(0, len(windows), b)]
+            sums = [self.eval_step_masked(tf.constant(w), tf.constant(m)) for w, m in pairs]
             count = sum(float(n) for _, n in sums)
             return sum(float(t) for t, _ in sums) / max(count, 1.0)
         losses = [
