@@ -171,8 +171,7 @@ class DataParams:
     prompt_field: str = key(
         "",
         Rule('a CSV column or JSON key other than data.field ("" = off)'),
-        "the CSV column or JSON key of each record's prompt; the loss counts only the "
-        'completion (data.field) ("" = plain text: every token)',
+        "prompt's column or key: the loss counts only the completion (data.field)",
     )
     val_fraction: float = key(
         0.05,

@@ -19,7 +19,7 @@ which targets of a window count.
 A record longer than a window's inputs (``train.n_ctx`` tokens) would never be seen whole, so
 it is cut from the left of its prompt (the end of the prompt, nearest the answer, stays); when
 the completion alone fills the window, the prompt keeps one token and the completion is cut
-from its end. stats.json counts both (``truncated_prompts``, ``truncated_completions``) and
+from its end (its closing ``<|endoftext|>`` stays). stats.json counts both (``truncated_prompts``, ``truncated_completions``) and
 the encode stage prints a warning. Fitting records to n_ctx tokens (not the n_ctx + 1 of a
 window) also means every window holds at least one target: any n_ctx tokens in a row hold a
 record's closing ``<|endoftext|>``.
@@ -60,15 +60,16 @@ class RecordCounts:
 
 def fit_record(prompt: list[int], completion: list[int], window: int) -> tuple[list, list, str]:
     """(prompt, completion, what was cut: "", "prompt" or "completion") of a record of at most
-    `window` tokens: the prompt loses tokens from its left first; a completion that fills
-    the window alone keeps one prompt token before it (its first target needs an input) and
-    loses tokens from its end."""
+    `window` tokens (>= 2); `completion` ends with its <|endoftext|>. The prompt loses tokens
+    from its left first; a completion that fills the window alone keeps one prompt token
+    before it (its first target needs an input) and loses tokens from its end, but not the
+    closing <|endoftext|> (so records stay separated)."""
     if len(prompt) + len(completion) <= window:
         return prompt, completion, ""
     if len(completion) < window:
         return prompt[len(prompt) + len(completion) - window :], completion, "prompt"
     prompt = prompt[-1:]
-    return prompt, completion[: window - len(prompt)], "completion"
+    return prompt, completion[: window - len(prompt) - 1] + completion[-1:], "completion"
 
 
 def read_records(
