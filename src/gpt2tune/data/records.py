@@ -19,8 +19,8 @@ which targets of a window count.
 A record longer than a window's inputs (``train.n_ctx`` tokens) would never be seen whole, so
 it is cut from the left of its prompt (the end of the prompt, nearest the answer, stays); when
 the completion alone fills the window, the prompt keeps one token and the completion is cut
-from its end (its closing ``<|endoftext|>`` stays). stats.json counts both (``truncated_prompts``, ``truncated_completions``) and
-the encode stage prints a warning. Fitting records to n_ctx tokens (not the n_ctx + 1 of a
+from its end (its closing ``<|endoftext|>`` stays). stats.json counts both
+(``truncated_prompts``, ``truncated_completions``) and the encode stage prints a warning. Fitting records to n_ctx tokens (not the n_ctx + 1 of a
 window) also means every window holds at least one target: any n_ctx tokens in a row hold a
 record's closing ``<|endoftext|>``.
 
