@@ -20,9 +20,10 @@ A record longer than a window's inputs (``train.n_ctx`` tokens) would never be s
 it is cut from the left of its prompt (the end of the prompt, nearest the answer, stays); when
 the completion alone fills the window, the prompt keeps one token and the completion is cut
 from its end (its closing ``<|endoftext|>`` stays). stats.json counts both
-(``truncated_prompts``, ``truncated_completions``) and the encode stage prints a warning. Fitting records to n_ctx tokens (not the n_ctx + 1 of a
-window) also means every window holds at least one target: any n_ctx tokens in a row hold a
-record's closing ``<|endoftext|>``.
+(``truncated_prompts``, ``truncated_completions``) and the encode stage prints a warning.
+Fitting records to n_ctx tokens (not the n_ctx + 1 of a window) also means every window
+holds at least one target: any n_ctx tokens in a row hold a record's closing
+``<|endoftext|>``.
 
 The records' texts go, one JSON object ``{"prompt", "completion"}`` a line, to a temporary
 file; the encode stage keeps the validation records' in ``val_records.jsonl``, where the
