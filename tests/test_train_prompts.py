@@ -1,7 +1,8 @@
 """Prompt -> completion training (data.prompt_field): the loss counts only the targets whose
 mask is 1. Masked targets change no gradient, the mean is over the whole step (micro-batches
-and replicas together), a step without targets changes nothing, and on "Q x A f(x)" records the completion-only loss learns f for
-held-out x better than the plain loss in the same steps."""
+and replicas together), a step without targets changes nothing, and on "Q x A f(x)" records
+the completion-only loss learns f for held-out x better than the plain loss in the same
+steps."""
 
 from __future__ import annotations
 
