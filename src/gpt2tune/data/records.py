@@ -27,7 +27,8 @@ holds at least one target: any n_ctx tokens in a row hold a record's closing
 
 The records' texts go, one JSON object ``{"prompt", "completion"}`` a line, to a temporary
 file; the encode stage keeps the validation records' in ``val_records.jsonl``, where the
-sample stage finds prompts and reference completions (``sample.prompts_from: val``).
+sample stage finds prompts and reference completions (``sample.prompts_from: val``). A cut
+prompt is kept there as it was trained on (its kept tokens, decoded), the completion whole.
 """
 
 from __future__ import annotations
@@ -116,7 +117,9 @@ def write_records(
         starts.append(counts.tokens)
         tokens_out.write(np.array(p + c, dtype).tobytes())
         mask_out.write(bytes(len(p)) + b"\1" * len(c))
-        texts_out.write(json.dumps({"prompt": prompt_text, "completion": completion_text},
+        # A cut prompt is kept as trained on, so that the sample stage can complete it.
+        shown = encoder.decode(p) if cut else prompt_text
+        texts_out.write(json.dumps({"prompt": shown, "completion": completion_text},
                                    ensure_ascii=False) + "\n")  # fmt: skip
         counts.records += 1
         counts.characters += len(prompt_text) + len(completion_text)
