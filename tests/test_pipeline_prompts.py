@@ -9,6 +9,7 @@ GPT-2 in OpenAI's release layout from a local folder, runs in the project's sqli
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 from helpers.models import write_official_style_model
@@ -82,5 +83,13 @@ def test_prompt_completion_records_through_dvc(project):
     assert reference[-6:] == [r["completion"] for r in kept]
     run = client.get_run(run_id)
     assert run.data.params["data.prompt_field"] == "question"
-    # The validation loss is over the completions only: logged like any other.
-    assert "val_loss" in run.data.metrics
+    # The validation loss is over the completions only, and `gpt2tune evaluate --data val`
+    # scores the assembled (best) weights the same way: the lowest val_loss again (the TSV
+    # keeps 6 decimals; the two sum the same float32 terms in batches of one size).
+    rows = (project / "metrics/val_loss.tsv").read_text().split("\n")[1:]
+    best = min(float(r.split("\t")[1]) for r in rows if r)
+    proc = run_in(project, sys.executable, "-m", "gpt2tune", "evaluate", "--model",
+                  "models/finetuned", "--data", "val", timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    loss = float(proc.stdout.split("loss ")[1].split()[0])
+    assert loss == pytest.approx(best, abs=2e-6), proc.stdout

@@ -286,7 +286,11 @@ def evaluate(p: Params, args: argparse.Namespace) -> None:
 
     model = load_model(args.model)
     print(f"evaluating {args.model} on {args.data} ({len(tokens):,} tokens)...", file=sys.stderr)
-    result = evaluate_loss(model, tokens, p)
+    from gpt2tune.data.encoded import load_mask
+    from gpt2tune.paths import VALIDATION_DATA
+
+    mask = load_mask(ENCODED, "val") if args.data == VALIDATION_DATA else None  # records'
+    result = evaluate_loss(model, tokens, p, mask=mask)
     print(f"loss {result['loss']:.6f}  perplexity {result['perplexity']:.4f}  "
           f"({result['windows']} windows, {result['tokens']:,} tokens predicted)")  # fmt: skip
     if args.mlflow:

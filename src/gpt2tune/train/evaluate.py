@@ -7,7 +7,9 @@ train.val_batch_count) and scored by the Trainer's compiled eval step (train.bat
 windows at a time, train.precision). So a fine-tuned model's val_loss can be compared with,
 say, the base model's on the same validation text. ``--data val`` (VALIDATION_DATA) takes the
 encode stage's validation tokens (data/encoded/val.npy) instead of a text: the very windows
-training validates on, so the base model's loss there is training's ``base_val_loss``.
+training validates on, so the base model's loss there is training's ``base_val_loss`` (with
+prompt -> completion records, data.prompt_field, over the completions only, as there; a text
+given by path is scored on every token).
 """
 
 from __future__ import annotations
@@ -48,9 +50,13 @@ def text_tokens(path_spec: str, model_dir: str, p: Params, what: str = "--data")
         return np.array(load_tokens(tmp, "train", enc.n_vocab))
 
 
-def evaluate_loss(model, tokens: np.ndarray, p: Params, progress: bool | None = None) -> dict:
+def evaluate_loss(
+    model, tokens: np.ndarray, p: Params, progress: bool | None = None, mask=None
+) -> dict:
     """{"loss", "perplexity", "windows", "tokens"} of `model` on `tokens`, with training's
-    validation windows and eval step; a bar per batch of windows on a terminal."""
+    validation windows and eval step; a bar per batch of windows on a terminal. `mask`: the
+    tokens' loss mask (data.prompt_field's, `val_mask`): the loss of the targets it marks
+    only, as training's validation with records."""
     import dataclasses
 
     import tensorflow as tf
@@ -66,8 +72,17 @@ def evaluate_loss(model, tokens: np.ndarray, p: Params, progress: bool | None = 
     trainer = Trainer(model, cfg, tf.distribute.get_strategy())
     b, total = cfg.batch_size, 0.0
     quiet = None if progress is None else not progress  # tqdm: None = only on a terminal
-    for i in tqdm(range(0, len(windows), b), desc="evaluate", unit="batch", disable=quiet):
-        total += trainer.eval_loss(windows[i : i + b]) * len(windows[i : i + b])
-    loss = total / len(windows)
+    batches = tqdm(range(0, len(windows), b), desc="evaluate", unit="batch", disable=quiet)
+    if mask is not None:  # the mean over the marked targets of all windows, not per batch
+        masks = eval_windows(mask, n_ctx, p.train.val_batch_count)
+        marked = masks[:, 1:].sum(axis=1)
+        for i in batches:
+            w, m = windows[i : i + b], masks[i : i + b]
+            total += trainer.eval_loss(w, m) * max(int(marked[i : i + b].sum()), 1)
+        loss = total / max(int(marked.sum()), 1)
+    else:
+        for i in batches:
+            total += trainer.eval_loss(windows[i : i + b]) * len(windows[i : i + b])
+        loss = total / len(windows)
     return {"loss": loss, "perplexity": math.exp(loss), "windows": len(windows),
             "tokens": int(windows.shape[0] * (windows.shape[1] - 1))}  # fmt: skip
