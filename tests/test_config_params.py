@@ -269,7 +269,8 @@ BAD = {
     "section not a mapping": (
         _set(None, "data", "data/dset.txt"),
         'params.yaml: data = "data/dset.txt": must be a mapping with keys path, encoding, '
-        "format, field, val_fraction, val_path, max_line_mb, follow_symlinks_outside (got text)",
+        "format, field, prompt_field, val_fraction, val_path, max_line_mb, "
+        "follow_symlinks_outside (got text)",
     ),
     "prompts not a list": (
         _set("sample", "prompts", "hello"),

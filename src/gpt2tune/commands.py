@@ -23,6 +23,7 @@ from gpt2tune.paths import (
     MODELS,
     RUN_DIR,
     SAMPLES,
+    VAL_RECORDS,
     base_model,
 )
 from gpt2tune.stage import import_tensorflow_quietly, say
@@ -87,11 +88,21 @@ def encode(p: Params, args: argparse.Namespace) -> None:
         val_path=p.data.val_path,
         max_line_mb=p.data.max_line_mb,
         follow_symlinks_outside=p.data.follow_symlinks_outside,
+        prompt_field=p.data.prompt_field,
+        window=p.train.n_ctx,
     )
     print(
         f"encoded {s['documents']} document(s), {s['bytes']:,} bytes -> {s['tokens']:,} tokens "
         f"(train {s['train_tokens']:,}, val {s['val_tokens']:,}) in {ENCODED}"
     )
+    if s.get("truncated_prompts") or s.get("truncated_completions"):
+        print(
+            f"warning: {s['truncated_prompts']} record(s) longer than a window "
+            f"(train.n_ctx = {s['window']} tokens) lost the start of their prompt, and "
+            f"{s['truncated_completions']} the end of their completion (counted in "
+            f"{ENCODED}/stats.json)",
+            file=sys.stderr,
+        )
 
 
 # Over 60 lines: the stage in the order of its side effects (checks, lock, run, outputs);
@@ -107,6 +118,7 @@ def train(p: Params, args: argparse.Namespace) -> None:
     """
     import_tensorflow_quietly()
 
+    from gpt2tune.data import encoded
     from gpt2tune.tracking import run as tracking
     from gpt2tune.tracking import sampletable
     from gpt2tune.tracking.datasets import token_sets
@@ -114,6 +126,7 @@ def train(p: Params, args: argparse.Namespace) -> None:
     from gpt2tune.train.signals import Stopped
 
     model, strategy, train_tokens, val_tokens, stats, base = _training_inputs(p)
+    masks = {f"{split}_mask": encoded.load_mask(ENCODED, split) for split in encoded.SPLITS}
     fp = runstate.fingerprint(p.train, p.model.name, stats)
     if not distribute.is_chief(strategy):
         # A non-chief worker of a multi-worker run computes and all-reduces like the chief
@@ -122,7 +135,7 @@ def train(p: Params, args: argparse.Namespace) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             run_dir = distribute.worker_run_dir(RUN_DIR, tmp)
             loop.fit(model, train_tokens, val_tokens, p.train, run_dir,
-                         strategy=strategy, run_fingerprint=fp, base=base)  # fmt: skip
+                         strategy=strategy, run_fingerprint=fp, base=base, **masks)  # fmt: skip
         return
     with runstate.hold(RUN_DIR):  # one training per run folder; the first change on disk
         runstate.clean_leftovers(RUN_DIR)
@@ -155,6 +168,7 @@ def train(p: Params, args: argparse.Namespace) -> None:
                     log_tag=tracking.set_tag,
                     state_extra={"mlflow_run_id": run.info.run_id},
                     base=base,
+                    **masks,
                 )  # fmt: skip
             except Stopped:  # saved and resumable: killed, not failed (a NaN fails it)
                 tracking.end_run("KILLED")
@@ -231,14 +245,20 @@ def sample(p: Params, args: argparse.Namespace) -> None:
         samples.interactive(model, p.sample)
         return
 
-    records = samples.sample_records(model, p.sample)
+    cfg, references = p.sample, None
+    if p.sample.prompts_from == "val":  # the validation records' prompts, and their answers
+        from gpt2tune.data.records import read_val_records
+
+        cfg, references = samples.val_prompts(p.sample, read_val_records(VAL_RECORDS),
+                                              VAL_RECORDS.as_posix())  # fmt: skip
+    records = samples.sample_records(model, cfg, references)
     copied = _memorization_report(records, model, p.sample.copied_min_tokens)
     out = SAMPLES
     out.mkdir(exist_ok=True)
     write_text_atomic(
         out / "samples.json", json.dumps(records, indent=2, ensure_ascii=False) + "\n"
     )
-    write_text_atomic(out / "samples.md", samples.records_markdown(records, p.sample))
+    write_text_atomic(out / "samples.md", samples.records_markdown(records, cfg))
     if copied:
         MEMORIZATION.parent.mkdir(exist_ok=True)
         metric = {"copied_fraction": copied["copied_fraction"]}  # the one DVC compares by
@@ -249,7 +269,7 @@ def sample(p: Params, args: argparse.Namespace) -> None:
 
     with tracking.reopen_run(p.mlflow, params=p.flat()):
         tracking.log_folder(out, "samples")
-        rows = sampletable.sample_stage_rows(records, p.sample, p.train.steps)
+        rows = sampletable.sample_stage_rows(records, cfg, p.train.steps)
         tracking.log_table(rows, sampletable.TABLE)
         if copied:
             tracking.log_metrics(copied, rows["step"][0] if rows["step"] else 0)
@@ -326,8 +346,12 @@ def evaluate(p: Params, args: argparse.Namespace) -> None:
 
     model = load_model(args.model)
     print(f"evaluating {args.model} on {args.data} ({len(tokens):,} tokens)...", file=sys.stderr)
+    from gpt2tune.data.encoded import load_mask
+    from gpt2tune.paths import VALIDATION_DATA
+
+    mask = load_mask(ENCODED, "val") if args.data == VALIDATION_DATA else None  # records'
     precision = getattr(args, "precision", "float32")
-    result = evaluate_loss(model, tokens, p, precision=precision)
+    result = evaluate_loss(model, tokens, p, mask=mask, precision=precision)
     print(f"loss {result['loss']:.6f}  perplexity {result['perplexity']:.4f}  "
           f"({result['windows']} windows, {result['tokens']:,} tokens predicted)")  # fmt: skip
     if args.mlflow:

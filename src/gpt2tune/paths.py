@@ -11,6 +11,8 @@ from pathlib import Path
 
 MODELS = Path("models")  # models/<model.name>/: base models, as fetch_model downloads them
 ENCODED = Path("data/encoded")  # train.npy, val.npy, stats.json (the encode stage)
+# With data.prompt_field: the validation records' prompts and completions (sample stage)
+VAL_RECORDS = ENCODED / "val_records.jsonl"
 # `gpt2tune evaluate --data val`: ENCODED/val.npy, the tokens training validates on (a file
 # called val is ./val)
 VALIDATION_DATA = "val"

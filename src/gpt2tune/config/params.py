@@ -167,6 +167,12 @@ class DataParams:
         Rule("a non-empty string", _nonempty),
         "the CSV column or JSON key holding the text (data.format csv or jsonl)",
     )
+    # Prompt -> completion training (data/records.py): data.field is then the completion.
+    prompt_field: str = key(
+        "",
+        Rule('a CSV column or JSON key other than data.field ("" = off)'),
+        "prompt's column or key: the loss counts only the completion (data.field)",
+    )
     val_fraction: float = key(
         0.05,
         Rule("a number in [0, 0.5)", lambda v: 0 <= v < 0.5),
@@ -372,6 +378,15 @@ class Sampling:
 class SampleParams(Sampling):
     # Rows in one batch are prompts x nsamples: the memory check names the GiB for large ones.
     batch_size: int = key(8, int_in(1, _MAX_WINDOWS), "prompts generated together in one batch")
+    prompts_from: str = key(
+        "params",
+        one_of({
+            "params": "sample.prompts",
+            "val": "the first validation records' prompts (data.prompt_field), with their "
+            "reference completions",
+        }),
+        "where the prompts come from",
+    )  # fmt: skip
     # An empty prompt would give the model no tokens to condition on.
     prompts: tuple[str, ...] = key(
         (KANT,),
@@ -541,6 +556,23 @@ def _check_combinations(params: Params, source: str) -> None:
                 "served model would refuse every request that keeps its defaults; raise "
                 f"serve.{cap} or lower sample.{setting}"
             )
+    d = params.data
+    if d.prompt_field and d.format not in ("jsonl", "csv"):
+        raise Gpt2tuneError(
+            f"{source}: data.prompt_field = {d.prompt_field!r}: needs data.format jsonl or csv "
+            f'(records with a prompt and a completion), not {d.format}; set it to "" or '
+            "change data.format"
+        )
+    if d.prompt_field and d.prompt_field == d.field:
+        raise Gpt2tuneError(
+            f"{source}: data.prompt_field = {d.prompt_field!r}: the same as data.field (the "
+            "completion); name the prompt's own column or key"
+        )
+    if params.sample.prompts_from == "val" and not d.prompt_field:
+        raise Gpt2tuneError(
+            f"{source}: sample.prompts_from = val: needs data.prompt_field (validation "
+            "records with a prompt and a completion); set it, or sample.prompts_from: params"
+        )
     if OPTIMIZERS[t.optimizer].weight_decay == "none" and t.weight_decay:
         # Only TF1's Adam takes no decay today; a second such optimizer would need its own why.
         raise Gpt2tuneError(

@@ -3,7 +3,10 @@
 :func:`random_windows` draws random contiguous windows of ``n_ctx + 1`` tokens (inputs
 ``w[:, :-1]``, targets ``w[:, 1:]``); :func:`eval_windows` gives evenly spaced, non-overlapping
 where possible, deterministic windows for the validation loss. A corpus shorter than
-``n_ctx + 1`` tokens gives windows of the whole corpus (:func:`window_length`).
+``n_ctx + 1`` tokens gives windows of the whole corpus (:func:`window_length`). The loss mask
+of prompt -> completion records (data/records.py) is cut into windows at the same starts:
+``eval_windows`` of it directly (its starts depend only on the length), random ones with
+:func:`random_starts` and :func:`take_windows`.
 """
 
 from __future__ import annotations
@@ -31,11 +34,24 @@ def random_windows(
 ) -> np.ndarray:
     """int32 [batch_size, window_length] random contiguous windows of `tokens`
     (inputs ``w[:, :-1]``, targets ``w[:, 1:]``); the same rng state gives the same batch."""
+    starts = random_starts(len(tokens), n_ctx, batch_size, rng)
+    return take_windows(tokens, starts, window_length(len(tokens), n_ctx))
+
+
+def random_starts(
+    n_tokens: int, n_ctx: int, batch_size: int, rng: np.random.Generator
+) -> np.ndarray:
+    """Where random_windows' windows start: also where their loss masks' do."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    length = window_length(len(tokens), n_ctx)
-    starts = rng.integers(0, len(tokens) - length + 1, size=batch_size)
-    return np.asarray(tokens[starts[:, None] + np.arange(length)], dtype=np.int32)
+    length = window_length(n_tokens, n_ctx)
+    return rng.integers(0, n_tokens - length + 1, size=batch_size)
+
+
+def take_windows(array: np.ndarray, starts: np.ndarray, length: int) -> np.ndarray:
+    """int32 [len(starts), length]: array[s : s + length] for each start s (tokens, or the
+    loss mask beside them)."""
+    return np.asarray(array[starts[:, None] + np.arange(length)], dtype=np.int32)
 
 
 def eval_windows(tokens: np.ndarray, n_ctx: int, count: int) -> np.ndarray:

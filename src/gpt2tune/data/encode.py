@@ -10,6 +10,18 @@ tokenizer and writes
 * ``stats.json``: documents, characters, bytes, tokens, train/val tokens, n_vocab, dtype, the
   data.format and the source files (relative to the working directory).
 
+Records
+-------
+With ``data.prompt_field`` (data.format jsonl or csv) each object or row is a prompt ->
+completion record (:mod:`gpt2tune.data.records`), and encode also writes ``train_mask.npy``
+and ``val_mask.npy`` (uint8, 1 for each token the loss counts: the completion's) and
+``val_records.jsonl`` (the validation records' texts, for ``sample.prompts_from: val``).
+stats.json adds ``records``, ``val_records``, ``train_target_tokens``,
+``val_target_tokens``, ``window`` and the counts of records cut to fit it
+(``truncated_prompts``, ``truncated_completions``). The split below is then made of records
+instead of tokens (the same rule, ``val_block_records`` records a block), so no record is
+cut between train and val, and each validation record's text is known.
+
 Documents are joined with ``<|endoftext|>`` (the token GPT-2 saw between documents). A literal
 ``<|endoftext|>`` inside a file also becomes that one token, so a single file of documents
 already separated that way keeps its separators. Empty files add no document. That is
@@ -51,6 +63,7 @@ import codecs
 import json
 import math
 import os
+from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,13 +73,16 @@ from tqdm import tqdm
 
 from gpt2tune.config.params import MAX_LINE_MB
 from gpt2tune.data.formats import EncodedDocuments, check_format, separator
+from gpt2tune.data.records import MASK_DTYPE, RecordCounts, read_records, write_records
 from gpt2tune.data.text import cores, find_inputs, named
 from gpt2tune.errors import Gpt2tuneError
 from gpt2tune.files import display_path, fsync_file
 from gpt2tune.model.encoder import EOT
-from gpt2tune.paths import ENCODED
+from gpt2tune.paths import ENCODED, VAL_RECORDS
 
 OUTPUTS = ("train.npy", "val.npy", "stats.json")
+# With data.prompt_field, also: the loss masks and the validation records' texts.
+RECORD_OUTPUTS = ("train_mask.npy", "val_mask.npy", VAL_RECORDS.name)
 VAL_BLOCK_TOKENS = 1024  # largest validation block; smaller for corpora under ~100 blocks
 _COPY_TOKENS = 1 << 22  # tokens per copy from the temporary stream into train/val.npy
 # Inputs from this size on are encoded by one thread per core (smaller ones are a chunk or
@@ -95,6 +111,8 @@ def encode_corpus(
     what: str = "data.path",
     max_line_mb: int = MAX_LINE_MB,
     follow_symlinks_outside: bool = False,
+    prompt_field: str = "",
+    window: int = 1024,
 ) -> dict:
     """Encode the text of ``path_spec`` into out_dir/train.npy, val.npy and stats.json, and
     return the stats. ``val_path`` (data.val_path): a separate validation text; then all of
@@ -108,7 +126,9 @@ def encode_corpus(
     ``follow_symlinks_outside`` (data.follow_symlinks_outside): read files that symlinks in
     the project (the working directory) lead to outside it, instead of refusing them.
     ``what``: what path_spec is called in messages, the params.yaml key or an option such as
-    ``--data``.
+    ``--data``. ``prompt_field`` (data.prompt_field): read prompt -> completion records
+    instead, with a loss mask, each cut to ``window`` tokens (train.n_ctx; see
+    :mod:`gpt2tune.data.records` and "Records" above).
     """
     _check_options(encoding, val_fraction, chunk_chars, workers)
     check_format(data_format, field)
@@ -119,6 +139,12 @@ def encode_corpus(
     if workers is None:
         workers = cores() if total_bytes >= PARALLEL_MIN_BYTES else 1
     dtype = _dtype(encoder.n_vocab)
+    if prompt_field:
+        return _encode_records(
+            files, val_files, encoder, out, dtype, total_bytes,
+            _RecordOptions(data_format, field, prompt_field, encoding, val_fraction, val_path,
+                           progress, chunk_chars, what, path_spec, max_line_mb, window),
+        )  # fmt: skip
     finals = [out / name for name in OUTPUTS]
     stream = out / f".tokens.{os.getpid()}.tmp"
     try:
@@ -149,6 +175,7 @@ def encode_corpus(
         if val_files:
             stats["val_files"] = [display_path(f) for f in val_files]
         _write_outputs(stream, finals, split, dtype, stats)
+        _remove_outputs(out, RECORD_OUTPUTS)  # a previous encode's records: not this data's
     except OSError as e:  # reading errors are Gpt2tuneErrors already: this is the output side
         raise Gpt2tuneError(
             f"could not write {display_path(e.filename or out)}: {e.strerror or e}; check "
@@ -351,3 +378,155 @@ def _write_json(path: Path, data: dict) -> None:
         json.dump(data, fh, indent=2, ensure_ascii=False)
         fh.write("\n")
     fsync_file(path)
+
+
+def _remove_outputs(out: Path, names: Iterable[str]) -> None:
+    for name in names:
+        (out / name).unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True)
+class _RecordOptions:
+    data_format: str
+    field: str
+    prompt_field: str
+    encoding: str
+    val_fraction: float
+    val_path: str
+    progress: bool | None
+    chunk_chars: int
+    what: str
+    path_spec: str
+    max_line_mb: int
+    window: int
+
+
+def _encode_records(
+    files: list[Path], val_files: list[Path], encoder, out: Path, dtype: np.dtype,
+    total_bytes: int, o: _RecordOptions,
+) -> dict:  # fmt: skip
+    """encode_corpus with data.prompt_field: records, their loss masks and the validation
+    records' texts (see "Records" in the module docstring)."""
+    if o.data_format not in ("jsonl", "csv"):
+        raise Gpt2tuneError(
+            f"data.prompt_field = {o.prompt_field!r}: needs data.format jsonl or csv, not "
+            f"{o.data_format}"
+        )
+    if o.window < 2:
+        raise ValueError(f"window must be >= 2, got {o.window}")
+    fields = {"data.prompt_field": o.prompt_field, "data.field": o.field}
+    names = (*OUTPUTS, *RECORD_OUTPUTS)
+    finals = {name: out / name for name in names}
+    pid = os.getpid()
+    streams = {k: out / f".{k}.{pid}.tmp" for k in ("tokens", "mask", "texts")}
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temps(out)
+        starts = array("q")
+        with (
+            _progress_bar(total_bytes, o.progress) as bar,
+            open(streams["tokens"], "wb") as tokens_sink,
+            open(streams["mask"], "wb") as mask_sink,
+            open(streams["texts"], "w", encoding="utf-8") as texts_sink,
+        ):
+
+            def encode(paths: list[Path]) -> RecordCounts:
+                records = read_records(
+                    paths, data_format=o.data_format, fields=fields, encoding=o.encoding,
+                    read_size=o.chunk_chars, on_bytes=bar.update, max_line_mb=o.max_line_mb,
+                )  # fmt: skip
+                sinks = (tokens_sink, mask_sink, texts_sink)
+                return write_records(encoder, records, o.window, dtype, sinks, starts)
+
+            train, val = encode(files), encode(val_files)
+        where = named(o.what, o.path_spec)
+        if train.records < 2 and not (val_files and train.records):
+            raise Gpt2tuneError(
+                f"{where}: {train.records} record(s) with a prompt or a completion in "
+                f"{len(files)} file(s); training on records needs at least 2 (1 with "
+                "data.val_path): add records"
+            )
+        if val_files and not val.records:
+            raise Gpt2tuneError(
+                f"data.val_path = {o.val_path!r}: no records in {len(val_files)} file(s)"
+            )
+        n = train.records + val.records
+        starts.append(train.tokens + val.tokens)  # the end of the last record
+        # The split of the records, in records (the token rule, with records for tokens).
+        split = _split(train.records, val.records, o.val_fraction, separate=bool(val_files))
+        to_tokens = (
+            [(starts[a], starts[b]) for a, b in split.train],
+            [(starts[a], starts[b]) for a, b in split.val],
+        )
+        val_ids = [i for a, b in split.val for i in range(a, b)]
+        token_split = _Split(split.block, split.val_blocks, *to_tokens)
+        mask = np.memmap(streams["mask"], dtype=MASK_DTYPE, mode="r", shape=(starts[n],))
+        try:
+            train_targets = sum(int(mask[a:b].sum(dtype=np.int64)) for a, b in to_tokens[0])
+        finally:
+            del mask
+        stats = _stats(
+            _Counts(train.records + val.records, train.characters + val.characters,
+                    train.tokens + val.tokens),
+            _Counts(), token_split, total_bytes, encoder.n_vocab, dtype, o.encoding,
+        )  # fmt: skip
+        stats["format"] = o.data_format
+        stats["files"] = [display_path(f) for f in files]
+        if val_files:
+            stats["val_files"] = [display_path(f) for f in val_files]
+        stats.update({
+            "prompt_field": o.prompt_field,
+            "records": n,
+            "val_records": len(val_ids),
+            "window": o.window,
+            "train_target_tokens": train_targets,
+            "val_target_tokens": train.targets + val.targets - train_targets,
+            "truncated_prompts": train.truncated_prompts + val.truncated_prompts,
+            "truncated_completions": train.truncated_completions + val.truncated_completions,
+        })  # fmt: skip
+        # The validation blocks are of records: val_block_records of them each.
+        stats["val_block_records"] = stats.pop("val_block_tokens")
+        _write_record_outputs(streams, finals, token_split, dtype, stats, val_ids)
+    except OSError as e:
+        raise Gpt2tuneError(
+            f"could not write {display_path(e.filename or out)}: {e.strerror or e}; check "
+            f"free disk space and permissions of {display_path(out)} (its previous outputs "
+            "are unchanged)"
+        ) from None
+    finally:
+        for temp in [*streams.values(), *map(_temp, finals.values())]:
+            temp.unlink(missing_ok=True)
+    return stats
+
+
+def _write_record_outputs(
+    streams: dict[str, Path], finals: dict[str, Path], split: _Split, dtype: np.dtype,
+    stats: dict, val_ids: list[int],
+) -> None:  # fmt: skip
+    """train/val.npy, their masks, val_records.jsonl and stats.json, each written to its
+    temporary name, then all renamed into place."""
+    n = stats["tokens"]
+    tokens = np.memmap(streams["tokens"], dtype=dtype, mode="r", shape=(n,))
+    mask = np.memmap(streams["mask"], dtype=MASK_DTYPE, mode="r", shape=(n,))
+    try:
+        _write_npy(_temp(finals["train.npy"]), tokens, split.train, dtype)
+        _write_npy(_temp(finals["val.npy"]), tokens, split.val, dtype)
+        _write_npy(_temp(finals["train_mask.npy"]), mask, split.train, MASK_DTYPE)
+        _write_npy(_temp(finals["val_mask.npy"]), mask, split.val, MASK_DTYPE)
+    finally:
+        del tokens, mask
+    wanted = set(val_ids)
+    with (
+        open(streams["texts"], encoding="utf-8") as texts,
+        open(_temp(finals[VAL_RECORDS.name]), "w", encoding="utf-8") as kept,
+    ):
+        for i, line in enumerate(texts):
+            if i in wanted:
+                kept.write(line)
+    fsync_file(_temp(finals[VAL_RECORDS.name]))
+    _write_json(_temp(finals["stats.json"]), stats)
+    for final in finals.values():
+        os.replace(_temp(final), final)

@@ -79,3 +79,33 @@ def load_tokens(out_dir: str | os.PathLike, split: str, n_vocab: int | None = No
             f"for another model; {_AGAIN}"
         )
     return tokens
+
+
+def load_mask(out_dir: str | os.PathLike, split: str) -> np.ndarray | None:
+    """The loss mask of `split` (data.prompt_field: 1 for each token the loss counts), memory-
+    mapped read-only, or None when the data are plain text (every token counts). Checked to
+    be as long as the split's tokens and to hold only 0 and 1."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    stats = read_stats(out_dir)
+    if not stats.get("prompt_field"):
+        return None
+    path = Path(out_dir) / f"{split}_mask.npy"
+    name = display_path(path)
+    try:
+        mask = np.load(path, mmap_mode="r", allow_pickle=False)
+    except FileNotFoundError:
+        raise Gpt2tuneError(
+            f"{name} not found, but stats.json says the data are prompt -> completion records "
+            f"(data.prompt_field); {_AGAIN}"
+        ) from None
+    except (ValueError, OSError, EOFError) as e:
+        raise Gpt2tuneError(f"{name} is not a readable loss mask ({e}); {_AGAIN}") from None
+    if mask.ndim != 1 or mask.dtype != np.uint8 or len(mask) != stats[f"{split}_tokens"]:
+        raise Gpt2tuneError(
+            f"{name} holds a {mask.dtype} array of shape {mask.shape}, not one uint8 per token "
+            f"of {split}.npy ({stats[f'{split}_tokens']}); {_AGAIN}"
+        )
+    if len(mask) and int(mask.max()) > 1:
+        raise Gpt2tuneError(f"{name}: values other than 0 and 1; {_AGAIN}")
+    return mask

@@ -217,18 +217,42 @@ def jsonl_documents(
                 f"{where}: {_json_type(row)}, not a JSON object; data.format jsonl needs one "
                 f'object per line, such as {{"{field}": "your text"}}'
             )
-        if field not in row:
-            keys = ", ".join(map(repr, row)) or "none"
+        yield _json_string(row, field, "data.field", where)
+
+
+def _json_string(row: dict, field: str, param: str, where: str) -> str:
+    """row[field], a string; Gpt2tuneError naming `where` and the `param` that named it."""
+    if field not in row:
+        keys = ", ".join(map(repr, row)) or "none"
+        raise Gpt2tuneError(
+            f"{where}: no key {field!r} ({param}); this object's keys: {keys}; set "
+            f"{param} to the key holding the text"
+        )
+    if not isinstance(row[field], str):
+        raise Gpt2tuneError(
+            f"{where}: key {field!r} ({param}) holds {_json_type(row[field])}, not a "
+            "string; store the document's text there"
+        )
+    return row[field]
+
+
+def jsonl_records(
+    name: str, lines: Iterable[tuple[int, str]], fields: dict[str, str], limit: Limit
+) -> Iterator[tuple[str, ...]]:
+    """data.format jsonl with data.prompt_field: the strings of `fields` (param -> key, e.g.
+    {"data.prompt_field": "question", "data.field": "answer"}) of every line's object."""
+    for n, line in lines:
+        if not line.strip():
+            continue
+        where = f"{name}:{n}"
+        row = _json_line(line, where)
+        if not isinstance(row, dict):
+            example = ", ".join(f'"{k}": "..."' for k in fields.values())
             raise Gpt2tuneError(
-                f"{where}: no key {field!r} (data.field); this object's keys: {keys}; set "
-                "data.field to the key holding the text"
+                f"{where}: {_json_type(row)}, not a JSON object; data.format jsonl needs one "
+                f"object per line, such as {{{example}}}"
             )
-        if not isinstance(row[field], str):
-            raise Gpt2tuneError(
-                f"{where}: key {field!r} (data.field) holds {_json_type(row[field])}, not a "
-                "string; store the document's text there"
-            )
-        yield row[field]
+        yield tuple(_json_string(row, key, param, where) for param, key in fields.items())
 
 
 class _DuplicateKey(Exception):
@@ -286,24 +310,35 @@ def csv_documents(
     name: str, lines: Iterable[tuple[int, str]], field: str, limit: Limit
 ) -> Iterator[str]:
     """data.format csv: the `field` column of every row after the header row."""
+    for (cell,) in csv_records(name, lines, {"data.field": field}, limit):
+        yield cell
+
+
+def csv_records(
+    name: str, lines: Iterable[tuple[int, str]], fields: dict[str, str], limit: Limit
+) -> Iterator[tuple[str, ...]]:
+    """The cells of the `fields` columns (param -> column name) of every row after the header
+    row, in that order."""
     # csv refuses cells over 128 KiB by default (a long document); a cell over the limit,
     # spread over many lines, is refused by csv itself and named below.
     old_limit = csv.field_size_limit(limit.chars)
     try:
         reader = csv.reader((line for _, line in lines), strict=True)
-        column, start = -1, 1  # start: the line the row being read begins on
+        columns: list[int] = []
+        start = 1  # the line the row being read begins on
         try:
             for row in reader:
-                if column < 0:
-                    column = _csv_column(name, row, field)
-                elif row and len(row) <= column:
-                    raise Gpt2tuneError(
-                        f"{name}:{start}: row has {len(row)} cell(s), none in column {field!r} "
-                        f"(data.field, column {column + 1} of the header); give every row "
-                        "that many cells"
-                    )
+                if not columns:
+                    columns = [_csv_column(name, row, f, p) for p, f in fields.items()]
                 elif row:
-                    yield row[column]
+                    for (param, field), column in zip(fields.items(), columns, strict=True):
+                        if len(row) <= column:
+                            raise Gpt2tuneError(
+                                f"{name}:{start}: row has {len(row)} cell(s), none in column "
+                                f"{field!r} ({param}, column {column + 1} of the header); "
+                                "give every row that many cells"
+                            )
+                    yield tuple(row[c] for c in columns)
                 start = reader.line_num + 1
         except csv.Error as e:
             if str(e).startswith("field larger than field limit"):
@@ -316,19 +351,20 @@ def csv_documents(
         csv.field_size_limit(old_limit)
 
 
-def _csv_column(name: str, header: list[str], field: str) -> int:
+def _csv_column(name: str, header: list[str], field: str, param: str = "data.field") -> int:
     """The index of `field` in the header row; Gpt2tuneError if it is not there once."""
     if header.count(field) != 1:
         problem = "twice or more" if field in header else "no column"
         columns = ", ".join(map(repr, header)) or "none"
         raise Gpt2tuneError(
-            f"{name}:1: {problem} {field!r} (data.field) in the header row (columns: "
+            f"{name}:1: {problem} {field!r} ({param}) in the header row (columns: "
             f"{columns}); data.format csv needs a header row naming the text's column once"
         )
     return header.index(field)
 
 
 _READERS = {"lines": lines_documents, "csv": csv_documents, "jsonl": jsonl_documents}
+RECORD_READERS = {"csv": csv_records, "jsonl": jsonl_records}  # data.prompt_field's formats
 
 
 # --------------------------------------------------------------------------- npz

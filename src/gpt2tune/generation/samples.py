@@ -22,28 +22,62 @@ def _generate_with(model: GPT2, prompt: str | None, sampling: Sampling) -> list[
     return generate(model, prompt, sampling=sampling, stop_at_endoftext=not prompt)
 
 
-def sample_records(model: GPT2, cfg: SampleParams) -> list[dict]:
+# sample.prompts_from: val completes the first this many validation records' prompts.
+VAL_PROMPTS = 8
+
+
+def val_prompts(cfg: SampleParams, records: list[dict], source: str) -> tuple[SampleParams, list]:
+    """(cfg with the prompts of the first VAL_PROMPTS validation `records` (prompt ->
+    completion, from `source`, data/encoded/val_records.jsonl), their completions): for
+    sample_records' prompts and references (sample.prompts_from: val)."""
+    if not records:
+        raise Gpt2tuneError(
+            f"sample.prompts_from = val: {source} holds no validation records; set "
+            "data.val_fraction above 0 (or data.val_path) and run `dvc repro encode`"
+        )
+    chosen = records[:VAL_PROMPTS]
+    if not all(r["prompt"].strip() for r in chosen):
+        i = next(i for i, r in enumerate(chosen) if not r["prompt"].strip())
+        raise Gpt2tuneError(
+            f"sample.prompts_from = val: validation record {i + 1} of {source} has an empty "
+            "prompt, which gives the model nothing to complete; give every record a prompt"
+        )
+    prompts = tuple(r["prompt"] for r in chosen)
+    return dataclasses.replace(cfg, prompts=prompts), [r["completion"] for r in chosen]
+
+
+def sample_records(
+    model: GPT2, cfg: SampleParams, references: list[str] | None = None
+) -> list[dict]:
     """`cfg.nsamples` unconditional samples, then as many completions of each prompt, the
     prompts `cfg.batch_size` at a time (see `generate_many`: the texts do not depend on it).
 
     `cfg` is the `sample` section of params.yaml (`gpt2tune.config.params.SampleParams`).
+    `references`: one reference completion per prompt (`val_prompts`), kept in each of its
+    records as "reference".
     """
     # Every prompt is checked before the first sample is made, so a bad one fails at once;
     # a batch holds up to batch_size prompts of one length, nsamples rows each.
     rows = cfg.nsamples * min(cfg.batch_size, max(1, len(cfg.prompts)))
+    what = "sample.prompts" if references is None else "validation record prompts"
     for i, prompt in enumerate(cfg.prompts):
         n = len(model.encoder.encode(prompt))
-        check_request(model.hparams, n, cfg.length, rows, f"sample.prompts[{i}]")
+        check_request(model.hparams, n, cfg.length, rows, f"{what}[{i}]")
     check_request(model.hparams, 1, cfg.length, cfg.nsamples, "the unconditional start")
     # Minutes at 124M on a CPU: say what is going on (stderr, so stdout stays the result).
     say(f"sampling {cfg.nsamples} x {len(cfg.prompts) + 1} text(s)...")
     texts = [_generate_with(model, None, cfg)]
     texts += generate_many(model, cfg.prompts, sampling=cfg, batch_size=cfg.batch_size)
-    return [
+    records = [
         {"prompt": prompt, "index": i, "text": t}
         for prompt, samples in zip((None, *cfg.prompts), texts, strict=True)
         for i, t in enumerate(samples)
     ]
+    if references is not None:  # the unconditional samples come first and have none
+        per_prompt = iter(r for r in references for _ in range(cfg.nsamples))
+        for r in records[cfg.nsamples :]:
+            r["reference"] = next(per_prompt)
+    return records
 
 
 def memorization(index, encoder, text: str, min_tokens: int | None = None) -> dict:
@@ -73,6 +107,8 @@ def records_markdown(records: list[dict], cfg: Sampling) -> str:
     for r in records:
         title = "Unconditional" if r["prompt"] is None else f"Prompt: {r['prompt']}"
         body = r["text"] if r["prompt"] is None else f"**{r['prompt']}**{r['text']}"
+        if "reference" in r:  # sample.prompts_from: val: the validation record's completion
+            body += f"\n\nReference: **{r['prompt']}**{r['reference']}"
         parts.append(f"## {title} — sample {r['index'] + 1}\n\n{body}\n")
         if "copied_tokens" in r:  # the memorization report
             parts.append(_copied_line(r))

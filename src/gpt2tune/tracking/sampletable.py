@@ -33,14 +33,20 @@ COLUMNS = ("step", "text", "prompt", "index")
 
 
 def rows(step: int, records: list[dict], sampling: Sampling) -> dict[str, list]:
-    """Columns step, text, prompt ("" = unconditional), index, then every sampling setting,
-    then the memorization columns the records have; one row per record of
+    """Columns step, text, prompt ("" = unconditional), index, reference (only when records
+    have one: sample.prompts_from val; "" for the unconditional samples), then every sampling
+    setting, then the memorization columns the records have; one row per record of
     gpt2tune.generation.samples.sample_records."""
     settings = {f.name: getattr(sampling, f.name) for f in dataclasses.fields(Sampling)}
+    texts = list(COLUMNS)
+    if any("reference" in r for r in records):
+        texts.append("reference")
     memo = [k for k in MEMORIZATION if records and k in records[0]]
-    table: dict[str, list] = {k: [] for k in (*COLUMNS, *settings, *memo)}
+    table: dict[str, list] = {k: [] for k in (*texts, *settings, *memo)}
     for r in records:
         row = dict(step=step, prompt=r["prompt"] or "", index=r["index"], text=r["text"])
+        if "reference" in texts:
+            row["reference"] = r.get("reference", "")
         for k, v in {**row, **settings, **{k: r[k] for k in memo}}.items():
             table[k].append(v)
     return table

@@ -7,7 +7,9 @@ train.val_batch_count) and scored by the Trainer's compiled eval step (train.bat
 windows at a time, train.precision). So a fine-tuned model's val_loss can be compared with,
 say, the base model's on the same validation text. ``--data val`` (VALIDATION_DATA) takes the
 encode stage's validation tokens (data/encoded/val.npy) instead of a text: the very windows
-training validates on, so the base model's loss there is training's ``base_val_loss``.
+training validates on, so the base model's loss there is training's ``base_val_loss`` (with
+prompt -> completion records, data.prompt_field, over the completions only, as there; a text
+given by path is scored on every token).
 """
 
 from __future__ import annotations
@@ -49,11 +51,18 @@ def text_tokens(path_spec: str, model_dir: str, p: Params, what: str = "--data")
 
 
 def evaluate_loss(
-    model, tokens: np.ndarray, p: Params, progress: bool | None = None, precision: str = "float32"
+    model,
+    tokens: np.ndarray,
+    p: Params,
+    progress: bool | None = None,
+    mask: np.ndarray | None = None,
+    precision: str = "float32",
 ) -> dict:
     """{"loss", "perplexity", "windows", "tokens"} of `model` on `tokens`, with training's
-    validation windows and eval step; a bar per batch of windows on a terminal. `precision`
-    (sample.precision's values): the loss with the weights generation reads at it."""
+    validation windows and eval step; a bar per batch of windows on a terminal. `mask`: the
+    tokens' loss mask (data.prompt_field's, `val_mask`): the loss of the targets it marks
+    only, as training's validation with records. `precision` (sample.precision's values):
+    the loss with the weights generation reads at it."""
     import dataclasses
 
     import tensorflow as tf
@@ -67,18 +76,30 @@ def evaluate_loss(
         raise Gpt2tuneError(f"the text is only {len(tokens)} token(s): nothing to evaluate")
     cfg = dataclasses.replace(p.train, n_ctx=n_ctx)
     if precision == "float32":
-        loss_of = Trainer(model, cfg, tf.distribute.get_strategy()).eval_loss
-    else:  # the same loss, over the weights as gpt2tune.model.precision prepares them
+        trainer = Trainer(model, cfg, tf.distribute.get_strategy())
+        mean_of, masked_sum_of = trainer.eval_step, trainer.eval_step_masked
+    else:  # the same losses, over the weights as gpt2tune.model.precision prepares them
         from gpt2tune.model.precision import prepare
         from gpt2tune.train.trainer import lm_loss
 
         params = prepare(model.forward_params(), precision)
-        step = tf.function(lambda w: lm_loss(params, model.hparams, w))
-        loss_of = lambda w: float(step(tf.constant(w)))  # noqa: E731
+        mean_of = tf.function(lambda w: lm_loss(params, model.hparams, w))
+
+        @tf.function
+        def masked_sum_of(w, m):
+            targets = tf.cast(m[:, 1:], tf.float32)
+            return lm_loss(params, model.hparams, w, weights=targets), tf.reduce_sum(targets)
     b, total = cfg.batch_size, 0.0
     quiet = None if progress is None else not progress  # tqdm: None = only on a terminal
+    masks = None if mask is None else eval_windows(mask, n_ctx, p.train.val_batch_count)
+    count = 0.0
     for i in tqdm(range(0, len(windows), b), desc="evaluate", unit="batch", disable=quiet):
-        total += loss_of(windows[i : i + b]) * len(windows[i : i + b])
-    loss = total / len(windows)
+        w = windows[i : i + b]
+        if masks is None:
+            total, count = total + float(mean_of(tf.constant(w))) * len(w), count + len(w)
+        else:  # the mean over the marked targets of all windows, not per batch
+            t, n = masked_sum_of(tf.constant(w), tf.constant(masks[i : i + b]))
+            total, count = total + float(t), count + float(n)
+    loss = total / max(count, 1.0)
     return {"loss": loss, "perplexity": math.exp(loss), "windows": len(windows),
             "tokens": int(windows.shape[0] * (windows.shape[1] - 1))}  # fmt: skip

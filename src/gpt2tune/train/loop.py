@@ -33,7 +33,7 @@ import tensorflow as tf
 from tqdm import tqdm
 
 from gpt2tune.config.params import Sampling, TrainParams
-from gpt2tune.data.batches import eval_windows, random_windows, window_length
+from gpt2tune.data.batches import eval_windows, random_starts, take_windows, window_length
 from gpt2tune.errors import Gpt2tuneError
 from gpt2tune.model.gpt2 import GPT2
 from gpt2tune.stage import say
@@ -69,6 +69,8 @@ def fit(
     state_extra: dict | None = None,
     base: dict | None = None,
     progress: bool | None = None,
+    train_mask: np.ndarray | None = None,
+    val_mask: np.ndarray | None = None,
 ) -> tuple[dict, dict]:
     """Train `model` in place for `cfg.steps` steps; returns (summary metrics, loss history).
 
@@ -84,7 +86,9 @@ def fit(
     is reused: its weights are loaded into `model`, its figures returned (without timings),
     and nothing is trained. Neither is continued nor reused if it started from other weights
     than this one: `base` (runstate.starting_weights, computed here when None) is recorded in
-    the run's state and compared.
+    the run's state and compared. `train_mask`, `val_mask` (data.prompt_field's loss masks,
+    one per token, data/encoded/*_mask.npy): the loss, training's and validation's, counts
+    only the targets whose mask is 1 (trainer.py); None: every target.
     """
     started_at = time.monotonic()
     strategy = strategy or tf.distribute.get_strategy()
@@ -99,7 +103,8 @@ def fit(
     trainer = Trainer(model, cfg, strategy)
     settle(run_dir, run_fingerprint, cfg, base)  # another run moves aside, kept
     run = _Run(trainer, Path(run_dir), val_tokens, (log_metrics, log_sample, log_tag),
-               dict(state_extra or {}, fingerprint=run_fingerprint, base=base))  # fmt: skip
+               dict(state_extra or {}, fingerprint=run_fingerprint, base=base),
+               (train_mask, val_mask))  # fmt: skip
     fresh = cfg.restore_from == "fresh"
     complete = not fresh and complete_state(run.run_dir, run_fingerprint, cfg, base)
     if complete:  # e.g. killed after its last checkpoint, or stopped early: nothing to train
@@ -142,14 +147,20 @@ class _Run:
         val_tokens: np.ndarray,
         loggers: tuple[Callable, Callable, Callable],  # log_metrics, log_sample, log_tag
         extra: dict,
+        masks: tuple[np.ndarray | None, np.ndarray | None] = (None, None),  # train, val
     ):
         self.trainer, self.cfg, self.model = trainer, trainer.cfg, trainer.model
+        self.train_mask, val_mask = masks
         self.run_dir, self.extra = run_dir, extra
         self.log_metrics, self.log_sample, self.log_tag = loggers
         self.on_disk = load_state(run_dir)  # before this run writes: another run's, or resumed
         self.keeper = Keeper(run_dir, self.cfg, self.on_disk)
         n = self.cfg.val_batch_count
         self.val = eval_windows(val_tokens, self.cfg.n_ctx, n) if len(val_tokens) >= 2 else None
+        # The mask's windows start where the tokens' do (eval_windows: only the length counts).
+        self.val_mask = None
+        if self.val is not None and val_mask is not None:
+            self.val_mask = eval_windows(val_mask, self.cfg.n_ctx, n)
         self.history: dict[str, list] = {"loss": [], "val_loss": []}
         self.timed_tokens, self.timed_seconds = 0, 0.0
         self.logged: dict = {}  # the last step's metrics, for the progress bar
@@ -200,12 +211,16 @@ class _Run:
         cfg = self.cfg
         rng = np.random.default_rng([cfg.seed, step])
         windows_per_step = cfg.batch_size * cfg.accumulate_gradients
-        windows = random_windows(tokens, cfg.n_ctx, windows_per_step, rng)
+        starts = random_starts(len(tokens), cfg.n_ctx, windows_per_step, rng)
+        windows = take_windows(tokens, starts, length)
         inputs = add_noise(windows[:, :-1], cfg.noise, self.model.hparams["n_vocab"], rng)
         shape = (cfg.accumulate_gradients, cfg.batch_size, -1)
+        masks = None
+        if self.train_mask is not None:
+            masks = take_windows(self.train_mask, starts, length).reshape(shape)
         t0 = time.perf_counter()
         try:
-            loss = self.trainer.step(windows.reshape(shape), inputs.reshape(shape))
+            loss = self.trainer.step(windows.reshape(shape), inputs.reshape(shape), masks)
         except tf.errors.ResourceExhaustedError:
             raise Gpt2tuneError(
                 f"out of memory in training step {step} (train.batch_size = "
@@ -236,7 +251,7 @@ class _Run:
         if self.val is not None and not done:  # done: the loop stopped after validating
             if step == 0:  # minutes at 124M on a CPU, before the bar starts
                 say(f"validating the base model ({len(self.val)} windows)...")
-            v = self.trainer.eval_loss(self.val)
+            v = self.trainer.eval_loss(self.val, self.val_mask)
             self.history["val_loss"].append([step, v])
             # Before step 1, the starting weights' loss: the line training has to beat.
             self.log_metrics({"val_loss": v, **({"base_val_loss": v} if step == 0 else {})}, step)

@@ -59,15 +59,29 @@ def lm_loss(
     *,
     dtype: tf.DType = tf.float32,
     recompute: bool = False,
+    weights: tf.Tensor | None = None,
 ) -> tf.Tensor:
     """Mean next-token cross-entropy over windows [batch, len], in float32 whatever the
     compute dtype: the model reads `inputs` (default windows[:, :-1]; a noised copy in
-    training) and predicts windows[:, 1:]. See `forward` for `dtype` and `recompute`."""
+    training) and predicts windows[:, 1:]. See `forward` for `dtype` and `recompute`.
+    `weights` [batch, len - 1] (a loss mask, data.prompt_field): the sum of each target's
+    loss times its weight instead; a weight 0 target adds exactly 0, gradient included."""
     inputs = windows[:, :-1] if inputs is None else inputs
     logits, _ = forward(params, hparams, inputs, dtype=dtype, recompute=recompute)
-    return tf.reduce_mean(
-        tf.nn.sparse_softmax_cross_entropy_with_logits(labels=windows[:, 1:], logits=logits)
-    )
+    losses = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=windows[:, 1:], logits=logits)
+    if weights is None:
+        return tf.reduce_mean(losses)
+    # where, not a product: a masked target's loss (even inf) then adds 0, not nan.
+    return tf.reduce_sum(tf.where(weights > 0, losses * weights, 0.0))
+
+
+def target_weights(masks: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """(weights of the targets masks[..., 1:], their count): each target whose mask is 1
+    weighs 1 / the count of such targets in all of `masks`, so summing the weighted losses of
+    every micro-batch and replica gives their mean over the whole step."""
+    targets = tf.cast(masks[..., 1:], tf.float32)
+    count = tf.reduce_sum(targets)
+    return targets / tf.maximum(count, 1.0), count
 
 
 class Trainer:
@@ -103,6 +117,13 @@ class Trainer:
         self.eval_step = tf.function(
             self._eval_step, input_signature=[tf.TensorSpec([None, None], tf.int32)]
         )
+        # With a loss mask (data.prompt_field): the same steps over the masked targets only.
+        self.train_step_masked = tf.function(
+            self._train_step_masked, input_signature=[spec, spec, spec],
+            jit_compile=cfg.xla and whole,
+        )  # fmt: skip
+        pair = tf.TensorSpec([None, None], tf.int32)
+        self.eval_step_masked = tf.function(self._eval_step_masked, input_signature=[pair, pair])
 
     def _trained_variables(self, model: GPT2, cfg: TrainParams) -> dict[str, tf.Variable]:
         """What the optimizer updates: with train.lora_rank, only new LoRA adapters (the model's
@@ -132,16 +153,16 @@ class Trainer:
             lambda ctx: windows[ctx.replica_id_in_sync_group :: n]
         )
 
-    def _replica_grads(self, windows, inputs):
+    def _replica_grads(self, windows, inputs, weights=None):
         # The variables are read here, outside XLA: a jit-compiled function that reads a
         # MirroredVariable's copy on another device fails ("Trying to access resource ...
         # located in device CPU:1 from device CPU:0", an XLA known issue); tensors are fine.
         variables = {**self.model.params, **self.trained}  # the model's, unless LoRA's
         values = {n: tf.convert_to_tensor(v) for n, v in variables.items()}
         scale = tf.constant(1.0) if self.loss_scale is None else tf.identity(self.loss_scale.scale)
-        return self._grads_fn(values, windows, inputs, scale)
+        return self._grads_fn(values, windows, inputs, scale, weights)
 
-    def _loss_and_grads(self, values: dict[str, tf.Tensor], windows, inputs, scale):
+    def _loss_and_grads(self, values: dict[str, tf.Tensor], windows, inputs, scale, weights=None):
         """Loss and gradients (of the trained tensors) of one replica's windows; float16
         scales the loss up before the backward pass (so small gradients do not underflow)
         and the gradients down after."""
@@ -152,7 +173,7 @@ class Trainer:
                 values = lora.scaled(values, self.adapters.scale)
             loss = lm_loss(
                 values, self.model.hparams, windows, inputs,
-                dtype=self.dtype, recompute=self.cfg.memory_saving_gradients,
+                dtype=self.dtype, recompute=self.cfg.memory_saving_gradients, weights=weights,
             )  # fmt: skip
             scaled = loss * scale
         grads = tape.gradient(scaled, trained)
@@ -179,19 +200,61 @@ class Trainer:
             self.opt.apply({n: g / k for n, g in zip(names, total, strict=True)})
         return total_loss / k
 
-    def step(self, windows: np.ndarray, inputs: np.ndarray | None = None) -> float:
+    def _train_step_masked(self, windows: tf.Tensor, inputs: tf.Tensor, masks: tf.Tensor):
+        """_train_step with loss masks [accumulate, batch, len] beside the windows: the loss
+        is the mean over the targets whose mask is 1 in the whole step, every micro-batch and
+        replica together (a window with none adds nothing; each replica's loss is its share of
+        that mean, so they are summed, not averaged). A step without any such target changes
+        nothing."""
+        add = tf.distribute.ReduceOp.SUM
+        names = list(self.trained)
+        weights, count = target_weights(masks)
+        total_loss, total = 0.0, [tf.zeros_like(v) for v in self.trained.values()]
+        for a in range(self.cfg.accumulate_gradients):
+            shards = (self._shard(windows[a]), self._shard(inputs[a]), self._shard(weights[a]))
+            loss, grads = self.strategy.run(self._replica_grads, args=shards)
+            total_loss += self.strategy.reduce(add, loss, axis=None)
+            total = [
+                t + self.strategy.reduce(add, g, axis=None)
+                for t, g in zip(total, grads, strict=True)
+            ]
+        finite = True if self.loss_scale is None else self.loss_scale.update(total)
+        if tf.logical_and(finite, count > 0):
+            self.opt.apply(dict(zip(names, total, strict=True)))
+        return total_loss
+
+    def step(
+        self, windows: np.ndarray, inputs: np.ndarray | None = None, masks: np.ndarray | None = None
+    ) -> float:
         """One optimizer step on windows [accumulate, batch, len] (inputs: the model's view of
-        windows[..., :-1], e.g. noised; default the clean tokens); returns the mean loss."""
+        windows[..., :-1], e.g. noised; default the clean tokens; masks: the loss masks of
+        the windows, data.prompt_field's, or None: every target counts); returns the loss."""
         inputs = windows[..., :-1] if inputs is None else inputs
-        return float(self.train_step(tf.constant(windows, tf.int32), tf.constant(inputs, tf.int32)))
+        args = tf.constant(windows, tf.int32), tf.constant(inputs, tf.int32)
+        if masks is None:
+            return float(self.train_step(*args))
+        return float(self.train_step_masked(*args, tf.constant(masks, tf.int32)))
 
     def _eval_step(self, windows: tf.Tensor) -> tf.Tensor:
         params = self.model.forward_params()  # with LoRA's adapters when there are
         return lm_loss(params, self.model.hparams, windows, dtype=self.dtype)
 
-    def eval_loss(self, windows: np.ndarray) -> float:
-        """Mean loss over windows [k, len], evaluated batch_size at a time."""
+    def _eval_step_masked(self, windows: tf.Tensor, masks: tf.Tensor):
+        """(sum of the losses of the targets whose mask is 1, their count)."""
+        params = self.model.forward_params()
+        targets = tf.cast(masks[:, 1:], tf.float32)
+        total = lm_loss(params, self.model.hparams, windows, dtype=self.dtype, weights=targets)
+        return total, tf.reduce_sum(targets)
+
+    def eval_loss(self, windows: np.ndarray, masks: np.ndarray | None = None) -> float:
+        """Mean loss over windows [k, len], evaluated batch_size at a time; with loss `masks`
+        [k, len], the mean over the targets whose mask is 1 only."""
         b = self.cfg.batch_size
+        if masks is not None:
+            pairs = [(windows[i : i + b], masks[i : i + b]) for i in range(0, len(windows), b)]
+            sums = [self.eval_step_masked(tf.constant(w), tf.constant(m)) for w, m in pairs]
+            count = sum(float(n) for _, n in sums)
+            return sum(float(t) for t, _ in sums) / max(count, 1.0)
         losses = [
             float(self.eval_step(tf.constant(windows[i : i + b]))) * len(windows[i : i + b])
             for i in range(0, len(windows), b)
