@@ -104,7 +104,9 @@ def _promote_options(ap: argparse.ArgumentParser) -> None:
 COMMANDS: dict[str, Command] = {
     "fetch": Command("download GPT-2 model.name into models/<name>", ("model",), "fetch_model"),
     "encode": Command(
-        f"tokenize data.path into {ENCODED} (train.npy, val.npy)", ("model", "data"), "encode"
+        f"tokenize data.path into {ENCODED} (train.npy, val.npy)",
+        ("model", "data", "train"),  # train.n_ctx: the window records are cut to
+        "encode",
     ),
     "train": Command(
         f"fine-tune models/<name> on {ENCODED} into {RUN_DIR}, tracked in MLflow",
