@@ -111,8 +111,10 @@ def test_decode_step_over_fixed_size_caches_equals_full_pass(model):
     pad = [[0, 0], [0, 0], [0, 32 - 5], [0, 0]]  # cache size n_ctx, positions 0..4 filled
     caches = [(tf.pad(past[:, i, 0], pad), tf.pad(past[:, i, 1], pad)) for i in range(2)]
     wte_t = tf.transpose(model.params["model/wte"])
+    # Under XLA, as the sampler runs it: the cache is written by a dynamic update slice.
+    step = tf.function(lambda *a: decode_step(model.params, HP, wte_t, *a), jit_compile=True)
     for pos in range(5, 12):
-        logits, caches = decode_step(model.params, HP, wte_t, tokens[:, pos], pos, caches)
+        logits, caches = step(tokens[:, pos], tf.constant(pos), caches)
         np.testing.assert_allclose(logits.numpy(), full[:, pos], atol=1e-5)
     assert caches[0][0].shape == (2, 4, 32, 16)
 
