@@ -12,9 +12,12 @@ weight bytes per token = 4 x (all parameters but wpe, of which one row is read),
 read bandwidth is measured in this run (common.read_bandwidth: the best reduce_sum over
 1 GiB, as one tensor or 16 side by side). `bound_fraction` = tokens/s over that bound.
 
-The first call compiles the sampler and is reported apart. With --peer the measurement
-alternates, --rounds times: gpt2tune's calls, then OpenAI's (bench/peer.py, a fresh process);
-per side the best call counts. The last line is JSON.
+The first call compiles the sampler and is reported apart. --ragged also times 8 prompts of
+8 different lengths (prompt/8 .. prompt tokens) in one batch against one at a time;
+--stop-after N a request whose rows all finish after N tokens (as when a stop string is
+found) against the same request run to the end (`_generate_rows` with its `finished` test).
+With --peer the measurement alternates, --rounds times: gpt2tune's calls, then OpenAI's
+(bench/peer.py, a fresh process); per side the best call counts. The last line is JSON.
 """
 
 import argparse
@@ -32,6 +35,42 @@ def weight_bytes_per_token(hp: dict) -> int:
     return 4 * (n + hp["n_embd"])  # + the one row of wpe
 
 
+def ragged(model, hp: dict, args) -> dict:
+    """New tokens/s of 8 prompts of 8 lengths in one batch, and one prompt at a time."""
+    from gpt2tune.config.params import Sampling
+    from gpt2tune.generation.sampler import _generate_rows
+
+    rng = np.random.default_rng(1)
+    lengths = [max(1, args.prompt * (i + 1) // 8) for i in range(8)]
+    prompts = [rng.integers(0, hp["n_vocab"] - 1, n).tolist() for n in lengths]
+    s = Sampling(1, args.length, temperature=1.0, top_k=40, seed=0)
+    together = lambda: _generate_rows(model, prompts, s, False)  # noqa: E731
+    alone = lambda: [_generate_rows(model, [p], s, False) for p in prompts]  # noqa: E731
+    together(), alone()  # compile
+    t, a = best_time(together, args.repeat), best_time(alone, args.repeat)
+    new = 8 * args.length
+    return {"ragged_prompt_lengths": lengths, "ragged_batch_tokens_per_s": round(new / t, 2),
+            "ragged_alone_tokens_per_s": round(new / a, 2),
+            "ragged_speedup": round(a / t, 2)}  # fmt: skip
+
+
+def stop_after(model, args) -> dict:
+    """Seconds for `length` new tokens per row, and for rows that all finish after N."""
+    from gpt2tune.config.params import Sampling
+    from gpt2tune.generation.sampler import _generate_rows
+
+    prompt = list(range(1, args.prompt + 1))
+    s = Sampling(args.batch, args.length, temperature=1.0, top_k=40, seed=0)
+    n = args.stop_after
+    full = lambda: _generate_rows(model, [prompt], s, False)  # noqa: E731
+    stopped = lambda: _generate_rows(model, [prompt], s, False, lambda r: len(r) >= n)  # noqa: E731
+    full(), stopped()
+    tfull, ts = best_time(full, args.repeat), best_time(stopped, args.repeat)
+    return {"stop_after": n, "full_s": round(tfull, 3), "stopped_s": round(ts, 3),
+            "stopped_tokens": int(stopped().shape[1]),
+            "stop_saves": round(1 - ts / tfull, 3)}  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_shape_args(ap)
@@ -42,6 +81,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="rounds of ours then peer (--peer)")
     ap.add_argument("--bandwidth-mb", type=int, default=1024, help="buffer for the bandwidth")
     ap.add_argument("--peer", action="store_true", help="also time OpenAI's sampler")
+    ap.add_argument("--ragged", action="store_true", help="8 prompt lengths: batch vs alone")
+    ap.add_argument("--stop-after", type=int, default=0, help="rows finish after N tokens")
     args = ap.parse_args()
     hp = hparams(args)
 
@@ -84,6 +125,10 @@ def main() -> None:
                        "peer_tokens_per_s": round(new / p, 2),
                        "peer_rounds_tokens_per_s": [round(new / t, 2) for t in peer],
                        "speedup_vs_peer": round(p / s, 2)})  # fmt: skip
+    if args.ragged:
+        result.update(ragged(model, hp, args))
+    if args.stop_after:
+        result.update(stop_after(model, args))
     result["loadavg"] = loadavg()
     r = result
     print(f"gpt2tune: {r['tokens_per_s']} new tokens/s = {r['bound_fraction']:.0%} of the "

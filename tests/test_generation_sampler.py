@@ -286,3 +286,15 @@ def test_a_finished_row_stops_within_a_chunk_and_all_finished_end_the_loop(model
     # Every row finished after its first token: one call of CHUNK steps, not 20.
     assert _generate_rows(model, [[1, 2]], s, False, lambda r: len(r) >= 1).shape == (3, 1)
     assert _generate_rows(model, [[1, 2]], s, False, lambda r: len(r) >= 2).shape == (3, 1 + CHUNK)
+
+
+def test_the_one_graph_segment_gives_the_same_tokens(model):
+    # _build_sampler's sample_segment (what a SavedModel calls) runs the same pieces in a
+    # tf.while_loop: the tokens of generate_tokens at the same seed.
+    from gpt2tune.generation.sampler import _build_sampler
+
+    s = Sampling(nsamples=2, length=11, temperature=1.0, top_k=4, seed=6)
+    ctx = np.array([[5, 6, 7]] * 2, np.int32)
+    keys = np.array([[6, 0, 0], [6, 1, 0]], np.int64)
+    out = _build_sampler(model)(ctx, ctx, tf.constant(11), _knobs(s), keys, tf.constant(-1))
+    np.testing.assert_array_equal(out.numpy(), generate_tokens(model, [5, 6, 7], sampling=s))

@@ -17,7 +17,6 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import tensorflow as tf
-
 from tensorflow.compiler.tf2xla.python import xla
 
 from gpt2tune.config.params import Sampling
@@ -269,7 +268,8 @@ class Decoder:
                 new, token, caches, seen, done = self.chunk(
                     wte_t, token, t + i - 1, caches, pads, seen, done, knobs,
                     self.uniforms(keys, i), n, stop_token, fill)  # fmt: skip
-                return i + n, token, caches, seen, done, out.write(out.size(), tf.transpose(new[:, :n]))
+                out = out.write(out.size(), tf.transpose(new[:, :n]))
+                return i + n, token, caches, seen, done, out
 
             *_, out = tf.while_loop(cond, body, (tf.constant(1), token, caches, seen, done, out))
             return tf.transpose(out.concat())  # [batch, generated]
@@ -352,11 +352,11 @@ def _generate_rows(
         # The penalty's seen set is the whole history, not just the window: a token that
         # slid out of the model's view is still a repeat.
         history = [t + [-1] * (max(map(len, tokens)) - len(t)) for t in tokens]
+        check = None if finished is None else _so_far(finished, new)
         try:
             out, done = _segment(
                 model, windows, np.asarray(history, np.int32), steps, _knobs(s), keys,
-                eot if stop_at_endoftext else -1, done,
-                None if finished is None else lambda r, seg: finished(np.concatenate([new[r], seg])),
+                eot if stop_at_endoftext else -1, done, check,
             )  # fmt: skip
         except tf.errors.ResourceExhaustedError:  # an accelerator's memory, which we can't see
             raise Gpt2tuneError(
@@ -372,6 +372,11 @@ def _generate_rows(
         new = np.where(stopped, eot, new)
         new = np.pad(new, ((0, 0), (0, length - new.shape[1])), constant_values=eot)
     return new
+
+
+def _so_far(finished: Callable[[np.ndarray], bool], before: np.ndarray):
+    # `finished` of a row's tokens: those of earlier segments, then this one's so far.
+    return lambda r, seg: finished(np.append(before[r], seg))
 
 
 def _segment(model, windows, history, steps, knobs, keys, stop_token, done, finished):
