@@ -1,11 +1,14 @@
 """Text generation with the key/value cache: temperature, top-k and nucleus (top-p) sampling.
 
-The whole decoding loop runs inside one `tf.function` (a `tf.while_loop`, as in OpenAI's
-`sample.py`), traced once per model: prompts, lengths and sampling settings are tensors, so
-new values never retrace. Each step through the model is compiled with XLA (once per batch
-size and cache size, a second or two for 124M) into a few fused kernels over fixed-size
-key/value caches; sampling itself stays outside XLA. Randomness is stateless and derived
-from `seed`, so the same seed gives the same text. When a generation needs more than the
+The decoding loop runs in XLA-compiled calls of CHUNK steps (a `tf.while_loop`, as in
+OpenAI's `sample.py`), each piece traced once per model: prompts, lengths, sampling settings
+and stop strings are tensors or host-side, so new values never retrace; XLA compiles once
+per batch size and cache size. Inside a call the key/value caches are written in place, one
+slot per step, and sampling (penalty, temperature, top-k, top-p, the draw) is part of the
+compiled step. Between calls the host marks rows whose text holds a stop string. Prompts of
+different lengths share a batch, left-padded and masked. Randomness is stateless and derived
+from `seed`, so the same seed gives the same text: the draws are those of
+`tf.random.stateless_categorical` from the same keys. When a generation needs more than the
 model's context, decoding continues from the last `n_ctx // 2` tokens (a sliding window moved
 in half-context strides).
 """
