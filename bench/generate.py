@@ -16,12 +16,15 @@ scales 4 bytes per row, the input embedding's row 4 bytes per value. The
 read bandwidth is measured in this run (common.read_bandwidth: the best reduce_sum over
 1 GiB, as one tensor or 16 side by side). `bound_fraction` = tokens/s over that bound.
 
-The first call compiles the sampler and is reported apart. With --peer the measurement
-alternates, --rounds times: gpt2tune's calls, then the peer's, a fresh process each round;
-per side the best call counts. `--peer openai` (the default of a bare --peer) is OpenAI's
-sampler as gpt-2-simple packages it (bench/peer.py). `--peer ggml` runs ggml's own GPT-2
-example, built by you (docs/benchmarks.md gives the steps; no ggml code is in this
-repository): `--ggml-bin` its gpt-2-batched program, `--ggml-model` a converted (and maybe
+The first call compiles the sampler and is reported apart. --ragged also times 8 prompts of
+8 different lengths (prompt/8 .. prompt tokens) in one batch against one at a time;
+--stop-after N a request whose rows all finish after N tokens (as when a stop string is
+found) against the same request run to the end (`_generate_rows` with its `finished` test).
+With --peer the measurement alternates, --rounds times: gpt2tune's calls, then the peer's, a
+fresh process each round; per side the best call counts. `--peer openai` (the default of a
+bare --peer) is OpenAI's sampler as gpt-2-simple packages it (bench/peer.py). `--peer ggml`
+runs ggml's own GPT-2 example, built by you (docs/benchmarks.md gives the steps; no ggml code
+is in this repository): `--ggml-bin` its gpt-2-batched program, `--ggml-model` a converted (and maybe
 quantized) model of the same shapes; its tokens/s are the new tokens over its printed decode
 and sample times (its prompt pass is not in them; gpt2tune's calls include theirs). The
 prompt is "the the ..." (one token per word in GPT-2's vocabulary), checked against the token
@@ -83,6 +86,42 @@ def run_ggml(binary: str, model: str, settings: dict, threads: int) -> dict:
             "load_s": number("load time") / 1000}  # fmt: skip
 
 
+def ragged(model, hp: dict, args) -> dict:
+    """New tokens/s of 8 prompts of 8 lengths in one batch, and one prompt at a time."""
+    from gpt2tune.config.params import Sampling
+    from gpt2tune.generation.sampler import _generate_rows
+
+    rng = np.random.default_rng(1)
+    lengths = [max(1, args.prompt * (i + 1) // 8) for i in range(8)]
+    prompts = [rng.integers(0, hp["n_vocab"] - 1, n).tolist() for n in lengths]
+    s = Sampling(1, args.length, temperature=1.0, top_k=40, seed=0)
+    together = lambda: _generate_rows(model, prompts, s, False)  # noqa: E731
+    alone = lambda: [_generate_rows(model, [p], s, False) for p in prompts]  # noqa: E731
+    together(), alone()  # compile
+    t, a = best_time(together, args.repeat), best_time(alone, args.repeat)
+    new = 8 * args.length
+    return {"ragged_prompt_lengths": lengths, "ragged_batch_tokens_per_s": round(new / t, 2),
+            "ragged_alone_tokens_per_s": round(new / a, 2),
+            "ragged_speedup": round(a / t, 2)}  # fmt: skip
+
+
+def stop_after(model, args) -> dict:
+    """Seconds for `length` new tokens per row, and for rows that all finish after N."""
+    from gpt2tune.config.params import Sampling
+    from gpt2tune.generation.sampler import _generate_rows
+
+    prompt = list(range(1, args.prompt + 1))
+    s = Sampling(args.batch, args.length, temperature=1.0, top_k=40, seed=0)
+    n = args.stop_after
+    full = lambda: _generate_rows(model, [prompt], s, False)  # noqa: E731
+    stopped = lambda: _generate_rows(model, [prompt], s, False, lambda r: len(r) >= n)  # noqa: E731
+    full(), stopped()
+    tfull, ts = best_time(full, args.repeat), best_time(stopped, args.repeat)
+    return {"stop_after": n, "full_s": round(tfull, 3), "stopped_s": round(ts, 3),
+            "stopped_tokens": int(stopped().shape[1]),
+            "stop_saves": round(1 - ts / tfull, 3)}  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_shape_args(ap)
@@ -98,6 +137,8 @@ def main() -> None:
     ap.add_argument("--ggml-bin", help="--peer ggml: ggml's examples/gpt-2 gpt-2-batched")
     ap.add_argument("--ggml-model", help="--peer ggml: its converted model of these shapes")
     ap.add_argument("--ggml-threads", type=int, default=2, help="--peer ggml: its -t")
+    ap.add_argument("--ragged", action="store_true", help="8 prompt lengths: batch vs alone")
+    ap.add_argument("--stop-after", type=int, default=0, help="rows finish after N tokens")
     args = ap.parse_args()
     if args.peer == "ggml" and not (args.ggml_bin and args.ggml_model):
         ap.error("--peer ggml needs --ggml-bin and --ggml-model")
@@ -149,6 +190,10 @@ def main() -> None:
                        "peer_tokens_per_s": round(new / p, 2),
                        "peer_rounds_tokens_per_s": [round(new / t, 2) for t in peer],
                        "speedup_vs_peer": round(p / s, 2)})  # fmt: skip
+    if args.ragged:
+        result.update(ragged(model, hp, args))
+    if args.stop_after:
+        result.update(stop_after(model, args))
     result["loadavg"] = loadavg()
     r = result
     print(f"gpt2tune: {r['tokens_per_s']} new tokens/s = {r['bound_fraction']:.0%} of the "

@@ -111,8 +111,10 @@ def test_decode_step_over_fixed_size_caches_equals_full_pass(model):
     pad = [[0, 0], [0, 0], [0, 32 - 5], [0, 0]]  # cache size n_ctx, positions 0..4 filled
     caches = [(tf.pad(past[:, i, 0], pad), tf.pad(past[:, i, 1], pad)) for i in range(2)]
     wte_t = tf.transpose(model.params["model/wte"])
+    # Under XLA, as the sampler runs it: the cache is written by a dynamic update slice.
+    step = tf.function(lambda *a: decode_step(model.params, HP, wte_t, *a), jit_compile=True)
     for pos in range(5, 12):
-        logits, caches = decode_step(model.params, HP, wte_t, tokens[:, pos], pos, caches)
+        logits, caches = step(tokens[:, pos], tf.constant(pos), caches)
         np.testing.assert_allclose(logits.numpy(), full[:, pos], atol=1e-5)
     assert caches[0][0].shape == (2, 4, 32, 16)
 
@@ -169,3 +171,26 @@ def tf_int64(a):
     import tensorflow as tf
 
     return tf.constant(a, tf.int64)
+
+
+def test_left_padded_rows_give_their_unpadded_logits(model):
+    """The sampler's ragged batch: rows of 3, 7 and 5 tokens left-padded to 7 (prompt pass),
+    then decoded a step at a time: each row's logits are its own unpadded pass's."""
+    import tensorflow as tf
+
+    from gpt2tune.model.gpt2 import decode_step, prefill
+
+    rng = np.random.default_rng(4)
+    rows = [rng.integers(0, 97, size=n).tolist() for n in (3 + 4, 7 + 4, 5 + 4)]
+    prompts, width = [r[:-4] for r in rows], 7
+    pads = np.array([width - len(p) for p in prompts], np.int32)
+    tokens = np.array([[0] * (width - len(p)) + p for p in prompts], np.int32)
+    wte_t = tf.transpose(model.params["model/wte"])
+    logits, caches = prefill(model.params, HP, wte_t, tokens, pads, 16)
+    step = tf.function(lambda *a: decode_step(model.params, HP, wte_t, *a), jit_compile=True)
+    for i in range(4):
+        for b, r in enumerate(rows):  # row b alone, unpadded, through the full pass
+            alone = model(np.array([r[: len(prompts[b]) + i]], np.int32)).numpy()[0, -1]
+            np.testing.assert_allclose(logits.numpy()[b], alone, atol=1e-5)
+        new = np.array([r[len(p) + i] for r, p in zip(rows, prompts, strict=True)], np.int32)
+        logits, caches = step(new, tf.constant(width + i), caches, pads)

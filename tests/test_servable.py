@@ -136,7 +136,8 @@ def test_loads_elsewhere_and_gives_generates_text(logged, model_dir, tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert got["params"] == servable.defaults_of(DEFAULTS)  # sample's values are the defaults
+    # sample's values are the defaults; task generates unless asked
+    assert got["params"] == {**servable.defaults_of(DEFAULTS), "task": "generate"}
     assert got["list"] == expected(model_dir, PROMPTS, length=6, seed=3)
     assert len(got["list"]) == len(PROMPTS) * DEFAULTS.nsamples
     assert got["frame"] == expected(model_dir, PROMPTS)  # no params: the logged defaults

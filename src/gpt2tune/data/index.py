@@ -97,8 +97,8 @@ def corpus_index(
         _build(tokens, eot_token, folder)
         _remove_old(cache, keep=folder)
     os.utime(folder / _MARK)  # most recently used: the last removed
-    sa = np.load(folder / "sa.npy", mmap_mode="r")
-    eot = np.load(folder / "eot.npy")
+    sa = np.load(folder / "sa.npy", mmap_mode="r", allow_pickle=False)
+    eot = np.load(folder / "eot.npy", allow_pickle=False)
     if len(sa) != len(tokens):
         raise Gpt2tuneError(f"{folder}/sa.npy does not match train.npy: delete {folder}")
     # Documents are files when the text format made one per file and none was split off.

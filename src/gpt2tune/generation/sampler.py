@@ -1,11 +1,14 @@
 """Text generation with the key/value cache: temperature, top-k and nucleus (top-p) sampling.
 
-The whole decoding loop runs inside one `tf.function` (a `tf.while_loop`, as in OpenAI's
-`sample.py`), traced once per model: prompts, lengths and sampling settings are tensors, so
-new values never retrace. Each step through the model is compiled with XLA (once per batch
-size and cache size, a second or two for 124M) into a few fused kernels over fixed-size
-key/value caches; sampling itself stays outside XLA. Randomness is stateless and derived
-from `seed`, so the same seed gives the same text. When a generation needs more than the
+The decoding loop runs in XLA-compiled calls of CHUNK steps (a `tf.while_loop`, as in
+OpenAI's `sample.py`), each piece traced once per model: prompts, lengths, sampling settings
+and stop strings are tensors or host-side, so new values never retrace; XLA compiles once
+per batch size and cache size. Inside a call the key/value caches are written in place, one
+slot per step, and sampling (penalty, temperature, top-k, top-p, the draw) is part of the
+compiled step. Between calls the host marks rows whose text holds a stop string. Prompts of
+different lengths share a batch, left-padded and masked. Randomness is stateless and derived
+from `seed`, so the same seed gives the same text: the draws are those of
+`tf.random.stateless_categorical` from the same keys. When a generation needs more than the
 model's context, decoding continues from the last `n_ctx // 2` tokens (a sliding window moved
 in half-context strides).
 """
@@ -17,17 +20,39 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import tensorflow as tf
+from tensorflow.compiler.tf2xla.python import xla
 
 from gpt2tune.config.params import Sampling
 from gpt2tune.errors import Gpt2tuneError
 from gpt2tune.generation.checks import check_request, resolve_sampling
-from gpt2tune.model.gpt2 import CACHE_STEP, GPT2, NEG_INF, decode_step, forward
+from gpt2tune.model.gpt2 import CACHE_STEP, GPT2, NEG_INF, decode_step, prefill
 from gpt2tune.model.precision import prepare
+
+
+def _kth_largest(x: tf.Tensor, k: tf.Tensor) -> tf.Tensor:
+    """Each row's k-th largest value [batch, 1] (k a tensor, 1..n): XLA's top_k needs k at
+    compile time, so this is a 32-step binary search over the floats' order-preserving int
+    codes, each step one fused count over the row. Exactly top_k's k-th value."""
+
+    def code(bits):  # an involution: float bits <-> ints in the floats' order
+        return tf.bitwise.bitwise_xor(bits, tf.bitwise.right_shift(bits, 31) & 0x7FFFFFFF)
+
+    keys = tf.cast(code(tf.bitcast(x, tf.int32)), tf.int64)
+    lo = tf.fill([tf.shape(x)[0], 1], tf.constant(-(2**31), tf.int64))
+    hi = tf.fill([tf.shape(x)[0], 1], tf.constant(2**31 - 1, tf.int64))
+
+    def body(i, lo, hi):  # the largest t with at least k codes >= t stays in [lo, hi]
+        mid = (lo + hi + 1) // 2
+        enough = tf.reduce_sum(tf.cast(keys >= mid, tf.int32), -1, keepdims=True) >= k
+        return i + 1, tf.where(enough, mid, lo), tf.where(enough, hi, mid - 1)
+
+    _, lo, _ = tf.while_loop(lambda i, lo, hi: i < 32, body, (tf.constant(0), lo, hi))
+    return tf.bitcast(code(tf.cast(lo, tf.int32)), tf.float32)
 
 
 def _top_k(logits: tf.Tensor, k: tf.Tensor) -> tf.Tensor:
     def mask():
-        kth = tf.math.top_k(logits, k=tf.minimum(k, tf.shape(logits)[-1])).values[:, -1:]
+        kth = _kth_largest(logits, tf.minimum(k, tf.shape(logits)[-1]))
         return tf.where(logits < kth, NEG_INF, logits)
 
     return tf.cond(k > 0, mask, lambda: logits)
@@ -56,23 +81,34 @@ def _penalize(logits: tf.Tensor, seen: tf.Tensor, penalty: tf.Tensor) -> tf.Tens
     return tf.where(seen, tf.where(logits > 0, logits / penalty, logits * penalty), logits)
 
 
+def _draw(logits: tf.Tensor, u: tf.Tensor) -> tf.Tensor:
+    """One token per row [batch] from logits [batch, n_vocab] and a uniform u [batch] float64:
+    the inverse-CDF draw of `tf.random.stateless_categorical`'s CPU kernel (float64
+    exp(logit - max), cumulated; the first class whose sum exceeds u x total), so with that
+    kernel's own uniform (`_uniforms`) it picks the same token, here inside XLA (whose
+    categorical draws a different, Gumbel-max stream)."""
+    # The barrier keeps the filters (penalty, temperature, top-k) out of the cumsum's fusion:
+    # XLA would recompute them in each of the scan's passes (measured 3-8 ms a token).
+    [logits] = xla.optimization_barrier(logits)
+    x = tf.cast(logits, tf.float64)
+    cdf = tf.cumsum(tf.exp(x - tf.reduce_max(x, -1, keepdims=True)), axis=-1)
+    below = tf.reduce_sum(tf.cast(cdf <= u[:, None] * cdf[:, -1:], tf.int32), -1)
+    return tf.minimum(below, tf.shape(logits)[-1] - 1)
+
+
 def _choose(
-    logits: tf.Tensor, knobs: dict[str, tf.Tensor], keys: tf.Tensor, seen: tf.Tensor
+    logits: tf.Tensor, knobs: dict[str, tf.Tensor], u: tf.Tensor, seen: tf.Tensor
 ) -> tf.Tensor:
     """Next token ids [batch] from last-position logits [batch, n_vocab]; `knobs` are the
-    Sampling fields that shape each choice, as tensors (see `_knobs`); `keys` [batch, 2] each
-    row's random key for this step; `seen` the tokens each row has seen (see `_penalize`)."""
+    Sampling fields that shape each choice, as tensors (see `_knobs`); `u` [batch] float64
+    each row's uniform for this step (see `_uniforms`); `seen` the tokens each row has seen
+    (see `_penalize`)."""
     logits = _penalize(logits, seen, knobs["repetition_penalty"])
     temperature = knobs["temperature"]
 
-    def draw(row_and_key):
-        row, key = row_and_key
-        return tf.random.stateless_categorical(row[None], 1, key, dtype=tf.int32)[0, 0]
-
     def sample():
         filtered = _top_p(_top_k(logits / temperature, knobs["top_k"]), knobs["top_p"])
-        # One draw per row from its own key: a sample's text does not depend on its batch.
-        return tf.map_fn(draw, (filtered, keys), fn_output_signature=tf.int32)
+        return _draw(filtered, u)
 
     # temperature 0 means greedy; dividing by it would give inf/NaN logits.
     return tf.cond(
@@ -81,12 +117,32 @@ def _choose(
 
 
 def _seen(history: tf.Tensor, n_vocab: int) -> tf.Tensor:
-    """[batch, n_vocab] bool: which tokens occur in each row of `history` [batch, seq]."""
+    """[batch, n_vocab] bool: which tokens occur in each row of `history` [batch, seq] (-1:
+    padding, no token)."""
     rows = tf.broadcast_to(tf.range(tf.shape(history)[0])[:, None], tf.shape(history))
     counts = tf.scatter_nd(
-        tf.stack([rows, history], -1), tf.ones_like(history), [tf.shape(history)[0], n_vocab]
+        tf.stack([rows, tf.maximum(history, 0)], -1),
+        tf.cast(history >= 0, tf.int32),
+        [tf.shape(history)[0], n_vocab],
     )
     return counts > 0
+
+
+def _uniforms(keys: tf.Tensor, first: tf.Tensor, n: int) -> tf.Tensor:
+    """[n, batch] float64: row b's uniform for steps first..first+n-1 of a segment, from its
+    segment key keys[b] with the step folded in: the uniform `tf.random.stateless_categorical`
+    would draw from that key (its CPU kernel; `_draw` uses it inside XLA). Outside XLA, whose
+    Philox stream differs."""
+    b = tf.shape(keys)[0]
+    steps = tf.cast(tf.repeat(tf.range(first, first + n), b), tf.int64)
+    rows = tf.tile(keys, [n, 1])
+
+    def one(key_step):
+        key, i = key_step
+        step_key = tf.random.experimental.stateless_fold_in(key, i)
+        return tf.random.stateless_uniform([], step_key, dtype=tf.float64)
+
+    return tf.reshape(tf.map_fn(one, (rows, steps), fn_output_signature=tf.float64), [n, b])
 
 
 # Sampling fields the host loop uses itself; every other one reaches `_choose` as a tensor,
@@ -103,8 +159,6 @@ def _knobs(s: Sampling) -> dict[str, tf.Tensor]:
     return {name: tf.constant(getattr(s, name), dtype) for name, dtype in _KNOB_TYPES.items()}
 
 
-# Over 60 lines: the decoding loop is one tf.function whose while_loop body and condition
-# must close over the same tensors; its parts are named inner functions.
 def _generation_params(model: GPT2, precision: str) -> Callable[[], dict[str, tf.Tensor]]:
     """What the compiled loop reads. float32: the live weights (training's samples see each
     step's). Otherwise the weights prepared in `precision` now, once, and kept with this
@@ -118,82 +172,141 @@ def _generation_params(model: GPT2, precision: str) -> Callable[[], dict[str, tf
     }
 
 
-def _build_sampler(model: GPT2, precision: str) -> tf.types.experimental.GenericFunction:
-    # Over ~60 lines: the compiled loop's pieces (prompt pass, caches, seen set, while_loop)
-    # share one trace's tensors; split into functions they would only pass them all around.
-    hp = model.hparams
-    params = _generation_params(model, precision)
-    # Compiled once per (batch, cache size); the cache size is rounded up to CACHE_STEP.
-    step = tf.function(
-        lambda wte_t, token, pos, caches: decode_step(params(), hp, wte_t, token, pos, caches),
-        jit_compile=True,
-    )
+# Decoding steps per compiled call: between calls the host may mark rows stopped (their text
+# holds a stop string). Each call copies the caches once (TensorFlow does not donate them).
+CHUNK = 8
 
-    @tf.function(
-        input_signature=[
-            tf.TensorSpec([None, None], tf.int32),  # context [batch, seq]: the model's window
-            tf.TensorSpec([None, None], tf.int32),  # history: every token so far, for `seen`
-            tf.TensorSpec([], tf.int32),  # steps
-            {name: tf.TensorSpec([], dtype) for name, dtype in _KNOB_TYPES.items()},
-            tf.TensorSpec([None, 3], tf.int64),  # per row: seed, sample index, segment
-            tf.TensorSpec([], tf.int32),  # stop token (-1 = none)
-        ]
-    )
-    def sample_segment(context, history, steps, knobs, keys, stop_token):
-        logits, past = forward(params(), hp, context)
-        # Each row's key for this segment; step i folds in i (see pick).
-        keys = tf.map_fn(lambda k: tf.random.experimental.stateless_fold_in(k[:2], k[2]), keys)
 
-        def pick(logits, i, seen):
-            step_keys = tf.map_fn(
-                lambda k: tf.random.experimental.stateless_fold_in(k, tf.cast(i, tf.int64)), keys
-            )
-            return _choose(logits[:, -1], knobs, step_keys, seen)
+class Decoder:
+    """A model's compiled decoding pieces, each traced once (every input a tensor, so new
+    prompts, settings or stop strings never retrace); the XLA ones compile once per batch
+    size and cache size.
 
-        seen = _seen(history, hp["n_vocab"])
-        token = pick(logits, 0, seen)
-        done = tf.equal(token, stop_token)
-        out = tf.TensorArray(tf.int32, size=0, dynamic_size=True).write(0, token)
-        start = tf.shape(context)[1]
-        size = tf.minimum(hp["n_ctx"], (start + steps + CACHE_STEP - 1) // CACHE_STEP * CACHE_STEP)
-        pad = [[0, 0], [0, 0], [0, size - start], [0, 0]]
-        caches = [
-            (tf.pad(past[:, i, 0], pad), tf.pad(past[:, i, 1], pad)) for i in range(hp["n_layer"])
-        ]
-        # Once per call, not kept: training changes wte between samples. Reduced precision
-        # reads its prepared copy of wte instead (None).
-        wte_t = tf.transpose(model.params["model/wte"]) if precision == "float32" else None
+    A segment is `start` (the prompt pass over left-padded prompts, outside XLA: its length
+    varies), `first` (the first token) and `chunk` calls, each CHUNK decoding steps in one
+    XLA while loop that writes the caches in place and samples inside the step. Randomness
+    is stateless: row keys (seed, sample index, segment) and the step give each draw's
+    uniform (`_uniforms`, outside XLA), so a row's tokens do not depend on its batch.
+    """
 
-        def cond(i, caches, token, done, seen, out):
-            return (i < steps) & ~tf.reduce_all(done)
-
-        def body(i, caches, token, done, seen, out):
-            seen = seen | (tf.one_hot(token, hp["n_vocab"]) > 0)
-            # The token sampled at step i - 1 sits at position start + i - 1.
-            logits, caches = step(wte_t, token, start + i - 1, caches)
-            # Finished samples keep emitting the stop token while the others go on.
-            new = tf.where(done, stop_token, pick(logits[:, None], i, seen))
-            return i + 1, caches, new, done | tf.equal(new, stop_token), seen, out.write(i, new)
-
+    def __init__(self, model: GPT2, precision: str = "float32"):
+        hp = self.hparams = model.hparams
+        params = _generation_params(model, precision)
+        f32 = precision == "float32"  # else the logits read the prepared copy of wte
         head_dim = hp["n_embd"] // hp["n_head"]
-        cache = tf.TensorShape([None, hp["n_head"], None, head_dim])
-        invariants = (
-            tf.TensorShape([]),
-            [(cache, cache)] * hp["n_layer"],
-            tf.TensorShape([None]),
-            tf.TensorShape([None]),
-            tf.TensorShape([None, hp["n_vocab"]]),
-            tf.TensorShape(None),
-        )
-        *_, out = tf.while_loop(
-            cond,
-            body,
-            (tf.constant(1), caches, token, done, seen, out),
-            shape_invariants=invariants,
-        )
-        return tf.transpose(out.stack())  # [batch, generated]
+        cache = tf.TensorSpec([None, hp["n_head"], None, head_dim], tf.float32)
+        caches = [(cache, cache)] * hp["n_layer"]
+        rows, vec = tf.TensorSpec([None], tf.int32), tf.TensorSpec([None], tf.bool)
+        knobs = {name: tf.TensorSpec([], dtype) for name, dtype in _KNOB_TYPES.items()}
+        scalar = tf.TensorSpec([], tf.int32)
+        seen = tf.TensorSpec([None, hp["n_vocab"]], tf.bool)
+        # Reduced precision passes an empty wte_t: its logits read `model/wte_out`.
+        wte_t = tf.TensorSpec([hp["n_embd"], hp["n_vocab"]] if f32 else [0, 0], tf.float32)
 
-    return sample_segment
+        def start(context, pads, history, size, keys):
+            # Once per call, not kept: training changes wte between samples.
+            wte_t = tf.transpose(model.params["model/wte"]) if f32 else tf.zeros([0, 0])
+            logits, caches = prefill(params(), hp, wte_t if f32 else None, context, pads, size)
+            keys = tf.map_fn(lambda k: tf.random.experimental.stateless_fold_in(k[:2], k[2]), keys)
+            return wte_t, logits, caches, keys, _seen(history, hp["n_vocab"])
+
+        def first(logits, knobs, u, seen, done, stop_token, fill):
+            new = tf.where(done, fill, _choose(logits, knobs, u, seen))
+            return new, done | tf.equal(new, stop_token)
+
+        def chunk(wte_t, token, slot, caches, pads, seen, done, knobs, u, n, stop_token, fill):
+            weights, wte_t = params(), wte_t if f32 else None
+            out = tf.zeros([CHUNK, tf.shape(token)[0]], tf.int32)
+
+            def body(i, token, caches, seen, done, out):
+                seen = seen | (tf.one_hot(token, hp["n_vocab"]) > 0)
+                logits, caches = decode_step(weights, hp, wte_t, token, slot + i, caches, pads)
+                # Finished samples keep emitting `fill` while the others go on.
+                new = tf.where(done, fill, _choose(logits, knobs, tf.gather(u, i), seen))
+                out = xla.dynamic_update_slice(out, new[None], [i, 0])
+                return i + 1, new, caches, seen, done | tf.equal(new, stop_token), out
+
+            _, token, caches, seen, done, out = tf.while_loop(
+                lambda i, *_: i < n, body, (tf.constant(0), token, caches, seen, done, out)
+            )
+            return tf.transpose(out), token, caches, seen, done
+
+        keys3 = tf.TensorSpec([None, 3], tf.int64)
+        self.start = tf.function(start, input_signature=[
+            tf.TensorSpec([None, None], tf.int32), rows, tf.TensorSpec([None, None], tf.int32),
+            scalar, keys3])  # fmt: skip
+        u1 = tf.TensorSpec([None], tf.float64)
+        self.first = tf.function(
+            first, input_signature=[tf.TensorSpec([None, hp["n_vocab"]], tf.float32), knobs, u1,
+                                    seen, vec, scalar, scalar],
+            jit_compile=True)  # fmt: skip
+        self.chunk = tf.function(
+            chunk, input_signature=[wte_t, rows, scalar, caches, rows, seen, vec, knobs,
+                                    tf.TensorSpec([CHUNK, None], tf.float64), scalar, scalar,
+                                    scalar],
+            jit_compile=True)  # fmt: skip
+        self.uniforms = tf.function(  # CHUNK steps' uniforms from step `first`
+            lambda keys, first: _uniforms(keys, first, CHUNK),
+            input_signature=[tf.TensorSpec([None, 2], tf.int64), scalar],
+        )
+        self.sample_segment = self._segment_function()
+
+    def tracing_counts(self) -> dict[str, int]:
+        """How often each piece was traced (1 each: new values never retrace)."""
+        names = ("start", "first", "chunk", "uniforms")
+        return {n: getattr(self, n).experimental_get_tracing_count() for n in names}
+
+    def _segment_function(self) -> tf.types.experimental.GenericFunction:
+        # The whole segment as one graph, without stop strings (the SavedModel export calls
+        # it): the same pieces as `segment`, its chunk loop a tf.while_loop.
+        n_ctx = self.hparams["n_ctx"]
+
+        @tf.function(
+            input_signature=[
+                tf.TensorSpec([None, None], tf.int32),  # context [batch, seq]: the model's window
+                tf.TensorSpec([None, None], tf.int32),  # history: every token so far, for `seen`
+                tf.TensorSpec([], tf.int32),  # steps
+                {name: tf.TensorSpec([], dtype) for name, dtype in _KNOB_TYPES.items()},
+                tf.TensorSpec([None, 3], tf.int64),  # per row: seed, sample index, segment
+                tf.TensorSpec([], tf.int32),  # stop token (-1 = none)
+            ]
+        )
+        def sample_segment(context, history, steps, knobs, keys, stop_token):
+            pads = tf.zeros([tf.shape(context)[0]], tf.int32)
+            t = tf.shape(context)[1]
+            size = tf.minimum(n_ctx, (t + steps + CACHE_STEP - 1) // CACHE_STEP * CACHE_STEP)
+            wte_t, logits, caches, keys, seen = self.start(context, pads, history, size, keys)
+            done = tf.zeros_like(pads, tf.bool)
+            fill = tf.maximum(stop_token, 0)
+            token, done = self.first(logits, knobs, self.uniforms(keys, 0)[0], seen, done,
+                                     stop_token, fill)  # fmt: skip
+            out = tf.TensorArray(tf.int32, size=1, dynamic_size=True, infer_shape=False)
+            out = out.write(0, token[None])  # [steps, batch] pieces
+
+            def cond(i, token, caches, seen, done, out):
+                return (i < steps) & ~tf.reduce_all(done)
+
+            def body(i, token, caches, seen, done, out):
+                n = tf.minimum(CHUNK, steps - i)
+                new, token, caches, seen, done = self.chunk(
+                    wte_t, token, t + i - 1, caches, pads, seen, done, knobs,
+                    self.uniforms(keys, i), n, stop_token, fill)  # fmt: skip
+                out = out.write(out.size(), tf.transpose(new[:, :n]))
+                return i + n, token, caches, seen, done, out
+
+            *_, out = tf.while_loop(cond, body, (tf.constant(1), token, caches, seen, done, out))
+            return tf.transpose(out.concat())  # [batch, generated]
+
+        return sample_segment
+
+
+def _build_sampler(
+    model: GPT2, precision: str = "float32"
+) -> tf.types.experimental.GenericFunction:
+    """One segment as one tf.function, for a SavedModel: `sample_segment(context [batch, seq]
+    int32, history [batch, any] int32, steps, knobs, keys [batch, 3] int64, stop_token) ->
+    [batch, generated] int32` (see `Decoder`; no stop strings, no padding)."""
+    return Decoder(model, precision).sample_segment
 
 
 # The compiled decoding loop and its knob types, for generation/savedmodel.py (the
@@ -201,15 +314,15 @@ def _build_sampler(model: GPT2, precision: str) -> tf.types.experimental.Generic
 build_sampler, KNOB_TYPES = _build_sampler, _KNOB_TYPES
 
 
-def _sampler(model: GPT2, precision: str = "float32"):
-    # One compiled sampler per model and precision, made on first use and reused for every
-    # call; GPT2.set_extra_tensors drops them (and the prepared weights they hold).
+def _sampler(model: GPT2, precision: str = "float32") -> Decoder:
+    # One set of compiled pieces per model and precision, made on first use and reused for
+    # every call; GPT2.set_extra_tensors drops them (and the prepared weights they hold).
     if precision != "float32":
         if precision not in model._samplers_at:
-            model._samplers_at[precision] = _build_sampler(model, precision)
+            model._samplers_at[precision] = Decoder(model, precision)
         return model._samplers_at[precision]
     if getattr(model, "_sampler", None) is None:
-        model._sampler = _build_sampler(model, precision)
+        model._sampler = Decoder(model)
     return model._sampler
 
 
@@ -247,42 +360,46 @@ def _generate_rows(
     stop_at_endoftext: bool,
     finished: Callable[[np.ndarray], bool] | None = None,
 ) -> np.ndarray:
-    """`s.nsamples` rows per context (all of one length), context by context: int32
-    [rows, length]. Row j of a context draws from its own key (seed, j), so its tokens are
-    the same whatever else is in the batch. `finished(row)` true for every row stops early
-    (after a segment), leaving fewer than `length` tokens."""
+    """`s.nsamples` rows per context: int32 [rows, length]. Contexts of different lengths are
+    left-padded and masked, each row computed as alone; they must then each fit in one
+    window with `length` new tokens (rows whose windows slide must share one length, as their
+    segments must). Row j of a context draws from its own key (seed, j), so its tokens are
+    the same whatever else is in the batch. A row whose tokens so far make `finished(row)`
+    true stops being generated within CHUNK tokens (then it emits <|endoftext|>); once every
+    row has stopped, fewer than `length` tokens come back."""
     length, n_ctx, eot = s.length, model.hparams["n_ctx"], _eot(model)
     seed = int(np.random.SeedSequence().entropy % 2**31) if s.seed is None else int(s.seed)
-    fn, knobs = _sampler(model, s.precision), _knobs(s)
-    tokens = np.repeat(np.asarray(contexts, np.int32), s.nsamples, axis=0)
+    rows = [list(c) for c in contexts for _ in range(s.nsamples)]
     index = np.tile(np.arange(s.nsamples, dtype=np.int64), len(contexts))
-    new = np.zeros((len(tokens), 0), np.int32)
+    new = np.zeros((len(rows), 0), np.int32)
+    done = np.zeros(len(rows), bool)
     segment = 0
-    while new.shape[1] < length:
-        window = tokens if tokens.shape[1] < n_ctx else tokens[:, -max(1, n_ctx // 2) :]
-        steps = min(length - new.shape[1], n_ctx - window.shape[1])
+    while new.shape[1] < length and not done.all():
+        tokens = [r + n.tolist() for r, n in zip(rows, new, strict=True)]
+        windows = [t if len(t) < n_ctx else t[-max(1, n_ctx // 2) :] for t in tokens]
+        width = max(map(len, windows))
+        steps = min(length - new.shape[1], n_ctx - width)
         if steps < 1:
             raise Gpt2tuneError(
                 f"a model with a context of {n_ctx} token(s) cannot slide its window"
             )
         keys = np.stack([np.full_like(index, seed), index, np.full_like(index, segment)], 1)
+        # The penalty's seen set is the whole history, not just the window: a token that
+        # slid out of the model's view is still a repeat.
+        history = [t + [-1] * (max(map(len, tokens)) - len(t)) for t in tokens]
+        check = None if finished is None else _so_far(finished, new)
         try:
-            # The penalty's seen set is the whole history, not just the window: a token that
-            # slid out of the model's view is still a repeat.
-            out = fn(window, tokens, tf.constant(steps), knobs, keys,
-                     tf.constant(eot if stop_at_endoftext else -1)).numpy()  # fmt: skip
+            out, done = _segment(
+                _sampler(model, s.precision), eot, windows, np.asarray(history, np.int32),
+                steps, _knobs(s), keys, eot if stop_at_endoftext else -1, done, check,
+            )  # fmt: skip
         except tf.errors.ResourceExhaustedError:  # an accelerator's memory, which we can't see
             raise Gpt2tuneError(
-                f"out of memory generating {len(tokens)} sample(s) of {length} tokens; "
+                f"out of memory generating {len(rows)} sample(s) of {length} tokens; "
                 "lower sample.nsamples, sample.batch_size or sample.length"
             ) from None
         new = np.concatenate([new, out], axis=1)
-        tokens = np.concatenate([tokens, out], axis=1)
         segment += 1
-        if stop_at_endoftext and (new == eot).any(axis=1).all():
-            break
-        if finished is not None and new.shape[1] < length and all(map(finished, new)):
-            break
     new = new[:, :length]
     if stop_at_endoftext:
         # A later window does not know which samples stopped in an earlier one: pad here.
@@ -290,6 +407,41 @@ def _generate_rows(
         new = np.where(stopped, eot, new)
         new = np.pad(new, ((0, 0), (0, length - new.shape[1])), constant_values=eot)
     return new
+
+
+def _so_far(finished: Callable[[np.ndarray], bool], before: np.ndarray):
+    # `finished` of a row's tokens: those of earlier segments, then this one's so far.
+    return lambda r, seg: finished(np.append(before[r], seg))
+
+
+def _segment(dec, eot, windows, history, steps, knobs, keys, stop_token, done, finished):
+    """One window's prompt pass and up to `steps` new tokens, CHUNK steps per compiled call:
+    -> (tokens [rows, generated], which rows are done). Rows done already emit <|endoftext|>;
+    after each call, a row not done for which `finished(row, its tokens in this segment)`
+    holds is marked done; the loop ends when every row is."""
+    width = max(map(len, windows))
+    pads = np.array([width - len(w) for w in windows], np.int32)
+    context = np.array([[eot] * (width - len(w)) + w for w in windows], np.int32)
+    size = min(dec.hparams["n_ctx"], -(-(width + steps) // CACHE_STEP) * CACHE_STEP)
+    wte_t, logits, caches, keys, seen = dec.start(context, pads, history, size, keys)
+    token, done = dec.first(logits, knobs, dec.uniforms(keys, 0)[0], seen, done, stop_token, eot)
+    out, done, i = [token.numpy()[:, None]], done.numpy(), 1
+
+    def mark(done):
+        if finished is None:
+            return done
+        seg = np.concatenate(out, axis=1)
+        return done | np.array([not d and finished(r, seg[r]) for r, d in enumerate(done)])
+
+    done = mark(done)
+    while i < steps and not done.all():
+        n = min(CHUNK, steps - i)
+        new, token, caches, seen, done = dec.chunk(
+            wte_t, token, width + i - 1, caches, pads, seen, done, knobs, dec.uniforms(keys, i),
+            n, stop_token, eot)  # fmt: skip
+        out.append(new.numpy()[:, :n])
+        done, i = mark(done.numpy()), i + n
+    return np.concatenate(out, axis=1), done
 
 
 def generate(
@@ -320,22 +472,26 @@ def generate_many(
     """`generate` for each prompt, up to `batch_size` prompts (x nsamples rows) per batch:
     per prompt its completions, the same texts `generate` gives it.
 
-    GPT-2 has no padding token, so only prompts of one token length share a batch: every row
-    is then computed exactly as alone (no padding, no mask, the same positions), and its
-    randomness is its own (see `_generate_rows`). Prompts of other lengths go in other batches.
+    Prompts of any token lengths share a batch, left-padded (padding masked out, positions
+    counted from each row's first token), when each fits in the model's context with
+    `length` new tokens: each row's logits are its unbatched run's within float32 rounding.
+    Prompts whose window must slide go in batches of one token length (their windows slide
+    together). A row's randomness is its own (see `_generate_rows`).
     """
     if model.encoder is None:
         raise Gpt2tuneError("this model has no encoder; load it with gpt2tune.load_model(folder)")
     s = resolve_sampling(sampling, None, overrides)
     ids = [_context(model, model.encoder.encode(p) if p else None) for p in prompts]
-    by_length: dict[int, list[int]] = {}
+    groups: dict[int, list[int]] = {}  # -1: fits in one window, whatever its length
     for i, ctx in enumerate(ids):
-        by_length.setdefault(len(ctx), []).append(i)
+        fits = len(ctx) + s.length <= model.hparams["n_ctx"]
+        groups.setdefault(-1 if fits else len(ctx), []).append(i)
     texts: list[list[str]] = [[] for _ in prompts]
-    for group in by_length.values():
+    for group in groups.values():
         for at in range(0, len(group), batch_size):
             chunk = group[at : at + batch_size]
-            check_request(model.hparams, len(ids[chunk[0]]), s.length, s.nsamples * len(chunk))
+            longest = max(len(ids[i]) for i in chunk)
+            check_request(model.hparams, longest, s.length, s.nsamples * len(chunk))
             rows = _generate_rows(
                 model, [ids[i] for i in chunk], s, stop_at_endoftext, _stopped(model, s.stop)
             )

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import tensorflow as tf
+from tensorflow.compiler.tf2xla.python import xla
 
 from gpt2tune.errors import Gpt2tuneError
 from gpt2tune.model.precision import PREPARED_SUFFIXES, matmul_t
@@ -160,18 +161,40 @@ def past_cache(past: tf.Tensor | None = None) -> KVCache:
     return cache
 
 
-def slot_caches(caches: list[tuple[tf.Tensor, tf.Tensor]], pos: tf.Tensor) -> list[KVCache]:
+def padded_cache(pads: tf.Tensor, size: int | tf.Tensor) -> KVCache:
+    """The sampler's prompt pass over left-padded prompts: row b's first `pads[b]` positions
+    are padding, hidden from every query (as well as later positions, causally). Present is
+    the keys and values padded on the right to `size` positions, the decoding caches'
+    fixed size (see `slot_caches`)."""
+
+    def cache(k, v):
+        t = tf.shape(k)[-2]
+        causal = tf.range(t)[:, None] >= tf.range(t)  # [query, key]
+        real = tf.range(t)[None, :] >= pads[:, None]  # [batch, key]
+        mask = causal[None, None] & real[:, None, None]
+        grow = [[0, 0], [0, 0], [0, size - t], [0, 0]]
+        return k, v, mask, (tf.pad(k, grow), tf.pad(v, grow))
+
+    return cache
+
+
+def slot_caches(
+    caches: list[tuple[tf.Tensor, tf.Tensor]], slot: tf.Tensor, pads: tf.Tensor
+) -> list[KVCache]:
     """Decoding one position: each layer's fixed-size (keys, values) cache, [batch, head,
-    size, head_dim] with positions 0..pos-1 filled, gets the new key/value written at `pos`
-    (a select, not a slice: XLA keeps one compiled step for every pos and the cache never
-    grows or is restacked); positions after pos are masked out. Present is the updated pair."""
+    size, head_dim] with slots 0..slot-1 filled, gets the new key/value written at `slot`
+    (XLA's dynamic update slice: inside the sampler's compiled loop the buffer is updated in
+    place, one slot per step, never copied or rewritten). Row b sees slots pads[b]..slot:
+    left padding and the slots not yet written are masked out. Present is the updated pair.
+    Only under XLA (`tf.function(jit_compile=True)`)."""
     size = tf.shape(caches[0][0])[2]
-    slot = tf.range(size)[:, None] == pos  # [size, 1]: where this token's key/value go
-    seen = tf.range(size) <= pos  # the keys it attends to
+    slots = tf.range(size)[None]
+    seen = ((slots <= slot) & (slots >= pads[:, None]))[:, None, None]  # [batch, 1, 1, size]
+    at = [0, 0, slot, 0]
 
     def layer_cache(past_k, past_v):
         def cache(k, v):
-            k, v = tf.where(slot, k, past_k), tf.where(slot, v, past_v)
+            k, v = xla.dynamic_update_slice(past_k, k, at), xla.dynamic_update_slice(past_v, v, at)
             return k, v, seen, (k, v)
 
         return cache
@@ -293,30 +316,68 @@ def forward(
     return logits, tf.stack(presents, axis=1) if presents else None
 
 
+def positions(pads: tf.Tensor, start: tf.Tensor, t: tf.Tensor) -> tf.Tensor:
+    """[batch, t] wpe indices of slots start..start+t-1 in rows left-padded by `pads`: a row's
+    first real token is its position 0 (padding slots get 0 too; they are masked)."""
+    return tf.maximum(start + tf.range(t)[None] - pads[:, None], 0)  # range(t): static in XLA
+
+
+def next_logits(params: Mapping[str, tf.Tensor], wte_t: tf.Tensor | None, h: tf.Tensor):
+    """Logits [batch, n_vocab] of the last positions h [batch, n_embd] for the sampler: h @
+    wte_t (the embedding transposed once per call), or with prepared reduced-precision params
+    (precision.prepare; wte_t None) their [out, in] copy `model/wte_out`."""
+    if wte_t is None:
+        return matmul_t(h, params["model/wte_out"], params.get("model/wte_out_scale"))
+    return tf.matmul(h, wte_t)
+
+
+def prefill(
+    params: Mapping[str, tf.Tensor],
+    hparams: Mapping[str, int],
+    wte_t: tf.Tensor | None,
+    tokens: tf.Tensor,
+    pads: tf.Tensor,
+    size: int | tf.Tensor,
+) -> tuple[tf.Tensor, list]:
+    """The sampler's prompt pass: left-padded prompts tokens [batch, seq] (`pads[b]` padding
+    tokens first in row b) -> (last position's logits [batch, n_vocab], each layer's (keys,
+    values) padded to `size` slots for `decode_step`). Each row's logits are its unpadded
+    pass's: padding is masked out and positions start at each row's first real token."""
+    t = tf.shape(tokens)[1]
+    h = tf.gather(params["model/wte"], tokens) + tf.gather(
+        params["model/wpe"], positions(pads, 0, t)
+    )
+    cache = padded_cache(pads, size)
+    h, caches = transformer(params, hparams, h, [cache] * hparams["n_layer"])
+    return next_logits(params, wte_t, h[:, -1]), caches
+
+
 def decode_step(
     params: Mapping[str, tf.Tensor],
     hparams: Mapping[str, int],
     wte_t: tf.Tensor | None,
     token: tf.Tensor,
-    pos: tf.Tensor,
+    slot: tf.Tensor,
     caches: list[tuple[tf.Tensor, tf.Tensor]],
+    pads: tf.Tensor | None = None,
 ) -> tuple[tf.Tensor, list]:
-    """`forward` for one new token per sample at position `pos`, over fixed-size caches
-    (see `slot_caches`): -> (logits [batch, n_vocab], the caches with its keys and values).
+    """`forward` for one new token per sample at cache slot `slot` (position slot - pads[b] in
+    row b; pads default 0), over fixed-size caches (see `slot_caches`): -> (logits [batch,
+    n_vocab], the caches with its keys and values). Only under XLA.
 
-    Made for the sampler, which compiles it with XLA: the cache never grows, and the ~30
-    small ops of a layer fuse into a few kernels. `wte_t` is the token embedding transposed,
-    [n_embd, n_vocab]: for a few rows, h @ wte_t streams it 3-5x faster than h @ wte^T
-    (transpose_b), and it is a third of the weights read per token. With prepared
-    reduced-precision params (precision.prepare) the logits read `model/wte_out` and wte_t
-    is None.
+    Made for the sampler, which compiles its whole decoding loop with XLA: the cache never
+    grows and is written in place, and the ~30 small ops of a layer fuse into a few kernels.
+    `wte_t` is the token embedding transposed, [n_embd, n_vocab]: for a few rows, h @ wte_t
+    streams it 3-5x faster than h @ wte^T (transpose_b), and it is a third of the weights
+    read per token (see `next_logits` for reduced precision).
     """
+    pads = tf.zeros_like(token) if pads is None else pads
     # gather, not [pos]: XLA would take a slice start as a constant and compile per position.
-    h = tf.gather(params["model/wte"], token[:, None]) + tf.gather(params["model/wpe"], pos)
-    h, caches = transformer(params, hparams, h, slot_caches(caches, pos))
-    if wte_t is None:
-        return matmul_t(h[:, 0], params["model/wte_out"], params.get("model/wte_out_scale")), caches
-    return tf.matmul(h[:, 0], wte_t), caches
+    h = tf.gather(params["model/wte"], token[:, None]) + tf.gather(
+        params["model/wpe"], positions(pads, slot, 1)
+    )
+    h, caches = transformer(params, hparams, h, slot_caches(caches, slot, pads))
+    return next_logits(params, wte_t, h[:, 0]), caches
 
 
 # --- the model object -------------------------------------------------------------------

@@ -89,6 +89,7 @@ def evaluate_loss(
         def masked_sum_of(w, m):
             targets = tf.cast(m[:, 1:], tf.float32)
             return lm_loss(params, model.hparams, w, weights=targets), tf.reduce_sum(targets)
+
     b, total = cfg.batch_size, 0.0
     quiet = None if progress is None else not progress  # tqdm: None = only on a terminal
     masks = None if mask is None else eval_windows(mask, n_ctx, p.train.val_batch_count)
