@@ -24,8 +24,8 @@ With --peer the measurement alternates, --rounds times: gpt2tune's calls, then t
 fresh process each round; per side the best call counts. `--peer openai` (the default of a
 bare --peer) is OpenAI's sampler as gpt-2-simple packages it (bench/peer.py). `--peer ggml`
 runs ggml's own GPT-2 example, built by you (docs/benchmarks.md gives the steps; no ggml code
-is in this repository): `--ggml-bin` its gpt-2-batched program, `--ggml-model` a converted (and maybe
-quantized) model of the same shapes; its tokens/s are the new tokens over its printed decode
+is in this repository): `--ggml-bin` its gpt-2-batched program, `--ggml-model` a converted
+(and maybe quantized) model of the same shapes; its tokens/s are the new tokens over its printed decode
 and sample times (its prompt pass is not in them; gpt2tune's calls include theirs). The
 prompt is "the the ..." (one token per word in GPT-2's vocabulary), checked against the token
 count ggml prints. The last line is JSON.
