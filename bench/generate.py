@@ -16,19 +16,19 @@ scales 4 bytes per row, the input embedding's row 4 bytes per value. The
 read bandwidth is measured in this run (common.read_bandwidth: the best reduce_sum over
 1 GiB, as one tensor or 16 side by side). `bound_fraction` = tokens/s over that bound.
 
-The first call compiles the sampler and is reported apart. --ragged also times 8 prompts of
-8 different lengths (prompt/8 .. prompt tokens) in one batch against one at a time;
---stop-after N a request whose rows all finish after N tokens (as when a stop string is
-found) against the same request run to the end (`_generate_rows` with its `finished` test).
-With --peer the measurement alternates, --rounds times: gpt2tune's calls, then the peer's, a
-fresh process each round; per side the best call counts. `--peer openai` (the default of a
-bare --peer) is OpenAI's sampler as gpt-2-simple packages it (bench/peer.py). `--peer ggml`
-runs ggml's own GPT-2 example, built by you (docs/benchmarks.md gives the steps; no ggml code
-is in this repository): `--ggml-bin` its gpt-2-batched program, `--ggml-model` a converted
-(and maybe quantized) model of the same shapes; its tokens/s are the new tokens over its printed decode
-and sample times (its prompt pass is not in them; gpt2tune's calls include theirs). The
-prompt is "the the ..." (one token per word in GPT-2's vocabulary), checked against the token
-count ggml prints. The last line is JSON.
+The first call compiles the sampler and is reported apart. --ragged also times 8 prompts of 8
+different lengths (prompt/8 .. prompt tokens) in one batch against one at a time; --stop-after
+N a request whose rows all finish after N tokens (as when a stop string is found) against the
+same request run to the end (`_generate_rows` with its `finished` test). With --peer the
+measurement alternates, --rounds times: gpt2tune's calls, then the peer's, a fresh process each
+round; per side the best call counts. `--peer openai` (the default of a bare --peer) is
+OpenAI's sampler as gpt-2-simple packages it (bench/peer.py). `--peer ggml` runs ggml's own
+GPT-2 example, built by you (docs/benchmarks.md gives the steps; no ggml code is in this
+repository): `--ggml-bin` its gpt-2-batched program, `--ggml-model` a converted (and maybe
+quantized) model of the same shapes; its tokens/s are the new tokens over its printed decode
+and sample times (its prompt pass is not in them; gpt2tune's calls include theirs). The prompt
+is "the the ..." (one token per word in GPT-2's vocabulary), checked against the token count
+ggml prints. The last line is JSON.
 """
 
 import argparse
