@@ -55,8 +55,8 @@ def evaluate_loss(
     tokens: np.ndarray,
     p: Params,
     progress: bool | None = None,
-    mask: np.ndarray | None = None,
     precision: str = "float32",
+    mask: np.ndarray | None = None,
 ) -> dict:
     """{"loss", "perplexity", "windows", "tokens"} of `model` on `tokens`, with training's
     validation windows and eval step; a bar per batch of windows on a terminal. `mask`: the
