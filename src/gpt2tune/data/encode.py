@@ -177,11 +177,7 @@ def encode_corpus(
         _write_outputs(stream, finals, split, dtype, stats)
         _remove_outputs(out, RECORD_OUTPUTS)  # a previous encode's records: not this data's
     except OSError as e:  # reading errors are Gpt2tuneErrors already: this is the output side
-        raise Gpt2tuneError(
-            f"could not write {display_path(e.filename or out)}: {e.strerror or e}; check "
-            f"free disk space and permissions of {display_path(out)} (its previous outputs "
-            "are unchanged)"
-        ) from None
+        raise _write_error(e, out) from None
     finally:
         for temp in [stream, *map(_temp, finals)]:
             temp.unlink(missing_ok=True)
@@ -320,6 +316,15 @@ def _stats(
 
 def _dtype(n_vocab: int) -> np.dtype:
     return np.dtype("<u2") if n_vocab <= 1 << 16 else np.dtype("<i4")
+
+
+def _write_error(e: OSError, out: Path) -> Gpt2tuneError:
+    """The one line for a failed write of the encode stage's outputs."""
+    return Gpt2tuneError(
+        f"could not write {display_path(e.filename or out)}: {e.strerror or e}; check "
+        f"free disk space and permissions of {display_path(out)} (its previous outputs "
+        "are unchanged)"
+    )
 
 
 def _temp(path: Path) -> Path:
@@ -491,11 +496,7 @@ def _encode_records(
         stats["val_block_records"] = stats.pop("val_block_tokens")
         _write_record_outputs(streams, finals, token_split, dtype, stats, val_ids)
     except OSError as e:
-        raise Gpt2tuneError(
-            f"could not write {display_path(e.filename or out)}: {e.strerror or e}; check "
-            f"free disk space and permissions of {display_path(out)} (its previous outputs "
-            "are unchanged)"
-        ) from None
+        raise _write_error(e, out) from None
     finally:
         for temp in [*streams.values(), *map(_temp, finals.values())]:
             temp.unlink(missing_ok=True)
