@@ -28,13 +28,21 @@ from helpers.projects import commit_project, git, make_project, project_mlflow, 
 from helpers.vocab import TINY_CORPUS
 
 from gpt2tune import save_model
-from gpt2tune.paths import LOSS_CHART, LOSS_PLOTS, MLFLOW_RUN, TIMING, TRAIN_METRICS
+from gpt2tune.paths import (
+    LOSS_CHART,
+    LOSS_PLOTS,
+    MEMORIZATION,
+    MLFLOW_RUN,
+    TIMING,
+    TRAIN_METRICS,
+)
 
 # What a run may leave for git: DVC's lock, the params `dvc exp run -S` wrote, and the train
-# stage's small cache: false outputs, which are git's by design (`dvc metrics diff` and
+# and sample stages' small cache: false outputs, which are git's by design (`dvc metrics diff` and
 # `dvc exp show` read them from commits).
 FOR_GIT = {"dvc.lock", "params.yaml"} | {
-    p.as_posix() for p in (TRAIN_METRICS, TIMING, LOSS_CHART, MLFLOW_RUN, *LOSS_PLOTS.values())
+    p.as_posix()
+    for p in (TRAIN_METRICS, TIMING, LOSS_CHART, MLFLOW_RUN, MEMORIZATION, *LOSS_PLOTS.values())
 }
 
 
