@@ -207,6 +207,15 @@ def jsonl_documents(
     name: str, lines: Iterable[tuple[int, str]], field: str, limit: Limit
 ) -> Iterator[str]:
     """data.format jsonl: the `field` string of every line's JSON object."""
+    for row, where in _json_objects(name, lines, f'"{field}": "your text"'):
+        yield _json_string(row, field, "data.field", where)
+
+
+def _json_objects(
+    name: str, lines: Iterable[tuple[int, str]], example: str
+) -> Iterator[tuple[dict, str]]:
+    """(object, "file:line") of every non-blank line; a line that is not a JSON object is one
+    error whose fix shows `example` ('"key": "..."') as the object to write."""
     for n, line in lines:
         if not line.strip():
             continue
@@ -215,9 +224,9 @@ def jsonl_documents(
         if not isinstance(row, dict):
             raise Gpt2tuneError(
                 f"{where}: {_json_type(row)}, not a JSON object; data.format jsonl needs one "
-                f'object per line, such as {{"{field}": "your text"}}'
+                f"object per line, such as {{{example}}}"
             )
-        yield _json_string(row, field, "data.field", where)
+        yield row, where
 
 
 def _json_string(row: dict, field: str, param: str, where: str) -> str:
@@ -241,17 +250,8 @@ def jsonl_records(
 ) -> Iterator[tuple[str, ...]]:
     """data.format jsonl with data.prompt_field: the strings of `fields` (param -> key, e.g.
     {"data.prompt_field": "question", "data.field": "answer"}) of every line's object."""
-    for n, line in lines:
-        if not line.strip():
-            continue
-        where = f"{name}:{n}"
-        row = _json_line(line, where)
-        if not isinstance(row, dict):
-            example = ", ".join(f'"{k}": "..."' for k in fields.values())
-            raise Gpt2tuneError(
-                f"{where}: {_json_type(row)}, not a JSON object; data.format jsonl needs one "
-                f"object per line, such as {{{example}}}"
-            )
+    example = ", ".join(f'"{k}": "..."' for k in fields.values())
+    for row, where in _json_objects(name, lines, example):
         yield tuple(_json_string(row, key, param, where) for param, key in fields.items())
 
 
