@@ -51,14 +51,7 @@ def load_tokens(out_dir: str | os.PathLike, split: str, n_vocab: int | None = No
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     path = Path(out_dir) / f"{split}.npy"
     name = display_path(path)
-    try:
-        tokens = np.load(path, mmap_mode="r", allow_pickle=False)
-    except FileNotFoundError:
-        raise Gpt2tuneError(
-            f"{name} not found; run `dvc repro encode` to encode data.path first"
-        ) from None
-    except (ValueError, OSError, EOFError) as e:
-        raise Gpt2tuneError(f"{name} is not a readable token array ({e}); {_AGAIN}") from None
+    tokens = _mapped(path, "; run `dvc repro encode` to encode data.path first", "token array")
     if tokens.ndim != 1 or tokens.dtype.kind not in "iu":
         raise Gpt2tuneError(
             f"{name} holds a {tokens.dtype} array of shape {tokens.shape}, not 1-D "
@@ -92,15 +85,8 @@ def load_mask(out_dir: str | os.PathLike, split: str) -> np.ndarray | None:
         return None
     path = Path(out_dir) / f"{split}_mask.npy"
     name = display_path(path)
-    try:
-        mask = np.load(path, mmap_mode="r", allow_pickle=False)
-    except FileNotFoundError:
-        raise Gpt2tuneError(
-            f"{name} not found, but stats.json says the data are prompt -> completion records "
-            f"(data.prompt_field); {_AGAIN}"
-        ) from None
-    except (ValueError, OSError, EOFError) as e:
-        raise Gpt2tuneError(f"{name} is not a readable loss mask ({e}); {_AGAIN}") from None
+    missing = ", but stats.json says the data are prompt -> completion records (data.prompt_field)"
+    mask = _mapped(path, f"{missing}; {_AGAIN}", "loss mask")
     if mask.ndim != 1 or mask.dtype != np.uint8 or len(mask) != stats[f"{split}_tokens"]:
         raise Gpt2tuneError(
             f"{name} holds a {mask.dtype} array of shape {mask.shape}, not one uint8 per token "
@@ -109,3 +95,15 @@ def load_mask(out_dir: str | os.PathLike, split: str) -> np.ndarray | None:
     if len(mask) and int(mask.max()) > 1:
         raise Gpt2tuneError(f"{name}: values other than 0 and 1; {_AGAIN}")
     return mask
+
+
+def _mapped(path: Path, missing: str, what: str) -> np.ndarray:
+    """The .npy at `path`, memory-mapped read-only; one line if it is absent ("<path> not
+    found" + `missing`) or not a readable array (`what` names it)."""
+    name = display_path(path)
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except FileNotFoundError:
+        raise Gpt2tuneError(f"{name} not found{missing}") from None
+    except (ValueError, OSError, EOFError) as e:
+        raise Gpt2tuneError(f"{name} is not a readable {what} ({e}); {_AGAIN}") from None
