@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from helpers import REPO
 from helpers.models import tiny_model
-from helpers.processes import run_in, start_in, wait_until_held
+from helpers.processes import dvc, run_in, start_in, wait_until_held
 from helpers.projects import commit_project, git, make_project, project_mlflow, training_run_id
 from helpers.vocab import TINY_CORPUS
 
@@ -65,13 +65,6 @@ def journey_project(tmp_path: Path, vocab_dir: Path) -> Path:
     git(root, "add", "-f", "data/dset.txt")
     git(root, "commit", "-q", "-m", "the corpus")
     return root
-
-
-def dvc(root: Path, *args: str, ok: bool = True) -> str:
-    proc = run_in(root, "dvc", *args)
-    out = proc.stdout + proc.stderr
-    assert (proc.returncode == 0) == ok, f"dvc {' '.join(args)}: {proc.returncode}\n{out[-4000:]}"
-    return out
 
 
 def for_git(root: Path) -> set[str]:

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers.processes import dvc as run_dvc
 from helpers.processes import run_in
 from helpers.projects import commit_project, copy_project, git, write_params
 
@@ -37,10 +38,7 @@ print(json.dumps(artifact.to_dict()))
 
 
 def dvc(root, *args: str) -> str:
-    proc = run_in(root, "dvc", *args, timeout=240)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"dvc {' '.join(args)} failed:\n{out[-4000:]}"
-    return out
+    return run_dvc(root, *args, timeout=240)
 
 
 @pytest.mark.slow

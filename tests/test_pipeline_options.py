@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from helpers.models import write_official_style_model
-from helpers.processes import run_in
+from helpers.processes import dvc as run_dvc
 from helpers.projects import commit_project, make_project, project_mlflow, training_run_id
 
 from gpt2tune.model.checkpoint import load_model
@@ -46,10 +46,7 @@ def project(tmp_path_factory, official_vocab_dir, kant_path):
 
 
 def dvc(root, *args: str) -> str:
-    proc = run_in(root, "dvc", *args, timeout=600)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"dvc {' '.join(args)} failed ({proc.returncode}):\n{out[-6000:]}"
-    return out
+    return run_dvc(root, *args, timeout=600)
 
 
 @pytest.mark.slow  # a second whole pipeline: ~50 s on 2 idle cores

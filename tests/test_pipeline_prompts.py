@@ -13,6 +13,7 @@ import sys
 
 import pytest
 from helpers.models import write_official_style_model
+from helpers.processes import dvc as run_dvc
 from helpers.processes import run_in
 from helpers.projects import commit_project, make_project, project_mlflow, training_run_id
 
@@ -43,10 +44,7 @@ def project(tmp_path_factory, official_vocab_dir):
 
 
 def dvc(root, *args: str) -> str:
-    proc = run_in(root, "dvc", *args, timeout=600)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"dvc {' '.join(args)} failed ({proc.returncode}):\n{out[-6000:]}"
-    return out
+    return run_dvc(root, *args, timeout=600)
 
 
 @pytest.mark.slow  # a whole pipeline of a one-layer model: about a minute on 2 busy cores

@@ -53,6 +53,15 @@ def start_in(root: Path, *command: str, kill_at: str = "", env: dict | None = No
     return subprocess.Popen(command, cwd=root, env=env, **kw)
 
 
+def dvc(root: Path, *args: str, ok: bool = True, timeout: float = 300) -> str:
+    """`dvc args` in the project root: its stdout + stderr, asserted to exit 0 (with ok=False,
+    asserted to fail)."""
+    proc = run_in(root, "dvc", *args, timeout=timeout)
+    out = proc.stdout + proc.stderr
+    assert (proc.returncode == 0) == ok, f"dvc {' '.join(args)}: {proc.returncode}\n{out[-6000:]}"
+    return out
+
+
 def run_stage(root: Path, stage: str, *args: str, **kw) -> subprocess.CompletedProcess:
     """`python stages/<stage>.py args` in root, as a user runs it; see run_in."""
     return run_in(root, *stage_command(stage, *args), **kw)
