@@ -11,7 +11,6 @@ earlier ones left, `dvc exp run --temp` last.
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 from collections import Counter
 from pathlib import Path
@@ -23,7 +22,7 @@ from helpers import REPO
 from helpers.httpserver import FolderServer
 from helpers.mlflowserver import MlflowServer
 from helpers.models import write_official_style_model
-from helpers.processes import run_in, stage_env
+from helpers.processes import drain_queue, run_in, stage_env, start_queue_worker
 from helpers.projects import commit_project, git, make_project, update_params
 
 from gpt2tune.fetch.manifest import MANIFEST
@@ -376,21 +375,9 @@ def test_queued_sweep_runs_both_experiments(project):
     # data out of the DVC cache: commit the pipeline's state first, as a user would.
     project.commit("results before the sweep")
     project.dvc("exp", "run", "--queue", "-S", "train.learning_rate=1e-5,5e-5")
-    # The worker `dvc queue start` leaves running inherits its output: a file, not a pipe,
-    # whose end would never come.
     log = project.root.parent / "queue-start.log"
-    with open(log, "w") as fh:
-        started = run_in(project.root, "dvc", "queue", "start", capture_output=False,
-                         stdout=fh, stderr=subprocess.STDOUT, timeout=60)  # fmt: skip
-    assert started.returncode == 0, log.read_text()
-    deadline = time.monotonic() + 600
-    while True:
-        status = project.dvc("queue", "status")
-        if not any(word in status for word in ("Queued", "Running")):
-            break
-        assert time.monotonic() < deadline, status
-        time.sleep(3)
-    assert "Failed" not in status, status
+    start_queue_worker(project.root, log)
+    status = drain_queue(project.root, log)
     swept = {
         name: lr
         for name, lr in exp_names(json.loads(project.dvc("exp", "show", "--json"))).items()

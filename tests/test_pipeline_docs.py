@@ -34,7 +34,7 @@ import pytest
 from helpers import REPO
 from helpers.mlflowserver import free_ports
 from helpers.models import write_official_style_model
-from helpers.processes import run_in, stage_env
+from helpers.processes import drain_queue, run_in, stage_env
 from helpers.projects import commit_project, make_project
 
 from gpt2tune.model.encoder import load_encoder
@@ -184,17 +184,6 @@ def stop_servers(logs: Path) -> None:
     pids.unlink()
 
 
-def wait_for_queue(root: Path, timeout: float = 1800) -> str:
-    deadline = time.monotonic() + timeout
-    while True:
-        status = run_in(root, "dvc", "queue", "status").stdout
-        if not any(word in status for word in ("Queued", "Running")):
-            assert "Failed" not in status, status
-            return status
-        assert time.monotonic() < deadline, status
-        time.sleep(3)
-
-
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, tiny_vocab_dir, kant_path) -> Path:
     """The README's offline setup: a local model folder (`model.base_url`) holding a tiny
@@ -267,5 +256,5 @@ def run_block(root: Path, block: Block, logs: Path, substitutions: dict[str, str
     where = cmds[int(failed[2])] if failed else "(the block)"
     assert proc.returncode == 0, f"{block}: `{where}` failed:\n{output[-6000:]}"
     if "dvc queue start" in block.text:
-        wait_for_queue(root)
+        drain_queue(root, log, timeout=1800)
     return str(block), round(time.monotonic() - t0, 1)

@@ -17,13 +17,19 @@ import re
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 from helpers import REPO
 from helpers.models import tiny_model
-from helpers.processes import dvc, run_in, start_in, wait_until_held
+from helpers.processes import (
+    drain_queue,
+    dvc,
+    run_in,
+    start_in,
+    start_queue_worker,
+    wait_until_held,
+)
 from helpers.projects import commit_project, git, make_project, project_mlflow, training_run_id
 from helpers.vocab import TINY_CORPUS
 
@@ -141,16 +147,9 @@ def test_queued_sweep_leaves_candidate_on_the_workspace_model_until_promoted(
     git(root, "commit", "-q", "-m", "results before the sweep")
 
     dvc(root, "exp", "run", "--queue", "-S", "train.learning_rate=0.002,0.003")
-    log = tmp_path / "queue-start.log"  # the worker inherits it: a file, not a pipe
-    with open(log, "w") as fh:
-        started = run_in(root, "dvc", "queue", "start", capture_output=False, stdout=fh,
-                         stderr=subprocess.STDOUT, timeout=60)  # fmt: skip
-    assert started.returncode == 0, log.read_text()
-    deadline = time.monotonic() + 600
-    while any(word in (status := dvc(root, "queue", "status")) for word in ("Queued", "Running")):
-        assert time.monotonic() < deadline, status
-        time.sleep(3)
-    assert "Failed" not in status, status
+    log = tmp_path / "queue-start.log"
+    start_queue_worker(root, log)
+    drain_queue(root, log)
 
     swept = {v.tags.get("dvc.exp_name"): v for k, v in versions(root).items() if k != "1"}
     assert len(swept) == 2 and None not in swept, swept

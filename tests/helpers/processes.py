@@ -3,6 +3,7 @@ virtualenv's tools first on PATH, the checkout's src/ importable, TensorFlow qui
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -101,3 +102,72 @@ def wait_until_held(proc: subprocess.Popen, hold: str | os.PathLike, timeout: fl
         running = proc.poll() is None
         assert running and time.monotonic() < deadline, (output or proc.communicate)()
         time.sleep(0.1)
+
+
+# --------------------------------------------------------------------------- DVC's queue
+
+
+def _queue_worker_log(root: Path) -> str:
+    """The tail of what DVC's first queue worker printed (`.dvc/tmp/exps/celery`)."""
+    out = root / ".dvc" / "tmp" / "exps" / "celery" / "dvc-exp-worker-1.out"
+    return out.read_text(errors="replace")[-3000:] if out.exists() else "(no worker log)"
+
+
+def _queue_worker(root: Path) -> dict:
+    """The process record of DVC's first queue worker ({} before one has started): its pid
+    and, once it has exited, its returncode."""
+    info = root / ".dvc" / "tmp" / "exps" / "celery" / "dvc-exp-worker-1.json"
+    try:
+        return json.loads(info.read_text())
+    except (OSError, ValueError):
+        return {}  # not written yet, or being replaced
+
+
+def start_queue_worker(root: Path, log: Path, timeout: float = 60) -> None:
+    """`dvc queue start` in root, and wait until its worker has recorded itself. The worker
+    inherits the command's output, so that goes to the file log (appended), not a pipe,
+    whose end would never come."""
+    before = _queue_worker(root).get("pid")
+    with open(log, "a") as fh:
+        started = run_in(root, "dvc", "queue", "start", capture_output=False, stdout=fh,
+                         stderr=subprocess.STDOUT, timeout=timeout)  # fmt: skip
+    assert started.returncode == 0, log.read_text()
+    deadline = time.monotonic() + timeout
+    while _queue_worker(root).get("pid") in (None, before):
+        assert time.monotonic() < deadline, f"no queue worker started:\n{log.read_text()}"
+        time.sleep(0.5)
+
+
+def drain_queue(root: Path, log: Path, timeout: float = 600, restarts: int = 3) -> str:
+    """Wait until no experiment of root's DVC queue is Queued or Running; assert none Failed
+    and return the last `dvc queue status`.
+
+    DVC's worker can exit while experiments are still queued: every 10 s it asks itself,
+    with a 1 s timeout, whether it has work, and on a busy machine the answer comes late
+    (treeverse/dvc#10562; its log says "monitor: shutting down due to empty queue"). The
+    user's remedy, in docs/experiments.md, is `dvc queue start` again; so is this, at most
+    `restarts` times, each said on stdout."""
+    deadline = time.monotonic() + timeout
+    gone: tuple[int, float] | None = None  # (pid, since when) of a worker seen exited
+    while True:
+        status = dvc(root, "queue", "status")
+        if not any(word in status for word in ("Queued", "Running")):
+            assert "Failed" not in status, f"{status}\n{_queue_worker_log(root)}"
+            return status
+        worker = _queue_worker(root)
+        if "Running" in status or worker.get("returncode") is None:
+            gone = None
+        elif gone is None or gone[0] != worker["pid"]:
+            gone = (worker["pid"], time.monotonic())
+        # Exited for 15 s, not a record that a `dvc queue start` just run is about to replace.
+        elif time.monotonic() - gone[1] > 15:
+            assert restarts > 0, f"the worker keeps exiting:\n{status}\n{_queue_worker_log(root)}"
+            restarts -= 1
+            print(
+                f"DVC's queue worker exited with experiments queued; starting it again:\n"
+                f"{status}\n{_queue_worker_log(root)[-600:]}"
+            )
+            start_queue_worker(root, log)
+            gone = None
+        assert time.monotonic() < deadline, f"{status}\n{_queue_worker_log(root)}"
+        time.sleep(3)
