@@ -103,20 +103,22 @@ def test_decode_step_over_fixed_size_caches_equals_full_pass(model):
     position) gives the full pass's logits, through the same blocks."""
     import tensorflow as tf
 
-    from gpt2tune.model.gpt2 import decode_step
+    from gpt2tune.model.gpt2 import decode_step, flat_caches
 
     tokens = np.random.default_rng(3).integers(0, 97, size=(2, 12)).astype(np.int32)
     full = model(tokens).numpy()
     _, past = model.forward(tokens[:, :5])
     pad = [[0, 0], [0, 0], [0, 32 - 5], [0, 0]]  # cache size n_ctx, positions 0..4 filled
-    caches = [(tf.pad(past[:, i, 0], pad), tf.pad(past[:, i, 1], pad)) for i in range(2)]
+    caches = flat_caches(
+        [(tf.pad(past[:, i, 0], pad), tf.pad(past[:, i, 1], pad)) for i in range(2)]
+    )
     wte_t = tf.transpose(model.params["model/wte"])
     # Under XLA, as the sampler runs it: the cache is written by a dynamic update slice.
     step = tf.function(lambda *a: decode_step(model.params, HP, wte_t, *a), jit_compile=True)
     for pos in range(5, 12):
         logits, caches = step(tokens[:, pos], tf.constant(pos), caches)
         np.testing.assert_allclose(logits.numpy(), full[:, pos], atol=1e-5)
-    assert caches[0][0].shape == (2, 4, 32, 16)
+    assert caches[0][0].shape == (2 * 4, 32, 16)  # [batch x head, size, head_dim]
 
 
 def test_init_like_openai():
@@ -178,7 +180,7 @@ def test_left_padded_rows_give_their_unpadded_logits(model):
     then decoded a step at a time: each row's logits are its own unpadded pass's."""
     import tensorflow as tf
 
-    from gpt2tune.model.gpt2 import decode_step, prefill
+    from gpt2tune.model.gpt2 import decode_step, flat_caches, prefill
 
     rng = np.random.default_rng(4)
     rows = [rng.integers(0, 97, size=n).tolist() for n in (3 + 4, 7 + 4, 5 + 4)]
@@ -187,6 +189,7 @@ def test_left_padded_rows_give_their_unpadded_logits(model):
     tokens = np.array([[0] * (width - len(p)) + p for p in prompts], np.int32)
     wte_t = tf.transpose(model.params["model/wte"])
     logits, caches = prefill(model.params, HP, wte_t, tokens, pads, 16)
+    caches = flat_caches(caches)
     step = tf.function(lambda *a: decode_step(model.params, HP, wte_t, *a), jit_compile=True)
     for i in range(4):
         for b, r in enumerate(rows):  # row b alone, unpadded, through the full pass

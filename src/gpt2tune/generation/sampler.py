@@ -25,7 +25,15 @@ from tensorflow.compiler.tf2xla.python import xla
 from gpt2tune.config.params import Sampling
 from gpt2tune.errors import Gpt2tuneError
 from gpt2tune.generation.checks import check_request, resolve_sampling
-from gpt2tune.model.gpt2 import CACHE_STEP, GPT2, NEG_INF, decode_step, prefill
+from gpt2tune.model.gpt2 import (
+    CACHE_STEP,
+    GPT2,
+    NEG_INF,
+    decode_step,
+    flat_caches,
+    prefill,
+    unflat_caches,
+)
 from gpt2tune.model.precision import prepare
 
 
@@ -227,9 +235,16 @@ class Decoder:
                 return i + 1, new, caches, seen, done | tf.equal(new, stop_token), out
 
             _, token, caches, seen, done, out = tf.while_loop(
-                lambda i, *_: i < n, body, (tf.constant(0), token, caches, seen, done, out)
+                lambda i, *_: i < n, body,
+                (tf.constant(0), token, flat_caches(caches), seen, done, out),
+            )  # fmt: skip
+            return (
+                tf.transpose(out),
+                token,
+                unflat_caches(caches, tf.shape(token)[0], hp["n_head"]),
+                seen,
+                done,
             )
-            return tf.transpose(out), token, caches, seen, done
 
         keys3 = tf.TensorSpec([None, 3], tf.int64)
         self.start = tf.function(start, input_signature=[

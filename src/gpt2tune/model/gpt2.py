@@ -178,24 +178,48 @@ def padded_cache(pads: tf.Tensor, size: int | tf.Tensor) -> KVCache:
     return cache
 
 
+def flat_caches(caches: list[tuple[tf.Tensor, tf.Tensor]]) -> list[tuple[tf.Tensor, tf.Tensor]]:
+    """Caches [batch, head, size, head_dim] as `decode_step` keeps them: [batch x head, size,
+    head_dim] (a free reshape; see `slot_caches` for why)."""
+    return [tuple(tf.reshape(t, [-1, tf.shape(t)[2], tf.shape(t)[3]]) for t in c) for c in caches]
+
+
+def unflat_caches(
+    caches: list[tuple[tf.Tensor, tf.Tensor]], batch: tf.Tensor, n_head: int
+) -> list[tuple[tf.Tensor, tf.Tensor]]:
+    """`flat_caches` undone: [batch, head, size, head_dim] again."""
+    return [tuple(tf.reshape(t, [batch, n_head, tf.shape(t)[1], t.shape[2]]) for t in c)
+            for c in caches]  # fmt: skip
+
+
 def slot_caches(
     caches: list[tuple[tf.Tensor, tf.Tensor]], slot: tf.Tensor, pads: tf.Tensor
 ) -> list[KVCache]:
-    """Decoding one position: each layer's fixed-size (keys, values) cache, [batch, head,
-    size, head_dim] with slots 0..slot-1 filled, gets the new key/value written at `slot`
-    (XLA's dynamic update slice: inside the sampler's compiled loop the buffer is updated in
-    place, one slot per step, never copied or rewritten). Row b sees slots pads[b]..slot:
-    left padding and the slots not yet written are masked out. Present is the updated pair.
-    Only under XLA (`tf.function(jit_compile=True)`)."""
-    size = tf.shape(caches[0][0])[2]
+    """Decoding one position: each layer's fixed-size (keys, values) cache, flat as
+    [batch x head, size, head_dim] (`flat_caches`) with slots 0..slot-1 filled, gets the new
+    key/value written at `slot` (XLA's dynamic update slice: inside the sampler's compiled
+    loop the buffer is updated in place, one slot per step, never copied or rewritten). Row b
+    sees slots pads[b]..slot: left padding and the slots not yet written are masked out.
+    Present is the updated flat pair, and the keys, values and mask attended over are flat too
+    (`attn` then flattens the queries). Only under XLA (`tf.function(jit_compile=True)`).
+
+    Flat, because the attention's batched dot reads [batch x head, ...]: a buffer kept as
+    [batch, head, ...] reached it through a reshape of the updated buffer, for which XLA:CPU
+    duplicated the update into two fusions and copied every cache twice a step (48 copies of
+    124M's caches per token; bench/NOTES.md)."""
+    size = tf.shape(caches[0][0])[1]
     slots = tf.range(size)[None]
     seen = ((slots <= slot) & (slots >= pads[:, None]))[:, None, None]  # [batch, 1, 1, size]
-    at = [0, 0, slot, 0]
+    at = [0, slot, 0]
 
     def layer_cache(past_k, past_v):
         def cache(k, v):
-            k, v = xla.dynamic_update_slice(past_k, k, at), xla.dynamic_update_slice(past_v, v, at)
-            return k, v, seen, (k, v)
+            shape = tf.shape(k)  # [batch, head, 1, head_dim]
+            flat = [-1, 1, shape[3]]
+            k = xla.dynamic_update_slice(past_k, tf.reshape(k, flat), at)
+            v = xla.dynamic_update_slice(past_v, tf.reshape(v, flat), at)
+            mask = tf.reshape(tf.broadcast_to(seen, [shape[0], shape[1], 1, size]), [-1, 1, size])
+            return k, v, mask, (k, v)
 
         return cache
 
@@ -206,11 +230,21 @@ def attn(x: tf.Tensor, p: Mapping[str, tf.Tensor], n_head: int, cache: KVCache):
     c = dense(x, p, "attn/c_attn")
     q, k, v = (split_heads(t, n_head) for t in tf.split(c, 3, axis=2))
     k, v, mask, present = cache(k, v)
+    if k.shape.rank == 3:  # a flat cache's [batch x head, size, head_dim] (slot_caches)
+        shape = tf.shape(q)
+        a = tf.reshape(attend(tf.reshape(q, [-1, shape[2], shape[3]]), k, v, mask), shape)
+    else:
+        a = attend(q, k, v, mask)
+    return dense(merge_heads(a), p, "attn/c_proj"), present
+
+
+def attend(q: tf.Tensor, k: tf.Tensor, v: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
+    """Scaled dot-product attention of queries q over keys k and values v (leading dims
+    alike: [batch, head] or [batch x head]), where `mask` allows."""
     w = tf.cast(tf.matmul(q, k, transpose_b=True), tf.float32)  # softmax in float32: the
     w = w * tf.math.rsqrt(tf.cast(tf.shape(v)[-1], tf.float32))  # -1e10 mask overflows float16
     w = tf.nn.softmax(tf.where(mask, w, NEG_INF), axis=-1)
-    a = merge_heads(tf.matmul(tf.cast(w, v.dtype), v))
-    return dense(a, p, "attn/c_proj"), present
+    return tf.matmul(tf.cast(w, v.dtype), v)
 
 
 def mlp(x: tf.Tensor, p: Mapping[str, tf.Tensor]) -> tf.Tensor:
@@ -362,8 +396,9 @@ def decode_step(
     pads: tf.Tensor | None = None,
 ) -> tuple[tf.Tensor, list]:
     """`forward` for one new token per sample at cache slot `slot` (position slot - pads[b] in
-    row b; pads default 0), over fixed-size caches (see `slot_caches`): -> (logits [batch,
-    n_vocab], the caches with its keys and values). Only under XLA.
+    row b; pads default 0), over fixed-size flat caches (`flat_caches` of prefill's; see
+    `slot_caches`): -> (logits [batch, n_vocab], the caches with its keys and values). Only
+    under XLA.
 
     Made for the sampler, which compiles its whole decoding loop with XLA: the cache never
     grows and is written in place, and the ~30 small ops of a layer fuse into a few kernels.
