@@ -10,7 +10,7 @@ from helpers.models import tiny_model
 
 from gpt2tune import Gpt2tuneError, Sampling, generate, generate_many, generate_tokens
 from gpt2tune.config.params import SampleParams
-from gpt2tune.generation.sampler import _choose, _knobs, _penalize
+from gpt2tune.generation.sampler import TOP_K_STATIC, _choose, _knobs, _kth_largest, _penalize
 from gpt2tune.generation.samples import records_markdown, sample_records
 from gpt2tune.model.gpt2 import GPT2, variable_shapes
 
@@ -94,6 +94,24 @@ def test_top_k_and_top_p_restrict_choices(model):
     nucleus = order[: int(np.searchsorted(np.cumsum(p[order]), 0.5)) + 1]
     firsts = generate_tokens(model, ctx, length=1, nsamples=64, top_p=0.5, seed=3)[:, 0]
     assert set(firsts.tolist()) <= set(nucleus.tolist())
+
+
+@pytest.mark.parametrize("k", [1, 40, TOP_K_STATIC, TOP_K_STATIC + 1, 700, 1000])
+def test_kth_largest_is_exact_on_both_paths(k):
+    """Up to TOP_K_STATIC the k-th of XLA's top_k, beyond it the binary search: each the
+    k-th largest of the row counting ties, +0/-0 and negatives included, one compile for every
+    k (a tensor)."""
+    rng = np.random.default_rng(k)
+    x = np.round(rng.standard_normal((3, 1000)), 1).astype(np.float32)  # many ties
+    x[1, :500] = -0.0
+    x[2] = -np.abs(x[2]) - 1
+    want = -np.sort(-x, axis=1)[:, k - 1 : k]
+    got = _xla_kth_largest(tf.constant(x), tf.constant(k)).numpy()
+    np.testing.assert_array_equal(got, want)
+    assert _xla_kth_largest.experimental_get_tracing_count() == 1
+
+
+_xla_kth_largest = tf.function(_kth_largest, jit_compile=True)
 
 
 def test_stop_at_endoftext_pads_with_it(model):

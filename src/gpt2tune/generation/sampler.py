@@ -36,11 +36,25 @@ from gpt2tune.model.gpt2 import (
 )
 from gpt2tune.model.precision import prepare
 
+# The largest k found with XLA's own top_k, which needs k at compile time; a larger k takes
+# `_kth_largest_search` (measured on [1, 50257] under XLA: 0.22 ms vs 0.8-1.1 ms).
+TOP_K_STATIC = 128
+
 
 def _kth_largest(x: tf.Tensor, k: tf.Tensor) -> tf.Tensor:
-    """Each row's k-th largest value [batch, 1] (k a tensor, 1..n): XLA's top_k needs k at
-    compile time, so this is a 32-step binary search over the floats' order-preserving int
-    codes, each step one fused count over the row. Exactly top_k's k-th value."""
+    """Each row's k-th largest value [batch, 1] (k a tensor, 1..n): for k up to TOP_K_STATIC
+    the k-th of XLA's top_k of that many, else a 32-step binary search over the floats'
+    order-preserving int codes, each step one fused count over the row. Both exactly top_k's
+    k-th value."""
+    most = min(TOP_K_STATIC, x.shape[-1])
+    return tf.cond(
+        k <= most,
+        lambda: tf.gather(tf.math.top_k(x, most).values, k - 1, axis=1)[:, None],
+        lambda: _kth_largest_search(x, k),
+    )
+
+
+def _kth_largest_search(x: tf.Tensor, k: tf.Tensor) -> tf.Tensor:
 
     def code(bits):  # an involution: float bits <-> ints in the floats' order
         return tf.bitwise.bitwise_xor(bits, tf.bitwise.right_shift(bits, 31) & 0x7FFFFFFF)
