@@ -176,10 +176,14 @@ def main() -> None:
     bw = read_bandwidth(args.bandwidth_mb)
     new = args.length * args.batch
     s = min(ours)
-    wb = weight_bytes_per_token(hp, args.precision)
+    from gpt2tune.generation.sampler import decoding_precision
+
+    used = decoding_precision(args.precision, args.batch)  # float32 for batches on a CPU
+    wb = weight_bytes_per_token(hp, used)
     bound = args.batch * bw / wb
     result = {**hp, "prompt": args.prompt, "length": args.length, "batch": args.batch,
-              "top_k": 40, "precision": args.precision, "first_call_s": round(first, 2),
+              "top_k": 40, "precision": args.precision, "decoded_at": used,
+              "first_call_s": round(first, 2),
               "tokens_per_s": round(new / s, 2),
               "weight_bytes_per_token": wb, "read_gb_s": round(bw / 1e9, 2),
               "bound_tokens_per_s": round(bound, 2), "bound_fraction": round(new / s / bound, 3),

@@ -9,6 +9,7 @@ import pytest
 import tensorflow as tf
 
 from gpt2tune import Gpt2tuneError, generate_tokens
+from gpt2tune.generation.sampler import decoding_precision
 from gpt2tune.model.checkpoint import load_model, save_model
 from gpt2tune.model.gpt2 import GPT2, forward, variable_shapes
 from gpt2tune.model.precision import matmul_t, prepare, quantize_rows
@@ -117,6 +118,20 @@ def test_greedy_tokens_equal_float32_while_the_margin_allows(model, precision):
     # The stated quality (docs/generation.md): relative error of the logits, tiny model.
     rel = np.linalg.norm(got - want) / np.linalg.norm(want)
     assert rel < {"bfloat16": 2**-9 * 3 * 9, "int8": 2**-7 * 9}[precision], rel
+
+
+@pytest.mark.skipif(bool(tf.config.list_logical_devices("GPU")), reason="a CPU's rule")
+@pytest.mark.parametrize("precision", REDUCED)
+def test_batches_decode_in_float32_on_a_cpu(model, precision):
+    # From 2 rows XLA:CPU's converted dots are slower than float32's (docs/benchmarks.md), so
+    # a batch decodes at float32: the same tokens as float32's; one row reads `precision`.
+    assert decoding_precision(precision, 1) == precision
+    assert decoding_precision(precision, 2) == decoding_precision("float32", 1) == "float32"
+    kw = dict(temperature=1.0, top_k=5, seed=3, nsamples=3)
+    np.testing.assert_array_equal(
+        generate_tokens(model, [3, 1], 6, precision=precision, **kw),
+        generate_tokens(model, [3, 1], 6, **kw),
+    )
 
 
 def test_float32_untouched(model):

@@ -343,6 +343,18 @@ def _build_sampler(
 build_sampler, KNOB_TYPES = _build_sampler, _KNOB_TYPES
 
 
+def decoding_precision(precision: str, rows: int) -> str:
+    """The precision a batch of `rows` rows decodes at: `precision`, except float32 for 2 rows
+    or more on a machine without a GPU. XLA:CPU's bfloat16 and int8 dots convert each weight
+    to float32 in the loop, and from 2 rows that arithmetic, not the bytes read, bounds them:
+    1.4-1.7x slower than float32 at 2, 4 and 8 rows on the 2-core AVX-512 CPU of
+    docs/benchmarks.md, quiet or loaded. At 1 row they read fewer bytes, which pays where
+    memory bandwidth is shared."""
+    if precision == "float32" or rows < 2 or tf.config.list_logical_devices("GPU"):
+        return precision
+    return "float32"
+
+
 def _sampler(model: GPT2, precision: str = "float32") -> Decoder:
     # One set of compiled pieces per model and precision, made on first use and reused for
     # every call; GPT2.set_extra_tensors drops them (and the prepared weights they hold).
@@ -418,8 +430,9 @@ def _generate_rows(
         history = [t + [-1] * (max(map(len, tokens)) - len(t)) for t in tokens]
         check = None if finished is None else _so_far(finished, new)
         try:
+            dec = _sampler(model, decoding_precision(s.precision, len(rows)))
             out, done = _segment(
-                _sampler(model, s.precision), eot, windows, np.asarray(history, np.int32),
+                dec, eot, windows, np.asarray(history, np.int32),
                 steps, _knobs(s), keys, eot if stop_at_endoftext else -1, done, check,
             )  # fmt: skip
         except tf.errors.ResourceExhaustedError:  # an accelerator's memory, which we can't see
