@@ -371,7 +371,9 @@ class Sampling:
     )
     # Applied once when a model is loaded for generation (gpt2tune.model.precision): the
     # files and training stay float32. Quality and speed per precision: docs/generation.md.
-    precision: str = key("float32", one_of(PRECISIONS), "weights generation reads")
+    precision: str = key(
+        "float32", one_of(PRECISIONS), "weights generation reads (batches on a CPU: float32)"
+    )
 
 
 @dataclass(frozen=True)
