@@ -25,15 +25,7 @@ from tensorflow.compiler.tf2xla.python import xla
 from gpt2tune.config.params import Sampling
 from gpt2tune.errors import Gpt2tuneError
 from gpt2tune.generation.checks import check_request, resolve_sampling
-from gpt2tune.model.gpt2 import (
-    CACHE_STEP,
-    GPT2,
-    NEG_INF,
-    decode_step,
-    flat_caches,
-    prefill,
-    unflat_caches,
-)
+from gpt2tune.model.gpt2 import CACHE_STEP, GPT2, NEG_INF, decode_step, flat_caches, prefill
 from gpt2tune.model.precision import prepare
 
 # The largest k found with XLA's own top_k, which needs k at compile time; a larger k takes
@@ -216,7 +208,7 @@ class Decoder:
         params = _generation_params(model, precision)
         f32 = precision == "float32"  # else the logits read the prepared copy of wte
         head_dim = hp["n_embd"] // hp["n_head"]
-        cache = tf.TensorSpec([None, hp["n_head"], None, head_dim], tf.float32)
+        cache = tf.TensorSpec([None, None, head_dim], tf.float32)  # flat: see flat_caches
         caches = [(cache, cache)] * hp["n_layer"]
         rows, vec = tf.TensorSpec([None], tf.int32), tf.TensorSpec([None], tf.bool)
         knobs = {name: tf.TensorSpec([], dtype) for name, dtype in _KNOB_TYPES.items()}
@@ -230,7 +222,7 @@ class Decoder:
             wte_t = tf.transpose(model.params["model/wte"]) if f32 else tf.zeros([0, 0])
             logits, caches = prefill(params(), hp, wte_t if f32 else None, context, pads, size)
             keys = tf.map_fn(lambda k: tf.random.experimental.stateless_fold_in(k[:2], k[2]), keys)
-            return wte_t, logits, caches, keys, _seen(history, hp["n_vocab"])
+            return wte_t, logits, flat_caches(caches), keys, _seen(history, hp["n_vocab"])
 
         def first(logits, knobs, u, seen, done, stop_token, fill):
             new = tf.where(done, fill, _choose(logits, knobs, u, seen))
@@ -249,16 +241,9 @@ class Decoder:
                 return i + 1, new, caches, seen, done | tf.equal(new, stop_token), out
 
             _, token, caches, seen, done, out = tf.while_loop(
-                lambda i, *_: i < n, body,
-                (tf.constant(0), token, flat_caches(caches), seen, done, out),
-            )  # fmt: skip
-            return (
-                tf.transpose(out),
-                token,
-                unflat_caches(caches, tf.shape(token)[0], hp["n_head"]),
-                seen,
-                done,
+                lambda i, *_: i < n, body, (tf.constant(0), token, caches, seen, done, out)
             )
+            return tf.transpose(out), token, caches, seen, done
 
         keys3 = tf.TensorSpec([None, 3], tf.int64)
         self.start = tf.function(start, input_signature=[

@@ -179,17 +179,9 @@ def padded_cache(pads: tf.Tensor, size: int | tf.Tensor) -> KVCache:
 
 
 def flat_caches(caches: list[tuple[tf.Tensor, tf.Tensor]]) -> list[tuple[tf.Tensor, tf.Tensor]]:
-    """Caches [batch, head, size, head_dim] as `decode_step` keeps them: [batch x head, size,
-    head_dim] (a free reshape; see `slot_caches` for why)."""
+    """Caches [batch, head, size, head_dim] (prefill's) as `decode_step` and the sampler keep
+    them: [batch x head, size, head_dim] (a free reshape; see `slot_caches` for why)."""
     return [tuple(tf.reshape(t, [-1, tf.shape(t)[2], tf.shape(t)[3]]) for t in c) for c in caches]
-
-
-def unflat_caches(
-    caches: list[tuple[tf.Tensor, tf.Tensor]], batch: tf.Tensor, n_head: int
-) -> list[tuple[tf.Tensor, tf.Tensor]]:
-    """`flat_caches` undone: [batch, head, size, head_dim] again."""
-    return [tuple(tf.reshape(t, [batch, n_head, tf.shape(t)[1], t.shape[2]]) for t in c)
-            for c in caches]  # fmt: skip
 
 
 def slot_caches(
@@ -207,18 +199,18 @@ def slot_caches(
     [batch, head, ...] reached it through a reshape of the updated buffer, for which XLA:CPU
     duplicated the update into two fusions and copied every cache twice a step (48 copies of
     124M's caches per token; bench/NOTES.md)."""
-    size = tf.shape(caches[0][0])[1]
+    rows, size = tf.shape(caches[0][0])[0], tf.shape(caches[0][0])[1]
     slots = tf.range(size)[None]
-    seen = ((slots <= slot) & (slots >= pads[:, None]))[:, None, None]  # [batch, 1, 1, size]
+    seen = (slots <= slot) & (slots >= pads[:, None])  # [batch, size]
+    # Flat row r is batch row r // n_head (head-major within a row, as the reshape lays it).
+    mask = tf.gather(seen, tf.range(rows) // (rows // tf.shape(pads)[0]))[:, None]
     at = [0, slot, 0]
 
     def layer_cache(past_k, past_v):
         def cache(k, v):
-            shape = tf.shape(k)  # [batch, head, 1, head_dim]
-            flat = [-1, 1, shape[3]]
+            flat = [-1, 1, tf.shape(k)[3]]  # k, v: [batch, head, 1, head_dim]
             k = xla.dynamic_update_slice(past_k, tf.reshape(k, flat), at)
             v = xla.dynamic_update_slice(past_v, tf.reshape(v, flat), at)
-            mask = tf.reshape(tf.broadcast_to(seen, [shape[0], shape[1], 1, size]), [-1, 1, size])
             return k, v, mask, (k, v)
 
         return cache
