@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 from gpt2tune import Gpt2tuneError, generate_tokens
-from gpt2tune.generation.sampler import decoding_precision
+from gpt2tune.generation.sampler import _sampler, decoding_precision
 from gpt2tune.model.checkpoint import load_model, save_model
 from gpt2tune.model.gpt2 import GPT2, forward, variable_shapes
 from gpt2tune.model.precision import matmul_t, prepare, quantize_rows
@@ -132,6 +132,31 @@ def test_batches_decode_in_float32_on_a_cpu(model, precision):
         generate_tokens(model, [3, 1], 6, precision=precision, **kw),
         generate_tokens(model, [3, 1], 6, **kw),
     )
+
+
+@pytest.mark.parametrize("precision", REDUCED)
+def test_the_decoding_loop_reads_the_reduced_weights(model, precision, monkeypatch):
+    # XLA:CPU converts a bfloat16 or int8 matrix to float32 for its dot. Hoisted out of the
+    # loop as loop-invariant, that convert wrote a float32 copy of every matrix per call and
+    # each step read the copy, 4 bytes a weight (bench/NOTES.md entry 26); sampler._in_step
+    # keeps it in the step. So the compiled chunk's top level makes no float32 matrix of a
+    # prepared weight's shape: the converts are inside the loop, fused into the dots.
+    dec = _sampler(model, precision)
+    calls, chunk = [], dec.chunk
+    monkeypatch.setattr(dec, "chunk", lambda *a: calls.append(a) or chunk(*a))
+    generate_tokens(model, [3, 1], 6, temperature=1.0, top_k=5, seed=3, precision=precision)
+    hlo = chunk.experimental_get_compiler_ir(*calls[0])(stage="optimized_hlo")
+    top = hlo[hlo.index("\nENTRY") :]  # the while body and its fusions come before it
+    assert " while(" in top
+    prepared = prepare(model.params, precision)
+    shapes = {tuple(v.shape) for k, v in prepared.items() if v.dtype != tf.float32}
+    assert len(shapes) >= 4, shapes  # c_attn, c_fc, mlp/c_proj, wte_out (+ attn/c_proj)
+    made = [line for line in top.splitlines() if "parameter(" not in line]  # wte is one
+    for out, inp in shapes:
+        assert not [line for line in made if f"= f32[{out},{inp}]" in line], (out, inp)
+    # Not a vacuous search: inside the loop, the fused converts make these very shapes.
+    body = hlo[: hlo.index("\nENTRY")]
+    assert all(f"f32[{out},{inp}]" in body for out, inp in shapes)
 
 
 def test_float32_untouched(model):

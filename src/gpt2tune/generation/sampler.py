@@ -186,6 +186,21 @@ def _generation_params(model: GPT2, precision: str) -> Callable[[], dict[str, tf
     }
 
 
+def _in_step(weights: dict[str, tf.Tensor], i: tf.Tensor) -> dict[str, tf.Tensor]:
+    """`weights` with the reduced-precision ones (bfloat16, int8) tied to the loop's step `i`
+    by an optimization barrier, so that XLA sees them as changing each step. XLA:CPU has no
+    bfloat16 or int8 dot: it converts the matrix to float32 first, and for a weight that is
+    the same in every step its loop-invariant code motion hoists that convert out of the
+    loop, so each call wrote a float32 copy of every matrix (~8 ms for 124M) and the steps read
+    float32, 4 bytes a weight. Tied to the step, the convert stays in the step and fuses into
+    the dot (`convert_dot_fusion`), which reads the 2 or 1 bytes: 124M at batch 1 from 52.9 to
+    98.9 (bfloat16) and 95.6 (int8) new tokens/s (bench/NOTES.md entry 26). The barrier
+    passes the buffers through; nothing is copied."""
+    names = [k for k, v in weights.items() if v.dtype in (tf.bfloat16, tf.int8)]
+    _, *tied = xla.optimization_barrier(i, *[weights[k] for k in names])
+    return {**weights, **dict(zip(names, tied, strict=True))}
+
+
 # Decoding steps per compiled call: between calls the host may mark rows stopped (their text
 # holds a stop string). Each call copies the caches once (TensorFlow does not donate them).
 CHUNK = 8
@@ -234,7 +249,8 @@ class Decoder:
 
             def body(i, token, caches, seen, done, out):
                 seen = seen | (tf.one_hot(token, hp["n_vocab"]) > 0)
-                logits, caches = decode_step(weights, hp, wte_t, token, slot + i, caches, pads)
+                step_weights = weights if f32 else _in_step(weights, i)
+                logits, caches = decode_step(step_weights, hp, wte_t, token, slot + i, caches, pads)
                 # Finished samples keep emitting `fill` while the others go on.
                 new = tf.where(done, fill, _choose(logits, knobs, tf.gather(u, i), seen))
                 out = xla.dynamic_update_slice(out, new[None], [i, 0])
