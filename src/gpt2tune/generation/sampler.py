@@ -347,10 +347,9 @@ build_sampler, KNOB_TYPES = _build_sampler, _KNOB_TYPES
 def decoding_precision(precision: str, rows: int) -> str:
     """The precision a batch of `rows` rows decodes at: `precision`, except float32 for 2 rows
     or more on a machine without a GPU. XLA:CPU's bfloat16 and int8 dots convert each weight
-    to float32 in the loop, and from 2 rows that arithmetic, not the bytes read, bounds them:
-    1.4-1.7x slower than float32 at 2, 4 and 8 rows on the 2-core AVX-512 CPU of
-    docs/benchmarks.md, quiet or loaded. At 1 row they read fewer bytes, which pays where
-    memory bandwidth is shared."""
+    to float32 inside the dot's loop (see `_in_step`), which reuses nothing across rows: at 2
+    and 8 rows they were 1.7-2.8x slower than float32 on the 2-core AVX-512 CPU of
+    docs/benchmarks.md. At 1 row they read fewer bytes and are 1.5-1.8x float32's speed."""
     if precision == "float32" or rows < 2 or tf.config.list_logical_devices("GPU"):
         return precision
     return "float32"

@@ -6,9 +6,11 @@ XLA:CPU streams fast, measured (bench/NOTES.md): each matrix stored [out, in] (a
 output unit, read contiguously by the dot) with the dot written bfloat16 x bfloat16, or the
 int8 matrix converted inside the fused loop and the per-row scale applied to the dot's output.
 The [in, out] layout, or `x @ tf.cast(w, float32)` with w bfloat16, are several times slower.
-Even so, on a quiet 2-core CPU the converted dots are bound by their arithmetic, not the bytes:
-one row decodes no faster than float32 (faster only while other jobs share the memory), and 2
-rows or more slower, so the sampler decodes batches at float32 on a CPU
+XLA:CPU has no bfloat16 or int8 dot: it converts the matrix to float32, and the sampler keeps
+that convert inside each decoding step (`generation.sampler._in_step`) so that it fuses into
+the dot and the step reads 2 or 1 bytes a weight. One row then decodes 1.5-1.8x float32's
+speed on a quiet 2-core AVX-512 CPU; from 2 rows the fused convert-dot is slower than
+float32's dot, so the sampler decodes batches at float32 on a CPU
 (`generation.sampler.decoding_precision`; docs/benchmarks.md).
 
 `prepare(params, precision)` turns a model's float32 weights (OpenAI's layout, unchanged:
