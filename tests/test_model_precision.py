@@ -134,6 +134,7 @@ def test_batches_decode_in_float32_on_a_cpu(model, precision):
     )
 
 
+@pytest.mark.skipif(bool(tf.config.list_logical_devices("GPU")), reason="XLA:CPU's converts")
 @pytest.mark.parametrize("precision", REDUCED)
 def test_the_decoding_loop_reads_the_reduced_weights(model, precision, monkeypatch):
     # XLA:CPU converts a bfloat16 or int8 matrix to float32 for its dot. Hoisted out of the
