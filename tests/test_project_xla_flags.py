@@ -8,7 +8,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from helpers.processes import stage_env
+from helpers import REPO
+from helpers.processes import run_in, stage_env
 
 from gpt2tune import _cpu_flags, _xla_flags
 
@@ -26,8 +27,7 @@ def test_the_width_is_added_on_avx512_only_and_never_over_the_users():
 
 def run(code: str, **env: str) -> subprocess.CompletedProcess:
     base = {k: v for k, v in stage_env().items() if k != "XLA_FLAGS"}
-    return subprocess.run([sys.executable, "-c", code], env={**base, **env},
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    return run_in(REPO, sys.executable, "-c", code, env={**base, **env})
 
 
 def test_importing_gpt2tune_sets_them_and_xla_compiles_with_them():

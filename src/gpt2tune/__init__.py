@@ -46,10 +46,9 @@ def _xla_flags(flags: str, cpu_flags: set[str]) -> str:
 
 # Before TensorFlow reads XLA_FLAGS, at its first XLA compile (a compile before gpt2tune is
 # imported keeps the flags it had).
-if (_flags := _xla_flags(os.environ.get("XLA_FLAGS", ""), _cpu_flags())) != os.environ.get(
-    "XLA_FLAGS", ""
-):
-    os.environ["XLA_FLAGS"] = _flags
+_given = os.environ.get("XLA_FLAGS", "")
+if (_wanted := _xla_flags(_given, _cpu_flags())) != _given:
+    os.environ["XLA_FLAGS"] = _wanted
 
 from gpt2tune.errors import Gpt2tuneError  # noqa: E402
 

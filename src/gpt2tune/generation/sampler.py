@@ -195,8 +195,10 @@ def _in_step(weights: dict[str, tf.Tensor], i: tf.Tensor) -> dict[str, tf.Tensor
     float32, 4 bytes a weight. Tied to the step, the convert stays in the step and fuses into
     the dot (`convert_dot_fusion`), which reads the 2 or 1 bytes: 124M at batch 1 from 52.9 to
     98.9 (bfloat16) and 95.6 (int8) new tokens/s (bench/NOTES.md entry 26). The barrier
-    passes the buffers through; nothing is copied."""
+    passes the buffers through; nothing is copied. float32 weights: `weights` as they are."""
     names = [k for k, v in weights.items() if v.dtype in (tf.bfloat16, tf.int8)]
+    if not names:
+        return weights
     _, *tied = xla.optimization_barrier(i, *[weights[k] for k in names])
     return {**weights, **dict(zip(names, tied, strict=True))}
 
@@ -249,8 +251,8 @@ class Decoder:
 
             def body(i, token, caches, seen, done, out):
                 seen = seen | (tf.one_hot(token, hp["n_vocab"]) > 0)
-                step_weights = weights if f32 else _in_step(weights, i)
-                logits, caches = decode_step(step_weights, hp, wte_t, token, slot + i, caches, pads)
+                step = _in_step(weights, i)
+                logits, caches = decode_step(step, hp, wte_t, token, slot + i, caches, pads)
                 # Finished samples keep emitting `fill` while the others go on.
                 new = tf.where(done, fill, _choose(logits, knobs, tf.gather(u, i), seen))
                 out = xla.dynamic_update_slice(out, new[None], [i, 0])
