@@ -190,6 +190,65 @@ def test_the_weights_are_on_disk_once(exported):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("precision", ["bfloat16", "int8"])
+def test_sample_precision_exports_those_weights_and_gpt2tunes_rows_at_it(
+    exported, tmp_path, precision
+):
+    """sample.precision bfloat16 or int8: variables/ holds precision.prepare's weights
+    (each once) instead of the float32 ones, the README says so, and a fresh process gets
+    the ids gpt2tune gives one row at that precision (greedy and sampled: one row each, as
+    gpt2tune decodes a batch at float32 on a CPU) and the log-probabilities of the forward
+    pass over the prepared weights."""
+    import tensorflow as tf
+
+    from gpt2tune import generate_tokens
+    from gpt2tune.config.params import Sampling
+    from gpt2tune.generation.savedmodel import export_savedmodel
+    from gpt2tune.model.gpt2 import forward
+    from gpt2tune.model.precision import is_dense_weight, prepare
+
+    model, model_folder, _ = exported
+    folder = tmp_path / "sm"
+    sampling = Sampling(precision=precision, repetition_penalty=PENALTY)
+    export_savedmodel(model_folder, folder, sampling)
+
+    prepared = prepare(model.params, precision)
+    assert {t.dtype for t in prepared.values()} == {tf.float32, tf.as_dtype(precision)}
+    weights = sum(t.numpy().nbytes for t in prepared.values())
+    size = sum(f.stat().st_size for f in (folder / "variables").iterdir())
+    # The checkpoint's index and object graph add a few KB; a float32 copy of the matrices
+    # beside the prepared ones would add all of their float32 bytes.
+    matrices = sum(v.numpy().nbytes for k, v in model.params.items() if is_dense_weight(k))
+    assert weights <= size < weights + matrices / 2, (size, weights, matrices)
+    assert f"the weights: {precision}" in (folder / "README.txt").read_text(encoding="utf-8")
+
+    rng = np.random.default_rng(1)
+    scored = rng.integers(0, model.hparams["n_vocab"], size=(2, model.hparams["n_ctx"]))
+    greedy, sampled, score = load_and_call(folder, [
+        generate_request(PROMPTS[:1]),
+        generate_request(PROMPTS[1:], **SAMPLED),
+        ["score", {"tokens": scored.tolist()}],
+    ])  # fmt: skip
+    common = {"repetition_penalty": PENALTY, "precision": precision, "nsamples": 1}
+    want = generate_tokens(model, PROMPTS[0], LENGTH, temperature=0, **common)
+    assert greedy["tokens"] == want.tolist()
+    want = generate_tokens(model, PROMPTS[1], LENGTH, **SAMPLED, **common)
+    assert sampled["tokens"] == want.tolist()
+
+    def log_probs(params) -> np.ndarray:  # the forward pass's, in float64
+        logits = forward(params, model.hparams, tf.constant(scored, tf.int32))[0].numpy()
+        shifted = logits.astype(np.float64) - logits.max(-1, keepdims=True)
+        logp = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+        return np.take_along_axis(logp[:, :-1], scored[:, 1:, None], axis=-1)[..., 0]
+
+    got = np.asarray(score["log_probs"])
+    np.testing.assert_allclose(got, log_probs(prepared), atol=1e-5, rtol=0)
+    # Not float32's: the export computes with the rounded weights (bfloat16 rounds each
+    # weight by up to 2^-9 of itself, int8 by up to 1/254 of its row's largest).
+    assert np.abs(got - log_probs(model.params)).max() > 1e-4
+
+
+@pytest.mark.slow
 def test_the_export_stage_writes_the_savedmodel_when_switched_on(tmp_path, tiny_vocab_dir):
     from gpt2tune import save_model
 

@@ -370,7 +370,8 @@ class Sampling:
         "a sample ends before the first of these strings",
     )
     # Applied once when a model is loaded for generation (gpt2tune.model.precision): the
-    # files and training stay float32. Quality and speed per precision: docs/generation.md.
+    # files and training stay float32; the SavedModel export saves the prepared weights.
+    # Quality and speed per precision: docs/generation.md.
     precision: str = key(
         "float32", one_of(PRECISIONS), "weights generation reads (batches on a CPU: float32)"
     )

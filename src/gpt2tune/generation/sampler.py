@@ -16,7 +16,7 @@ in half-context strides).
 from __future__ import annotations
 
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -173,13 +173,16 @@ def _knobs(s: Sampling) -> dict[str, tf.Tensor]:
     return {name: tf.constant(getattr(s, name), dtype) for name, dtype in _KNOB_TYPES.items()}
 
 
-def _generation_params(model: GPT2, precision: str) -> Callable[[], dict[str, tf.Tensor]]:
+def _generation_params(
+    model: GPT2, precision: str, prepared: Mapping[str, tf.Tensor] | None = None
+) -> Callable[[], dict[str, tf.Tensor]]:
     """What the compiled loop reads. float32: the live weights (training's samples see each
     step's). Otherwise the weights prepared in `precision` now, once, and kept with this
-    sampler (precision.prepare), plus any extra tensors (LoRA adapters) read live."""
+    sampler (precision.prepare), or `prepared` as given (the SavedModel's variables), plus
+    any extra tensors (LoRA adapters) read live."""
     if precision == "float32":
         return model.forward_params
-    prepared = prepare(model.params, precision)
+    prepared = prepare(model.params, precision) if prepared is None else dict(prepared)
     return lambda: {
         **prepared,
         **{k: v for k, v in model.forward_params().items() if k not in model.params},
@@ -220,9 +223,14 @@ class Decoder:
     uniform (`_uniforms`, outside XLA), so a row's tokens do not depend on its batch.
     """
 
-    def __init__(self, model: GPT2, precision: str = "float32"):
+    def __init__(
+        self,
+        model: GPT2,
+        precision: str = "float32",
+        prepared: Mapping[str, tf.Tensor] | None = None,
+    ):
         hp = self.hparams = model.hparams
-        params = _generation_params(model, precision)
+        params = _generation_params(model, precision, prepared)
         f32 = precision == "float32"  # else the logits read the prepared copy of wte
         head_dim = hp["n_embd"] // hp["n_head"]
         cache = tf.TensorSpec([None, None, head_dim], tf.float32)  # flat: see flat_caches
@@ -333,12 +341,13 @@ class Decoder:
 
 
 def _build_sampler(
-    model: GPT2, precision: str = "float32"
+    model: GPT2, precision: str = "float32", prepared: Mapping[str, tf.Tensor] | None = None
 ) -> tf.types.experimental.GenericFunction:
     """One segment as one tf.function, for a SavedModel: `sample_segment(context [batch, seq]
     int32, history [batch, any] int32, steps, knobs, keys [batch, 3] int64, stop_token) ->
-    [batch, generated] int32` (see `Decoder`; no stop strings, no padding)."""
-    return Decoder(model, precision).sample_segment
+    [batch, generated] int32` (see `Decoder`; no stop strings, no padding). A reduced
+    `precision` reads `prepared` (precision.prepare's names) if given, every batch at it."""
+    return Decoder(model, precision, prepared).sample_segment
 
 
 # The compiled decoding loop and its knob types, for generation/savedmodel.py (the

@@ -16,7 +16,13 @@ Two signatures, what a server needs and nothing of gpt2tune's at load time:
   log-probability of token t + 1 given tokens 0..t (the model's full forward pass).
 
 Each weight is saved once, as the variable it is (variables/); the transposed embedding the
-decoder multiplies by is computed in-graph per call, as in the sampler. Bad requests fail
+decoder multiplies by is computed in-graph per call, as in the sampler. The export's
+`sample.precision` picks which weights: float32, OpenAI's as they are; bfloat16 or int8,
+precision.prepare's [out, in] matrices (and int8's row scales) in their place, so the folder
+is about half or a quarter of the size and both signatures compute with them (row i of
+`generate` gets what gpt2tune gives one row at that precision: gpt2tune itself decodes
+batches of 2 rows or more at float32 on a CPU, where they are faster, and the SavedModel
+has no float32 copy to do so). Bad requests fail
 with InvalidArgument naming the input (TF Serving answers it with HTTP 400). The folder also
 holds encoder.json and vocab.bpe, the tokenizer, and a README.txt with a TF Serving request.
 """
@@ -34,6 +40,7 @@ from gpt2tune.generation import sampler
 from gpt2tune.model import hf
 from gpt2tune.model.checkpoint import load_model
 from gpt2tune.model.gpt2 import GPT2, forward
+from gpt2tune.model.precision import prepare
 
 # The limits of the sample section's keys (config/params.py), checked in-graph.
 MAX_NEW_TOKENS = 10**6
@@ -45,6 +52,15 @@ GENERATE_INPUTS = {
     "top_k": tf.int32,
     "top_p": tf.float32,
     "seed": tf.int64,
+}
+
+# The README's line on the weights, per sample.precision at export.
+WEIGHTS = {
+    "float32": "float32 (sample.precision)",
+    "bfloat16": "bfloat16 matrices (sample.precision; both signatures compute with them,\n"
+    "and every row of a batch decodes at bfloat16)",
+    "int8": "int8 matrices with a float32 scale per row (sample.precision; both signatures\n"
+    "compute with them, and every row of a batch decodes at int8)",
 }
 
 README = """\
@@ -59,8 +75,9 @@ Signatures (`saved_model_cli show --all --dir .` lists them):
             (log-probability of each token given those before it)
 Every input is required. A prompt is 1..{n_ctx} token ids (the model's context) below
 {n_vocab}; longer generations slide the window as gpt2tune does. Fixed at export:
-repetition_penalty {repetition_penalty}. The tokenizer (GPT-2's byte-level BPE) is
-encoder.json and vocab.bpe in this folder; <|endoftext|> is id {eot}.
+repetition_penalty {repetition_penalty}, and the weights: {weights}.
+The tokenizer (GPT-2's byte-level BPE) is encoder.json and vocab.bpe in this folder;
+<|endoftext|> is id {eot}.
 
 Python (no gpt2tune needed):
   import tensorflow as tf
@@ -81,10 +98,25 @@ which TF Serving's CPU build runs only with --xla_cpu_compilation_enabled=true):
 """
 
 
-def _decoding_loop(model: GPT2) -> tf.types.experimental.GenericFunction:
+def _decoding_loop(
+    model: GPT2, precision: str, weights: dict[str, tf.Variable]
+) -> tf.types.experimental.GenericFunction:
     # The one place this module reaches into the sampler: its compiled decoding loop,
-    # sample_segment(context, history, steps, knobs, keys, stop_token) -> [batch, steps].
-    return sampler.build_sampler(model)
+    # sample_segment(context, history, steps, knobs, keys, stop_token) -> [batch, steps],
+    # reading `weights` (a reduced precision's prepared ones).
+    return sampler.build_sampler(model, precision, None if precision == "float32" else weights)
+
+
+def _weights(model: GPT2, precision: str) -> dict[str, tf.Variable]:
+    """The variables saved: the model's own in float32; else precision.prepare's weights,
+    each a variable (a constant would put it in saved_model.pb, which protobuf caps at 2 GB)."""
+    if precision == "float32":
+        return dict(model.params)
+    prepared = prepare(model.params, precision)
+    return {
+        name: v if isinstance(v, tf.Variable) else tf.Variable(v, trainable=False, name=name)
+        for name, v in prepared.items()
+    }
 
 
 def _knobs(sampling: Sampling, **given: tf.Tensor) -> dict[str, tf.Tensor]:
@@ -153,8 +185,8 @@ class Servable(tf.Module):
     def __init__(self, model: GPT2, sampling: Sampling):
         super().__init__(name="gpt2tune")
         hp = model.hparams
-        self.params = dict(model.params)  # tracked: the SavedModel's variables/
-        sample_segment = _decoding_loop(model)
+        self.params = _weights(model, sampling.precision)  # tracked: the SavedModel's variables/
+        sample_segment = _decoding_loop(model, sampling.precision, self.params)
 
         @tf.function(
             input_signature=[
@@ -174,7 +206,7 @@ class Servable(tf.Module):
         @tf.function(input_signature=[tf.TensorSpec([None, None], tf.int32, name="tokens")])
         def score(tokens):
             with tf.control_dependencies(_check_tokens(tokens, hp)):
-                logits, _ = forward(model.forward_params(), hp, tokens)
+                logits, _ = forward(self.params, hp, tokens)
             logp = tf.nn.log_softmax(logits[:, :-1], axis=-1)
             return {"log_probs": tf.gather(logp, tokens[:, 1:], batch_dims=2)}
 
@@ -188,7 +220,8 @@ def export_savedmodel(
 
     `out_folder` must be new, empty, or an earlier export (gpt2tune.model.hf's
     check_export_folder rules). `sampling`'s settings that are not inputs of `generate`
-    (repetition_penalty) are fixed in it; None takes Sampling's defaults.
+    (repetition_penalty) are fixed in it, and its precision picks the weights saved (see
+    the module docstring); None takes Sampling's defaults.
     """
     out = Path(out_folder)
     if out.resolve() == Path(model_folder).resolve():
@@ -207,6 +240,7 @@ def export_savedmodel(
         mount=out.as_posix() if out.is_absolute() else f"$PWD/{out.as_posix()}",
         eot=model.encoder.eot_token,
         repetition_penalty=sampling.repetition_penalty,
+        weights=WEIGHTS[sampling.precision],
         **model.hparams,
     )
     with hf.export_folder(out) as tmp:
