@@ -257,7 +257,9 @@ def test_the_export_stage_writes_the_savedmodel_when_switched_on(tmp_path, tiny_
     commit_project(root)
     out = root / FINETUNED_SAVEDMODEL
 
-    proc = run_stage(root, "export", "--set", "export.savedmodel=true")
+    proc = run_stage(
+        root, "export", "--set", "export.savedmodel=true", "--set", "sample.precision=int8"
+    )
     assert proc.returncode == 0, proc.stderr
     assert f"exported {FINETUNED} to {FINETUNED_SAVEDMODEL} (TensorFlow SavedModel)" in proc.stdout
     assert "export.hf is false: nothing exported" in proc.stdout
@@ -271,6 +273,7 @@ def test_the_export_stage_writes_the_savedmodel_when_switched_on(tmp_path, tiny_
     ])  # fmt: skip
     readme = (out / "README.txt").read_text(encoding="utf-8")
     assert '"signature_name": "generate"' in readme and "v1/models/gpt2:predict" in readme
+    assert "the weights: int8 matrices with a float32 scale per row" in readme
     assert (out / "encoder.json").read_bytes() == (tiny_vocab_dir / "encoder.json").read_bytes()
 
     # A file of the user's inside variables/ would be deleted with the folder: refused.
