@@ -250,3 +250,29 @@ def test_cli_evaluate_and_chat_at_a_precision(tmp_path, tiny_vocab_dir):
     bad = gpt2tune("chat", "--model", str(folder), "--set", "sample.precision=fp8", input="")
     assert bad.returncode != 0 and "sample.precision" in bad.stderr
     assert "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("precision", REDUCED)
+def test_the_memory_check_counts_the_copies_a_first_call_makes(model, precision):
+    """The memory check before generating (generation_memory) adds the prepared weights,
+    byte for byte what precision.prepare makes, and the temporaries of making them, for the
+    one call that makes them: the first at that precision of a row at a time. A batch of 2
+    rows on a CPU decodes at float32 and makes none; a call after the first finds them made."""
+    from gpt2tune.generation.sampler import copies_to_make
+    from gpt2tune.model.memory import PREPARE_TEMPORARIES, generation_memory, prepared_bytes
+
+    fresh = GPT2(HP, model.weights_numpy())
+    made = prepare(fresh.params, precision)
+    added = sum(t.numpy().nbytes for n, t in made.items() if n not in fresh.params)
+    assert prepared_bytes(HP, precision) == added
+    assert prepared_bytes(HP, "float32") == 0
+
+    assert copies_to_make(fresh, precision, 1) == precision
+    on_cpu = not tf.config.list_logical_devices("GPU")
+    assert copies_to_make(fresh, precision, 2) == ("float32" if on_cpu else precision)
+    generate_tokens(fresh, [1, 2], 2, nsamples=1, precision=precision, temperature=0)
+    assert copies_to_make(fresh, precision, 1) == "float32"  # kept with its sampler
+
+    more = generation_memory(HP, 1, 2, 2, precision) - generation_memory(HP, 1, 2, 2)
+    temporaries = PREPARE_TEMPORARIES[precision] * 4 * HP["n_vocab"] * HP["n_embd"]
+    assert more == pytest.approx(1.1 * (added + temporaries), abs=2)  # GENERATION_MARGIN

@@ -93,15 +93,21 @@ def test_graphs_bench():
     assert totals["train_step/sgd"] < totals["train_step/adam"] > totals["train_step/lora"]
 
 
-def test_generation_memory_bench():
+@pytest.mark.parametrize(
+    ("shape", "precision", "copies"), [("32,2,1,2,8,8", "float32", "float32"),
+                                      ("32,2,1,1,8,8", "int8", "int8")],
+)  # fmt: skip
+def test_generation_memory_bench(shape, precision, copies):
     proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "generation_memory.py"), "--case", "32,2,1,2,8,8"],
+        [sys.executable, str(REPO / "bench" / "generation_memory.py"), "--case", shape,
+         "--precision", precision],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     (case,) = result["cases"]
-    assert case["case"]["nsamples"] == 2 and case["grew_mb"] > 0 and case["estimate_mb"] > 0
+    assert case["case"]["precision"] == precision and case["case"]["copies"] == copies
+    assert case["grew_mb"] > 0 and case["estimate_mb"] > 0
     assert result["min_ratio"] == case["ratio"]
     # The ratio is of the unrounded MB: each printed MB is off by up to 0.5 and the ratio by
     # up to 0.005, which bounds its distance from the printed MB's ratio.

@@ -32,16 +32,23 @@ def resolve_sampling(sampling: Sampling | None, length: int | None, overrides: d
 
 
 def check_request(
-    hparams: dict[str, int], context: int, length: int, nsamples: int, what: str = "the prompt"
+    hparams: dict[str, int],
+    context: int,
+    length: int,
+    nsamples: int,
+    what: str = "the prompt",
+    copies: str = "float32",
 ) -> None:
     """Refuse, before any work, a prompt longer than the model's context or a batch whose
-    generation would not fit in memory (rather than dying in TensorFlow part-way)."""
+    generation would not fit in memory (rather than dying in TensorFlow part-way); `copies`:
+    the precision whose weights the call prepares first (sampler.copies_to_make)."""
     n_ctx = hparams["n_ctx"]
     if context > n_ctx:
         raise Gpt2tuneError(
             f"{what} is {context} tokens but the model's context is {n_ctx} tokens; shorten it"
         )
-    need, free = generation_memory(hparams, nsamples, context, length), available_memory()
+    need = generation_memory(hparams, nsamples, context, length, copies)
+    free = available_memory()
     if free is not None and need > free:
         raise Gpt2tuneError(
             f"generating {nsamples} sample(s) of {length} tokens after {what} needs about "

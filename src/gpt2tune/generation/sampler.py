@@ -366,6 +366,13 @@ def decoding_precision(precision: str, rows: int) -> str:
     return "float32"
 
 
+def copies_to_make(model: GPT2, precision: str, rows: int) -> str:
+    """The precision whose weights generating `rows` rows at `precision` prepares first
+    (precision.prepare), "float32" if none: what the memory check adds."""
+    at = decoding_precision(precision, rows)
+    return "float32" if at == "float32" or at in model._samplers_at else at
+
+
 def _sampler(model: GPT2, precision: str = "float32") -> Decoder:
     # One set of compiled pieces per model and precision, made on first use and reused for
     # every call; GPT2.set_extra_tensors drops them (and the prepared weights they hold).
@@ -397,7 +404,8 @@ def generate_tokens(
     """
     s = resolve_sampling(sampling, length, overrides)
     ctx = _context(model, context)
-    check_request(model.hparams, len(ctx), s.length, s.nsamples)
+    copies = copies_to_make(model, s.precision, s.nsamples)
+    check_request(model.hparams, len(ctx), s.length, s.nsamples, copies=copies)
     return _generate_rows(model, [ctx], s, stop_at_endoftext)
 
 
@@ -544,7 +552,9 @@ def generate_many(
         for at in range(0, len(group), batch_size):
             chunk = group[at : at + batch_size]
             longest = max(len(ids[i]) for i in chunk)
-            check_request(model.hparams, longest, s.length, s.nsamples * len(chunk))
+            n_rows = s.nsamples * len(chunk)
+            copies = copies_to_make(model, s.precision, n_rows)
+            check_request(model.hparams, longest, s.length, n_rows, copies=copies)
             rows = _generate_rows(
                 model, [ids[i] for i in chunk], s, stop_at_endoftext, _stopped(model, s.stop)
             )

@@ -11,7 +11,7 @@ from gpt2tune.config.params import SampleParams, Sampling
 from gpt2tune.data.index import report
 from gpt2tune.errors import Gpt2tuneError
 from gpt2tune.generation.checks import check_request
-from gpt2tune.generation.sampler import generate, generate_many
+from gpt2tune.generation.sampler import copies_to_make, generate, generate_many
 from gpt2tune.model.gpt2 import GPT2
 from gpt2tune.stage import say
 
@@ -62,8 +62,10 @@ def sample_records(
     what = "sample.prompts" if references is None else "validation record prompts"
     for i, prompt in enumerate(cfg.prompts):
         n = len(model.encoder.encode(prompt))
-        check_request(model.hparams, n, cfg.length, rows, f"{what}[{i}]")
-    check_request(model.hparams, 1, cfg.length, cfg.nsamples, "the unconditional start")
+        copies = copies_to_make(model, cfg.precision, rows)
+        check_request(model.hparams, n, cfg.length, rows, f"{what}[{i}]", copies)
+    copies = copies_to_make(model, cfg.precision, cfg.nsamples)
+    check_request(model.hparams, 1, cfg.length, cfg.nsamples, "the unconditional start", copies)
     # Minutes at 124M on a CPU: say what is going on (stderr, so stdout stays the result).
     say(f"sampling {cfg.nsamples} x {len(cfg.prompts) + 1} text(s)...")
     texts = [_generate_with(model, None, cfg)]

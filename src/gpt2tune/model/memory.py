@@ -17,6 +17,7 @@ from pathlib import Path
 
 from gpt2tune.model.gpt2 import CACHE_STEP, variable_shapes
 from gpt2tune.model.lora import adapter_shapes
+from gpt2tune.model.precision import is_dense_weight, weight_bytes
 from gpt2tune.train.optim import OPTIMIZERS
 
 
@@ -83,13 +84,37 @@ def training_bytes(hparams: Mapping[str, int], cfg, replicas: int = 1) -> int:
 GENERATION_FIXED = 250 * 2**20
 GENERATION_PER_LAYER = 12 * 2**20
 CACHE_COPIES = 3
+# precision.prepare's peak besides its result: bfloat16 casts each matrix straight to its copy;
+# int8's quantize_rows holds two float32 temporaries of a matrix at once (w / scale, rounded),
+# the largest being the output embedding's. 124M at batch 1 measured (bench/
+# generation_memory.py --precision int8, the 2-core Intel Xeon): 707 MiB against float32's
+# 349, where the int8 copies are 119 MiB and two temporaries 294.
+PREPARE_TEMPORARIES = {"bfloat16": 0, "int8": 2}
 SAMPLING_VECTORS = 6
 GENERATION_MARGIN = 1.1  # over the measured sum: what the terms above do not model
 
 
-def generation_memory(hparams: dict[str, int], nsamples: int, context: int, length: int) -> int:
+def prepared_bytes(hparams: Mapping[str, int], precision: str) -> int:
+    """Bytes of the weights precision.prepare makes for `precision` (0 for float32): every
+    dense matrix and the output embedding's copy at weight_bytes(precision) per weight, and
+    int8's float32 scale per output row."""
+    if precision == "float32":
+        return 0
+    total = 0
+    for name, shape in variable_shapes(hparams).items():
+        if is_dense_weight(name) or name == "model/wte":
+            rows = shape[0] if name == "model/wte" else shape[-1]
+            total += weight_bytes(precision) * math.prod(shape)
+            total += 4 * rows if precision == "int8" else 0
+    return total
+
+
+def generation_memory(
+    hparams: dict[str, int], nsamples: int, context: int, length: int, copies: str = "float32"
+) -> int:
     """Bytes that generating `length` tokens after `context` for `nsamples` samples at once
-    needs on top of the weights, checked against free memory before any work.
+    needs on top of the weights, checked against free memory before any work; `copies`: the
+    precision whose prepared weights this call makes first ("float32": none).
 
     The prompt's forward pass holds, for the layer being computed, the attention weights
     (n_head * context^2 per sample) and the MLP's hidden layer (4 * n_embd per position), and
@@ -97,8 +122,11 @@ def generation_memory(hparams: dict[str, int], nsamples: int, context: int, leng
     output embedding transposed (n_vocab * n_embd, once per call), the key/value caches
     (2 * n_layer * n_embd per sample and position, up to the context rounded up to
     CACHE_STEP, in CACHE_COPIES copies) and SAMPLING_VECTORS vocabulary-sized vectors per
-    sample; plus the compiled loop's fixed cost. bench/generation_memory.py measures it
-    (see GENERATION_FIXED's comment for what it measured).
+    sample; plus the compiled loop's fixed cost; plus, the first time a model generates at
+    bfloat16 or int8, the prepared copies (`prepared_bytes`) and the float32 matrices of the
+    output embedding's size that making them holds at once (PREPARE_TEMPORARIES).
+    bench/generation_memory.py measures it (see GENERATION_FIXED's comment for what it
+    measured).
     """
     n_ctx, n_layer, n_embd = hparams["n_ctx"], hparams["n_layer"], hparams["n_embd"]
     n_vocab = hparams["n_vocab"]
@@ -107,6 +135,9 @@ def generation_memory(hparams: dict[str, int], nsamples: int, context: int, leng
     prompt = 4 * nsamples * context * (hparams["n_head"] * context + 4 * n_embd + n_vocab)
     sampling = 4 * nsamples * SAMPLING_VECTORS * n_vocab
     fixed = GENERATION_FIXED + GENERATION_PER_LAYER * n_layer + 4 * n_vocab * n_embd
+    if copies != "float32":
+        temporaries = PREPARE_TEMPORARIES[copies] * 4 * n_vocab * n_embd
+        fixed += prepared_bytes(hparams, copies) + temporaries
     return int(GENERATION_MARGIN * (fixed + prompt + CACHE_COPIES * cache + sampling))
 
 
