@@ -88,7 +88,7 @@ CACHE_COPIES = 3
 # int8's quantize_rows holds two float32 temporaries of a matrix at once (w / scale, rounded),
 # the largest being the output embedding's. 124M at batch 1 measured (bench/
 # generation_memory.py --precision int8, the 2-core Intel Xeon): 707 MiB against float32's
-# 349, where the int8 copies are 119 MiB and two temporaries 294.
+# 349, where the int8 copies are 118 MiB and two temporaries 294.
 PREPARE_TEMPORARIES = {"bfloat16": 0, "int8": 2}
 SAMPLING_VECTORS = 6
 GENERATION_MARGIN = 1.1  # over the measured sum: what the terms above do not model
