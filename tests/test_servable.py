@@ -272,6 +272,7 @@ REFUSED = [
     ({"inputs": ["a", "b", "c", "d"], "params": {"nsamples": 2}}, "serve.max_samples"),
     ({"inputs": ["Human reason " * 10]}, "serve.max_prompt_tokens"),
     ({"inputs": ["a"], "params": {"top_p": 2.0}}, "top_p = 2.0"),
+    ({"inputs": ["a"], "params": {"precision": "float16"}}, "precision = 'float16'"),
     ({"inputs": ["a"], "params": {"task": "scores"}}, "task = 'scores'"),
     ({"inputs": ["a"] * 7, "params": {"task": "score"}}, "7 texts"),
     ({"inputs": ["Human reason " * 10], "params": {"task": "score"}}, "text 0 is"),
@@ -309,6 +310,11 @@ def test_pyfunc_predict_refuses_what_the_server_does(logged, model_dir):
         assert e.value.get_http_status_code() == 400 and "\n" not in e.value.message
     assert model.predict(["Human reason"], params={"length": 4, "seed": 1}) == expected(
         model_dir, ["Human reason"], length=4, seed=1
+    )
+    # sample.precision as a param: one row decodes at it, and gets the API's text at it.
+    at_int8 = {"length": 12, "seed": 1, "nsamples": 1, "precision": "int8"}
+    assert model.predict(["Human reason"], params=at_int8) == expected(
+        model_dir, ["Human reason"], **at_int8
     )
 
 
