@@ -18,13 +18,13 @@ Two signatures, what a server needs and nothing of gpt2tune's at load time:
 Each weight is saved once, as the variable it is (variables/); the transposed embedding the
 decoder multiplies by is computed in-graph per call, as in the sampler. The export's
 `sample.precision` picks which weights: float32, OpenAI's as they are; bfloat16 or int8,
-precision.prepare's [out, in] matrices (and int8's row scales) in their place, so the folder
-is about half or a quarter of the size and both signatures compute with them (row i of
-`generate` gets what gpt2tune gives one row at that precision: gpt2tune itself decodes
-batches of 2 rows or more at float32 on a CPU, where they are faster, and the SavedModel
-has no float32 copy to do so). Bad requests fail
-with InvalidArgument naming the input (TF Serving answers it with HTTP 400). The folder also
-holds encoder.json and vocab.bpe, the tokenizer, and a README.txt with a TF Serving request.
+precision.prepare's [out, in] matrices (and int8's row scales) in their place, the input
+embedding float32 (124M: 405 or 282 MB against 498). Both signatures compute with them;
+a one-row `generate` gets what gpt2tune gives one row at that precision, and bigger batches
+decode at it too (gpt2tune decodes 2 rows or more at float32 on a CPU, where that is faster;
+the SavedModel holds no float32 copy to do so). Bad requests fail with InvalidArgument
+naming the input (TF Serving answers it with HTTP 400). The folder also holds encoder.json
+and vocab.bpe, the tokenizer, and a README.txt with a TF Serving request.
 """
 
 from __future__ import annotations
