@@ -71,10 +71,21 @@ def test_recomputed_blocks_give_the_same_loss_gradients_and_steps():
     assert loss_s == pytest.approx(loss_p, rel=1e-6)
     for gp, gs in zip(grads_p, grads_s, strict=True):
         np.testing.assert_allclose(gs, gp, atol=1e-6, rtol=1e-5)
-    for s in range(3):
+    steps, lr = 3, CFG.learning_rate
+    for s in range(steps):
         assert saving.step(windows(s)) == pytest.approx(plain.step(windows(s)), rel=1e-5)
-    for name, var in plain.model.params.items():
-        np.testing.assert_allclose(saving.model.params[name].numpy(), var.numpy(), atol=1e-6)
+    # The weights differ only by their updates, as in the XLA test below (its reasoning): the
+    # bulk within the rounding of 3 steps of about lr each, summed in another order (k = 8:
+    # the same kernels, no XLA); an element whose gradient is at the rounding level gets an
+    # Adam update that may differ by up to 2 * lr per step. Measured on the 2-core Intel Xeon
+    # of docs/benchmarks.md: 26 of 120320 beyond the bulk bound (2.2e-7), at most 1.26e-6.
+    bulk = rounding_atol(2 * 12 * 4 * HP["n_embd"], steps * lr)
+    diff = np.concatenate([
+        np.abs(saving.model.params[name].numpy() - var.numpy()).ravel()
+        for name, var in plain.model.params.items()
+    ])  # fmt: skip
+    assert diff.max() <= 2 * steps * lr, diff.max()
+    assert (diff > bulk).mean() <= 1e-3, (bulk, np.sort(diff)[-20:])
     # The evidence that the blocks are really recomputed: the backward pass of the saving
     # step holds each block's forward matmuls a second time.
     extra = len(matmul_dtypes(saving.train_step)) - len(matmul_dtypes(plain.train_step))
