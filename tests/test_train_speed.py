@@ -56,6 +56,22 @@ def grads_of(t: Trainer, w: tf.Tensor) -> tuple[float, list[np.ndarray]]:
     return float(loss), [g.numpy() for g in grads]
 
 
+def assert_same_updates(a: Trainer, b: Trainer, steps: int, k: float = 8.0) -> None:
+    """a's and b's weights, equal at the start, after `steps` steps of the same windows: the
+    bulk within the rounding of their updates (about lr each; the longest reductions are over
+    the batch's 2 x 12 positions of the MLP's 4 * n_embd wide layer; k: rounding_atol's), and
+    every element within 2 * lr a step, which an element whose gradient is at the rounding
+    level may take (Adam divides by the gradient's own size); such elements are few."""
+    lr = CFG.learning_rate
+    bulk = rounding_atol(2 * 12 * 4 * HP["n_embd"], steps * lr, k=k)
+    diff = np.concatenate([
+        np.abs(a.model.params[name].numpy() - var.numpy()).ravel()
+        for name, var in b.model.params.items()
+    ])  # fmt: skip
+    assert diff.max() <= 2 * steps * lr, diff.max()
+    assert (diff > bulk).mean() <= 1e-3, (bulk, np.sort(diff)[-20:])
+
+
 def rel_diff(a: list[np.ndarray], b: list[np.ndarray]) -> float:
     num = np.sqrt(sum(np.sum((x - y) ** 2) for x, y in zip(a, b, strict=True)))
     return float(num / np.sqrt(sum(np.sum(y**2) for y in b)))
@@ -71,21 +87,12 @@ def test_recomputed_blocks_give_the_same_loss_gradients_and_steps():
     assert loss_s == pytest.approx(loss_p, rel=1e-6)
     for gp, gs in zip(grads_p, grads_s, strict=True):
         np.testing.assert_allclose(gs, gp, atol=1e-6, rtol=1e-5)
-    steps, lr = 3, CFG.learning_rate
-    for s in range(steps):
+    for s in range(3):
         assert saving.step(windows(s)) == pytest.approx(plain.step(windows(s)), rel=1e-5)
-    # The weights differ only by their updates, as in the XLA test below (its reasoning): the
-    # bulk within the rounding of 3 steps of about lr each, summed in another order (k = 8:
-    # the same kernels, no XLA); an element whose gradient is at the rounding level gets an
-    # Adam update that may differ by up to 2 * lr per step. Measured on the 2-core Intel Xeon
-    # of docs/benchmarks.md: 26 of 120320 beyond the bulk bound (2.2e-7), at most 1.26e-6.
-    bulk = rounding_atol(2 * 12 * 4 * HP["n_embd"], steps * lr)
-    diff = np.concatenate([
-        np.abs(saving.model.params[name].numpy() - var.numpy()).ravel()
-        for name, var in plain.model.params.items()
-    ])  # fmt: skip
-    assert diff.max() <= 2 * steps * lr, diff.max()
-    assert (diff > bulk).mean() <= 1e-3, (bulk, np.sort(diff)[-20:])
+    # The weights differ only by their updates, summed in another order (k = 8: the same
+    # kernels, no XLA). Measured on the 2-core Intel Xeon of docs/benchmarks.md: 26 of 120320
+    # beyond the bulk bound (2.2e-7), at most 1.26e-6.
+    assert_same_updates(saving, plain, steps=3)
     # The evidence that the blocks are really recomputed: the backward pass of the saving
     # step holds each block's forward matmuls a second time.
     extra = len(matmul_dtypes(saving.train_step)) - len(matmul_dtypes(plain.train_step))
@@ -168,22 +175,11 @@ def test_xla_compiles_the_train_step_with_the_same_losses():
     losses = [xla.step(windows(s)) for s in range(3)]
     np.testing.assert_allclose(losses, [plain.step(windows(s)) for s in range(3)],
                                rtol=1e-5)  # fmt: skip
-    # The weights start equal, so they differ only by their updates (3 steps of at most
-    # about lr each). XLA fuses the step, so its additions come in another order, and it
-    # brings its own exp/log/tanh (a few ulps each: k = 32 instead of 8). The longest
-    # reductions are over the batch's 2 x 12 positions of the MLP's 4 * n_embd wide layer.
-    # An element whose gradient is itself at the rounding level (terms that cancel) is
-    # different: Adam divides by the gradient's own size, so its update may differ by up to
-    # 2 * lr per step in either computation. Such elements are few (measured: 7 of 120320
-    # beyond 1e-6); they are bounded by the update size, and all others by the rounding.
-    steps, lr = 3, CFG.learning_rate
-    bulk = rounding_atol(2 * 12 * 4 * HP["n_embd"], steps * lr, k=32)
-    diff = np.concatenate([
-        np.abs(xla.model.params[name].numpy() - var.numpy()).ravel()
-        for name, var in plain.model.params.items()
-    ])  # fmt: skip
-    assert diff.max() <= 2 * steps * lr, diff.max()
-    assert (diff > bulk).mean() <= 1e-3, (bulk, np.sort(diff)[-20:])
+    # The weights start equal, so they differ only by their updates. XLA fuses the step, so
+    # its additions come in another order, and it brings its own exp/log/tanh (a few ulps
+    # each: k = 32 instead of 8). Elements whose gradient is at the rounding level (terms
+    # that cancel) are few (measured: 7 of 120320 beyond 1e-6).
+    assert_same_updates(xla, plain, steps=3, k=32)
 
 
 # --- strategies -----------------------------------------------------------------------------
