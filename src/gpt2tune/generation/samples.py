@@ -60,9 +60,9 @@ def sample_records(
     # a batch holds up to batch_size prompts of one length, nsamples rows each.
     rows = cfg.nsamples * min(cfg.batch_size, max(1, len(cfg.prompts)))
     what = "sample.prompts" if references is None else "validation record prompts"
+    copies = copies_to_make(model, cfg.precision, rows)
     for i, prompt in enumerate(cfg.prompts):
         n = len(model.encoder.encode(prompt))
-        copies = copies_to_make(model, cfg.precision, rows)
         check_request(model.hparams, n, cfg.length, rows, f"{what}[{i}]", copies)
     copies = copies_to_make(model, cfg.precision, cfg.nsamples)
     check_request(model.hparams, 1, cfg.length, cfg.nsamples, "the unconditional start", copies)

@@ -103,8 +103,8 @@ def _decoding_loop(
 ) -> tf.types.experimental.GenericFunction:
     # The one place this module reaches into the sampler: its compiled decoding loop,
     # sample_segment(context, history, steps, knobs, keys, stop_token) -> [batch, steps],
-    # reading `weights` (a reduced precision's prepared ones).
-    return sampler.build_sampler(model, precision, None if precision == "float32" else weights)
+    # reading `weights` at a reduced precision (float32 reads the model's own, the same).
+    return sampler.build_sampler(model, precision, weights)
 
 
 def _weights(model: GPT2, precision: str) -> dict[str, tf.Variable]:
